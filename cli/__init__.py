@@ -1,0 +1,1 @@
+"""Click commands, one per step; each validates, calls one library function, reports."""

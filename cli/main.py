@@ -1,0 +1,81 @@
+"""The `ooc-universal` console script: a click group with one command per step."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ooc_universal import __version__
+from ooc_universal.errors import OocError
+
+# name -> module (under ooc_universal.cli) that defines a click command of that name;
+# the order is the data flow.
+COMMANDS = [
+    ("tokens", "tokens"),
+    ("extract", "extract"),
+    ("reduce", "reduce"),
+    ("universal", "universal"),
+    ("persistence", "persistence"),
+    ("ablate", "ablate"),
+    ("report", "report"),
+    ("run", "run"),
+    ("zoo", "zoo"),
+    ("bench", "bench"),
+    ("status", "status"),
+]
+
+
+class OrderedGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(self.commands)
+
+
+@click.group(cls=OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ooc-universal")
+def cli():
+    """Find universal neurons in independently trained GPT-2 models, out of core.
+
+    Steps, in data-flow order: tokens -> extract -> reduce -> universal ->
+    persistence -> ablate -> report. Each reads and writes files in one run
+    directory, can be re-run, and resumes where it stopped.
+    """
+
+
+def _register():
+    for name, module in COMMANDS:
+        full = f"ooc_universal.cli.{module}"
+        try:
+            mod = importlib.import_module(full)
+        except ModuleNotFoundError as exc:
+            if exc.name == full:  # step not built yet in this checkout
+                continue
+            raise
+        cli.add_command(getattr(mod, name.replace("-", "_")), name)
+
+
+_register()
+
+
+def main(argv=None):
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        rv = cli.main(args=argv, prog_name="ooc-universal", standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except OocError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

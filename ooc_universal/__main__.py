@@ -1,0 +1,3 @@
+from ooc_universal.cli.main import main
+
+main()

@@ -1,0 +1,27 @@
+"""`ooc-universal persistence`: do universal neurons stay universal?"""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command()
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory holding universal/sets.json (output: RUN/persistence/).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def persistence(run_dir, quiet):
+    """P(universal at t2 | universal at t1) for every pair of checkpoints t1 < t2.
+
+    P = |U(t1) & U(t2)| / |U(t1)| per (reference, other, threshold), overall and per
+    layer; "undefined" (null) when U(t1) is empty. Averaged over a reference's pairs
+    two ways: "mean over pairs" (mean of the defined per-pair P) and "pooled over
+    pairs" (summed counts). Also emerged = |U(t2) - U(t1)| and Jaccard overlap.
+    """
+    from ooc_universal.persistence import format_persistence, persistence as run_persistence
+
+    paths = run_persistence(run_dir, progress=not quiet)
+    with open(paths["json"]) as f:
+        click.echo(format_persistence(json.load(f)))
+    for key in ("json", "csv"):
+        click.echo(f"wrote {paths[key]}")

@@ -1,0 +1,308 @@
+"""Mergeable co-moment summaries of token blocks (torch; the same code on CPU and CUDA).
+
+A block of n tokens is summarised as the record
+
+    {"n": n, "mean_x": (Na,) f64, "mean_y": (Nb,) f64,
+     "m2_x": (Na,) f64, "m2_y": (Nb,) f64, "c": (Na, Nb) accumulator dtype}
+
+with m2 = sum over tokens of squared deviations from the block mean and
+c = (X - mean_x)^T (Y - mean_y) (co-moment SUMS, not divided by n). Two records merge by
+the Chan-Golub-LeVeque rule (see ../shared/design.md, "The math"); the merge is
+associative, so blocks can be reduced in any order or tree. An n = 0 record is the
+identity of the merge.
+
+Centring (per block, per model):
+  1. shift every column by its first row (so a constant column centres to exact zeros),
+  2. sum the shifted values (fp32 chunks into f64) -> provisional mean mu,
+  3. write x - mu into the GEMM buffer and, from the same rows while they are in cache,
+     the residual sum r and the sum of squares q (f64 across chunks);
+  mean = mu + r / n and m2 = q - r^2 / n (the corrected two-pass formula).
+The GEMM then runs on the data centred at mu; the difference from centring at the exact
+mean is the second-order term r_x r_y / n, of relative size (eps * |mean| / std)^2.
+fp16 input (the store's dtype) is converted once here, chunk by chunk.
+
+Precision (`compute_dtype`): float32 (default; fp32 GEMM, fp32 accumulator), bfloat16
+(centred in fp32, rounded once to bf16, bf16 GEMM with fp32 accumulation; fp32
+accumulator), float64 (reference runs; f64 everywhere). On CUDA the bf16 GEMM writes an
+fp32 result (`torch.mm(..., out_dtype=torch.float32)`); on CPU torch has no such GEMM, so
+its bf16 result is rounded to bf16 before it is cast to fp32: a relative error of at most
+2^-8 on each block's c (|delta rho| <= 2^-8 |rho| per block, shrinking about as
+1/sqrt(blocks) when many blocks are merged). Means and m2 are exact to fp32 in every
+mode (they never pass through bf16).
+
+`workspace`: optional dict the caller keeps between calls (one per thread) so the
+centred GEMM inputs reuse their buffers instead of fresh, page-faulting allocations. A
+returned record never aliases workspace memory.
+"""
+from __future__ import annotations
+
+import torch
+
+_COMPUTE = {torch.float32: torch.float32, torch.bfloat16: torch.float32,
+            torch.float64: torch.float64}  # compute dtype -> accumulator dtype
+_PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+_CHUNK_BYTES = 1 << 20  # CPU centring works on ~1 MiB row chunks (stays in L2)
+
+
+def _compute_dtype(compute_dtype) -> torch.dtype:
+    if isinstance(compute_dtype, str):
+        if compute_dtype not in _PRECISION:
+            raise ValueError(f"precision {compute_dtype!r} is not one of {sorted(_PRECISION)}")
+        return _PRECISION[compute_dtype]
+    if compute_dtype not in _COMPUTE:
+        raise ValueError(f"compute_dtype {compute_dtype} is not one of "
+                         "torch.float32, torch.bfloat16, torch.float64")
+    return compute_dtype
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    x = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (tokens, neurons), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def _buffer(ws, key, rows: int, cols: int, dtype, device) -> torch.Tensor:
+    """A (rows, cols) tensor, taken from the workspace when one is given and big enough."""
+    if ws is None:
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    key = (key, cols, dtype, str(device))
+    buf = ws.get(key)
+    if buf is None or buf.shape[0] < rows:
+        buf = ws[key] = torch.empty(rows, cols, dtype=dtype, device=device)
+    return buf[:rows]
+
+
+def _chunk_rows(n: int, cols: int, device) -> int:
+    if device.type != "cpu":
+        return max(n, 1)  # one chunk: a GPU gains nothing from cache-sized pieces
+    return max(1, min(n, _CHUNK_BYTES // (4 * max(cols, 1))))
+
+
+def centre_block(x: torch.Tensor, compute_dtype=torch.float32, *, workspace=None,
+                 role: str = "x"):
+    """Centre a token block for the GEMM.
+
+    x: (n, N) any float dtype, n >= 1. Returns (mean (N,) f64, m2 (N,) f64,
+    xg (n, N) compute dtype), xg = x - mu with mu the block mean rounded to the working
+    precision (f64 for float64, else fp32). `role` keys the workspace buffer (two
+    blocks centred for one GEMM need different roles).
+    """
+    compute = _compute_dtype(compute_dtype)
+    work = torch.float64 if compute == torch.float64 else torch.float32
+    n, cols = x.shape
+    dev = x.device
+    k = _chunk_rows(n, cols, dev)
+    tmp = _buffer(workspace, "tmp", k, cols, work, dev)
+    sq = _buffer(workspace, "sq", k, cols, work, dev)
+    xg = _buffer(workspace, role, n, cols, compute, dev)
+
+    x0 = x[0].to(work)  # shift: a constant column centres to exact zeros
+    s = torch.zeros(cols, dtype=torch.float64, device=dev)
+    for a in range(0, n, k):
+        b = min(n, a + k)
+        t = tmp[:b - a]
+        t.copy_(x[a:b])
+        t.sub_(x0)
+        s += t.sum(0)
+    mu = (x0.double() + s / n).to(work)
+
+    r = torch.zeros(cols, dtype=torch.float64, device=dev)
+    q = torch.zeros(cols, dtype=torch.float64, device=dev)
+    for a in range(0, n, k):
+        b = min(n, a + k)
+        t = xg[a:b] if compute == work else tmp[:b - a]
+        t.copy_(x[a:b])
+        t.sub_(mu)
+        r += t.sum(0)
+        q += torch.mul(t, t, out=sq[:b - a]).sum(0)
+        if compute != work:
+            xg[a:b].copy_(t)  # the single rounding to bf16
+    mean = mu.double() + r / n
+    m2 = (q - r * r / n).clamp_min_(0.0)
+    return mean, m2, xg
+
+
+def _gemm_tn(a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
+    """a^T b with the result in acc_dtype (fp32 output of a bf16 GEMM where supported)."""
+    if a.dtype == torch.bfloat16:
+        if a.device.type == "cuda":
+            try:
+                return torch.mm(a.T, b, out_dtype=acc_dtype)
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass  # older torch: fall through to the bf16-output GEMM
+        return torch.mm(a.T, b).to(acc_dtype)
+    return torch.mm(a.T, b)
+
+
+def empty_comoments(na: int, nb: int, precision=torch.float32, device="cpu") -> dict:
+    """The n = 0 record (identity of the merge) with an allocated, zeroed c.
+
+    precision: a compute dtype or "fp32" | "bf16" | "fp64"; c gets its accumulator dtype.
+    """
+    acc = _COMPUTE[_compute_dtype(precision)]
+    f64 = dict(dtype=torch.float64, device=device)
+    return {"n": 0, "mean_x": torch.zeros(na, **f64), "mean_y": torch.zeros(nb, **f64),
+            "m2_x": torch.zeros(na, **f64), "m2_y": torch.zeros(nb, **f64),
+            "c": torch.zeros(na, nb, dtype=acc, device=device)}
+
+
+@torch.no_grad()
+def comoment_chunk(x, y, compute_dtype=torch.float32, *, workspace=None) -> dict:
+    """Co-moment record of one token block: x (n, Na), y (n, Nb) on one device."""
+    compute = _compute_dtype(compute_dtype)
+    x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens but y has {y.shape[0]}; "
+                         "pass the same token block of both models")
+    n = x.shape[0]
+    if n == 0:
+        return empty_comoments(x.shape[1], y.shape[1], compute, x.device)
+    mean_x, m2_x, xg = centre_block(x, compute, workspace=workspace, role="x")
+    mean_y, m2_y, yg = centre_block(y, compute, workspace=workspace, role="y")
+    c = _gemm_tn(xg, yg, _COMPUTE[compute])
+    return {"n": n, "mean_x": mean_x, "mean_y": mean_y, "m2_x": m2_x, "m2_y": m2_y, "c": c}
+
+
+@torch.no_grad()
+def comoment_update_(acc: dict, x, y, compute_dtype=torch.float32, *, workspace=None) -> dict:
+    """Fold one token block into `acc` in place (comoment_chunk + comoment_merge_, fused).
+
+    For fp32/fp64 the block's GEMM adds straight into acc["c"] (addmm, beta=1), so no
+    (Na, Nb) temporary is made; bf16 makes one (its GEMM has a bf16 or fp32 output).
+    """
+    compute = _compute_dtype(compute_dtype)
+    x, y = _as_tensor(x, "x"), _as_tensor(y, "y")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens but y has {y.shape[0]}; "
+                         "pass the same token block of both models")
+    nb = x.shape[0]
+    if nb == 0:
+        return acc
+    mean_x, m2_x, xg = centre_block(x, compute, workspace=workspace, role="x")
+    mean_y, m2_y, yg = centre_block(y, compute, workspace=workspace, role="y")
+    c = acc["c"]
+    first = acc["n"] == 0
+    if compute == torch.bfloat16:
+        cb = _gemm_tn(xg, yg, c.dtype)
+        if first:
+            c.copy_(cb)
+        else:
+            c.add_(cb)
+    else:
+        c.addmm_(xg.T.to(c.dtype), yg.to(c.dtype), beta=0.0 if first else 1.0)
+    block = {"n": nb, "mean_x": mean_x, "mean_y": mean_y, "m2_x": m2_x, "m2_y": m2_y}
+    _merge_moments_(acc, block, c_of_b=None)
+    return acc
+
+
+def _merge_moments_(acc: dict, b: dict, c_of_b):
+    """Chan merge of b into acc in place; c_of_b (or None if already added) is b's c."""
+    na, nb = acc["n"], b["n"]
+    if nb == 0:
+        return acc
+    if na == 0:
+        for k in ("mean_x", "mean_y", "m2_x", "m2_y"):
+            acc[k].copy_(b[k])
+        if c_of_b is not None:
+            acc["c"].copy_(c_of_b)
+        acc["n"] = nb
+        return acc
+    n = na + nb
+    f = na * nb / n
+    dx = b["mean_x"] - acc["mean_x"]
+    dy = b["mean_y"] - acc["mean_y"]
+    c = acc["c"]
+    if c_of_b is not None:
+        c.add_(c_of_b)
+    c.addr_(dx.to(c.dtype), dy.to(c.dtype), alpha=f)
+    acc["mean_x"].add_(dx, alpha=nb / n)
+    acc["mean_y"].add_(dy, alpha=nb / n)
+    acc["m2_x"].add_(b["m2_x"]).addcmul_(dx, dx, value=f)
+    acc["m2_y"].add_(b["m2_y"]).addcmul_(dy, dy, value=f)
+    acc["n"] = n
+    return acc
+
+
+@torch.no_grad()
+def comoment_merge_(acc: dict, b: dict) -> dict:
+    """Chan-merge record b into acc in place (acc["c"] updated with add_ and addr_)."""
+    return _merge_moments_(acc, b, c_of_b=b["c"])
+
+
+@torch.no_grad()
+def comoment_combine(a: dict, b: dict) -> dict:
+    """Chan merge of two records into a new one (inputs untouched)."""
+    if a["n"] == 0:
+        a, b = b, a
+    out = {"n": a["n"], "c": a["c"].clone(),
+           **{k: a[k].clone() for k in ("mean_x", "mean_y", "m2_x", "m2_y")}}
+    return _merge_moments_(out, b, c_of_b=b["c"])
+
+
+@torch.no_grad()
+def self_comoment_chunk(y, d: int, compute_dtype=torch.float32, *, workspace=None) -> dict:
+    """Within-layer co-moment record of one block of a model: y (n, L*d).
+
+    Returns {"n", "mean": (L*d,) f64, "m2": (L*d,) f64, "s": (L, d, d) f64}, where
+    s[l] = Yc_l^T Yc_l is the co-moment sum of layer l's d neurons.
+    """
+    compute = _compute_dtype(compute_dtype)
+    y = _as_tensor(y, "y")
+    n, cols = y.shape
+    if d <= 0 or cols % d:
+        raise ValueError(f"y has {cols} neurons, not a whole number of layers of d={d}")
+    layers = cols // d
+    f64 = dict(dtype=torch.float64, device=y.device)
+    if n == 0:
+        return {"n": 0, "mean": torch.zeros(cols, **f64), "m2": torch.zeros(cols, **f64),
+                "s": torch.zeros(layers, d, d, **f64)}
+    mean, m2, yg = centre_block(y, compute, workspace=workspace, role="self")
+    acc = _COMPUTE[compute]
+    s = torch.empty(layers, d, d, **f64)
+    for layer in range(layers):  # column slices with lda = L*d: no copies (a strided
+        blk = yg[:, layer * d:(layer + 1) * d]  # bmm over layers copies, and is slower)
+        s[layer] = _gemm_tn(blk, blk, acc)
+    return {"n": n, "mean": mean, "m2": m2, "s": s}
+
+
+@torch.no_grad()
+def self_comoment_combine(a: dict, b: dict) -> dict:
+    """Chan merge of two self co-moment records (new record; n = 0 is the identity)."""
+    if a["n"] == 0:
+        a, b = b, a
+    if b["n"] == 0:
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+    na, nb = a["n"], b["n"]
+    n = na + nb
+    f = na * nb / n
+    dy = b["mean"] - a["mean"]
+    layers, d = a["s"].shape[0], a["s"].shape[1]
+    dl = dy.view(layers, d)
+    s = torch.baddbmm(a["s"] + b["s"], dl[:, :, None], dl[:, None, :], alpha=f)
+    return {"n": n, "mean": a["mean"] + dy * (nb / n),
+            "m2": a["m2"] + b["m2"] + dy * dy * f, "s": s}
+
+
+def correlation_from_comoments(c, m2_x, m2_y, zero_tol: float = 0.0):
+    """rho = (c / sqrt(m2_x)) / sqrt(m2_y) in float64; m2 <= zero_tol gives 0, not NaN.
+
+    numpy arrays or torch tensors (returns the same kind). The scales are computed on the
+    host with numpy, the same expression tilemax.tile_max evaluates, so both agree.
+    """
+    import numpy as np
+
+    def inv(m2):
+        m2 = (m2.detach().cpu().numpy() if isinstance(m2, torch.Tensor)
+              else np.asarray(m2)).astype(np.float64)
+        ok = m2 > zero_tol
+        return np.where(ok, 1.0 / np.sqrt(np.where(ok, m2, 1.0)), 0.0)
+
+    ix, iy = inv(m2_x), inv(m2_y)
+    if isinstance(c, torch.Tensor):
+        ix = torch.from_numpy(ix).to(c.device)
+        iy = torch.from_numpy(iy).to(c.device)
+        return (c.double() * ix[:, None]) * iy[None, :]
+    return (np.asarray(c, dtype=np.float64) * ix[:, None]) * iy[None, :]

@@ -1,0 +1,224 @@
+"""Persistence of universal sets across checkpoints, from RUN/universal/sets.json.
+
+For every ordered pair of checkpoints t1 < t2 (adjacent and skipping: 100k->200k,
+200k->300k and 100k->300k) and every (reference, other, threshold) with a set at both:
+
+  P_persist = |U1 & U2| / |U1|        (the paper; "undefined" when U1 is empty:
+                                       JSON null and undefined=true, never 0 or NaN)
+  emerged   = |U2 - U1|               neurons universal at t2 but not at t1
+  jaccard   = |U1 & U2| / |U1 | U2|   (null when both sets are empty)
+
+overall (layer "all") and per layer of the reference model. Over a reference's pairs
+(per-pair sets only) two averages, named apart:
+
+  mean over pairs    the mean of the per-pair P (and Jaccard) over the pairs where it is
+                     defined; n_pairs says how many
+  pooled over pairs  sum of n_both / sum of n_t1 over the pairs (likewise Jaccard);
+                     the counts are the sums
+
+Writes RUN/persistence/persistence.json and persistence.csv (long format).
+"""
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import OocError
+from .rundir import atomic_path, step_dir, write_json_atomic
+
+MEAN_OVER_PAIRS = "mean over pairs"
+POOLED_OVER_PAIRS = "pooled over pairs"
+COLUMNS = ["definition", "reference", "other", "kind", "threshold", "t1", "t2", "layer",
+           "n_t1", "n_t2", "n_both", "p_persist", "undefined", "emerged", "jaccard",
+           "n_pairs"]
+
+
+def read_sets(run_dir) -> dict:
+    """RUN/universal/sets.json, or a one-line error naming the step that makes it."""
+    path = Path(run_dir) / "universal" / "sets.json"
+    if not path.is_file():
+        raise OocError(f"no universal sets at {str(path)!r}; run `ooc-universal universal` "
+                       "first")
+    try:
+        doc = json.loads(path.read_text())
+        doc["sets"]
+    except (ValueError, KeyError, TypeError):
+        raise OocError(f"{str(path)!r} is not a sets file written by `ooc-universal "
+                       "universal`; run that step again") from None
+    return doc
+
+
+def _ratio(num: int, den: int):
+    return num / den if den > 0 else None
+
+
+def compare(u1, u2, n_layers: int, d_mlp: int) -> list[dict]:
+    """Counts and ratios for two sets of flat indices, overall then per layer."""
+    u1 = np.unique(np.asarray(u1, dtype=np.int64))
+    u2 = np.unique(np.asarray(u2, dtype=np.int64))
+    both = np.intersect1d(u1, u2, assume_unique=True)
+    union = np.union1d(u1, u2)
+
+    def row(layer, a, b, ab, aub):
+        p = _ratio(ab, a)
+        return {"layer": layer, "n_t1": a, "n_t2": b, "n_both": ab, "p_persist": p,
+                "undefined": p is None, "emerged": b - ab, "jaccard": _ratio(ab, aub)}
+
+    rows = [row("all", u1.size, u2.size, both.size, union.size)]
+    per = [np.bincount(x // d_mlp, minlength=n_layers)[:n_layers]
+           for x in (u1, u2, both, union)]
+    for layer in range(n_layers):
+        rows.append(row(layer, *(int(c[layer]) for c in per)))
+    return rows
+
+
+def _pair_rows(sets: list[dict], progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+    groups: dict = {}
+    for s in sets:
+        if int(s["checkpoint"]) < 0:  # a model without a training step has no order
+            continue
+        key = (s.get("definition", "per-pair"), s["reference"], s["other"],
+               float(s["threshold"]))
+        by_ckpt = groups.setdefault(key, {})
+        if int(s["checkpoint"]) in by_ckpt:
+            raise OocError(f"sets.json has two sets for {key} at checkpoint "
+                           f"{s['checkpoint']}; run `ooc-universal universal` again")
+        by_ckpt[int(s["checkpoint"])] = s
+    rows = []
+    for (definition, ref, other, tau), by_ckpt in tqdm(
+            sorted(groups.items()), disable=not progress, desc="persistence", unit="set"):
+        for t1, t2 in combinations(sorted(by_ckpt), 2):
+            s1, s2 = by_ckpt[t1], by_ckpt[t2]
+            shape = (int(s1["n_layers"]), int(s1["d_mlp"]))
+            if shape != (int(s2["n_layers"]), int(s2["d_mlp"])):
+                raise OocError(f"{ref} has {shape[0]}x{shape[1]} neurons at {t1} but "
+                               f"{s2['n_layers']}x{s2['d_mlp']} at {t2}; flat indices do "
+                               "not match: re-run reduce and universal")
+            for r in compare(s1["neurons"], s2["neurons"], *shape):
+                rows.append({"definition": definition, "reference": ref, "other": other,
+                             "kind": "pair", "threshold": tau, "t1": t1, "t2": t2,
+                             **r, "n_pairs": 1})
+    return rows
+
+
+def _averaged(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    groups: dict = {}
+    for r in rows:
+        if r["definition"] != "per-pair":  # pair-averaged sets: one per reference already
+            continue
+        key = (r["definition"], r["reference"], r["threshold"], r["t1"], r["t2"],
+               str(r["layer"]))
+        groups.setdefault(key, []).append(r)
+    mean_rows, pooled_rows = [], []
+    for key, group in groups.items():
+        sums = {k: sum(r[k] for r in group) for k in ("n_t1", "n_t2", "n_both", "emerged")}
+        union = sum(r["n_t1"] + r["n_t2"] - r["n_both"] for r in group)
+        base = {"definition": key[0], "reference": key[1], "threshold": key[2],
+                "t1": key[3], "t2": key[4], "layer": group[0]["layer"], **sums}
+        ps = [r["p_persist"] for r in group if r["p_persist"] is not None]
+        js = [r["jaccard"] for r in group if r["jaccard"] is not None]
+        p_mean = float(np.mean(ps)) if ps else None
+        mean_rows.append({**base, "other": MEAN_OVER_PAIRS, "kind": MEAN_OVER_PAIRS,
+                          "p_persist": p_mean, "undefined": p_mean is None,
+                          "jaccard": float(np.mean(js)) if js else None,
+                          "n_pairs": len(ps)})
+        p_pool = _ratio(sums["n_both"], sums["n_t1"])
+        pooled_rows.append({**base, "other": POOLED_OVER_PAIRS, "kind": POOLED_OVER_PAIRS,
+                            "p_persist": p_pool, "undefined": p_pool is None,
+                            "jaccard": _ratio(sums["n_both"], union),
+                            "n_pairs": len(group)})
+    return mean_rows, pooled_rows
+
+
+def persistence(run_dir, progress: bool = True) -> dict[str, Path]:
+    """P(universal at t2 | universal at t1), emergence and Jaccard; returns the paths."""
+    doc = read_sets(run_dir)
+    sets = doc["sets"]
+    ckpts = sorted({int(s["checkpoint"]) for s in sets if int(s["checkpoint"]) >= 0})
+    if len(ckpts) < 2:
+        raise OocError(f"persistence needs universal sets at two or more checkpoints; "
+                       f"sets.json has {ckpts or 'none with a training step'}: reduce and "
+                       "run `ooc-universal universal` on more checkpoints")
+    rows = _pair_rows(sets, progress)
+    mean_rows, pooled_rows = _averaged(rows)
+    source = {k: doc.get(k) for k in ("universal_id", "token_hash", "toolkit_version")}
+    source["config"] = doc.get("config")
+    result = {"config": {"definitions": {
+                  "p_persist": "|U(t1) & U(t2)| / |U(t1)|; null with undefined=true when "
+                               "U(t1) is empty",
+                  "emerged": "|U(t2) - U(t1)|",
+                  "jaccard": "|U(t1) & U(t2)| / |U(t1) | U(t2)|; null when both are empty",
+                  MEAN_OVER_PAIRS: "mean of the per-pair values over pairs where defined "
+                                   "(n_pairs of them); counts are sums",
+                  POOLED_OVER_PAIRS: "ratios of the counts summed over pairs"},
+                  "checkpoints": ckpts},
+              "source": source, "token_hash": doc.get("token_hash"),
+              "toolkit_version": __version__,
+              "pairs": rows, "mean_over_pairs": mean_rows, "pooled_over_pairs": pooled_rows}
+    out = step_dir(run_dir, "persistence")
+    paths = {"csv": out / "persistence.csv", "json": out / "persistence.json"}
+    paths["json"].unlink(missing_ok=True)
+    with atomic_path(paths["csv"]) as tmp:
+        persistence_frame(result).to_csv(tmp, index=False)
+    write_json_atomic(paths["json"], result)
+    return paths
+
+
+def persistence_frame(result: dict):
+    """All rows of persistence.json as one long DataFrame (layer as text: "all", "0", ...)."""
+    import pandas as pd
+    rows = result["pairs"] + result["mean_over_pairs"] + result["pooled_over_pairs"]
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["layer"] = df["layer"].astype(str)
+    df["p_persist"] = df["p_persist"].astype("float64")
+    df["jaccard"] = df["jaccard"].astype("float64")
+    return df
+
+
+def _cell(r) -> str:
+    if r is None:
+        return "-"
+    if r["p_persist"] is None:
+        return "undef (0/0)" if r["kind"] != MEAN_OVER_PAIRS else "undef"
+    if r["kind"] == MEAN_OVER_PAIRS:
+        return f"{100 * r['p_persist']:.1f}% ({r['n_pairs']}p)"
+    return f"{100 * r['p_persist']:.1f}% ({r['n_both']}/{r['n_t1']})"
+
+
+def format_persistence(result: dict) -> str:
+    """The persistence table as text: per pair and averaged, overall then per layer."""
+    rows = result["pairs"] + result["mean_over_pairs"] + result["pooled_over_pairs"]
+    lines = []
+    keys = sorted({(r["definition"], r["reference"], r["threshold"]) for r in rows})
+    for definition, ref, tau in keys:
+        rs = [r for r in rows if (r["definition"], r["reference"], r["threshold"])
+              == (definition, ref, tau)]
+        intervals = sorted({(r["t1"], r["t2"]) for r in rs}, key=lambda t: (t[1] - t[0], t))
+        names = [f"{a}->{b}" for a, b in intervals]
+        others = sorted({r["other"] for r in rs if r["kind"] == "pair"})
+        others += [k for k in (MEAN_OVER_PAIRS, POOLED_OVER_PAIRS)
+                   if any(r["other"] == k for r in rs)]
+        idx = {(r["other"], r["t1"], r["t2"], str(r["layer"])): r for r in rs}
+        lines.append(f"P(universal at t2 | universal at t1), {ref}, threshold {tau:g}, "
+                     f"{definition}:")
+        lines.append(f"  {'other':<30}" + "".join(f"{n:>22}" for n in names))
+        for other in others:
+            lines.append(f"  {other[:30]:<30}" + "".join(
+                f"{_cell(idx.get((other, a, b, 'all'))):>22}" for a, b in intervals))
+        summary = MEAN_OVER_PAIRS if MEAN_OVER_PAIRS in others else others[0]
+        lines.append(f"  per layer ({summary}; +N = emerged, |U(t2) - U(t1)|"
+                     + (" summed over pairs" if summary == MEAN_OVER_PAIRS else "") + "):")
+        layers = sorted({int(r["layer"]) for r in rs if r["layer"] != "all"})
+        for layer in layers:
+            cells = []
+            for a, b in intervals:
+                r = idx.get((summary, a, b, str(layer)))
+                cells.append(f"{_cell(r)} +{r['emerged']}" if r else "-")
+            lines.append(f"  {'layer ' + str(layer):<30}" + "".join(f"{c:>22}" for c in cells))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

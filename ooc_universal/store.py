@@ -1,0 +1,535 @@
+"""Activation store: one chunked HDF5 dataset per model@checkpoint, RUN/stores/<label>.h5.
+
+Layout (layout_version 1): dataset "acts", float16 little-endian, shape
+(n_tokens, n_layers * d_mlp), chunks (block_tokens, n_neurons). A chunk holds whole rows,
+so in an uncompressed store each block of tokens is ONE contiguous byte range of the file,
+and `read_block` hands out a zero-copy `np.memmap` view of it (the page cache, not the
+heap, holds what is read). Rows are the valid positions of the token set in order;
+column = layer * d_mlp + neuron.
+
+Crash safety (writing): the HDF5 file is created complete, with every chunk allocated
+(allocation time EARLY, fill time NEVER) and every attribute written, then closed for
+good. Blocks are written with os.pwrite at the chunk's byte offset, fdatasync'ed, then
+recorded in an append-only ledger beside the file. HDF5 metadata is never touched after
+creation, so a SIGKILL at any moment leaves a valid file plus a ledger that says which
+blocks are real. While being written the store is `<label>.h5.partial` + `<label>.ledger`;
+the name `<label>.h5` appears (by rename) only when every block is in the ledger.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import OocError, StaleInputError
+
+LAYOUT_VERSION = 1
+DATASET = "acts"
+DTYPE = np.dtype("<f2")
+BLOCK_TARGET_BYTES = 32 * 2**20     # about 32 MB per chunk (one token block)
+BLOCK_ROW_MULTIPLE = 64
+ALIGNMENT = 4096                    # chunk data starts page-aligned (mmap, O_DIRECT)
+LEDGER_MAGIC = "ooc-universal activation-store ledger"
+REQUIRED_ATTRS = ("model_id", "revision", "label", "name", "step", "n_layers", "d_mlp",
+                  "n_tokens", "token_hash", "dtype", "layout_version", "block_tokens",
+                  "compression", "toolkit_version")
+COMPRESSIONS = ("none", "gzip", "lzf")
+
+
+# ---------------------------------------------------------------------------- sizes
+
+def default_block_tokens(n_tokens: int, n_neurons: int,
+                         target_bytes: int = BLOCK_TARGET_BYTES) -> int:
+    """Rows per chunk: about `target_bytes`, a multiple of 64, at least 64, at most n_tokens."""
+    if n_tokens < 1 or n_neurons < 1:
+        raise ValueError(f"need n_tokens >= 1 and n_neurons >= 1, got {n_tokens}, {n_neurons}")
+    rows = target_bytes // (n_neurons * DTYPE.itemsize)
+    rows = max(BLOCK_ROW_MULTIPLE, rows // BLOCK_ROW_MULTIPLE * BLOCK_ROW_MULTIPLE)
+    return int(min(rows, n_tokens))
+
+
+def expected_store_bytes(n_tokens: int, n_neurons: int, block_tokens: int | None = None) -> int:
+    """Bytes an uncompressed store takes on disk (chunk padding, alignment, metadata)."""
+    block_tokens = block_tokens or default_block_tokens(n_tokens, n_neurons)
+    n_blocks = math.ceil(n_tokens / block_tokens)
+    chunk = block_tokens * n_neurons * DTYPE.itemsize
+    return n_blocks * (chunk + ALIGNMENT + 64) + 256 * 1024
+
+
+def parse_compression(spec) -> tuple[str, object]:
+    """'none' | 'gzip' | 'gzip:N' (N = 0..9) | 'lzf' -> (h5py name or 'none', options)."""
+    text = "none" if spec in (None, "", False) else str(spec).strip().lower()
+    name, _, level = text.partition(":")
+    if name not in COMPRESSIONS or (level and (name != "gzip" or not level.isdigit()
+                                               or not 0 <= int(level) <= 9)):
+        raise OocError(f"unknown compression {spec!r}; expected none, gzip, gzip:0..9 or lzf")
+    return name, (int(level) if level else (4 if name == "gzip" else None))
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    final: Path       # <label>.h5, exists only when complete
+    partial: Path     # <label>.h5.partial while being written
+    ledger: Path      # <label>.ledger, finished blocks of the partial
+    lock: Path        # .<label>.lock, one writer per store
+
+    @classmethod
+    def of(cls, stores_dir, label: str) -> "StorePaths":
+        d = Path(stores_dir)
+        return cls(d / f"{label}.h5", d / f"{label}.h5.partial", d / f"{label}.ledger",
+                   d / f".{label}.lock")
+
+
+@contextmanager
+def store_lock(paths: StorePaths):
+    """One writer per store (other stores of the run may be extracted in parallel)."""
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise OocError(f"activation store {str(paths.final)!r} is being written by another "
+                           f"process (pid {holder}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def identity_mismatch(attrs: dict, expected: dict) -> list[str]:
+    """'key: store has X, wanted Y' for every key of `expected` that differs."""
+    out = []
+    for key, want in expected.items():
+        have = attrs.get(key)
+        if _plain(have) != _plain(want):
+            out.append(f"{key}: store has {have!r}, wanted {want!r}")
+    return out
+
+
+def _plain(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.pwrite(fd, buf, offset)
+        buf, offset = buf[n:], offset + n
+
+
+# ---------------------------------------------------------------------------- writing
+
+class PartialStore:
+    """A store being written: <label>.h5.partial (HDF5, metadata final) + <label>.ledger.
+
+    Ledger: line 1 is a JSON header (attrs, shape, each chunk's byte offset); every
+    further line is `done <block>`. Only complete lines count.
+    """
+
+    def __init__(self, paths: StorePaths, header: dict, done: set):
+        self.paths = paths
+        self.header = header
+        self.attrs = header["attrs"]
+        self.n_tokens = int(header["n_tokens"])
+        self.n_neurons = int(header["n_neurons"])
+        self.block_tokens = int(header["block_tokens"])
+        self.offsets = [int(o) for o in header["chunk_offsets"]]
+        self.chunk_nbytes = self.block_tokens * self.n_neurons * DTYPE.itemsize
+        self.done = set(done)
+        self._fd = os.open(paths.partial, os.O_RDWR)
+        self._ledger_fd = os.open(paths.ledger, os.O_WRONLY | os.O_APPEND)
+        self._pad = None
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.offsets)
+
+    def block_bounds(self, i: int) -> tuple[int, int]:
+        return i * self.block_tokens, min(self.n_tokens, (i + 1) * self.block_tokens)
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.n_blocks) if i not in self.done]
+
+    # -- creation / resume
+    @classmethod
+    def create(cls, paths: StorePaths, attrs: dict, n_tokens: int, n_neurons: int,
+               block_tokens: int | None = None) -> "PartialStore":
+        """Make the partial file with all chunks allocated and all attrs final, then the ledger."""
+        block_tokens = block_tokens or default_block_tokens(n_tokens, n_neurons)
+        if not 1 <= block_tokens <= n_tokens:
+            raise ValueError(f"block_tokens must be in 1..{n_tokens}, got {block_tokens}")
+        for p in (paths.partial, paths.ledger):
+            p.unlink(missing_ok=True)
+        attrs = dict(attrs, n_tokens=int(n_tokens), dtype="float16",
+                     layout_version=LAYOUT_VERSION, block_tokens=int(block_tokens),
+                     compression="none", toolkit_version=__version__)
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise ValueError(f"store attrs lack {missing}")
+        if int(attrs["n_layers"]) * int(attrs["d_mlp"]) != n_neurons:
+            raise ValueError(f"n_layers * d_mlp = {attrs['n_layers']} * {attrs['d_mlp']} "
+                             f"!= n_neurons {n_neurons}")
+        with h5py.File(paths.partial, "w", alignment_threshold=1,
+                       alignment_interval=ALIGNMENT) as f:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_chunk((block_tokens, n_neurons))
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            dcpl.set_obj_track_times(False)  # no timestamps: same inputs, same bytes
+            space = h5py.h5s.create_simple((n_tokens, n_neurons), (n_tokens, n_neurons))
+            dsid = h5py.h5d.create(f.id, DATASET.encode(), h5py.h5t.IEEE_F16LE, space,
+                                   dcpl=dcpl)
+            ds = h5py.Dataset(dsid)
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+            offsets = _chunk_offsets(ds, block_tokens)
+        fd = os.open(paths.partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        header = {"magic": LEDGER_MAGIC, "layout_version": LAYOUT_VERSION,
+                  "attrs": {k: _plain(v) for k, v in attrs.items()},
+                  "n_tokens": int(n_tokens), "n_neurons": int(n_neurons),
+                  "block_tokens": int(block_tokens), "chunk_offsets": offsets}
+        tmp = paths.ledger.with_name(paths.ledger.name + f".tmp-{os.getpid()}")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(header, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, paths.ledger)
+        _fsync_dir(paths.ledger.parent)
+        return cls(paths, header, set())
+
+    @classmethod
+    def resume(cls, paths: StorePaths) -> "PartialStore | None":
+        """The partial store with its finished blocks, or None when there is nothing usable
+        (no partial, no ledger, or a kill before the ledger header was complete)."""
+        if not (paths.partial.exists() and paths.ledger.exists()):
+            return None
+        with open(paths.ledger, "rb") as fh:
+            raw = fh.read()
+        complete = raw[: raw.rfind(b"\n") + 1]  # drop a line torn by a kill
+        lines = complete.decode(errors="replace").splitlines()
+        try:
+            header = json.loads(lines[0])
+            if header.get("magic") != LEDGER_MAGIC:
+                return None
+        except (IndexError, ValueError):
+            return None
+        if len(complete) != len(raw):
+            with open(paths.ledger, "r+b") as fh:
+                fh.truncate(len(complete))
+                os.fsync(fh.fileno())
+        n_blocks = len(header["chunk_offsets"])
+        done = set()
+        for line in lines[1:]:
+            word, _, num = line.partition(" ")
+            if word == "done" and num.isdigit() and int(num) < n_blocks:
+                done.add(int(num))
+        # The partial must be the file this ledger describes (same chunk offsets).
+        try:
+            with h5py.File(paths.partial, "r") as f:
+                offsets = _chunk_offsets(f[DATASET], int(header["block_tokens"]))
+        except (OSError, KeyError, OocError):
+            return None
+        if offsets != header["chunk_offsets"]:
+            return None
+        return cls(paths, header, done)
+
+    # -- blocks
+    def write_block(self, i: int, block: np.ndarray) -> None:
+        """Write block i (rows block_bounds(i), float16, C order) and record it as done.
+
+        `block` may have block_tokens rows (rows past n_tokens must be zero) or exactly
+        the block's rows; the chunk's tail past n_tokens is written as zeros either way.
+        """
+        start, stop = self.block_bounds(i)
+        rows = stop - start
+        if block.dtype != DTYPE or block.ndim != 2 or block.shape[1] != self.n_neurons \
+                or block.shape[0] not in (rows, self.block_tokens) or not block.flags.c_contiguous:
+            raise ValueError(f"block {i} must be C-contiguous float16 ({rows} or "
+                             f"{self.block_tokens}, {self.n_neurons}), got {block.dtype} "
+                             f"{block.shape}")
+        offset = self.offsets[i]
+        _pwrite_all(self._fd, memoryview(block).cast("B"), offset)
+        tail = self.chunk_nbytes - block.nbytes
+        if tail:
+            if self._pad is None or len(self._pad) < tail:
+                self._pad = bytes(tail)
+            _pwrite_all(self._fd, memoryview(self._pad)[:tail], offset + block.nbytes)
+        os.fdatasync(self._fd)
+        os.write(self._ledger_fd, f"done {i}\n".encode())
+        os.fsync(self._ledger_fd)
+        self.done.add(i)
+
+    def finalize(self, compression=None) -> Path:
+        """All blocks done: rename (or repack compressed) to <label>.h5; drop the ledger."""
+        if len(self.done) != self.n_blocks:
+            raise RuntimeError(f"finalize with {self.n_blocks - len(self.done)} blocks missing")
+        name, opts = parse_compression(compression)
+        os.fsync(self._fd)
+        self.close()
+        final = self.paths.final
+        if name == "none":
+            os.replace(self.paths.partial, final)
+        else:
+            tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+            try:
+                _repack(self.paths.partial, tmp, self.header, name, opts,
+                        "none" if compression is None else str(compression).lower())
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.paths.partial.unlink()
+        _fsync_dir(final.parent)
+        self.paths.ledger.unlink(missing_ok=True)
+        _fsync_dir(final.parent)
+        return final
+
+    def close(self) -> None:
+        for attr in ("_fd", "_ledger_fd"):
+            fd = getattr(self, attr, None)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, attr, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _chunk_offsets(ds, block_tokens: int) -> list[int]:
+    """Byte offset of each chunk in token order (every chunk must be allocated)."""
+    n_blocks = math.ceil(ds.shape[0] / block_tokens)
+    offsets = []
+    for i in range(n_blocks):
+        info = ds.id.get_chunk_info_by_coord((i * block_tokens, 0))
+        if info.byte_offset is None or info.size == 0:
+            raise OocError(f"chunk {i} of {ds.file.filename!r} is not allocated")
+        offsets.append(int(info.byte_offset))
+    return offsets
+
+
+def _repack(src: Path, dst: Path, header: dict, name: str, opts, label: str) -> None:
+    """Copy the uncompressed partial into a compressed store, one chunk at a time."""
+    bt, n, m = header["block_tokens"], header["n_tokens"], header["n_neurons"]
+    raw = np.memmap(src, dtype=np.uint8, mode="r")
+    try:
+        with h5py.File(dst, "w") as f:
+            ds = f.create_dataset(DATASET, shape=(n, m), dtype=DTYPE, chunks=(bt, m),
+                                  compression=name, compression_opts=opts,
+                                  shuffle=True)
+            for k, v in header["attrs"].items():
+                ds.attrs[k] = v
+            ds.attrs["compression"] = label
+            chunk = bt * m * DTYPE.itemsize
+            for i, off in enumerate(header["chunk_offsets"]):
+                start, stop = i * bt, min(n, (i + 1) * bt)
+                view = raw[off: off + chunk].view(DTYPE).reshape(bt, m)
+                ds[start:stop] = view[: stop - start]
+        with open(dst, "rb") as fh:
+            os.fsync(fh.fileno())
+    finally:
+        del raw
+
+
+# ---------------------------------------------------------------------------- reading
+
+def open_store(path) -> "ActivationStore":
+    """Open a complete activation store for reading (validated; see ActivationStore)."""
+    return ActivationStore(path)
+
+
+class ActivationStore:
+    """A complete store, read-only. Speaks NumPy: .shape, .dtype; blocks are chunks.
+
+    Uncompressed stores never go through HDF5 after opening: blocks are views of one
+    read-only np.memmap of the file, so reads are thread-safe and free of HDF5's lock,
+    and the object pickles as its path. Compressed stores read through h5py.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._mm = None
+        self._h5 = None
+        self._buf = None
+        self._open()
+
+    def _fail(self, why: str) -> OocError:
+        return OocError(f"activation store {str(self.path)!r} {why}; delete it and run "
+                        "`ooc-universal extract` again")
+
+    def _open(self) -> None:
+        p = self.path
+        if not p.exists():
+            partial = p.with_name(p.name + ".partial")
+            if partial.exists():
+                raise OocError(f"activation store {str(p)!r} is incomplete ({partial.name} "
+                               "exists); run the same `ooc-universal extract` again to finish it")
+            raise OocError(f"activation store {str(p)!r} does not exist; "
+                           "run `ooc-universal extract` first")
+        try:
+            f = h5py.File(p, "r")
+        except OSError as exc:
+            raise self._fail(f"is not a readable HDF5 file (truncated or corrupt: {exc})") \
+                from None
+        try:
+            if DATASET not in f:
+                raise self._fail(f"has no dataset {DATASET!r}")
+            ds = f[DATASET]
+            attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+            missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+            if missing:
+                raise self._fail(f"lacks attributes {missing}")
+            if attrs["layout_version"] != LAYOUT_VERSION:
+                raise OocError(f"activation store {str(p)!r} has layout_version "
+                               f"{attrs['layout_version']}, this toolkit reads "
+                               f"{LAYOUT_VERSION}; re-extract it with this version")
+            n_tokens, n_layers, d_mlp = (int(attrs[k]) for k in ("n_tokens", "n_layers", "d_mlp"))
+            bt = int(attrs["block_tokens"])
+            if ds.shape != (n_tokens, n_layers * d_mlp) or ds.dtype != DTYPE \
+                    or ds.chunks != (bt, n_layers * d_mlp):
+                raise self._fail(f"has dataset shape {ds.shape} {ds.dtype} chunks {ds.chunks}, "
+                                 f"attrs say ({n_tokens}, {n_layers * d_mlp}) float16 chunks "
+                                 f"({bt}, {n_layers * d_mlp})")
+            self.attrs = attrs
+            self.n_tokens, self.n_layers, self.d_mlp = n_tokens, n_layers, d_mlp
+            self.n_neurons = n_layers * d_mlp
+            self.block_tokens = bt
+            self.compressed = ds.id.get_create_plist().get_nfilters() > 0
+            if not self.compressed:
+                try:
+                    self._offsets = _chunk_offsets(ds, bt)
+                except (OocError, RuntimeError, ValueError) as exc:
+                    raise self._fail(f"has unallocated chunks ({exc})") from None
+        except BaseException:
+            f.close()
+            raise
+        if self.compressed:
+            self._h5 = f
+            return
+        f.close()
+        need = max(self._offsets) + self._chunk_nbytes
+        size = p.stat().st_size
+        if size < need:
+            raise self._fail(f"is truncated ({size} bytes, needs {need})")
+        self._mm = np.memmap(p, dtype=np.uint8, mode="r")
+
+    @property
+    def _chunk_nbytes(self) -> int:
+        return self.block_tokens * self.n_neurons * DTYPE.itemsize
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_tokens, self.n_neurons)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPE
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.n_tokens / self.block_tokens)
+
+    def block_bounds(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.n_blocks:
+            raise IndexError(f"block {i} out of range 0..{self.n_blocks - 1}")
+        return i * self.block_tokens, min(self.n_tokens, (i + 1) * self.block_tokens)
+
+    def read_block(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows block_bounds(i) as float16 (rows, n_neurons).
+
+        Uncompressed: a read-only zero-copy np.memmap view of the chunk (no heap copy).
+        Compressed: decoded into a buffer that the NEXT read_block call overwrites; pass
+        `out` (shape (rows, n_neurons), float16) to keep the result.
+        """
+        start, stop = self.block_bounds(i)
+        rows = stop - start
+        if self._mm is not None:
+            off = self._offsets[i]
+            view = self._mm[off: off + rows * self.n_neurons * DTYPE.itemsize]
+            view = view.view(DTYPE).reshape(rows, self.n_neurons)
+            if out is None:
+                return view
+            out[...] = view
+            return out
+        if out is None:
+            if self._buf is None:
+                self._buf = np.empty((self.block_tokens, self.n_neurons), DTYPE)
+            out = self._buf[:rows]
+        self._h5[DATASET].read_direct(out, np.s_[start:stop], np.s_[0:rows])
+        return out
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a new float16 array (any range, across chunk bounds)."""
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise IndexError(f"rows [{start}, {stop}) out of range 0..{self.n_tokens}")
+        if self._h5 is not None:
+            return self._h5[DATASET][start:stop]
+        out = np.empty((stop - start, self.n_neurons), DTYPE)
+        bt = self.block_tokens
+        for i in range(start // bt, (stop - 1) // bt + 1 if stop > start else start // bt):
+            b0, b1 = self.block_bounds(i)
+            lo, hi = max(start, b0), min(stop, b1)
+            out[lo - start: hi - start] = self.read_block(i)[lo - b0: hi - b0]
+        return out
+
+    def blocks(self):
+        """Yield (start, stop, block) over the whole store in order."""
+        for i in range(self.n_blocks):
+            start, stop = self.block_bounds(i)
+            yield start, stop, self.read_block(i)
+
+    def close(self) -> None:
+        self._mm = None  # views handed out keep the mapping alive until they go
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        return (open_store, (str(self.path),))
+
+    def __repr__(self):
+        kind = "compressed" if self.compressed else "memory-mapped"
+        return (f"<ActivationStore {self.path.name}: {self.n_tokens} x {self.n_neurons} "
+                f"float16, {self.n_blocks} blocks of {self.block_tokens} rows, {kind}>")
+
+
+def check_store_matches(path, expected: dict) -> None:
+    """Raise StaleInputError unless the store at `path` has the `expected` attrs."""
+    with open_store(path) as s:
+        bad = identity_mismatch(s.attrs, expected)
+    if bad:
+        raise StaleInputError(
+            f"activation store {str(path)!r} was made from other inputs ({'; '.join(bad)}); "
+            "it is never appended to: delete it or use another --run-dir")

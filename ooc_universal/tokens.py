@@ -1,0 +1,521 @@
+"""Token sets: one set of fixed-length windows that every model of a run reads.
+
+Conventions (the original authors' code, Gurnee et al.):
+- Documents are tokenized and concatenated into one stream, a separator token between
+  documents (the tokenizer's EOS, as GPT-2 does; BOS = 256 for bytes). A .npy source is
+  taken as that stream, as is.
+- Window r is [BOS] + the next window-1 tokens of the stream: column 0 is always BOS, and
+  windows never overlap. The stream is cut into windows in order, nothing is shuffled.
+- The validity mask is False at BOS/EOS/pad positions and at every newline token (the
+  ids whose decoded text is exactly "\\n": 198 for GPT-2, byte 10 for bytes), and after
+  the n_tokens-th valid position: exactly n_tokens positions are valid.
+- The eval split (for ablation) is n_eval_tokens valid positions in the windows that
+  follow, disjoint from the main windows.
+- A folder source is read as one document per file, all regular files below it whose
+  names do not start with ".", in sorted order of their relative paths. Files are read
+  as bytes for the byte tokenizer and as UTF-8 for a BPE tokenizer.
+
+On disk: RUN/tokens/tokens.npz (input_ids, valid, eval_input_ids, eval_valid) and
+meta.json, written last (see save_token_set). The hash covers the arrays, the window
+and the tokenizer name, so a store records exactly which token set it was made from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import OocError, StaleInputError
+from .rundir import check_free_space, ensure_writable, write_json_atomic
+
+BYTES = "bytes"
+BYTE_BOS = 256
+BYTE_VOCAB = 257
+BYTE_NEWLINE = 10
+PILE_DATASET = "monology/pile-uncopyrighted"
+PILE_DEFAULT_SPLIT = "test"  # the original authors' choice
+TOKENS_FILE, META_FILE = "tokens.npz", "meta.json"
+_HASH_TAG = b"ooc-universal token set v1\n"
+_ENCODE_BATCH = 64  # documents per tokenizer call
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+@dataclass
+class TokenizerInfo:
+    """What a token set needs to know about its tokenizer."""
+    name: str                  # "bytes", or the HF tokenizer's name / repo / path
+    hf: object | None          # the HF tokenizer, None for bytes
+    bos_token_id: int
+    sep_token_id: int          # between documents (EOS; = BOS for GPT-2 and bytes)
+    vocab_size: int
+    newline_token_ids: tuple[int, ...]
+    fingerprint: str           # sha256 of the id -> token mapping
+
+    def encode_batch(self, docs: list) -> list[np.ndarray]:
+        """Token ids (int32) of each document: bytes for the byte tokenizer, str for BPE."""
+        if self.hf is None:
+            return [np.frombuffer(d if isinstance(d, bytes) else d.encode("utf-8"),
+                                  dtype=np.uint8).astype(np.int32) for d in docs]
+        docs = [d.decode("utf-8") if isinstance(d, bytes) else d for d in docs]
+        out = self.hf(docs, add_special_tokens=False, return_attention_mask=False,
+                      verbose=False)["input_ids"]
+        return [np.asarray(ids, dtype=np.int32) for ids in out]
+
+
+def byte_tokenizer() -> TokenizerInfo:
+    """The toolkit's byte tokenizer: id = byte value, BOS/EOS = 256, vocabulary 257."""
+    return TokenizerInfo(name=BYTES, hf=None, bos_token_id=BYTE_BOS, sep_token_id=BYTE_BOS,
+                         vocab_size=BYTE_VOCAB, newline_token_ids=(BYTE_NEWLINE,),
+                         fingerprint=hashlib.sha256(b"bytes-257").hexdigest())
+
+
+def tokenizer_fingerprint(hf_tokenizer) -> str:
+    """sha256 of the tokenizer's id -> token mapping (what decides whether ids fit a model)."""
+    vocab = sorted((int(i), str(t)) for t, i in hf_tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def hf_tokenizer_info(hf_tokenizer, name: str) -> TokenizerInfo:
+    n = len(hf_tokenizer)
+    bos = hf_tokenizer.bos_token_id
+    bos = hf_tokenizer.eos_token_id if bos is None else bos
+    if bos is None:
+        raise OocError(f"tokenizer {name!r} has neither a BOS nor an EOS token; "
+                       "a token set needs one for column 0")
+    sep = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else bos
+    decoded = hf_tokenizer.batch_decode([[i] for i in range(n)])
+    newlines = tuple(i for i, s in enumerate(decoded) if s == "\n")
+    return TokenizerInfo(name=name, hf=hf_tokenizer, bos_token_id=int(bos), sep_token_id=int(sep),
+                         vocab_size=n, newline_token_ids=newlines,
+                         fingerprint=tokenizer_fingerprint(hf_tokenizer))
+
+
+def resolve_tokenizer(name) -> TokenizerInfo:
+    """"bytes", a model spec (a@100000, org/name, a local model dir: the model's own
+    tokenizer, or bytes for a byte-vocabulary model), or an HF tokenizer name ("gpt2")."""
+    from .models import STANFORD_RUNS, load_tokenizer, parse_model_spec
+    if isinstance(name, TokenizerInfo):
+        return name
+    name = str(name).strip()
+    if name == BYTES:
+        return byte_tokenizer()
+    base = name.rpartition("@")[0] or name
+    if (Path(name).expanduser().is_dir() or Path(base).expanduser().is_dir()
+            or base in STANFORD_RUNS or base.split("/")[-1] in STANFORD_RUNS.values()):
+        spec = parse_model_spec(name)
+        if spec.local_dir is not None and not (Path(spec.local_dir) / "config.json").is_file():
+            return _auto_tokenizer(spec.local_dir, None, spec.local_dir)  # a tokenizer-only dir
+        hf, tok_name = load_tokenizer(spec)
+        return byte_tokenizer() if hf is None else hf_tokenizer_info(hf, tok_name)
+    repo, _, rev = name.partition("@")
+    return _auto_tokenizer(repo, rev or None, repo)
+
+
+def _auto_tokenizer(source: str, revision: str | None, tok_name: str) -> TokenizerInfo:
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        hf = AutoTokenizer.from_pretrained(source, revision=revision, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OocError(
+            f"cannot load tokenizer {source!r}{f' (revision {revision})' if revision else ''}: "
+            f"{first}; use --tokenizer bytes, a model spec (a@100000), a local tokenizer "
+            f"directory{', or unset HF_HUB_OFFLINE' if offline else ''}") from None
+    if len(hf) <= 1:  # transformers 5 builds an empty tokenizer when no files exist
+        raise OocError(f"tokenizer {source!r} has no vocabulary files; "
+                       "give a directory with tokenizer.json or vocab.json + merges.txt")
+    return hf_tokenizer_info(hf, tok_name)
+
+
+# ------------------------------------------------------------------------------- sources
+
+def _folder_files(folder: Path) -> list[Path]:
+    files = sorted((p for p in folder.rglob("*") if p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise OocError(f"source folder {str(folder)!r} holds no files (hidden files are skipped)")
+    return files
+
+
+def _read_doc(path: Path, tok: TokenizerInfo):
+    data = path.read_bytes()
+    if tok.hf is None:
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OocError(f"source file {str(path)!r} is not UTF-8 (byte {exc.start}); "
+                       "convert it, remove it, or use --tokenizer bytes") from None
+
+
+def _pile_texts(split: str):
+    """Stream the texts of monology/pile-uncopyrighted (needs `datasets` and the network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise OocError("--source pile needs the `datasets` package: pip install "
+                       "'ooc-universal[data]' (or pip install datasets), or give local text "
+                       "files as --source") from None
+    hint = ("it streams from the hugging face hub and needs the network (HF_HUB_OFFLINE "
+            "unset); or save some text locally and pass it as --source")
+    try:
+        rows = iter(datasets.load_dataset(PILE_DATASET, split=split, streaming=True))
+    except Exception as exc:  # datasets raises many types for "no network" / "no split"
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise OocError(f"cannot open {PILE_DATASET} split {split!r} "
+                       f"({type(exc).__name__}: {first}); {hint}") from None
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise OocError(f"streaming {PILE_DATASET} split {split!r} failed "
+                           f"({type(exc).__name__}: {exc}); {hint}") from None
+        yield row["text"]
+
+
+def _documents(source, tok: TokenizerInfo):
+    """(iterator of documents, description) for a text source."""
+    text = str(source)
+    if text == "pile" or text.startswith("pile:"):
+        split = text.partition(":")[2] or PILE_DEFAULT_SPLIT
+        return _pile_texts(split), f"pile:{PILE_DATASET}:{split}"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = _folder_files(path)
+        return (_read_doc(f, tok) for f in files), f"folder:{path.absolute()} ({len(files)} files)"
+    if path.is_file():
+        return iter([_read_doc(path, tok)]), f"file:{path.absolute()}"
+    raise OocError(f"source {text!r} not found; expected a text file, a folder of text files, "
+                   "a .npy of token ids, or 'pile' / 'pile:<split>'")
+
+
+def _npy_stream(path: Path, tok: TokenizerInfo) -> np.ndarray:
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise OocError(f"cannot read token ids from {str(path)!r}: {exc}") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise OocError(f"{str(path)!r} holds a {ids.dtype} array of shape {ids.shape}; "
+                       "expected a 1-D integer array of token ids (one stream)")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= tok.vocab_size):
+        raise OocError(f"{str(path)!r} has token ids in [{int(ids.min())}, {int(ids.max())}], "
+                       f"outside tokenizer {tok.name!r}'s vocabulary 0..{tok.vocab_size - 1}")
+    return ids
+
+
+def _token_chunks(source, tok: TokenizerInfo):
+    """(iterator of int32 id arrays making up the stream, source description)."""
+    if isinstance(source, np.ndarray) or str(source).endswith(".npy"):
+        if isinstance(source, np.ndarray):
+            ids, desc = _npy_stream_array(source, tok), f"array ({source.size} ids)"
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise OocError(f"source {str(source)!r} not found; expected a .npy of token ids")
+            ids = _npy_stream(path, tok)
+            desc = f"npy:{path.absolute()} ({ids.size} ids)"
+        step = 1 << 20
+        return (np.asarray(ids[i:i + step], dtype=np.int32) for i in range(0, ids.size, step)), desc
+    docs, desc = _documents(source, tok)
+    return _encode_stream(docs, tok), desc
+
+
+def _npy_stream_array(ids: np.ndarray, tok: TokenizerInfo) -> np.ndarray:
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise OocError(f"token id array has dtype {ids.dtype} and shape {ids.shape}; "
+                       "expected 1-D integers")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= tok.vocab_size):
+        raise OocError(f"token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
+                       f"tokenizer {tok.name!r}'s vocabulary 0..{tok.vocab_size - 1}")
+    return ids
+
+
+def _encode_stream(docs, tok: TokenizerInfo):
+    sep = np.array([tok.sep_token_id], dtype=np.int32)
+    first = True
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == _ENCODE_BATCH:
+            for ids in tok.encode_batch(batch):
+                if not first:
+                    yield sep
+                first = False
+                yield ids
+            batch = []
+    for ids in tok.encode_batch(batch) if batch else []:
+        if not first:
+            yield sep
+        first = False
+        yield ids
+
+
+class _Reader:
+    """Reads the concatenated stream n tokens at a time."""
+
+    def __init__(self, chunks):
+        self._chunks = iter(chunks)
+        self._buf = np.zeros(0, dtype=np.int32)
+
+    def read(self, n: int) -> np.ndarray:
+        parts, have = [self._buf], self._buf.size
+        while have < n:
+            nxt = next(self._chunks, None)
+            if nxt is None:
+                break
+            parts.append(nxt)
+            have += nxt.size
+        joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        self._buf = joined[n:]
+        return joined[:n]
+
+
+def _take_windows(reader: _Reader, n_valid: int, window: int, tok: TokenizerInfo, bar):
+    """Windows holding exactly n_valid valid positions; (ids, valid, n_found)."""
+    drop = np.array(sorted({tok.bos_token_id, tok.sep_token_id, *tok.newline_token_ids}),
+                    dtype=np.int32)
+    rows, masks, found = [], [], 0
+    while found < n_valid:
+        text = reader.read(window - 1)
+        if text.size == 0:
+            break
+        row = np.full(window, tok.bos_token_id, dtype=np.int32)  # BOS, then pad = BOS
+        row[1:1 + text.size] = text
+        mask = np.zeros(window, dtype=bool)
+        mask[1:1 + text.size] = ~np.isin(text, drop)
+        need = n_valid - found
+        if mask.sum() > need:  # cut after the need-th valid position
+            mask[np.flatnonzero(mask)[need]:] = False
+        found += int(mask.sum())
+        rows.append(row)
+        masks.append(mask)
+        bar.update(int(mask.sum()))
+    ids = np.stack(rows) if rows else np.zeros((0, window), dtype=np.int32)
+    valid = np.stack(masks) if masks else np.zeros((0, window), dtype=bool)
+    return ids, valid, found
+
+
+# ------------------------------------------------------------------------------ token set
+
+@dataclass
+class TokenSet:
+    input_ids: np.ndarray       # (n_windows, window) int32, column 0 = BOS
+    valid: np.ndarray           # (n_windows, window) bool, exactly n_tokens True
+    eval_input_ids: np.ndarray  # (n_eval_windows, window) int32, the windows that follow
+    eval_valid: np.ndarray      # (n_eval_windows, window) bool
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return self.meta["hash"]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.meta["n_tokens"])
+
+    @property
+    def window(self) -> int:
+        return int(self.meta["window"])
+
+    @property
+    def tokenizer(self) -> str:
+        return self.meta["tokenizer"]
+
+    @property
+    def bos_token_id(self) -> int:
+        return int(self.meta["bos_token_id"])
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def token_hash(input_ids: np.ndarray, valid: np.ndarray, window: int, tokenizer: str) -> str:
+    """sha256 hex of the arrays, the window and the tokenizer name."""
+    h = hashlib.sha256(_HASH_TAG)
+    h.update(json.dumps({"window": int(window), "tokenizer": tokenizer,
+                         "shape": list(input_ids.shape)}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(input_ids, dtype="<i4").tobytes())
+    h.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def build_token_set(source, n_tokens: int, *, tokenizer="bytes", window: int = 512,
+                    n_eval_tokens: int = 0, progress: bool = False) -> TokenSet:
+    """Tokenize `source` into windows with exactly n_tokens valid positions (+ eval split).
+
+    source: a text file, a folder of text files, a .npy of token ids (or a 1-D int array),
+    "pile" or "pile:<split>". tokenizer: "bytes", an HF tokenizer name or path, a model
+    spec, or a TokenizerInfo. Nothing is shuffled: the result depends only on the inputs.
+    """
+    from tqdm.auto import tqdm
+    if int(n_tokens) < 1:
+        raise OocError(f"n_tokens must be at least 1, got {n_tokens}")
+    if int(n_eval_tokens) < 0:
+        raise OocError(f"n_eval_tokens must be 0 or more, got {n_eval_tokens}")
+    if int(window) < 2:
+        raise OocError(f"window must be at least 2 (BOS + one token), got {window}")
+    n_tokens, n_eval_tokens, window = int(n_tokens), int(n_eval_tokens), int(window)
+    tok = resolve_tokenizer(tokenizer)
+    chunks, desc = _token_chunks(source, tok)
+    reader = _Reader(chunks)
+    with tqdm(total=n_tokens + n_eval_tokens, unit="tok", desc="tokens",
+              disable=not progress) as bar:
+        ids, valid, found = _take_windows(reader, n_tokens, window, tok, bar)
+        eids, evalid, efound = _take_windows(reader, n_eval_tokens, window, tok, bar)
+    if found < n_tokens or efound < n_eval_tokens:
+        raise OocError(
+            f"source {desc} ran out: it gave {found + efound} valid tokens "
+            f"({ids.shape[0] + eids.shape[0]} windows of {window}), but {n_tokens} + "
+            f"{n_eval_tokens} eval were requested; give more text or lower --n-tokens / "
+            "--n-eval-tokens")
+    meta = {
+        "hash": token_hash(ids, valid, window, tok.name),
+        "n_tokens": int(valid.sum()),
+        "n_windows": int(ids.shape[0]),
+        "window": window,
+        "tokenizer": tok.name,
+        "tokenizer_fingerprint": tok.fingerprint,
+        "vocab_size": tok.vocab_size,
+        "bos_token_id": tok.bos_token_id,
+        "sep_token_id": tok.sep_token_id,
+        "newline_token_ids": list(tok.newline_token_ids),
+        "source": desc,
+        "n_eval_tokens": int(evalid.sum()),
+        "n_eval_windows": int(eids.shape[0]),
+        "eval_hash": token_hash(eids, evalid, window, tok.name),
+        "toolkit_version": __version__,
+    }
+    return TokenSet(ids, valid, eids, evalid, meta)
+
+
+def tokens_dir(run_dir) -> Path:
+    return Path(run_dir) / "tokens"
+
+
+def existing_hash(run_dir) -> str | None:
+    """The hash recorded in RUN/tokens/meta.json, or None when there is no complete set."""
+    try:
+        return json.loads((tokens_dir(run_dir) / META_FILE).read_text())["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_token_set(ts: TokenSet, run_dir, *, force: bool = False) -> tuple[Path, bool]:
+    """Write `ts` to RUN/tokens; (folder, written). written is False when the same token
+    set (same hash) is already there. A different complete token set is refused unless
+    `force` (its stores would become stale).
+
+    Atomic: everything goes to a temporary folder, meta.json last, which is then renamed
+    to RUN/tokens: a half-written token set never looks complete."""
+    run_dir = ensure_writable(run_dir)
+    final = tokens_dir(run_dir)
+    old_hash = existing_hash(run_dir)
+    if old_hash == ts.hash:
+        return final, False
+    if old_hash is not None and not force:
+        raise StaleInputError(
+            f"run directory {str(run_dir)!r} already holds another token set "
+            f"(hash {old_hash[:12]}, this one {ts.hash[:12]}); use a new --run-dir, "
+            "or --force to replace it (stores made from the old set become stale)")
+    nbytes = sum(a.nbytes for a in (ts.input_ids, ts.valid, ts.eval_input_ids, ts.eval_valid))
+    check_free_space(run_dir, nbytes + (1 << 20), "the token set")
+    tmp = Path(run_dir) / f".tokens.tmp-{os.getpid()}"
+    aside = Path(run_dir) / f".tokens.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        with open(tmp / TOKENS_FILE, "wb") as f:
+            np.savez(f, input_ids=ts.input_ids.astype(np.int32, copy=False),
+                     valid=ts.valid.astype(bool, copy=False),
+                     eval_input_ids=ts.eval_input_ids.astype(np.int32, copy=False),
+                     eval_valid=ts.eval_valid.astype(bool, copy=False))
+            f.flush()
+            os.fsync(f.fileno())
+        write_json_atomic(tmp / META_FILE, ts.meta)  # last: marks the set complete
+        if final.exists():
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        _fsync_dir(run_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+    return final, True
+
+
+def _fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_token_set(run_dir) -> TokenSet:
+    """Read RUN/tokens and verify it against its hash; OocError when missing or corrupt."""
+    folder = tokens_dir(run_dir)
+    meta_path, npz_path = folder / META_FILE, folder / TOKENS_FILE
+    redo = f"re-run `ooc-universal tokens --run-dir {run_dir} ... --force`"
+    if not meta_path.is_file():
+        raise OocError(f"no token set in {str(folder)!r} (meta.json missing); "
+                       f"run `ooc-universal tokens --run-dir {run_dir} ...` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        with np.load(npz_path, allow_pickle=False) as z:
+            arrays = [np.asarray(z[k]) for k in
+                      ("input_ids", "valid", "eval_input_ids", "eval_valid")]
+        ts = TokenSet(*arrays, meta=meta)
+        ok = (token_hash(ts.input_ids, ts.valid, ts.window, ts.tokenizer) == ts.hash
+              and token_hash(ts.eval_input_ids, ts.eval_valid, ts.window, ts.tokenizer)
+              == meta["eval_hash"])
+    except Exception as exc:  # unreadable zip, missing key, bad JSON: all mean "corrupt"
+        raise OocError(f"token set in {str(folder)!r} is unreadable ({type(exc).__name__}: "
+                       f"{exc}); {redo}") from None
+    if not ok:
+        raise OocError(f"token set in {str(folder)!r} does not match its hash "
+                       f"{meta['hash'][:12]} (modified or corrupt); {redo}")
+    if int(ts.valid.sum()) != ts.n_tokens:
+        raise OocError(f"token set in {str(folder)!r} has {int(ts.valid.sum())} valid "
+                       f"positions, meta.json says {ts.n_tokens}; {redo}")
+    return ts
+
+
+def check_tokenizer_matches(token_set: TokenSet, loaded_model) -> None:
+    """Refuse a token set whose tokenizer or ids do not fit `loaded_model` (models.LoadedModel)."""
+    label, tok_name = loaded_model.spec.label, token_set.tokenizer
+    model_bytes = loaded_model.tokenizer is None
+    if tok_name == BYTES and not model_bytes:
+        raise OocError(f"token set uses the byte tokenizer but model {label} has its own "
+                       f"tokenizer ({loaded_model.tokenizer_name}); build the token set with "
+                       f"--tokenizer {loaded_model.model_id} in a new --run-dir")
+    if tok_name != BYTES and model_bytes and loaded_model.tokenizer_name == BYTES:
+        raise OocError(f"token set uses tokenizer {tok_name!r} but model {label} is a "
+                       "byte-vocabulary model; build the token set with --tokenizer bytes "
+                       "in a new --run-dir")
+    if tok_name != BYTES and not model_bytes:
+        fp = tokenizer_fingerprint(loaded_model.tokenizer)
+        if fp != token_set.meta.get("tokenizer_fingerprint"):
+            raise OocError(f"token set tokenizer {tok_name!r} differs from model {label}'s "
+                           f"tokenizer ({loaded_model.tokenizer_name}): their vocabularies "
+                           "differ; build the token set with the model's tokenizer")
+    hi = max((int(a.max()) for a in (token_set.input_ids, token_set.eval_input_ids) if a.size),
+             default=-1)
+    if hi >= loaded_model.vocab_size:
+        raise OocError(f"token set has token id {hi} but model {label} has a vocabulary of "
+                       f"{loaded_model.vocab_size}; build the token set with that model's "
+                       "tokenizer")
+    if token_set.bos_token_id != loaded_model.bos_token_id:
+        raise OocError(f"token set uses BOS id {token_set.bos_token_id} but model {label} "
+                       f"has bos_token_id {loaded_model.bos_token_id}")

@@ -1,0 +1,51 @@
+"""`ooc-universal tokens`: build the run's token set."""
+from __future__ import annotations
+
+import click
+
+from ooc_universal.rundir import run_lock
+from ooc_universal.tokens import build_token_set, save_token_set
+
+
+@click.command("tokens")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory; the token set goes to RUN/tokens/.")
+@click.option("--source", required=True,
+              help="A text file, a folder of text files (one document per file, sorted by "
+                   "path, hidden files skipped), a .npy of token ids (one 1-D stream), or "
+                   "'pile' / 'pile:<split>' to stream monology/pile-uncopyrighted (split "
+                   "'test' by default; needs the `datasets` package and the network).")
+@click.option("--n-tokens", required=True, type=click.IntRange(min=1),
+              help="Exactly this many valid positions (rows of every activation store).")
+@click.option("--n-eval-tokens", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Valid positions of the held-out eval windows that follow (for ablate).")
+@click.option("--window", default=512, show_default=True, type=click.IntRange(min=2),
+              help="Window length including the BOS at column 0; at most the models' context.")
+@click.option("--tokenizer", required=True,
+              help="'bytes' (id = byte, BOS = 256), a model spec whose own tokenizer to use "
+                   "(a@100000, org/name, a local model directory), or an HF tokenizer name "
+                   "or path (gpt2).")
+@click.option("--force", is_flag=True,
+              help="Replace a different token set already in --run-dir (its stores become stale).")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar.")
+def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, force, progress):
+    """Build the token set that every model of a run reads.
+
+    Conventions (as the original authors' code): documents are concatenated with the
+    EOS token between them; each window is BOS at column 0 followed by the next
+    window-1 tokens of that stream; BOS/EOS/pad positions and newline tokens ("\\n")
+    are not valid; the mask is cut after the n-th valid position, so exactly
+    --n-tokens positions are valid. Nothing is shuffled. The set is stored with a
+    content hash in RUN/tokens/; an identical set already there is kept as it is.
+    """
+    ts = build_token_set(source, n_tokens, tokenizer=tokenizer, window=window,
+                         n_eval_tokens=n_eval_tokens, progress=progress)
+    with run_lock(run_dir):
+        folder, written = save_token_set(ts, run_dir, force=force)
+    if not written:
+        click.echo(f"token set {ts.hash} already in {folder}; nothing to do")
+        return
+    click.echo(f"wrote {folder}: {ts.n_tokens} valid tokens in {ts.n_windows} windows of "
+               f"{ts.window} (+{ts.meta['n_eval_tokens']} eval), tokenizer {ts.tokenizer}")
+    click.echo(f"hash {ts.hash}")

@@ -1,0 +1,140 @@
+"""Ablated forward passes per second against a plain forward pass (JSON out).
+
+One "pass" = one batch of windows through the model. Three timings on the same model
+and batches:
+  plain     model(ids).logits, no hooks
+  toolkit   evaluate_ablations: the original once per batch, each set restarted from
+            the cached residual at its lowest layer, LM head on the evaluated rows only,
+            float64 KL and CE; reported per (set, batch)
+  naive     a full hooked forward per (set, batch) plus the same float64 KL and CE
+The set mix is the step's default: universal + controls over all layers, then each
+layer's universal neuron set + controls (so most sets start above layer 0).
+
+  python bench/bench_ablate.py [--layers 6 --d-model 128 --window 128 --batch 16
+                                --batches 4 --draws 2 --threads 1 --device auto --out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ooc_universal.ablate import (ablation_hooks, ablation_sets, evaluate_ablations,  # noqa: E402
+                                  resolve_device, target_mask)
+from tests.tiny import tiny_model  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=16, help="windows per pass")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--draws", type=int, default=2, help="control draws per set")
+    ap.add_argument("--frac", type=float, default=0.05, help="universal fraction per layer")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)
+
+    model = tiny_model(seed=0, n_layer=args.layers, n_embd=args.d_model,
+                       n_head=max(1, args.d_model // 64), n_positions=args.window).to(dev)
+    d_mlp = 4 * args.d_model
+    rng = np.random.default_rng(0)
+    n_win = args.batch * args.batches
+    ids = rng.integers(0, 256, (n_win, args.window))
+    ids[:, 0] = 256
+    valid = rng.random(ids.shape) < 0.95
+    valid[:, 0] = False
+    uni = np.sort(rng.choice(args.layers * d_mlp, int(args.frac * args.layers * d_mlp),
+                             replace=False))
+    rec = dict(reference="bench", other="x", checkpoint=0, threshold=0.5, draw=0,
+               n_layers=args.layers, d_mlp=d_mlp, neurons=uni.tolist())
+    sets = ablation_sets([rec], control_draws=args.draws, seed=0)
+    n_passes = len(sets) * args.batches
+
+    batches = [torch.as_tensor(ids[i:i + args.batch], device=dev)
+               for i in range(0, n_win, args.batch)]
+    tmask = target_mask(valid)
+
+    def plain():
+        with torch.inference_mode():
+            for b in batches:
+                model(b).logits
+
+    def toolkit():
+        evaluate_ablations(model, sets, ids, valid, batch_size=args.batch)
+
+    def naive():
+        with torch.inference_mode():
+            for k, b in enumerate(batches):
+                m = torch.as_tensor(tmask[k * args.batch:(k + 1) * args.batch], device=dev)
+                tgt = torch.roll(b, -1, dims=1)[m]
+                lp = torch.log_softmax(model(b).logits[m].double(), -1)
+                for s in sets:
+                    with ablation_hooks(model, s.neurons, d_mlp):
+                        lq = torch.log_softmax(model(b).logits[m].double(), -1)
+                    (lp.exp() * (lp - lq)).sum(-1).cpu()
+                    lq.gather(1, tgt[:, None]).cpu()
+
+    plain()                                   # warm-up (allocator, kernels)
+    # plain is cheap: time it around the others and keep the best, so load on a shared
+    # machine biases the ratio as little as possible.
+    t_plain = _timed(plain, 2)
+    t_tool = _timed(toolkit, args.repeat)
+    t_plain = min(t_plain, _timed(plain, 2))
+    t_naive = _timed(naive, args.repeat)
+    t_plain = min(t_plain, _timed(plain, 2))
+    plain_ps = args.batches / t_plain
+    tool_ps = n_passes / t_tool
+    naive_ps = n_passes / t_naive
+    out = dict(
+        bench="ablate", device=str(dev), threads=args.threads, torch=torch.__version__,
+        cpu=platform.processor() or platform.machine(),
+        model=dict(n_layers=args.layers, d_model=args.d_model, d_mlp=d_mlp, vocab=257,
+                   window=args.window),
+        batch_windows=args.batch, n_batches=args.batches, n_sets=len(sets),
+        n_universal=int(uni.size),
+        plain_passes_per_s=plain_ps, toolkit_ablated_passes_per_s=tool_ps,
+        naive_ablated_passes_per_s=naive_ps,
+        toolkit_over_plain=tool_ps / plain_ps, naive_over_plain=naive_ps / plain_ps,
+        toolkit_over_naive=tool_ps / naive_ps,
+        seconds=dict(plain=t_plain, toolkit=t_tool, naive=t_naive),
+        note="pass = one batch of windows; toolkit and naive include float64 KL and CE; "
+             "toolkit time includes its one original pass per batch")
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Kernel benchmark: co-moment GEMM rate vs torch.matmul, tile_max rate vs a memory copy.
+
+(a) comoment_chunk / comoment_update_ on fp16 blocks (the store's dtype) against a bare
+    torch.matmul(a.T, b) of the same shapes in the compute dtype, same run, interleaved
+    repeats, median times. FLOPs = 2 n Na Nb for both. Goal: ratio >= 0.9.
+(b) tile_max (numba) over an (I, J) float32 co-moment tile against np.copyto of the same
+    array; rate = c.nbytes / time for both (the copy also writes, the kernel only reads).
+(c) accuracy: max |rho - rho_fp64| of one block for fp32 and bf16 on correlated data.
+
+    python bench/bench_kernels.py [--n 4096 --na 2048 --nb 2048] [--out result.json]
+
+Prints one JSON document (also written to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ooc_universal.kernels import comoments as cm
+from ooc_universal.kernels import tilemax as tm
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed round-robin so drift hits all alike."""
+    for f in fns.values():
+        f()  # warm-up (allocations, numba compile, oneDNN kernels)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def correlated(n, na, nb, seed=0):
+    """fp16 blocks with shared latent factors (so many |rho| are large)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 32, generator=g)
+    x = z @ torch.randn(32, na, generator=g) + torch.randn(n, na, generator=g) + 2.0
+    y = z @ torch.randn(32, nb, generator=g) + torch.randn(n, nb, generator=g) - 1.0
+    return x.half(), y.half()
+
+
+def bench_comoments(n, na, nb, repeats):
+    x16, y16 = correlated(n, na, nb)
+    flops = 2.0 * n * na * nb
+    rows = []
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = x16.to(dt), y16.to(dt)
+        ws = {}
+        acc = cm.empty_comoments(na, nb, dt)
+        fns = {
+            "matmul": lambda: torch.matmul(a.T, b),
+            "comoment_chunk": lambda: cm.comoment_chunk(x16, y16, dt),
+            "comoment_chunk+workspace": lambda: cm.comoment_chunk(x16, y16, dt, workspace=ws),
+            "comoment_update_+workspace":
+                lambda: cm.comoment_update_(acc, x16, y16, dt, workspace=ws),
+            "centring only (x and y)": lambda: (
+                cm.centre_block(x16, dt, workspace=ws, role="x"),
+                cm.centre_block(y16, dt, workspace=ws, role="y")),
+        }
+        t = interleaved(fns, repeats)
+        for k, s in t.items():
+            rows.append({"precision": name, "kernel": k, "median_s": s,
+                         "gflops": flops / s / 1e9 if "centring" not in k else None,
+                         "ratio_to_matmul": t["matmul"] / s if k != "matmul" else 1.0,
+                         "goal": 0.9 if k.startswith("comoment") else None})
+    return rows
+
+
+def bench_accuracy(n, na, nb):
+    x16, y16 = correlated(min(n, 4096), min(na, 1024), min(nb, 1024), seed=1)
+    ref = cm.comoment_chunk(x16, y16, torch.float64)
+    rho_ref = cm.correlation_from_comoments(ref["c"], ref["m2_x"], ref["m2_y"])
+    out = {"shape": list(x16.shape) + [y16.shape[1]],
+           "max_abs_rho": float(rho_ref.abs().max())}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        s = cm.comoment_chunk(x16, y16, dt)
+        err = (cm.correlation_from_comoments(s["c"], s["m2_x"], s["m2_y"]) - rho_ref).abs()
+        out[f"{name}_max_abs_err_one_block"] = float(err.max())
+        acc = cm.empty_comoments(x16.shape[1], y16.shape[1], dt)
+        for i in range(0, x16.shape[0], 512):
+            cm.comoment_update_(acc, x16[i:i + 512], y16[i:i + 512], dt)
+        err = (cm.correlation_from_comoments(acc["c"], acc["m2_x"], acc["m2_y"]) - rho_ref).abs()
+        out[f"{name}_max_abs_err_blocks_of_512"] = float(err.max())
+    return out
+
+
+def bench_tile_max(rows, cols, repeats):
+    rng = np.random.default_rng(0)
+    c = rng.standard_normal((rows, cols)).astype(np.float32)
+    m2x, m2y = rng.uniform(0.5, 2, rows), rng.uniform(0.5, 2, cols)
+    dst = np.empty_like(c)
+    ct, xt, yt = torch.from_numpy(c), torch.from_numpy(m2x), torch.from_numpy(m2y)
+    t = interleaved({"np.copyto": lambda: np.copyto(dst, c),
+                     "tile_max (numba)": lambda: tm.tile_max(c, m2x, m2y),
+                     "tile_max (torch, cpu)": lambda: tm.tile_max(ct, xt, yt)}, repeats)
+    return [{"kernel": k, "median_s": s, "gbytes_per_s": c.nbytes / s / 1e9,
+             "ratio_to_copy": t["np.copyto"] / s,
+             "goal": None} for k, s in t.items()] + [{"shape": [rows, cols], "dtype": "float32"}]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=4096, help="tokens per block")
+    p.add_argument("--na", type=int, default=2048, help="neurons of the reference tile")
+    p.add_argument("--nb", type=int, default=2048, help="neurons of the other model")
+    p.add_argument("--tile-rows", type=int, default=4096, help="tile_max tile rows")
+    p.add_argument("--tile-cols", type=int, default=4096, help="tile_max tile columns")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args()
+    if args.threads:
+        import numba
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    import numba
+    result = {
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "numba_threads": numba.get_num_threads()},
+        "args": vars(args),
+        "comoment": bench_comoments(args.n, args.na, args.nb, args.repeats),
+        "tile_max": bench_tile_max(args.tile_rows, args.tile_cols, args.repeats),
+        "accuracy": bench_accuracy(args.n, args.na, args.nb),
+    }
+    result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    for r in result["comoment"]:
+        if r["kernel"].startswith("comoment"):
+            print(f"# {r['precision']} {r['kernel']}: {r['gflops']:.0f} GFLOP/s, "
+                  f"{r['ratio_to_matmul']:.2f} of matmul (goal >= 0.9)")
+    for r in result["tile_max"][:-1]:
+        print(f"# {r['kernel']}: {r['gbytes_per_s']:.1f} GB/s, {r['ratio_to_copy']:.2f} of copy")
+
+
+if __name__ == "__main__":
+    main()

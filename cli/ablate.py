@@ -1,0 +1,93 @@
+"""`ooc-universal ablate`: switch off universal and control neurons, measure KL and loss."""
+from __future__ import annotations
+
+import click
+
+from ooc_universal.errors import OocError
+
+
+def _thresholds(text):
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise OocError(f"--thresholds {text!r} is not a comma-separated list of numbers; "
+                       "e.g. --thresholds 0.4,0.5,0.6") from None
+
+
+def _overrides(items) -> dict:
+    out = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise OocError(f"--model {item!r} is not NAME=SPEC; e.g. "
+                           "--model alias-gpt2-small-x21@100000=/models/a/checkpoint-100000")
+        out[name] = spec
+    return out
+
+
+@click.command()
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory holding universal/sets.json and tokens/ "
+                   "(output: RUN/ablate/).")
+@click.option("--reference", default=None,
+              help="Only this reference model (its name in sets.json, or an alias such "
+                   "as 'a'). Default: every reference in sets.json.")
+@click.option("--thresholds", default=None,
+              help="Comma-separated thresholds to ablate (each must be in sets.json). "
+                   "Default: all of them.")
+@click.option("--control-draws", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Random control sets per universal set (non-universal neurons, same "
+                   "count in every layer); 0 skips controls.")
+@click.option("--mode", type=click.Choice(["zero", "mean"]), default="zero",
+              show_default=True,
+              help="zero: post-GELU activation set to 0 (the paper). mean: set to its "
+                   "mean over the correlation tokens (from RUN/reduce ref/mean).")
+@click.option("--all-non-universal", is_flag=True,
+              help="Also ablate every non-universal neuron at once (the paper's wording).")
+@click.option("--no-layerwise", is_flag=True,
+              help="Skip the per-layer sets (each layer's universal neurons alone).")
+@click.option("--n-eval-tokens", type=click.IntRange(min=1), default=None,
+              help="Evaluate on the first N positions of the token set's held-out split. "
+                   "Default: all of it.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Windows per forward pass. Default: from a memory budget "
+                   "(CPU 1 GB, GPU a quarter of free memory).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (GPU when available), cpu, cuda, cuda:1, ...")
+@click.option("--model", "models", multiple=True, metavar="NAME=SPEC",
+              help="Model to load for reference NAME (as 'reference@checkpoint', e.g. "
+                   "alias-gpt2-small-x21@100000, or an alias like a@100000); default: "
+                   "rebuilt from the reduce files' attributes. Repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the control draws.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universal,
+           no_layerwise, n_eval_tokens, batch_size, device, models, seed, quiet):
+    """Ablate universal vs control neurons; report KL and delta loss.
+
+    Zero-ablation sets a neuron's post-GELU MLP activation to 0, so its row of the
+    MLP output projection contributes nothing. Position t predicts token t+1; the
+    evaluated positions T are the valid positions of the held-out windows that have a
+    next token in their window. KL = mean over T of KL(P_original || Q_ablated)
+    (float64); delta_loss = CE(ablated) - CE(original) on the true next tokens; *_se
+    is the standard error over sequences. Control rows give the mean over draws and a
+    95% interval over draws (ablation_draws.csv has every draw).
+    """
+    from ooc_universal.ablate import ablate as run_ablate, format_table
+    from ooc_universal.rundir import run_lock
+
+    with run_lock(run_dir):
+        out = run_ablate(run_dir, reference=reference,
+                         thresholds=_thresholds(thresholds),
+                         control_draws=control_draws, mode=mode,
+                         all_non_universal=all_non_universal, layerwise=not no_layerwise,
+                         n_eval_tokens=n_eval_tokens, batch_size=batch_size,
+                         device=device, model_overrides=_overrides(models),
+                         progress=not quiet, seed=seed)
+    click.echo(format_table(out.rows))
+    if out.n_resumed:
+        click.echo(f"reused {out.n_resumed} of {out.n_models} model(s) from RUN/ablate/parts")
+    for path in (out.csv, out.draws_csv, out.json):
+        click.echo(f"wrote {path}")

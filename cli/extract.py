@@ -1,0 +1,60 @@
+"""`ooc-universal extract`: forward passes -> one activation store per model."""
+from __future__ import annotations
+
+import click
+
+from ooc_universal.extract import extract as extract_store
+from ooc_universal.rundir import human_bytes
+
+
+@click.command("extract")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory holding tokens/ (from `ooc-universal tokens`); stores go "
+                   "to RUN/stores/<label>.h5.")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--memory", default="4GB", show_default=True,
+              help="RAM budget for this process (e.g. 16GB, 512MB); sets the batch size.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="auto = cuda when available, else cpu.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True,
+              help="Compute dtype of the forward pass (bfloat16: faster on GPUs and AVX-512 "
+                   "BF16 CPUs, less exact); activations are stored as float16 either way.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Windows per forward pass (default: the most that fit in --memory).")
+@click.option("--compression", default="none", show_default=True,
+              help="none | gzip | gzip:0-9 | lzf. Compressed stores are smaller but cannot "
+                   "be memory-mapped, so the reduce reads them more slowly.")
+@click.option("--block-tokens", type=click.IntRange(min=1), default=None,
+              help="Token rows per store chunk (default: about 32 MB per chunk, a multiple "
+                   "of 64); the reduce reads whole chunks.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar over tokens.")
+def extract(run_dir, models, memory, device, dtype, batch_size, compression, block_tokens,
+            progress):
+    """Store each MODEL's post-GELU MLP activations at the token set's valid positions.
+
+    MODEL is a spec: a letter a..e (the stanford-crfm GPT-2 small runs) with an optional
+    @STEP (a@100000 = checkpoint-100000), a hub id org/name[@rev], or a local
+    save_pretrained directory[@N].
+
+    Each store is RUN/stores/<label>.h5: one float16 dataset "acts" with one row per
+    valid token position (BOS, padding and newlines dropped), in token-set order, and one
+    column per neuron, flat index = layer * d_mlp + neuron. The forward pass stops before
+    the LM head. Disk needed is checked before any work.
+
+    Resumable: a killed run leaves <label>.h5.partial and a ledger; the same command
+    finishes only the missing blocks. A complete store is skipped; a store made from
+    another token set or model is refused, never appended to.
+    """
+    for spec in models:
+        stats = {}
+        path = extract_store(run_dir, spec, batch_size=batch_size, device=device, dtype=dtype,
+                             memory=memory, compression=compression, progress=progress,
+                             block_tokens=block_tokens, stats=stats)
+        if stats.get("status") == "skipped":
+            click.echo(f"{path}  (complete already, skipped)")
+            continue
+        click.echo(f"{path}  ({stats['tokens_written']:,} tokens in {stats['seconds']:.1f} s, "
+                   f"{stats['tokens_per_s']:,.0f} tokens/s, batch {stats['batch_size']}, "
+                   f"peak RSS {human_bytes(stats['peak_rss_bytes'])})")

@@ -1,0 +1,85 @@
+"""`ooc-universal run`: the whole study from one config, resumable."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ooc_universal.config import PRESETS, RunConfig, load_config
+from ooc_universal.run import STEP_NAMES
+from ooc_universal.run import dry_run as plan_study
+from ooc_universal.run import run as run_study
+
+# Options that override config keys (None = keep the config's value).
+_OVERRIDES = [
+    ("--n-tokens", "n_tokens", int), ("--n-eval-tokens", "n_eval_tokens", int),
+    ("--window", "window", int), ("--source", "source", str),
+    ("--tokenizer", "tokenizer", str), ("--device", "device", str),
+    ("--memory", "memory", str), ("--precision", "precision", str),
+    ("--baseline-draws", "baseline_draws", int), ("--seed", "seed", int),
+    ("--control-draws", "control_draws", int), ("--ablate-mode", "ablate_mode", str),
+    ("--definition", "definition", str), ("--reference", "reference", str),
+    ("--scheduler", "scheduler", str), ("--compression", "compression", str),
+]
+
+
+def _override_options(f):
+    for flag, key, typ in reversed(_OVERRIDES):
+        f = click.option(flag, key, type=typ, default=None,
+                         help=f"Override the config's `{key}`.")(f)
+    return f
+
+
+@click.command("run")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="Use a built-in config: demo (the default: the shipped tiny zoo, "
+                   "offline, minutes on a laptop) or paper (stanford-crfm a..e at "
+                   "100k/200k/300k steps, 5M Pile tokens).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default: runs/<preset or config name>).")
+@click.option("--models", default=None, help="Comma-separated model specs (override).")
+@click.option("--checkpoints", default=None, help="Comma-separated steps (override).")
+@click.option("--thresholds", default=None, help="Comma-separated thresholds (override).")
+@_override_options
+@click.option("--steps", "only", default=None,
+              help=f"Comma-separated subset of steps to run ({','.join(STEP_NAMES)}).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (disk, RAM, FLOPs, time here and on a GPU) and exit; "
+                   "works offline.")
+@click.option("--force", is_flag=True,
+              help="Recompute outputs even when complete, and accept a changed config.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
+        force, no_progress, **overrides):
+    """Run tokens -> extract -> reduce -> universal -> persistence -> ablate -> report.
+
+    CONFIG is a TOML file with RunConfig keys (see README); without it the demo preset
+    runs offline on the tiny zoo shipped with the package. Every step skips complete
+    outputs and resumes partial ones, so after a kill the same command continues.
+    The config actually used is saved as RUN/config.toml.
+    """
+    if models:
+        overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if checkpoints:
+        overrides["checkpoints"] = [int(c) for c in checkpoints.split(",")]
+    if thresholds:
+        overrides["thresholds"] = [float(t) for t in thresholds.split(",")]
+    cfg = load_config(config, preset, **{k: v for k, v in overrides.items() if v is not None})
+    if dry_run:
+        plan_study(cfg, echo=click.echo)
+        return
+    name = preset or (config and Path(config).stem) or "demo"
+    run_dir = run_dir or f"runs/{name}"
+    steps = tuple(s.strip() for s in only.split(",")) if only else STEP_NAMES
+    bad = [s for s in steps if s not in STEP_NAMES]
+    if bad:
+        raise click.BadParameter(f"unknown steps {bad}; choose from {STEP_NAMES}",
+                                 param_hint="--steps")
+    timings = run_study(cfg, run_dir, force=force, progress=not no_progress, steps=steps,
+                        echo=click.echo)
+    total = sum(v for k, v in timings.items() if isinstance(v, float))
+    click.echo(f"done in {total:.1f} s; run directory {run_dir}")
+    paths = timings.get("report_paths", {})
+    if paths:
+        click.echo(f"report: {paths.get('html', paths)}")

@@ -1,0 +1,423 @@
+"""Forward passes -> activation store: the post-GELU MLP activations of the valid positions.
+
+For one model: load the run's token set and the model, check they fit, refuse early when
+the disk lacks room, then run batched forward passes with forward PRE-hooks on every
+layer's MLP output projection (its input is the post-GELU activation). The last layer's
+hook stops the forward, so neither the rest of that layer nor the LM head is computed.
+Only valid positions are kept, as fp16, in token-set order; a block of rows fills one
+chunk of the store, and a writer thread writes and ledgers it while the next forward
+runs (store.py). Memory is bounded by `memory`: the batch (windows per forward) is
+derived from it, and at most two blocks are held, whatever the number of tokens.
+
+Resuming is by the ledger: blocks already written are not recomputed; a batch of windows
+is forwarded only when it holds rows of a missing block.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import resource
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import models, tokens
+from .errors import OocError, StaleInputError
+from .plan import parse_bytes
+from .rundir import check_free_space, human_bytes, step_dir
+from .store import (DTYPE, PartialStore, StorePaths, check_store_matches, default_block_tokens,
+                    expected_store_bytes, identity_mismatch, parse_compression, store_lock)
+
+DTYPES = ("float32", "bfloat16")
+# Tokens per forward beyond which throughput stops rising: on a CPU, bigger batches fall
+# out of cache (measured: 1-4k tokens best, 8k tokens 30% slower); a GPU wants many.
+MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
+FP16_MAX = 65504.0
+SLACK_BYTES = 64 * 10**6   # allocator fragmentation, tqdm, small temporaries
+SLEEP_ENV = "OOC_TEST_SLEEP_PER_BLOCK"  # tests only: seconds to sleep after each block
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: everything after it (LM head included) is skipped."""
+
+
+def extract(run_dir, model_spec, *, batch_size: int | None = None, device: str = "auto",
+            dtype: str = "float32", memory="4GB", compression=None, progress: bool = True,
+            block_tokens: int | None = None, stats: dict | None = None) -> Path:
+    """Write RUN/stores/<label>.h5 for `model_spec`; return its path.
+
+    An existing complete store of the same token set and model is returned untouched; one
+    made from other inputs raises StaleInputError (never appended to). A partial store of
+    the same inputs is resumed: only its missing blocks are computed. `stats`, when given,
+    is filled with what was done (status, blocks, tokens/s, batch size, peak RSS).
+    `block_tokens` (rows per chunk) defaults to about 32 MB per chunk; a resumed store
+    keeps the chunking it was started with.
+    """
+    import torch
+
+    stats = {} if stats is None else stats
+    memory_bytes = parse_bytes(memory)
+    parse_compression(compression)
+    if dtype not in DTYPES:
+        raise OocError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    dev = _resolve_device(device)
+
+    token_set = tokens.load_token_set(run_dir)
+    stores = step_dir(run_dir, "stores")
+    spec = models.parse_model_spec(model_spec)
+    paths = StorePaths.of(stores, spec.label)
+    with store_lock(paths):
+        if paths.final.exists():
+            check_store_matches(paths.final, _cheap_identity(spec, token_set))
+            for p in (paths.partial, paths.ledger):  # left by a kill after the rename
+                p.unlink(missing_ok=True)
+            stats.update(status="skipped", blocks_written=0)
+            return paths.final
+
+        loaded = models.load_model(spec, dev, getattr(torch, dtype))
+        tokens.check_tokenizer_matches(token_set, loaded)
+        _check_window(loaded, token_set)
+        attrs = _store_attrs(loaded, token_set, dtype)
+        n_neurons = loaded.n_layers * loaded.d_mlp
+        if block_tokens is None:
+            block_tokens = default_block_tokens(token_set.n_tokens, n_neurons)
+        elif not 1 <= block_tokens <= token_set.n_tokens:
+            raise OocError(f"--block-tokens {block_tokens} out of range; expected 1.."
+                           f"{token_set.n_tokens} (the token set's valid positions)")
+
+        partial = PartialStore.resume(paths)
+        if partial is not None:
+            bad = identity_mismatch(partial.attrs, {k: attrs[k] for k in _IDENTITY_KEYS})
+            if bad:
+                partial.close()
+                raise StaleInputError(
+                    f"partial activation store {str(paths.partial)!r} was started from other "
+                    f"inputs ({'; '.join(bad)}); it is never appended to: delete it and "
+                    f"{paths.ledger.name}, or use another --run-dir")
+            block_tokens = partial.block_tokens
+        chunk_bytes = block_tokens * n_neurons * DTYPE.itemsize
+        n_blocks = math.ceil(token_set.n_tokens / block_tokens)
+        n_missing = n_blocks if partial is None else len(partial.missing())
+        need = expected_store_bytes(token_set.n_tokens, n_neurons, block_tokens) \
+            - (n_blocks - n_missing) * chunk_bytes
+        if parse_compression(compression)[0] != "none":
+            need += expected_store_bytes(token_set.n_tokens, n_neurons, block_tokens)
+        try:
+            check_free_space(stores, need, f"activation store {spec.label}")
+        except OocError:
+            if partial is not None:
+                partial.close()
+            raise
+
+        if partial is None:
+            for p in (paths.partial, paths.ledger):
+                p.unlink(missing_ok=True)
+            partial = PartialStore.create(paths, attrs, token_set.n_tokens, n_neurons,
+                                          block_tokens)
+        try:
+            batch = plan_batch(loaded, token_set, memory_bytes, partial.chunk_nbytes,
+                               batch_size=batch_size, device=dev.type)
+            stats.update(status="resumed" if partial.done else "written",
+                         blocks_total=partial.n_blocks, blocks_done_before=len(partial.done),
+                         batch_size=batch, block_tokens=partial.block_tokens,
+                         memory_bytes=memory_bytes, device=str(dev), dtype=dtype)
+            t0, c0 = time.perf_counter(), time.process_time()
+            written = _run_forward(loaded, token_set, partial, batch, dev, progress, stats)
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+            path = partial.finalize(compression)
+        finally:
+            partial.close()
+        stats.update(tokens_written=written, seconds=seconds, cpu_seconds=cpu_seconds,
+                     tokens_per_s=written / seconds if seconds > 0 else float("nan"),
+                     peak_rss_bytes=peak_rss_bytes())
+        return path
+
+
+# ---------------------------------------------------------------------------- checks
+
+_IDENTITY_KEYS = ("model_id", "revision", "label", "step", "n_layers", "d_mlp", "n_tokens",
+                  "token_hash", "compute_dtype")
+
+
+def _resolve_device(device):
+    import torch
+    device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise OocError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise OocError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _cheap_identity(spec, token_set) -> dict:
+    """What a complete store must say before it is reused (no model load needed)."""
+    want = {"model_id": spec.repo_id or spec.local_dir, "revision": spec.revision or "",
+            "label": spec.label, "n_tokens": int(token_set.n_tokens),
+            "token_hash": token_set.hash}
+    if spec.local_dir is not None:  # the directory may have been overwritten: check shape
+        from transformers import AutoConfig
+        cfg = AutoConfig.from_pretrained(spec.local_dir)
+        want.update(n_layers=int(cfg.n_layer), d_mlp=int(cfg.n_inner or 4 * cfg.n_embd))
+    return want
+
+
+def _check_window(loaded, token_set) -> None:
+    n_pos = getattr(loaded.model.config, "n_positions", None)
+    if n_pos is not None and token_set.window > n_pos:
+        raise OocError(f"token windows are {token_set.window} long but model "
+                       f"{loaded.spec.label} has only {n_pos} positions; make a token set "
+                       f"with --window {n_pos} or less")
+
+
+def _store_attrs(loaded, token_set, dtype: str) -> dict:
+    spec = loaded.spec
+    return {"model_id": loaded.model_id, "revision": loaded.revision or "",
+            "commit": loaded.commit or "", "label": spec.label, "name": spec.name,
+            "step": -1 if spec.step is None else int(spec.step),
+            "n_layers": int(loaded.n_layers), "d_mlp": int(loaded.d_mlp),
+            "n_tokens": int(token_set.n_tokens), "token_hash": token_set.hash,
+            "window": int(token_set.window), "compute_dtype": dtype}
+
+
+# ---------------------------------------------------------------------------- memory
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def window_bytes(loaded, window: int) -> int:
+    """Peak bytes one window adds to a forward pass with capture (no grad: one layer live).
+
+    Capture buffer (fp16, all neurons) + the MLP's fc output, GELU output and gathered
+    copy (fp32) + residual-stream temporaries + attention scores and probabilities
+    (fp32: reorder_and_upcast_attn).
+    """
+    cfg = loaded.model.config
+    d_model = int(getattr(cfg, "n_embd", 0) or cfg.hidden_size)
+    n_head = int(getattr(cfg, "n_head", 0) or cfg.num_attention_heads)
+    n_neurons = loaded.n_layers * loaded.d_mlp
+    per_pos = n_neurons * 2 + loaded.d_mlp * 4 * 3 + d_model * 4 * 10
+    return window * per_pos + n_head * window * window * 4 * 3
+
+
+def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
+               batch_size: int | None = None, device: str = "cpu") -> int:
+    """Windows per forward that keep the process under `memory_bytes`.
+
+    Fixed: what the process holds now (interpreter, torch, weights, token set) + two
+    block buffers; the rest is divided by window_bytes.
+    """
+    n_windows, window = token_set.input_ids.shape
+    fixed = current_rss_bytes() + 2 * chunk_bytes + SLACK_BYTES
+    per = window_bytes(loaded, window)
+    fits = (memory_bytes - fixed) // per
+    if batch_size is not None:
+        if batch_size > fits:
+            raise OocError(
+                f"--batch-size {batch_size} needs about {human_bytes(fixed + batch_size * per)}"
+                f", over --memory {human_bytes(memory_bytes)}; lower --batch-size or raise "
+                "--memory")
+        return int(batch_size)
+    if fits < 1:
+        raise OocError(
+            f"--memory {human_bytes(memory_bytes)} is too small to extract "
+            f"{loaded.spec.label}: the process holds {human_bytes(current_rss_bytes())} "
+            f"(torch, weights, token set), two store blocks take {human_bytes(2 * chunk_bytes)}"
+            f" and one window {human_bytes(per)}; raise --memory to at least "
+            f"{human_bytes(fixed + per)}")
+    cap = MAX_BATCH_TOKENS["cuda" if str(device).startswith("cuda") else "cpu"]
+    return int(max(1, min(fits, n_windows, cap // window)))
+
+
+# ---------------------------------------------------------------------------- the loop
+
+class _BlockWriter:
+    """A thread that writes finished blocks (pwrite, fsync, ledger) while forwards run.
+
+    `n_buffers` block buffers circulate: the main thread fills one while the writer
+    writes another, so at most n_buffers blocks are ever held.
+    """
+
+    def __init__(self, partial: PartialStore, n_buffers: int = 2):
+        self.partial = partial
+        self.sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(n_buffers):
+            self.free.put(np.empty((partial.block_tokens, partial.n_neurons), DTYPE))
+        self.todo: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            i, buf, rows = item
+            try:
+                if self.error is None:
+                    self.partial.write_block(i, buf[:rows])
+                    self.written += 1
+                    if self.sleep:
+                        time.sleep(self.sleep)
+            except BaseException as exc:  # handed to the main thread
+                self.error = exc
+            finally:
+                self.free.put(buf)
+
+    def buffer(self) -> np.ndarray:
+        buf = self.free.get()
+        self._raise()
+        return buf
+
+    def submit(self, i: int, buf: np.ndarray, rows: int) -> None:
+        self.todo.put((i, buf, rows))
+
+    def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, progress: bool,
+                 stats: dict) -> int:
+    """Forward the windows that hold rows of missing blocks; return rows written.
+
+    Each layer's hook copies its whole (B*T, d_mlp) input into its columns of one fp16
+    capture buffer (a strided fp32->fp16 copy, the cheapest pass); the valid rows are
+    then gathered once per batch, on the GPU before the transfer, on a CPU straight
+    into the block buffers (torch.index_select with out=).
+    """
+    import torch
+    from tqdm import tqdm
+
+    model = loaded.model
+    base = getattr(model, "transformer", model)  # GPT2Model: no LM head
+    n_layers, d = loaded.n_layers, loaded.d_mlp
+    n_neurons = n_layers * d
+    input_ids, valid = token_set.input_ids, token_set.valid
+    n_windows, window = input_ids.shape
+    row_start = np.concatenate([[0], np.cumsum(valid.sum(axis=1, dtype=np.int64))])
+    bt, n_tokens, done = partial.block_tokens, partial.n_tokens, set(partial.done)
+    on_cuda = dev.type == "cuda"
+
+    cap = torch.empty((batch * window, n_neurons), dtype=torch.float16, device=dev)
+    host = (torch.empty_like(cap, device="cpu").pin_memory() if on_cuda else None)
+    state = {"n": 0, "maxes": []}
+
+    def make_hook(layer):
+        cols = slice(layer * d, (layer + 1) * d)
+        last = layer == n_layers - 1
+
+        def hook(module, args):
+            x = args[0].reshape(-1, d)                                # (B*T, d_mlp)
+            cap[: state["n"], cols].copy_(x)
+            state["maxes"].append(x.amax())  # GELU >= -0.17: only the top can overflow
+            if last:
+                raise _StopForward
+        return hook
+
+    handles = [models.mlp_out_proj(model, layer).register_forward_pre_hook(make_hook(layer))
+               for layer in range(n_layers)]
+    writer = _BlockWriter(partial)
+    bar = tqdm(total=n_tokens, initial=sum(min(n_tokens, (i + 1) * bt) - i * bt for i in done),
+               unit="tok", unit_scale=True, disable=not progress,
+               desc=f"extract {loaded.spec.label}")
+    cur = {"block": None, "buf": None}
+    rows_written = windows = overflow = 0
+    try:
+        with torch.inference_mode():
+            for w0 in range(0, n_windows, batch):
+                w1 = min(n_windows, w0 + batch)
+                r0, r1 = int(row_start[w0]), int(row_start[w1])
+                if r1 == r0 or all(b in done for b in range(r0 // bt, (r1 - 1) // bt + 1)):
+                    continue
+                idx = torch.from_numpy(np.flatnonzero(valid[w0:w1].reshape(-1)))
+                state["n"] = (w1 - w0) * window
+                state["maxes"].clear()
+                ids = torch.from_numpy(np.ascontiguousarray(input_ids[w0:w1])).to(dev).long()
+                try:
+                    base(input_ids=ids, use_cache=False)
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the last layer's hook did not run")
+                if on_cuda:  # gather on the GPU, move only the valid rows
+                    nv = len(idx)
+                    host[:nv].copy_(cap.index_select(0, idx.to(dev)))
+                    src, sel = host[:nv], None
+                else:
+                    src, sel = cap, idx
+                if float(torch.stack(state["maxes"]).max()) > FP16_MAX:
+                    rows = src if sel is None else src.index_select(0, sel)
+                    overflow += int(torch.isinf(rows.float()).sum())
+                rows_written += _route(src, sel, r0, r1 - r0, bt, n_tokens, done, cur,
+                                       writer, bar)
+                windows += w1 - w0
+        writer.close()
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+        if writer.thread.is_alive():
+            writer.todo.put(None)
+            writer.thread.join()
+    if len(partial.done) != partial.n_blocks:
+        raise RuntimeError(f"{partial.n_blocks - len(partial.done)} blocks were not written")
+    if overflow:
+        import warnings
+        warnings.warn(f"{overflow} activations of {loaded.spec.label} exceed the float16 range "
+                      "and were stored as +-inf", RuntimeWarning, stacklevel=3)
+    stats.update(blocks_written=writer.written, windows_forwarded=windows,
+                 fp16_overflow=overflow)
+    return rows_written
+
+
+def _route(src, sel, r0: int, n: int, bt: int, n_tokens: int, done: set, cur: dict,
+           writer: _BlockWriter, bar) -> int:
+    """Copy a batch's n valid rows (global rows r0..r0+n) into block buffers; submit
+    full blocks. Row k of the batch is src[sel[k]] (src[k] when sel is None)."""
+    import torch
+    pos = kept = 0
+    while pos < n:
+        row = r0 + pos
+        b = row // bt
+        b0, b1 = b * bt, min(n_tokens, (b + 1) * bt)
+        take = min(n - pos, b1 - row)
+        if b not in done:
+            if cur["block"] != b:
+                if row != b0:
+                    raise RuntimeError(f"block {b} entered at row {row}, not at its start {b0}")
+                cur["block"], cur["buf"] = b, writer.buffer()
+            dst = torch.from_numpy(cur["buf"][row - b0: row - b0 + take])
+            if sel is None:
+                dst.copy_(src[pos: pos + take])
+            else:
+                torch.index_select(src, 0, sel[pos: pos + take], out=dst)
+            kept += take
+            if row + take == b1:
+                writer.submit(b, cur["buf"], b1 - b0)
+                cur["block"] = cur["buf"] = None
+                done.add(b)
+            bar.update(take)
+        pos += take
+    return kept

@@ -1,0 +1,258 @@
+"""Chain the steps from one RunConfig: tokens -> extract -> reduce -> universal ->
+persistence -> ablate -> report. Each step skips what is complete and resumes what is
+partial, so `run` after a kill does only what is missing."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import OocError, StaleInputError
+from .rundir import human_bytes, run_lock, write_json_atomic
+
+STEP_NAMES = ("tokens", "extract", "reduce", "universal", "persistence", "ablate", "report")
+
+
+def check_run_dir_config(run_dir: Path, cfg: RunConfig, force: bool = False) -> None:
+    """RUN/config.toml: written on the first run; a later run must use the same config
+    (up to where/how fast: device, memory, scheduler, batch sizes)."""
+    path = run_dir / "config.toml"
+    if path.exists():
+        old = RunConfig.from_toml(path)
+        if old.hash() != cfg.hash() and not force:
+            diff = {k: (v, cfg.to_dict()[k]) for k, v in old.to_dict().items()
+                    if cfg.to_dict()[k] != v}
+            raise StaleInputError(
+                f"run directory {str(run_dir)!r} was made with another configuration "
+                f"(differs in {sorted(diff)}); use a new run directory, or --force to "
+                "recompute with the new one")
+    tmp = path.with_name("config.toml.tmp")
+    tmp.write_text(cfg.to_toml())
+    tmp.replace(path)
+
+
+def _token_source(cfg: RunConfig):
+    """The source argument for tokens.build_token_set ("zoo-heldout" -> the zoo's
+    held-out bytes, never seen in training)."""
+    if cfg.source != "zoo-heldout":
+        return cfg.source
+    from .zoo import ZooRecipe, load_corpus
+    if not cfg.zoo_json or not Path(cfg.zoo_json).exists():
+        raise OocError("source 'zoo-heldout' needs zoo_json pointing at a zoo's zoo.json; "
+                       "set zoo_json in the config or use another source")
+    info = json.loads(Path(cfg.zoo_json).read_text())
+    recipe = ZooRecipe(**{k: v for k, v in info["recipe"].items()})
+    import numpy as np
+    return np.asarray(load_corpus(recipe.corpus, recipe.heldout_fraction).heldout,
+                      dtype=np.int64)
+
+
+def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
+        steps=STEP_NAMES, echo=print) -> dict:
+    """Run the study; returns {step: seconds} and where the report is."""
+    from . import ablate as ablate_mod
+    from . import extract as extract_mod
+    from . import persistence as persistence_mod
+    from . import reduce as reduce_mod
+    from . import report as report_mod
+    from . import tokens as tokens_mod
+    from . import universal as universal_mod
+
+    run_dir = Path(run_dir)
+    timings = {}
+    with run_lock(run_dir):
+        check_run_dir_config(run_dir, cfg, force=force)
+        ref = cfg.reference_model
+        refs = list(cfg.models) if cfg.all_references else [ref]
+
+        def step(name, fn):
+            if name not in steps:
+                return
+            echo(f"[{name}]")
+            t0 = time.perf_counter()
+            fn()
+            timings[name] = time.perf_counter() - t0
+
+        def do_tokens():
+            if tokens_mod.existing_hash(run_dir) and not force:
+                echo("  token set complete; skipped")
+                return
+            ts = tokens_mod.build_token_set(
+                _token_source(cfg), cfg.n_tokens, tokenizer=cfg.tokenizer, window=cfg.window,
+                n_eval_tokens=cfg.n_eval_tokens, progress=progress)
+            folder, _ = tokens_mod.save_token_set(ts, run_dir, force=force)
+            echo(f"  {ts.n_tokens:,} tokens -> {folder} (hash {ts.hash[:12]})")
+
+        def do_extract():
+            specs = [cfg.spec(m, c) for c in cfg.checkpoint_list() for m in cfg.models]
+            kw = dict(device=cfg.device, memory=cfg.memory,
+                      compression=None if cfg.compression == "none" else cfg.compression,
+                      batch_size=cfg.extract_batch_size or None)
+            if cfg.scheduler:
+                from distributed import Client
+                with Client(cfg.scheduler) as client:
+                    futs = [client.submit(extract_mod.extract, str(run_dir), s, progress=False,
+                                          pure=False, **kw) for s in specs]
+                    for f in futs:
+                        echo(f"  {f.result()}")
+                return
+            for s in specs:
+                echo(f"  {extract_mod.extract(run_dir, s, progress=progress, **kw)}")
+
+        def do_reduce():
+            for r, c in ((r, c) for r in refs for c in cfg.checkpoint_list()):
+                others = [m for m in cfg.models if m != r]
+                res = reduce_mod.reduce(
+                    run_dir, cfg.spec(r, c), [cfg.spec(o, c) for o in others],
+                    memory=cfg.memory, device=cfg.device, precision=cfg.precision,
+                    baseline_draws=cfg.baseline_draws, seed=cfg.seed,
+                    keep_covariance=cfg.keep_covariance, scheduler=cfg.scheduler or None,
+                    force=force, progress=progress)
+                echo(f"  {reduce_mod.summary_line(res)}")
+
+        def do_universal():
+            universal_mod.universal(
+                run_dir, reference=None if cfg.all_references else ref,
+                thresholds=tuple(cfg.thresholds), definition=cfg.definition,
+                all_references=cfg.all_references, seed=cfg.seed, progress=progress)
+            doc = json.loads((run_dir / "universal" / "table1.json").read_text())
+            echo(universal_mod.format_table1(doc))
+
+        def do_persistence():
+            if len(cfg.checkpoint_list()) < 2:
+                echo("  fewer than two checkpoints: persistence not applicable; skipped")
+                return
+            res = persistence_mod.persistence(run_dir, progress=progress)
+            echo(f"  {res['json']}")
+
+        def do_ablate():
+            out = ablate_mod.ablate(
+                run_dir, reference=None if cfg.all_references else ref,
+                thresholds=list(cfg.thresholds),
+                control_draws=cfg.control_draws, mode=cfg.ablate_mode,
+                all_non_universal=cfg.all_non_universal, layerwise=cfg.layerwise,
+                batch_size=cfg.ablate_batch_size or None, device=cfg.device,
+                progress=progress, seed=cfg.seed)
+            echo(f"  {getattr(out, 'csv', out)}")
+
+        def do_report():
+            paths = report_mod.report(run_dir, zoo_json=cfg.zoo_json or None,
+                                      progress=progress)
+            timings["report_paths"] = {k: str(v) for k, v in paths.items()}
+
+        step("tokens", do_tokens)
+        step("extract", do_extract)
+        step("reduce", do_reduce)
+        step("universal", do_universal)
+        step("persistence", do_persistence)
+        step("ablate", do_ablate)
+        step("report", do_report)
+        write_json_atomic(run_dir / "run_timings.json", timings)
+    return timings
+
+
+# ----------------------------------------------------------------------------- dry run
+
+def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80.0,
+            disk_gbps: float = 2.0, echo=print) -> dict:
+    """The plan of the whole study, offline: disk, RAM, FLOPs and time, step by step.
+
+    Times here use GEMM and forward rates measured now on this machine; GPU times use
+    `gpu_tflops` (dense bf16, an H100 SXM is ~990 nominal, ~400-600 sustained) and
+    `disk_gbps` for reading the stores.
+    """
+    from .models import parse_model_spec
+    from .plan import PairShape, describe, make_plan, measure_gemm_rate
+    shapes = _model_shapes(cfg)
+    n_models, n_ck = len(cfg.models), len(cfg.checkpoint_list())
+    n_layers, d_mlp, n_params = shapes
+    n_neurons = n_layers * d_mlp
+    store_bytes = cfg.n_tokens * n_neurons * 2
+    fwd_flops = 2.0 * n_params * cfg.n_tokens * cfg.window / max(cfg.window - 1, 1)
+    gemm = measure_gemm_rate("cpu", cfg.precision if cfg.precision != "fp64" else "fp32")
+    fwd_rate = _measure_forward_rate(shapes)
+    out = {"stores": n_models * n_ck, "store_bytes": store_bytes,
+           "disk_bytes": store_bytes * n_models * n_ck, "gemm_flops_per_s_here": gemm,
+           "forward_tokens_per_s_here": fwd_rate}
+    echo(f"study: {n_models} models x {n_ck} checkpoint(s) x {cfg.n_tokens:,} tokens x "
+         f"{n_neurons:,} neurons ({n_layers} layers x {d_mlp})")
+    echo(f"[tokens]  {cfg.n_tokens + cfg.n_eval_tokens:,} positions from {cfg.source}")
+    hub = [m for m in cfg.models if parse_model_spec(m).repo_id]
+    if hub:
+        echo(f"  downloads: {len(hub) * n_ck} hub checkpoints of ~{n_params * 4 / 1e9:.2f} GB "
+             f"each = {human_bytes(len(hub) * n_ck * n_params * 4)} in the HF cache")
+    t_fwd = cfg.n_tokens / fwd_rate
+    echo(f"[extract] {n_models * n_ck} stores of {human_bytes(store_bytes)} = "
+         f"{human_bytes(out['disk_bytes'])} on disk (fp16); forward {fwd_flops:.3g} FLOP each; "
+         f"here ~{_hms(t_fwd * n_models * n_ck)} at {fwd_rate:,.0f} tok/s; "
+         f"GPU ~{_hms(n_models * n_ck * max(fwd_flops / (gpu_tflops * 1e12 * 0.3), store_bytes / (disk_gbps * 1e9)))}"
+         " (disk-bound)")
+    pairs = [PairShape(o, n_neurons, d_mlp) for o in cfg.models[1:]]
+    plan = make_plan(cfg.n_tokens, n_neurons, pairs, memory=cfg.memory, device="cpu",
+                     precision=cfg.precision, store_chunk_rows=64,
+                     baseline_draws=cfg.baseline_draws)
+    echo(f"[reduce]  per checkpoint ({n_ck} in all):")
+    echo("  " + describe(plan, gemm).replace("\n", "\n  "))
+    gpu_plan = make_plan(cfg.n_tokens, n_neurons, pairs, memory=f"{gpu_mem_gb}GB",
+                         device="cuda", precision="bf16", store_chunk_rows=64,
+                         baseline_draws=cfg.baseline_draws)
+    t_gpu = max(gpu_plan.flops / (gpu_tflops * 1e12), gpu_plan.bytes_read / (disk_gbps * 1e9))
+    out.update(reduce_flops=plan.flops * n_ck, reduce_peak_bytes=plan.peak_bytes,
+               reduce_seconds_here=plan.flops * n_ck / gemm, reduce_seconds_gpu=t_gpu * n_ck)
+    echo(f"  all checkpoints: {plan.flops * n_ck:.3g} FLOP, here ~{_hms(out['reduce_seconds_here'])}"
+         f"; on a {gpu_mem_gb:.0f} GB GPU ~{_hms(t_gpu * n_ck)} "
+         f"({len(gpu_plan.groups)} pass(es), {human_bytes(gpu_plan.bytes_read)} read at "
+         f"{disk_gbps} GB/s, {gpu_tflops:.0f} TFLOP/s bf16)")
+    n_sets = (len(cfg.models) - 1) * len(cfg.thresholds) * (1 + cfg.control_draws) \
+        * (1 + (n_layers if cfg.layerwise else 0))
+    abl_tokens = n_sets * cfg.n_eval_tokens * n_ck
+    echo(f"[ablate]  {n_sets} ablation sets per checkpoint x {cfg.n_eval_tokens:,} eval tokens:"
+         f" here ~{_hms(abl_tokens / fwd_rate)}")
+    echo(f"[universal, persistence, report] seconds; read only the reduced statistics")
+    echo(f"peak RAM per process: reduce {human_bytes(plan.peak_bytes)} "
+         f"(budget {cfg.memory}); extract within --memory")
+    return out
+
+
+def _model_shapes(cfg: RunConfig):
+    """(n_layers, d_mlp, n_params) of the first model, from its config only (offline)."""
+    from .models import parse_model_spec
+    spec = parse_model_spec(cfg.spec(cfg.models[0], cfg.checkpoint_list()[0]))
+    if spec.repo_id and spec.repo_id.startswith("stanford-crfm/"):
+        return 12, 3072, 124_000_000  # GPT-2 small (config known; no download needed)
+    from transformers import AutoConfig
+    try:
+        c = AutoConfig.from_pretrained(spec.local_dir or spec.repo_id, revision=spec.revision)
+    except Exception as exc:
+        raise OocError(f"cannot read the config of {spec.label} offline ({exc}); "
+                       "pre-download it or point at a local directory") from None
+    d_mlp = c.n_inner or 4 * c.n_embd
+    n_params = c.vocab_size * c.n_embd + c.n_layer * (12 * c.n_embd ** 2)
+    return c.n_layer, d_mlp, n_params
+
+
+def _measure_forward_rate(shapes, seconds=1.0) -> float:
+    """Tokens/s of a randomly initialised GPT-2 of these shapes (no download): the
+    forward cost does not depend on the weights."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+    n_layers, d_mlp, _ = shapes
+    n_embd = d_mlp // 4
+    cfg = GPT2Config(n_layer=n_layers, n_embd=n_embd, n_head=max(1, n_embd // 64),
+                     n_inner=d_mlp, vocab_size=1024, n_positions=128, bos_token_id=0,
+                     eos_token_id=0)
+    model = GPT2Model(cfg).eval()
+    ids = torch.randint(0, 1024, (4, 128))
+    with torch.no_grad():
+        model(ids)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model(ids)
+            n += ids.numel()
+    return n / (time.perf_counter() - t0)
+
+
+def _hms(secs: float) -> str:
+    from .plan import _hms as f
+    return f(secs)

@@ -48,7 +48,7 @@ def _timed(fn, repeat):
     return best
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--d-model", type=int, default=128)
@@ -61,7 +61,20 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    out = run(argv)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if out["args"]["out"]:
+        Path(out["args"]["out"]).write_text(text + "\n")
+
+
+def run(argv=None) -> dict:
+    """Measure; return the result document (nothing printed)."""
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
 
@@ -129,11 +142,9 @@ def main(argv=None):
         toolkit_over_naive=tool_ps / naive_ps,
         seconds=dict(plain=t_plain, toolkit=t_tool, naive=t_naive),
         note="pass = one batch of windows; toolkit and naive include float64 KL and CE; "
-             "toolkit time includes its one original pass per batch")
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+             "toolkit time includes its one original pass per batch",
+        args=vars(args))
+    return out
 
 
 if __name__ == "__main__":

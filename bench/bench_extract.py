@@ -1,6 +1,7 @@
 """Extract throughput vs a bare forward pass of the same model, and peak RSS vs --memory.
 
     python bench/bench_extract.py [--out FILE] [--layers 4 --d-model 256 --windows 160 ...]
+                                  [--device cpu|cuda]
 
 Builds a GPT-2 model with the stanford-crfm flags (random weights, byte vocabulary) and a
 byte token set in a temporary run directory, then alternates, each in a fresh process:
@@ -10,6 +11,7 @@ byte token set in a temporary run directory, then alternates, each in a fresh pr
             writes + fsync, ledger);
 each `--repeats` times, and reports the best valid tokens/s of each, their ratio, and
 extract's peak RSS against --memory. JSON to stdout (or --out). Default run under a minute.
+In-process: run(argv) -> dict (the children are still separate processes).
 """
 from __future__ import annotations
 
@@ -51,35 +53,45 @@ def build_tokens(run_dir: Path, n_windows: int, window: int, seed: int) -> None:
     tokens.save_token_set(ts, run_dir)
 
 
-def child_forward(run_dir: str, model_dir: str, batch: int, threads: int) -> dict:
+def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
+                  device: str = "cpu") -> dict:
     """The ceiling: model.transformer on the same batches, no hooks, no writes."""
     import numpy as np
     import torch
     from ooc_universal import models, tokens
     torch.set_num_threads(threads)
     ts = tokens.load_token_set(run_dir)
-    loaded = models.load_model(model_dir, "cpu", torch.float32)
+    loaded = models.load_model(model_dir, device, torch.float32)
     base = loaded.model.transformer
     n_windows = ts.input_ids.shape[0]
+    cuda = device.startswith("cuda")
+    if cuda:  # warm-up (context, kernels), as extract's first batch pays it too
+        with torch.inference_mode():
+            base(input_ids=torch.from_numpy(np.ascontiguousarray(ts.input_ids[:batch]))
+                 .long().to(device), use_cache=False)
+        torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for w0 in range(0, n_windows, batch):
             ids = torch.from_numpy(np.ascontiguousarray(ts.input_ids[w0:w0 + batch])).long()
-            base(input_ids=ids, use_cache=False)
+            base(input_ids=ids.to(device), use_cache=False)
+    if cuda:
+        torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": int(ts.n_tokens),
             "tokens_per_s": ts.n_tokens / seconds,
             "tokens_per_cpu_s": ts.n_tokens / cpu_seconds}
 
 
-def child_extract(run_dir: str, model_dir: str, memory: str, threads: int) -> dict:
+def child_extract(run_dir: str, model_dir: str, memory: str, threads: int,
+                  device: str = "cpu") -> dict:
     import torch
     from ooc_universal.extract import extract
     torch.set_num_threads(threads)
     stores = Path(run_dir) / "stores"
     shutil.rmtree(stores, ignore_errors=True)
     stats = {}
-    extract(run_dir, model_dir, device="cpu", memory=memory, progress=False, stats=stats)
+    extract(run_dir, model_dir, device=device, memory=memory, progress=False, stats=stats)
     out = {k: stats[k] for k in ("seconds", "cpu_seconds", "tokens_written", "tokens_per_s",
                                  "batch_size", "block_tokens", "blocks_total",
                                  "peak_rss_bytes", "memory_bytes")}
@@ -94,7 +106,7 @@ def run_child(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
@@ -104,19 +116,37 @@ def main() -> None:
     ap.add_argument("--memory", default="1GB", help="extract's --memory")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                    help="where both the forward pass and extract run")
     ap.add_argument("--workdir", default=None, help="where the run goes (default: a temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON here too")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
     if a.child:
         kind, *rest = a.child
         if kind == "forward":
-            res = child_forward(rest[0], rest[1], int(rest[2]), int(rest[3]))
+            res = child_forward(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
         else:
-            res = child_extract(rest[0], rest[1], rest[2], int(rest[3]))
+            res = child_extract(rest[0], rest[1], rest[2], int(rest[3]), rest[4])
         print(json.dumps(res))
         return
+    result = run(argv)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
 
+
+def run(argv=None) -> dict:
+    """Measure; return the result document (nothing printed)."""
+    a = build_parser().parse_args(argv)
+    if a.device == "auto":
+        import torch
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-extract-"))
     t_start = time.perf_counter()
     try:
@@ -125,8 +155,9 @@ def main() -> None:
         build_tokens(run_dir, a.windows, a.window, seed=0)
         ex, fw = [], []
         for _ in range(a.repeats):
-            ex.append(run_child("extract", run_dir, model_dir, a.memory, a.threads))
-            fw.append(run_child("forward", run_dir, model_dir, ex[-1]["batch_size"], a.threads))
+            ex.append(run_child("extract", run_dir, model_dir, a.memory, a.threads, a.device))
+            fw.append(run_child("forward", run_dir, model_dir, ex[-1]["batch_size"], a.threads,
+                                a.device))
         best_ex = max(ex, key=lambda r: r["tokens_per_s"])
         best_fw = max(fw, key=lambda r: r["tokens_per_s"])
         store_bytes = sum(p.stat().st_size for p in (run_dir / "stores").glob("*.h5"))
@@ -134,6 +165,7 @@ def main() -> None:
             "bench": "extract",
             "machine": {"cpu": platform.processor() or platform.machine(),
                         "cores": os.cpu_count(), "torch_threads": a.threads},
+            "device": a.device,
             "model": {"layers": a.layers, "d_model": a.d_model, "d_mlp": 4 * a.d_model,
                       "heads": a.heads, "window": a.window, "dtype": "float32"},
             "tokens": best_ex["tokens_written"],
@@ -161,10 +193,7 @@ def main() -> None:
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    return result
 
 
 if __name__ == "__main__":

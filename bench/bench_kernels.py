@@ -7,9 +7,11 @@
     array; rate = c.nbytes / time for both (the copy also writes, the kernel only reads).
 (c) accuracy: max |rho - rho_fp64| of one block for fp32 and bf16 on correlated data.
 
-    python bench/bench_kernels.py [--n 4096 --na 2048 --nb 2048] [--out result.json]
+    python bench/bench_kernels.py [--n 4096 --na 2048 --nb 2048] [--device cpu|cuda]
+                                  [--out result.json]
 
-Prints one JSON document (also written to --out).
+Prints one JSON document (also written to --out). On CUDA, (b) times the torch tile_max
+against a torch copy_ on the device (numba is CPU only). In-process: run(argv) -> dict.
 """
 from __future__ import annotations
 
@@ -27,15 +29,22 @@ from ooc_universal.kernels import comoments as cm
 from ooc_universal.kernels import tilemax as tm
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
+def _sync(device="cpu"):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, device="cpu") -> dict:
     """Median seconds of each callable, timed round-robin so drift hits all alike."""
     for f in fns.values():
         f()  # warm-up (allocations, numba compile, oneDNN kernels)
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            _sync(device)
             t0 = time.perf_counter()
             f()
+            _sync(device)
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -49,14 +58,14 @@ def correlated(n, na, nb, seed=0):
     return x.half(), y.half()
 
 
-def bench_comoments(n, na, nb, repeats):
-    x16, y16 = correlated(n, na, nb)
+def bench_comoments(n, na, nb, repeats, device="cpu"):
+    x16, y16 = (t.to(device) for t in correlated(n, na, nb))
     flops = 2.0 * n * na * nb
     rows = []
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = x16.to(dt), y16.to(dt)
         ws = {}
-        acc = cm.empty_comoments(na, nb, dt)
+        acc = cm.empty_comoments(na, nb, dt, device=device)
         fns = {
             "matmul": lambda: torch.matmul(a.T, b),
             "comoment_chunk": lambda: cm.comoment_chunk(x16, y16, dt),
@@ -67,7 +76,7 @@ def bench_comoments(n, na, nb, repeats):
                 cm.centre_block(x16, dt, workspace=ws, role="x"),
                 cm.centre_block(y16, dt, workspace=ws, role="y")),
         }
-        t = interleaved(fns, repeats)
+        t = interleaved(fns, repeats, device)
         for k, s in t.items():
             rows.append({"precision": name, "kernel": k, "median_s": s,
                          "gflops": flops / s / 1e9 if "centring" not in k else None,
@@ -76,8 +85,9 @@ def bench_comoments(n, na, nb, repeats):
     return rows
 
 
-def bench_accuracy(n, na, nb):
+def bench_accuracy(n, na, nb, device="cpu"):
     x16, y16 = correlated(min(n, 4096), min(na, 1024), min(nb, 1024), seed=1)
+    x16, y16 = x16.to(device), y16.to(device)
     ref = cm.comoment_chunk(x16, y16, torch.float64)
     rho_ref = cm.correlation_from_comoments(ref["c"], ref["m2_x"], ref["m2_y"])
     out = {"shape": list(x16.shape) + [y16.shape[1]],
@@ -86,7 +96,7 @@ def bench_accuracy(n, na, nb):
         s = cm.comoment_chunk(x16, y16, dt)
         err = (cm.correlation_from_comoments(s["c"], s["m2_x"], s["m2_y"]) - rho_ref).abs()
         out[f"{name}_max_abs_err_one_block"] = float(err.max())
-        acc = cm.empty_comoments(x16.shape[1], y16.shape[1], dt)
+        acc = cm.empty_comoments(x16.shape[1], y16.shape[1], dt, device=device)
         for i in range(0, x16.shape[0], 512):
             cm.comoment_update_(acc, x16[i:i + 512], y16[i:i + 512], dt)
         err = (cm.correlation_from_comoments(acc["c"], acc["m2_x"], acc["m2_y"]) - rho_ref).abs()
@@ -94,21 +104,29 @@ def bench_accuracy(n, na, nb):
     return out
 
 
-def bench_tile_max(rows, cols, repeats):
+def bench_tile_max(rows, cols, repeats, device="cpu"):
     rng = np.random.default_rng(0)
     c = rng.standard_normal((rows, cols)).astype(np.float32)
     m2x, m2y = rng.uniform(0.5, 2, rows), rng.uniform(0.5, 2, cols)
     dst = np.empty_like(c)
     ct, xt, yt = torch.from_numpy(c), torch.from_numpy(m2x), torch.from_numpy(m2y)
-    t = interleaved({"np.copyto": lambda: np.copyto(dst, c),
-                     "tile_max (numba)": lambda: tm.tile_max(c, m2x, m2y),
-                     "tile_max (torch, cpu)": lambda: tm.tile_max(ct, xt, yt)}, repeats)
+    if str(device).startswith("cuda"):  # the reduce's device path: torch kernels on the GPU
+        ct, xt, yt = ct.to(device), xt.to(device), yt.to(device)
+        dt_ = torch.empty_like(ct)
+        fns = {"copy_ (torch, cuda)": lambda: dt_.copy_(ct),
+               "tile_max (torch, cuda)": lambda: tm.tile_max(ct, xt, yt)}
+    else:
+        fns = {"np.copyto": lambda: np.copyto(dst, c),
+               "tile_max (numba)": lambda: tm.tile_max(c, m2x, m2y),
+               "tile_max (torch, cpu)": lambda: tm.tile_max(ct, xt, yt)}
+    t = interleaved(fns, repeats, device)
+    copy = next(iter(t))  # the first entry is the memory copy
     return [{"kernel": k, "median_s": s, "gbytes_per_s": c.nbytes / s / 1e9,
-             "ratio_to_copy": t["np.copyto"] / s,
+             "ratio_to_copy": t[copy] / s,
              "goal": None} for k, s in t.items()] + [{"shape": [rows, cols], "dtype": "float32"}]
 
 
-def main():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096, help="tokens per block")
     p.add_argument("--na", type=int, default=2048, help="neurons of the reference tile")
@@ -117,8 +135,17 @@ def main():
     p.add_argument("--tile-cols", type=int, default=4096, help="tile_max tile columns")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
+                   help="where the kernels run (auto: cuda when available)")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args()
+    return p
+
+
+def run(argv=None) -> dict:
+    """Measure; return the result document (nothing printed)."""
+    args = build_parser().parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         import numba
         torch.set_num_threads(args.threads)
@@ -130,11 +157,18 @@ def main():
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "numba_threads": numba.get_num_threads()},
         "args": vars(args),
-        "comoment": bench_comoments(args.n, args.na, args.nb, args.repeats),
-        "tile_max": bench_tile_max(args.tile_rows, args.tile_cols, args.repeats),
-        "accuracy": bench_accuracy(args.n, args.na, args.nb),
+        "device": args.device,
+        "comoment": bench_comoments(args.n, args.na, args.nb, args.repeats, args.device),
+        "tile_max": bench_tile_max(args.tile_rows, args.tile_cols, args.repeats, args.device),
+        "accuracy": bench_accuracy(args.n, args.na, args.nb, args.device),
     }
     result["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
+    return result
+
+
+def main(argv=None):
+    result = run(argv)
+    args = argparse.Namespace(**result["args"])
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -5,6 +5,8 @@ the tools a user would pick instead (JSON out).
         [--tokens N --layers L --d-mlp D] [--device cpu|cuda] [--memory 2GB]
         [--no-scaling] [--inprocess | --subprocess] [--out FILE] [--quiet]
 
+In-process: run(argv) -> dict.
+
 Builds two fp16 activation stores (reference + one other model) with planted
 correlations in a temporary run directory, then measures, each in the same run:
   ours        ooc_universal.reduce.reduce, fp32 and bf16: useful FLOP/s (plan.flops: the
@@ -1076,6 +1078,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     return ap
+
+
+def run(argv=None) -> dict:
+    """Measure; return the result document (progress on stderr unless --quiet)."""
+    a = build_parser().parse_args(argv)
+    return run_bench(config_from_args(a), workdir=a.workdir, quiet=a.quiet)
 
 
 def main(argv=None) -> dict | None:

@@ -1,0 +1,142 @@
+"""`ooc-universal bench`: the suite in its tiniest mode, its JSON, Markdown and README block."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ooc_universal.bench import suite
+from ooc_universal.cli.main import main
+from ooc_universal.errors import OocError
+
+README = """# Project
+
+Intro text.
+
+## Performance
+
+Run `ooc-universal bench`.
+
+<!-- bench:begin -->
+old table
+<!-- bench:end -->
+
+## After
+The end.
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One `bench --tiny` run (all parts) that also rewrites a README's bench block."""
+    tmp = tmp_path_factory.mktemp("bench")
+    readme = tmp / "README.md"
+    readme.write_text(README)
+    out = tmp / "results"
+    main(["bench", "--tiny", "--device", "cpu", "--out", str(out), "--machine", "test-box",
+          "--quiet", "--update-readme", "--readme", str(readme)])
+    doc = json.loads((out / "test-box.json").read_text())
+    return doc, (out / "test-box.md").read_text(), readme.read_text()
+
+
+def test_json_has_every_part_and_the_provenance(tiny_run):
+    doc, _, _ = tiny_run
+    for key in ("bench", "toolkit_version", "timestamp", "machine", "config", "parts",
+                "figures", "projection", "wall_s"):
+        assert key in doc, key
+    assert set(doc["parts"]) == set(suite.PARTS)
+    assert doc["machine"]["name"] == "test-box"
+    assert doc["machine"]["slug"].startswith("cpu-")
+    assert doc["config"]["size"] == "tiny"
+    assert "--tiny" in doc["config"]["argv"]
+    red = doc["parts"]["reduce"]
+    for key in ("ours", "accuracy", "alternatives", "scaling", "read_path", "figures"):
+        assert key in red, key
+    assert set(red["alternatives"]) == {"original", "dask", "corrcoef"}
+    assert {"comoment", "tile_max", "accuracy"} <= set(doc["parts"]["kernels"])
+    assert doc["parts"]["extract"]["fraction_of_forward"] > 0
+
+
+def test_ratios_are_finite_and_positive(tiny_run):
+    doc, _, _ = tiny_run
+    parts = {r["part"] for r in doc["figures"]}
+    assert parts == set(suite.PARTS)
+    ratios = [r["ratio"] for r in doc["figures"] if r["ratio"] is not None]
+    assert len(ratios) >= 30
+    for r in doc["figures"]:
+        if r["ratio"] is not None:
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+        if r["goal"] is not None and r["ratio"] is not None:
+            assert isinstance(r["met"], bool), r
+    red = doc["parts"]["reduce"]
+    for prec in ("fp32", "bf16"):
+        assert 0 < red["ours"][prec]["fraction_of_peak"] < math.inf
+    for name, alt in red["alternatives"].items():
+        assert alt["speedup_ours_fp32"] > 0 and alt["speedup_ours_bf16"] > 0, name
+
+
+def test_alternatives_agree_with_ours(tiny_run):
+    """The row max correlations of (a), (b), (c) and float64 match ours in fp32."""
+    red = tiny_run[0]["parts"]["reduce"]
+    for name, alt in red["alternatives"].items():
+        assert alt["agreement_row_max"] < 1e-3, name
+        assert alt["agreement_baseline"] < 1e-3, name
+    assert red["accuracy"]["fp32_vs_float64_row_max"] < 1e-3
+    assert red["accuracy"]["bf16_vs_fp32_row_max"] < 1e-2
+    assert red["scaling"]["memory_halved"]["max_diff_row_max"] < 1e-3
+
+
+def test_projection_from_measured_rates(tiny_run):
+    proj = tiny_run[0]["projection"]
+    assert proj["disk_gbps"] == 2.0
+    assert set(proj["stages"]) == {"extract", "reduce_fp32", "reduce_bf16"}
+    for s in proj["stages"].values():
+        assert s["seconds"] == max(s["compute_s"], s["disk_s"]) > 0
+    # 15 stores of 5e6 x 36,864 fp16 at 2 GB/s
+    assert proj["stages"]["extract"]["disk_s"] == pytest.approx(15 * 5e6 * 36864 * 2 / 2e9)
+    assert proj["total_fp32_s"] > proj["stages"]["reduce_fp32"]["seconds"]
+
+
+def test_markdown_table_and_readme_block(tiny_run):
+    doc, md, readme = tiny_run
+    header = "| part | figure | value | baseline | ratio | goal | met |"
+    assert header in md
+    figures_part = md.partition("Projection")[0]
+    table = [l for l in figures_part.splitlines() if l.startswith("| ") and " | " in l]
+    rows = [l for l in table if l.split(" | ")[0][2:] in suite.PARTS]
+    assert len(rows) == len(doc["figures"])
+    assert any("| met |" in l or "| missed |" in l for l in rows)
+    assert "Projection" in md and "| stage | work |" in md
+    assert "`--tiny`" in md
+    # README: the block between the markers is replaced, the rest untouched
+    assert "old table" not in readme
+    assert header in readme
+    head, _, rest = readme.partition("<!-- bench:begin -->")
+    assert head == README.partition("<!-- bench:begin -->")[0]
+    assert rest.endswith("<!-- bench:end -->\n\n## After\nThe end.\n")
+
+
+def test_inputs_are_checked(tmp_path):
+    assert suite.parse_parts(None) == suite.PARTS
+    assert suite.parse_parts("reduce, kernels") == ("kernels", "reduce")
+    with pytest.raises(OocError, match="unknown part"):
+        suite.parse_parts("kernels,gpu")
+    no_markers = tmp_path / "README.md"
+    no_markers.write_text("# no markers\n")
+    with pytest.raises(OocError, match="bench:begin"):
+        suite.update_readme(no_markers, {})
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--only", "nope", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_machine_slug():
+    assert suite.machine_slug("cpu", "Intel(R) Xeon(R) Platinum 8488C", 2) == \
+        "cpu-2c-xeon-8488c"
+    assert suite.machine_slug("cpu", "AMD EPYC 7763 64-Core Processor", 16) == \
+        "cpu-16c-epyc-7763"
+    assert suite.machine_slug("cpu", "Intel(R) Core(TM) i7-1165G7 @ 2.80GHz", 8) == \
+        "cpu-8c-i7-1165g7"
+    assert suite.machine_slug("cuda", "Intel(R) Xeon(R) Platinum 8480+", 16,
+                              "NVIDIA H100 80GB HBM3") == "cuda-h100-80gb-16c-xeon-8480"

@@ -136,7 +136,8 @@ def _local_spec(path: str, rev: str | None) -> ModelSpec:
                 f"(no directory {str(load_dir)!r}); "
                 f"available: {', '.join(have) if have else 'none'}")
     revision = load_dir.name if step is not None else None
-    return ModelSpec(name=str(root), repo_id=None, revision=revision, local_dir=str(load_dir),
+    # name: the directory's own name (tiny-a), as in the store label; the path is in model_id
+    return ModelSpec(name=root.name, repo_id=None, revision=revision, local_dir=str(load_dir),
                      step=step, label=_label(root.name, None, step))
 
 
@@ -276,6 +277,10 @@ def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True) -
         source, kw, commit = _hub_source(spec)
     config = AutoConfig.from_pretrained(source, **kw)
     d_mlp = _check_config(config, spec)
+    # transformers 5 draws a "Loading weights" bar per model; a run loads dozens of
+    # checkpoints, and the step's own bar already says where it is.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except OSError as exc:

@@ -125,6 +125,13 @@ class ZooRecipe:
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
+    def model_hash(self) -> str:
+        """What one model's weights depend on: the recipe less n_models (model i of a
+        5-model zoo is model i of a 2-model zoo), so a zoo can be grown or assembled."""
+        d = self.to_json()
+        d.pop("n_models")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
 
 # Candidate recipes are measured by bench/zoo_search.py; "demo" is the shipped zoo.
 PRESETS = {
@@ -371,7 +378,7 @@ def train_model(recipe, index, model_dir: Path, corpus: Corpus, device, progress
         start = 0
         if state_path.exists():
             state = torch.load(state_path, map_location=device, weights_only=False)
-            if state.get("recipe_hash") != recipe.hash():
+            if state.get("recipe_hash") != recipe.model_hash():
                 raise StaleInputError(f"{state_path} was written by another recipe; delete "
                                       f"{model_dir} or use another --out")
             model.load_state_dict(state["model"])
@@ -421,20 +428,20 @@ def _checkpoint(model, opt, recipe, step, model_dir, evals, device, log, train_l
     state_path = model_dir / "train_state.pt"
     tmp = state_path.with_name(state_path.name + f".tmp-{os.getpid()}")
     torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "recipe_hash": recipe.hash()}, tmp)
+                "recipe_hash": recipe.model_hash()}, tmp)
     os.replace(tmp, state_path)
     write_json_atomic(model_dir / "train_log.json", log)
 
 
 def _read_log(log_path: Path, recipe, seed, model_dir) -> dict:
-    fresh = {"recipe_hash": recipe.hash(), "seed": seed, "name": model_dir.name,
+    fresh = {"recipe_hash": recipe.model_hash(), "seed": seed, "name": model_dir.name,
              "checkpoints": {}}
     if not log_path.exists():
         return fresh
     log = json.loads(log_path.read_text())
-    if log.get("recipe_hash") != recipe.hash():
+    if log.get("recipe_hash") != recipe.model_hash():
         raise StaleInputError(f"{model_dir} holds a model of another recipe "
-                              f"({log.get('recipe_hash')} != {recipe.hash()}); delete it or "
+                              f"({log.get('recipe_hash')} != {recipe.model_hash()}); delete it or "
                               "use another --out")
     return log
 

@@ -55,10 +55,10 @@ def test_parse_local_dirs(tmp_path, monkeypatch):
     (root / "checkpoint-1000").mkdir()
     s = parse_model_spec(str(root))
     assert (s.name, s.local_dir, s.repo_id, s.step, s.label) == (
-        str(root), str(root), None, None, "m1")
+        "m1", str(root), None, None, "m1")
     s = parse_model_spec(f"{root}@500")
     assert (s.name, s.local_dir, s.step, s.revision, s.label) == (
-        str(root), str(root / "checkpoint-500"), 500, "checkpoint-500", "m1@500")
+        "m1", str(root / "checkpoint-500"), 500, "checkpoint-500", "m1@500")
     # the checkpoint folder itself names the same model and step
     assert parse_model_spec(str(root / "checkpoint-500")) == s
     monkeypatch.chdir(tmp_path)  # relative paths become absolute

@@ -125,6 +125,28 @@ def test_other_recipe_in_same_dir_is_refused(trained):
         zoo.train_zoo(dataclasses.replace(TINY, lr=1e-3), out, device="cpu", progress=False)
 
 
+def test_growing_a_zoo_trains_only_the_new_model(trained, tmp_path):
+    """Model i depends on the recipe less n_models: a 3-model zoo reuses a 2-model zoo's
+    models untouched and its third model is what a fresh 3-model zoo trains."""
+    out, _ = trained
+    grown = tmp_path / "grown"
+    import shutil
+    shutil.copytree(out, grown)
+    (grown / "zoo.json").unlink()
+    stamp = {p: p.stat().st_mtime_ns for p in grown.rglob("model.safetensors")}
+    three = dataclasses.replace(TINY, n_models=3)
+    zoo.train_zoo(three, grown, device="cpu", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    info = json.loads((grown / "zoo.json").read_text())
+    assert [m["name"] for m in info["models"]] == ["tiny-a", "tiny-b", "tiny-c"]
+    fresh = tmp_path / "fresh"
+    zoo.train_zoo(three, fresh, device="cpu", progress=False, model_indices=[2])
+    a, b = _weights(grown / "tiny-c" / "checkpoint-30"), _weights(fresh / "tiny-c" / "checkpoint-30")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["transformer.h.0.mlp.c_fc.weight"],
+                           _weights(grown / "tiny-b" / "checkpoint-30")["transformer.h.0.mlp.c_fc.weight"])
+
+
 def test_stdlib_order_and_disjoint_heldout_split():
     root = Path(sysconfig.get_paths()["stdlib"])
     files = zoo.stdlib_files(root)

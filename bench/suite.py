@@ -468,9 +468,10 @@ def format_projection(proj: dict) -> str:
              f"({proj['device']}): {P['models']} models x {P['checkpoints']} checkpoints x "
              f"{P['n_tokens']:,} tokens x {P['n_layers'] * P['d_mlp']:,} neurons; "
              f"{P['extracts']} extracts, {P['cross_pairs']} cross pairs; disk "
-             f"{proj['disk_gbps']:g} GB/s (`--disk-gbps`).", "",
-             "| stage | work | measured rate | compute | disk | projected |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"{proj['disk_gbps']:g} GB/s (`--disk-gbps`).", ""]
+    if proj["stages"]:
+        lines += ["| stage | work | measured rate | compute | disk | projected |",
+                  "| --- | --- | --- | --- | --- | --- |"]
     for name, s in proj["stages"].items():
         if "error" in s:
             lines.append(f"| {name} | not planned: {s['error']} | | | | |")
@@ -481,7 +482,7 @@ def format_projection(proj: dict) -> str:
         if f"total_{prec}_s" in proj:
             lines.append(f"| **total ({prec} reduce)** | extract + reduce | | | | "
                          f"**{_hms(proj[f'total_{prec}_s'])}** |")
-    lines += [""] + [f"- {n}" for n in proj["notes"]]
+    lines += ([""] if proj["stages"] else []) + [f"- {n}" for n in proj["notes"]]
     return "\n".join(lines)
 
 
@@ -503,11 +504,29 @@ def format_markdown(doc: dict, heading: str = "#") -> str:
         f"Every ratio is against a baseline measured in the same run on the same data; "
         f"goals are printed, not asserted.", "",
         f"Command: `ooc-universal bench {' '.join(c['argv'])}`".rstrip(), "",
+        *[f"{w}\n" for w in warnings_of(doc)],
         format_table(doc["figures"]), "",
         f"{heading}# Projection", "",
         format_projection(doc["projection"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def warnings_of(doc: dict) -> list:
+    """Lines that say when the figures are not representative (small run, busy machine)."""
+    m, size = doc["machine"], doc["config"]["size"]
+    out = []
+    if size != "default":
+        out.append(f"**Not representative:** a `--{size}` run with small shapes, where fixed "
+                   "overheads dominate; run `ooc-universal bench --update-readme` (the "
+                   "default sizes) on a quiet machine for figures to rely on.")
+    loads = [v for v in (m.get("load_average_start"), m.get("load_average_end")) if v]
+    busy = max((v[0] for v in loads), default=0.0)
+    if busy > 0.5 * (m.get("cores") or 1):
+        out.append(f"**Busy machine:** 1-minute load average up to {busy:g} on "
+                   f"{m.get('cores')} cores during the run (other jobs): timings and "
+                   "ratios are unreliable.")
+    return out
 
 
 def _load_text(v) -> str:
@@ -537,6 +556,18 @@ def write_results(doc: dict, out_dir) -> tuple:
     jpath.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     mpath.write_text(format_markdown(doc))
     return jpath, mpath
+
+
+def load_results(path) -> dict:
+    """A results JSON written by write_results."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OocError(f"cannot read bench results {path}: {exc}") from None
+    if doc.get("bench") != "suite":
+        raise OocError(f"{path} is not a results file of `ooc-universal bench` "
+                       "(no \"bench\": \"suite\")")
+    return doc
 
 
 def update_readme(readme, doc: dict) -> Path:

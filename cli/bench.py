@@ -34,9 +34,12 @@ from click.core import ParameterSource
               help="Rewrite the table between the bench markers of README.md.")
 @click.option("--readme", default=None, type=click.Path(dir_okay=False, exists=True),
               help="README to update with --update-readme [the checkout's README.md].")
+@click.option("--from-json", "from_json", default=None,
+              type=click.Path(dir_okay=False, exists=True),
+              help="Measure nothing: re-render the tables (and README) from a results JSON.")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, threads, out_dir,
-          machine, update_readme, readme, quiet):
+          machine, update_readme, readme, from_json, quiet):
     """Benchmark kernels, reduce, extract and ablate against their baselines.
 
     Every figure is a ratio against a baseline measured in the same run on the same
@@ -48,6 +51,15 @@ def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, thr
     from ooc_universal.bench import suite
     from ooc_universal.plan import parse_bytes
 
+    if from_json:
+        doc = suite.load_results(from_json)
+        out = suite.write_results(doc, out_dir) if out_dir else ()
+        click.echo(suite.format_markdown(doc))
+        for path in out:
+            click.echo(f"wrote {path}")
+        if update_readme:
+            click.echo(f"updated {suite.update_readme(readme or suite.default_readme(), doc)}")
+        return
     if quick and tiny:
         raise click.BadParameter("choose one of --quick and --tiny", param_hint="--quick")
     parse_bytes(memory)  # a bad size fails here, before minutes of work

@@ -37,11 +37,11 @@ def tiny_run(tmp_path_factory):
     main(["bench", "--tiny", "--device", "cpu", "--out", str(out), "--machine", "test-box",
           "--quiet", "--update-readme", "--readme", str(readme)])
     doc = json.loads((out / "test-box.json").read_text())
-    return doc, (out / "test-box.md").read_text(), readme.read_text()
+    return doc, (out / "test-box.md").read_text(), readme.read_text(), out / "test-box.json"
 
 
 def test_json_has_every_part_and_the_provenance(tiny_run):
-    doc, _, _ = tiny_run
+    doc = tiny_run[0]
     for key in ("bench", "toolkit_version", "timestamp", "machine", "config", "parts",
                 "figures", "projection", "wall_s"):
         assert key in doc, key
@@ -59,7 +59,7 @@ def test_json_has_every_part_and_the_provenance(tiny_run):
 
 
 def test_ratios_are_finite_and_positive(tiny_run):
-    doc, _, _ = tiny_run
+    doc = tiny_run[0]
     parts = {r["part"] for r in doc["figures"]}
     assert parts == set(suite.PARTS)
     ratios = [r["ratio"] for r in doc["figures"] if r["ratio"] is not None]
@@ -99,7 +99,7 @@ def test_projection_from_measured_rates(tiny_run):
 
 
 def test_markdown_table_and_readme_block(tiny_run):
-    doc, md, readme = tiny_run
+    doc, md, readme, _ = tiny_run
     header = "| part | figure | value | baseline | ratio | goal | met |"
     assert header in md
     figures_part = md.partition("Projection")[0]
@@ -108,7 +108,7 @@ def test_markdown_table_and_readme_block(tiny_run):
     assert len(rows) == len(doc["figures"])
     assert any("| met |" in l or "| missed |" in l for l in rows)
     assert "Projection" in md and "| stage | work |" in md
-    assert "`--tiny`" in md
+    assert "`--tiny`" in md and "Not representative" in md
     # README: the block between the markers is replaced, the rest untouched
     assert "old table" not in readme
     assert header in readme
@@ -140,3 +140,15 @@ def test_machine_slug():
         "cpu-8c-i7-1165g7"
     assert suite.machine_slug("cuda", "Intel(R) Xeon(R) Platinum 8480+", 16,
                               "NVIDIA H100 80GB HBM3") == "cuda-h100-80gb-16c-xeon-8480"
+
+
+def test_from_json_rerenders_without_measuring(tiny_run, tmp_path, capsys):
+    doc, md, _, json_path = tiny_run
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    main(["bench", "--from-json", str(json_path), "--out", str(tmp_path / "again"),
+          "--update-readme", "--readme", str(readme)])
+    assert (tmp_path / "again" / "test-box.md").read_text() == md
+    assert json.loads((tmp_path / "again" / "test-box.json").read_text()) == doc
+    assert "| part | figure |" in readme.read_text() and "old table" not in readme.read_text()
+    assert "| part | figure |" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The `ooc-universal` console script: a click group with one command per step."""
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -57,6 +58,10 @@ def _register():
 _register()
 
 
+def _one_line(text) -> str:
+    return "; ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
+
+
 def main(argv=None):
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
@@ -64,17 +69,32 @@ def main(argv=None):
         if isinstance(rv, int) and rv:
             sys.exit(rv)
     except OocError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("error: interrupted; run the same command again to resume", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, like every other error
+        where = exc.ctx.command_path if exc.ctx is not None else "ooc-universal"
+        click.echo(f"error: {_one_line(exc.format_message()).rstrip('.')}; see `{where} --help`",
+                   err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted; run the same command again to resume", err=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"error: disk full{where}: {exc.strerror}; free some space and run the "
+                   "same command again (finished work is kept)", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

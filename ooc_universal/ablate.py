@@ -47,7 +47,7 @@ import torch
 
 from . import __version__
 from .errors import OocError
-from .rundir import atomic_path, step_dir, write_json_atomic
+from .rundir import atomic_path, config_hash, step_dir, write_json_atomic
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
@@ -585,9 +585,12 @@ def ablate(run_dir, reference=None, thresholds=None, control_draws=5, mode="zero
                rows=[_json_row(r) for r in summary_rows])
     paths = (out_dir / "ablation.csv", out_dir / "ablation.json",
              out_dir / "ablation_draws.csv")
-    _write_csv(paths[2], DRAW_COLUMNS, draw_rows)
-    _write_csv(paths[0], SUMMARY_COLUMNS, summary_rows)
-    write_json_atomic(paths[1], doc)
+    record = {"step": "ablate", "token_hash": token_meta.get("hash"),
+              "config_hash": config_hash(config),
+              "inputs": {"universal/sets.json": inputs["sets_json_sha256"]}}
+    _write_csv(paths[2], DRAW_COLUMNS, draw_rows, record)
+    _write_csv(paths[0], SUMMARY_COLUMNS, summary_rows, record)
+    write_json_atomic(paths[1], doc, record)
     return AblateOutput(csv=paths[0], json=paths[1], draws_csv=paths[2], rows=summary_rows,
                         n_models=len(groups), n_resumed=n_resumed)
 
@@ -880,8 +883,8 @@ def _json_row(row) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
-def _write_csv(path, columns, rows) -> None:
-    with atomic_path(path) as tmp:
+def _write_csv(path, columns, rows, record: dict | None = None) -> None:
+    with atomic_path(path, record) as tmp:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(columns)

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import models, tokens
+from . import faults, models, tokens
 from .errors import OocError, StaleInputError
 from .plan import parse_bytes
-from .rundir import check_free_space, human_bytes, step_dir
+from .rundir import check_free_space, disk_full, human_bytes, is_disk_full, step_dir
 from .store import (DTYPE, PartialStore, StorePaths, check_store_matches, default_block_tokens,
-                    expected_store_bytes, identity_mismatch, parse_compression, store_lock)
+                    expected_store_bytes, identity_mismatch, parse_compression,
+                    remove_stale_temporaries, store_lock)
 
 DTYPES = ("float32", "bfloat16")
 # Tokens per forward beyond which throughput stops rising: on a CPU, bigger batches fall
@@ -70,6 +71,7 @@ def extract(run_dir, model_spec, *, batch_size: int | None = None, device: str =
     spec = models.parse_model_spec(model_spec)
     paths = StorePaths.of(stores, spec.label)
     with store_lock(paths):
+        remove_stale_temporaries(paths)
         if paths.final.exists():
             check_store_matches(paths.final, _cheap_identity(spec, token_set))
             for p in (paths.partial, paths.ledger):  # left by a kill after the rename
@@ -115,8 +117,14 @@ def extract(run_dir, model_spec, *, batch_size: int | None = None, device: str =
         if partial is None:
             for p in (paths.partial, paths.ledger):
                 p.unlink(missing_ok=True)
-            partial = PartialStore.create(paths, attrs, token_set.n_tokens, n_neurons,
-                                          block_tokens)
+            try:
+                partial = PartialStore.create(paths, attrs, token_set.n_tokens, n_neurons,
+                                              block_tokens)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(exc, f"activation store {str(paths.partial)!r}") from None
+                raise
+        faults.point("extract.start")
         try:
             batch = plan_batch(loaded, token_set, memory_bytes, partial.chunk_nbytes,
                                batch_size=batch_size, device=dev.type)
@@ -361,18 +369,25 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
                     pass
                 else:
                     raise RuntimeError("the last layer's hook did not run")
+                top = float(torch.stack(state["maxes"]).max())
+                if math.isnan(top):
+                    raise OocError(
+                        f"model {loaded.spec.label} produced NaN activations (windows "
+                        f"{w0}..{w1 - 1}); its weights are broken (NaN or overflowing): check "
+                        "the checkpoint, then run the same command again")
                 if on_cuda:  # gather on the GPU, move only the valid rows
                     nv = len(idx)
                     host[:nv].copy_(cap.index_select(0, idx.to(dev)))
                     src, sel = host[:nv], None
                 else:
                     src, sel = cap, idx
-                if float(torch.stack(state["maxes"]).max()) > FP16_MAX:
+                if top > FP16_MAX:
                     rows = src if sel is None else src.index_select(0, sel)
                     overflow += int(torch.isinf(rows.float()).sum())
                 rows_written += _route(src, sel, r0, r1 - r0, bt, n_tokens, done, cur,
                                        writer, bar)
                 windows += w1 - w0
+                faults.point("extract.batch")
         writer.close()
     finally:
         for h in handles:

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__
 from .errors import OocError
-from .rundir import atomic_path, step_dir, write_json_atomic
+from .rundir import atomic_path, config_hash, recorded_sha256, step_dir, write_json_atomic
 
 MEAN_OVER_PAIRS = "mean over pairs"
 POOLED_OVER_PAIRS = "pooled over pairs"
@@ -163,9 +163,13 @@ def persistence(run_dir, progress: bool = True) -> dict[str, Path]:
     out = step_dir(run_dir, "persistence")
     paths = {"csv": out / "persistence.csv", "json": out / "persistence.json"}
     paths["json"].unlink(missing_ok=True)
-    with atomic_path(paths["csv"]) as tmp:
+    sets_path = Path(run_dir) / "universal" / "sets.json"
+    record = {"step": "persistence", "token_hash": doc.get("token_hash"),
+              "config_hash": config_hash(result["config"]),
+              "inputs": {"universal/sets.json": recorded_sha256(sets_path)}}
+    with atomic_path(paths["csv"], record) as tmp:
         persistence_frame(result).to_csv(tmp, index=False)
-    write_json_atomic(paths["json"], result)
+    write_json_atomic(paths["json"], result, record)
     return paths
 
 

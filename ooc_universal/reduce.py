@@ -17,10 +17,13 @@ checkpoints itself, and a killed run resumes from the last checkpoint on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -28,14 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .errors import OocError, StaleInputError
 from .plan import PairShape, ReducePlan, describe, make_plan, measure_gemm_rate
-from .rundir import atomic_path, check_free_space, human_bytes, step_dir
+from .rundir import (atomic_path, check_free_space, config_hash, disk_full, ensure_sidecar,
+                     file_lock, human_bytes, is_disk_full, recorded_sha256, step_dir,
+                     write_json_atomic)
 from .store import open_store
 
 LAYOUT_VERSION = 1
+MANIFEST = "manifest.json"  # in RUN/reduce/.work/<key>/: the pairs and folds of that work
 ROW_STRIP = 4096  # rows per baseline GEMM strip: bounds the finalize's temporaries
+TASK_RETRIES = 1  # a task that raises is run again this many times (it resumes from its
+                  # checkpoint); then the step fails with one line naming the task
+
+
+class TaskFailedError(OocError):
+    """A task of the reduce graph failed after its retries."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,24 @@ def reduce(run_dir, reference: str, others: list, *, memory="4GB", device="auto"
     _check_compatible(ref_meta, metas)
 
     out_dir = step_dir(run_dir, "reduce")
+    with contextlib.ExitStack() as locks:
+        if not dry_run:  # one writer per pair (other pairs may be reduced in parallel)
+            for meta in sorted(metas, key=lambda m: m["label"]):
+                out = output_path(run_dir, ref_meta["label"], meta["label"])
+                locks.enter_context(file_lock(
+                    out.with_name(f".{out.stem}.lock"), f"reduce output {str(out)!r}",
+                    "wait for that reduce to finish (or stop it) and run this again"))
+                for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a kill
+                    stale.unlink(missing_ok=True)
+        return _reduce_locked(run_dir, out_dir, ref_path, ref_meta, other_paths, metas,
+                              settings, memory, device, precision, scheduler, block_tokens,
+                              max_panels, n_workers, checkpoint_blocks, dry_run, force,
+                              progress, gemm_rate)
+
+
+def _reduce_locked(run_dir, out_dir, ref_path, ref_meta, other_paths, metas, settings,
+                   memory, device, precision, scheduler, block_tokens, max_panels, n_workers,
+                   checkpoint_blocks, dry_run, force, progress, gemm_rate):
     todo, skipped = [], []
     for path, meta in zip(other_paths, metas):
         out = output_path(run_dir, ref_meta["label"], meta["label"])
@@ -151,6 +181,8 @@ def reduce(run_dir, reference: str, others: list, *, memory="4GB", device="auto"
             try:
                 _check_existing(out, ref_meta, meta, settings)
                 skipped.append(out)
+                if not dry_run:
+                    ensure_sidecar(out, _provenance(ref_meta, meta, settings))
                 continue
             except StaleInputError:
                 if not dry_run:
@@ -159,14 +191,18 @@ def reduce(run_dir, reference: str, others: list, *, memory="4GB", device="auto"
         else:
             todo.append((path, meta))
 
-    pairs = [PairShape(m["label"], m["n_neurons"], m["d_mlp"]) for _, m in todo]
     n_workers = n_workers or (_cluster_workers(scheduler) if scheduler else 1)
-    plan = make_plan(
-        ref_meta["n_tokens"], ref_meta["n_neurons"], pairs or [PairShape("-", 1, 1)],
-        memory=memory, device=device, precision=precision, n_workers=n_workers,
-        store_chunk_rows=ref_meta["block_tokens"], block_tokens=block_tokens,
-        max_panels=max_panels, baseline_draws=settings.baseline_draws,
-        keep_covariance=keep_covariance, blocks_per_segment=checkpoint_blocks)
+
+    def plan_for(pair_list):
+        pairs = [PairShape(m["label"], m["n_neurons"], m["d_mlp"]) for _, m in pair_list]
+        return make_plan(
+            ref_meta["n_tokens"], ref_meta["n_neurons"], pairs or [PairShape("-", 1, 1)],
+            memory=memory, device=device, precision=precision, n_workers=n_workers,
+            store_chunk_rows=ref_meta["block_tokens"], block_tokens=block_tokens,
+            max_panels=max_panels, baseline_draws=settings.baseline_draws,
+            keep_covariance=settings.keep_covariance, blocks_per_segment=checkpoint_blocks)
+
+    plan = plan_for(todo)
     result = {"outputs": [], "plan": plan, "blocks_folded": 0, "blocks_resumed": 0,
               "skipped": skipped}
     if dry_run:
@@ -175,21 +211,57 @@ def reduce(run_dir, reference: str, others: list, *, memory="4GB", device="auto"
         return result
     if not todo:
         result["outputs"] = skipped
+        # a kill after the last output was committed leaves that command's work dir
+        leftover = out_dir / ".work" / _work_key(ref_meta, metas, plan_for(
+            list(zip(other_paths, metas))), settings)
+        shutil.rmtree(leftover, ignore_errors=True)
         return result
 
     need = _output_bytes(plan, settings) * 2  # checkpoints + final files
     check_free_space(out_dir, need, "the reduce's checkpoints and outputs")
+    graph_pairs = todo
     key = _work_key(ref_meta, [m for _, m in todo], plan, settings)
+    if skipped:
+        # A kill after some pairs of this command were written: the work of the whole
+        # command is on disk under the key of all its pairs; finish from there.
+        every = list(zip(other_paths, metas))
+        plan_all = plan_for(every)
+        key_all = _work_key(ref_meta, metas, plan_all, settings)
+        if (out_dir / ".work" / key_all).is_dir():
+            graph_pairs, plan, key = every, plan_all, key_all
+            result["plan"] = plan
     work_dir = out_dir / ".work" / key
     work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in work_dir.glob("*.tmp-*"):  # checkpoints half-written by a kill
+        stale.unlink(missing_ok=True)
+    if not (work_dir / MANIFEST).exists():  # what this work is for (read by `status`)
+        write_json_atomic(work_dir / MANIFEST, {
+            "reference": ref_meta["label"], "others": [m["label"] for _, m in graph_pairs],
+            "outputs": [output_path(run_dir, ref_meta["label"], m["label"]).name
+                        for _, m in graph_pairs],
+            "total_folds": plan.n_blocks * len(plan.groups) * len(plan.panels),
+            "token_hash": ref_meta["token_hash"], "settings": asdict(settings),
+            "config_hash": config_hash(asdict(settings)), "toolkit_version": __version__})
     graph, fold_keys, out_keys = build_graph(
-        plan, settings, work_dir, ref_path, [p for p, _ in todo], ref_meta,
-        [m for _, m in todo], run_dir)
+        plan, settings, work_dir, ref_path, [p for p, _ in graph_pairs], ref_meta,
+        [m for _, m in graph_pairs], run_dir)
+    todo_labels = {m["label"] for _, m in todo}
+    out_keys = [k for k in out_keys if graph_pairs[k[1]][1]["label"] in todo_labels]
     counts = _execute(graph, out_keys, plan, scheduler, progress, work_dir)
     result["blocks_folded"], result["blocks_resumed"] = counts
     result["outputs"] = [output_path(run_dir, ref_meta["label"], m["label"]) for _, m in todo]
     shutil.rmtree(work_dir, ignore_errors=True)
     return result
+
+
+def _provenance(ref_meta: dict, other_meta: dict, settings: "ReduceSettings") -> dict:
+    """What the checksum sidecar of a reduce output records about its making."""
+    def name(m):
+        p = Path(m["path"])
+        return f"stores/{p.name}" if p.parent.name == "stores" else str(p)
+    return {"step": "reduce", "token_hash": ref_meta["token_hash"],
+            "config_hash": config_hash(asdict(settings)),
+            "inputs": {name(m): m.get("sha256") for m in (ref_meta, other_meta)}}
 
 
 def _store_meta(path: Path) -> dict:
@@ -201,7 +273,7 @@ def _store_meta(path: Path) -> dict:
                 "revision": str(attrs.get("revision", "")),
                 "token_hash": str(attrs.get("token_hash", "")), "n_tokens": st.n_tokens,
                 "n_neurons": st.n_neurons, "n_layers": st.n_layers, "d_mlp": st.d_mlp,
-                "block_tokens": st.block_tokens}
+                "block_tokens": st.block_tokens, "sha256": recorded_sha256(path)}
 
 
 def _check_compatible(ref: dict, others: list) -> None:
@@ -229,7 +301,15 @@ def _check_existing(out: Path, ref: dict, other: dict, settings: ReduceSettings)
     if attrs.get("token_hash") != ref["token_hash"]:
         raise StaleInputError(
             f"{str(out)!r} was made from another token set; delete it or pass --force")
-    made = json.loads(attrs.get("config_json", "{}")).get("settings", {})
+    config = json.loads(attrs.get("config_json", "{}"))
+    for role, meta in (("reference_store", ref), ("other_store", other)):
+        was, now = (config.get(role) or {}).get("sha256"), meta.get("sha256")
+        if was and now and was != now:
+            raise StaleInputError(
+                f"{str(out)!r} was made from another version of activation store "
+                f"{meta['label']} (sha256 {was[:12]}, now {now[:12]}); delete it or pass "
+                "--force to recompute it")
+    made = config.get("settings", {})
     if made != asdict(settings):
         raise StaleInputError(
             f"{str(out)!r} exists with other settings {made}, asked for {asdict(settings)}; "
@@ -243,7 +323,8 @@ def _cluster_workers(scheduler: str) -> int:
 
 
 def _work_key(ref: dict, others: list, plan: ReducePlan, settings: ReduceSettings) -> str:
-    ident = {"ref": ref, "others": others, "settings": asdict(settings),
+    ident = {"ref": dict(ref), "others": [dict(o) for o in others],
+             "settings": asdict(settings),
              "block_tokens": plan.block_tokens, "groups": plan.groups, "panels": plan.panels,
              "chains": plan.n_chains, "segment": plan.blocks_per_segment,
              "layout": LAYOUT_VERSION}
@@ -283,16 +364,19 @@ def build_graph(plan: ReducePlan, settings: ReduceSettings, work_dir: Path, ref_
                                 plan.blocks_per_segment, plan.precision, plan.device,
                                 p == 0, d_others)
                 k = (f"fold-{tag}", g, p, c)
-                graph[k] = (fold_chain, task)
+                graph[k] = (run_task, f"fold (group {g}, panel {p}, chain {c})",
+                            fold_chain, task)
                 chain_keys.append(k)
                 fold_keys.append(k)
             mk = (f"merge-{tag}", g, p)
-            graph[mk] = (merge_chains, str(work_dir), g, p, chain_keys)
+            graph[mk] = (run_task, f"merge (group {g}, panel {p})", merge_chains,
+                         str(work_dir), g, p, chain_keys)
             merged[p] = mk
         for p, rows in enumerate(plan.panels):
             fk = (f"finalize-{tag}", g, p)
-            graph[fk] = (finalize_panel, str(work_dir), g, p, tuple(rows), merged[p],
-                         merged[0], d_others, settings, plan.device)
+            graph[fk] = (run_task, f"finalize (group {g}, panel {p})", finalize_panel,
+                         str(work_dir), g, p, tuple(rows), merged[p], merged[0], d_others,
+                         settings, plan.device)
             final_keys[(g, p)] = fk
     out_keys = []
     for g, grp in enumerate(plan.groups):
@@ -300,14 +384,19 @@ def build_graph(plan: ReducePlan, settings: ReduceSettings, work_dir: Path, ref_
             ak = (f"assemble-{tag}", i)
             deps = [final_keys[(g, p)] for p in range(len(plan.panels))]
             out = output_path(run_dir, ref_meta["label"], other_metas[i]["label"])
-            graph[ak] = (assemble_pair, str(out), j, deps, ref_meta, other_metas[i],
-                         plan.to_dict(), settings, plan.n_ref)
+            graph[ak] = (run_task, f"assemble ({out.name})", assemble_pair, str(out), j,
+                         deps, ref_meta, other_metas[i], plan.to_dict(), settings,
+                         plan.n_ref)
             out_keys.append(ak)
     return graph, fold_keys, out_keys
 
 
 def _execute(graph, out_keys, plan, scheduler, progress, work_dir):
-    """Run the graph locally (threads) or on a dask.distributed cluster."""
+    """Run the graph locally (threads) or on a dask.distributed cluster.
+
+    Returns (block folds computed by this run, block folds found checkpointed on disk).
+    Locally the first number is counted fold by fold (work redone after a kill counts);
+    on a cluster it is the total minus what was on disk."""
     total = plan.n_blocks * len(plan.groups) * len(plan.panels)
     bar = None
     if progress:
@@ -316,6 +405,7 @@ def _execute(graph, out_keys, plan, scheduler, progress, work_dir):
     done_before = _blocks_on_disk(work_dir, plan)
     if bar is not None:
         bar.update(done_before)
+    _PROGRESS.reset()
     try:
         if scheduler:
             from distributed import Client
@@ -323,10 +413,20 @@ def _execute(graph, out_keys, plan, scheduler, progress, work_dir):
                 if progress:
                     print(f"dask dashboard: {client.dashboard_link}")
                 futures = client.get(graph, out_keys, sync=False)
-                for fut in futures:
-                    fut.result()
-                    if bar is not None:
-                        bar.update(0)
+                try:
+                    for fut in futures:
+                        fut.result()
+                        if bar is not None:
+                            bar.update(0)
+                except Exception as exc:
+                    if type(exc).__name__ == "KilledWorker":
+                        first = (str(exc).strip().splitlines() or [""])[0]
+                        raise TaskFailedError(
+                            f"dask workers kept dying while running the reduce ({first}); "
+                            "check the workers' memory limit and logs, then run the same "
+                            "command again to resume from the checkpoints") from None
+                    raise
+            folded = total - done_before
         else:
             import dask
             import dask.threaded
@@ -334,36 +434,47 @@ def _execute(graph, out_keys, plan, scheduler, progress, work_dir):
             # One worker thread: the GEMM is already multi-threaded inside torch.
             with dask.config.set(scheduler="threads"):
                 dask.threaded.get(graph, out_keys, num_workers=1)
+            folded = _PROGRESS.count
     finally:
         _PROGRESS.set(None)
         if bar is not None:
             bar.close()
-    done_after = total
-    return done_after - done_before, done_before
+    return folded, done_before
 
 
 class _ProgressHook:
-    """Thread-safe handle to the local run's progress bar (None on a cluster)."""
+    """Thread-safe handle to the local run's progress bar (None on a cluster), and the
+    count of block folds computed in this process since reset()."""
 
     def __init__(self):
         self._bar = None
         self._lock = threading.Lock()
+        self.count = 0
 
     def set(self, bar):
         self._bar = bar
 
+    def reset(self):
+        with self._lock:
+            self.count = 0
+
     def update(self, n=1):
         with self._lock:
+            self.count += n
             if self._bar is not None:
                 self._bar.update(n)
 
 
 _PROGRESS = _ProgressHook()
+_FOLD_FILE = re.compile(r"fold_g\d+_p\d+_c\d+\.npz")
 
 
 def _blocks_on_disk(work_dir: Path, plan: ReducePlan) -> int:
+    """Block folds held by the chain checkpoints in `work_dir` (temporaries excluded)."""
     n = 0
     for f in Path(work_dir).glob("fold_g*_p*_c*.npz"):
+        if not _FOLD_FILE.fullmatch(f.name):
+            continue
         try:
             with np.load(f) as z:
                 n += int(z["n_blocks_done"])
@@ -372,20 +483,55 @@ def _blocks_on_disk(work_dir: Path, plan: ReducePlan) -> int:
     return n
 
 
+def run_task(name: str, fn, *args):
+    """Run one task of the graph: retried TASK_RETRIES times when it raises (each task
+    resumes from its own checkpoint); then one line naming the task. A full disk and
+    user-fixable errors are not retried."""
+    for attempt in range(TASK_RETRIES + 1):
+        try:
+            return fn(*args)
+        except OocError:
+            raise
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(exc, f"reduce task {name}") from None
+            err = exc
+        except Exception as exc:  # noqa: BLE001 - reported below, with the task's name
+            err = exc
+        first = (str(err).strip().splitlines() or [""])[0]
+        if attempt < TASK_RETRIES:
+            print(f"warning: reduce task {name} failed ({type(err).__name__}: {first}); "
+                  "retrying it from its last checkpoint", file=sys.stderr)
+            continue
+        raise TaskFailedError(
+            f"reduce task {name} failed {attempt + 1} times ({type(err).__name__}: {first});"
+            " its finished blocks are checkpointed: run the same command again to resume"
+        ) from err
+
+
 # --------------------------------------------------------------------------- tasks
 
 def _fold_path(work_dir, g, p, c) -> Path:
     return Path(work_dir) / f"fold_g{g}_p{p}_c{c}.npz"
 
 
-def _save_state(path: Path, state: dict) -> None:
-    """Atomic: write beside, fsync, rename (a kill never leaves half a checkpoint)."""
+def _save_state(path: Path, state: dict, kind: str = "checkpoint") -> None:
+    """Atomic: write beside, fsync, rename (a kill never leaves half a checkpoint).
+    `kind` (checkpoint, merge, final) names its fault-injection points."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_ident()}.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, **state)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        faults.point(f"reduce.{kind}.write")
+        with open(tmp, "wb") as f:
+            np.savez(f, **state)
+            f.flush()
+            faults.point(f"reduce.{kind}.mid_write",
+                         torn=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
+            os.fsync(f.fileno())
+        faults.point(f"reduce.{kind}.before_rename")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    faults.point(f"reduce.{kind}.after_rename")
 
 
 def _load_state(path: Path) -> dict | None:
@@ -517,12 +663,31 @@ def fold_chain(task: FoldTask) -> str:
         n_done += 1
         seg += 1
         _PROGRESS.update(1)
+        faults.point("reduce.fold.block")
         last = b == task.blocks[-1]
         if seg >= task.blocks_per_segment or last:
+            _check_finite(task, accs, b)
             _save_state(path, _to_state(accs, selfs, b + 1, n_done))
             seg = 0
             _test_hook_after_checkpoint()
     return str(path)
+
+
+def _check_finite(task: FoldTask, accs: list, block: int) -> None:
+    """A NaN or Inf activation makes its neuron's running mean non-finite: refuse, naming
+    the store and the neurons, before the checkpoint keeps it."""
+    torch = _torch()
+    checks = [(task.ref_path, accs[0]["mean_x"], task.rows[0])] if accs else []
+    checks += [(p, a["mean_y"], 0) for p, a in zip(task.other_paths, accs)]
+    for path, mean, offset in checks:
+        bad = (~torch.isfinite(mean)).nonzero().flatten()
+        if len(bad):
+            first = ", ".join(str(int(i) + offset) for i in bad[:5])
+            raise OocError(
+                f"activation store {str(path)!r} has NaN or Inf activations in {len(bad)} "
+                f"neuron(s) (flat index {first}{' ...' if len(bad) > 5 else ''}) by token "
+                f"block {block}; re-extract it from a sound checkpoint (Inf means "
+                "activations beyond the float16 range)")
 
 
 def _test_hook_after_checkpoint():
@@ -551,7 +716,7 @@ def merge_chains(work_dir: str, g: int, p: int, chain_paths: list) -> str:
         accs = [comoment_combine(a, b) for a, b in zip(accs, a2)]
         selfs = [self_comoment_combine(a, b) for a, b in zip(selfs, s2)]
         n_done += int(st["n_blocks_done"])
-    _save_state(out, _to_state(accs, selfs, -1, n_done))
+    _save_state(out, _to_state(accs, selfs, -1, n_done), "merge")
     return str(out)
 
 
@@ -596,7 +761,7 @@ def finalize_panel(work_dir, g, p, rows, state_path, self_state_path, d_others,
         res[f"p{i}_baseline"] = base.astype(out_dtype)
         if settings.keep_covariance:
             res[f"p{i}_c"] = c.astype(np.float32, copy=False)
-    _save_state(out, res)
+    _save_state(out, res, "final")
     return str(out)
 
 
@@ -628,7 +793,8 @@ def assemble_pair(out_path, j, final_paths, ref_meta, other_meta, plan_dict,
 
     config = {"settings": asdict(settings), "plan": _jsonable(plan_dict),
               "reference_store": ref_meta, "other_store": other_meta}
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, record=_provenance(ref_meta, other_meta, settings),
+                     fault="reduce.assemble") as tmp:
         with h5py.File(tmp, "w") as f:
             a = f.attrs
             a["ref_label"], a["other_label"] = ref_meta["label"], other_meta["label"]
@@ -648,6 +814,7 @@ def assemble_pair(out_path, j, final_paths, ref_meta, other_meta, plan_dict,
             f["ref/mean"], f["ref/var"], f["ref/zero_var"] = mean_x, m2_x / n, zero_x
             f["other/mean"], f["other/var"], f["other/zero_var"] = mean_y, m2_y / n, zero_y
             f["other/self_comoment"] = finals[0][f"p{j}_self_s"].astype(np.float64)
+            faults.point("reduce.assemble.h5")  # the output's HDF5 file is open here
             f["row_max"], f["row_argmax"] = row_max, row_arg
             f["col_max"], f["col_argmax"] = col_max, col_arg
             f["baseline/row_max"] = baseline.astype(out_dtype)

@@ -6,16 +6,24 @@ RUN/
   stores/<label>.h5          activation stores; <label>.h5.partial + .ledger while writing
   reduce/<ref>__<other>.h5   reduced statistics per pair
   universal/ persistence/ ablate/ report/
+
+Integrity: a step that commits a result file also writes `<file>.sha256` beside it (JSON:
+the file's sha256 and size, or for an activation store one sha256 per block, and what
+produced it: step, token hash, config hash, toolkit version, the checksums of its inputs).
+`ooc-universal status --verify` recomputes them. The sidecar of a replaced file is
+removed before the rename and written after it, so it never describes another file.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import faults
 from .errors import OocError
 
 STEPS = ("tokens", "stores", "reduce", "universal", "persistence", "ablate", "report")
@@ -70,16 +78,21 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers never see half a file."""
+def write_json_atomic(path, obj, record: dict | None = None) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers never see half a file.
+    With `record` (provenance), also write the checksum sidecar (see commit_file)."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        commit_file(tmp, path, record)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _json_default(obj):
@@ -96,16 +109,124 @@ def _json_default(obj):
 
 
 @contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` only on success."""
+def atomic_path(path, record: dict | None = None, fault: str | None = None):
+    """Yield a temporary path beside `path`; rename it to `path` only on success.
+    With `record` (provenance), also write the checksum sidecar (see commit_file)."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        commit_file(tmp, path, record, fault)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# ---------------------------------------------------------------------------- checksums
+
+SIDECAR_SUFFIX = ".sha256"
+
+
+def sidecar_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def file_sha256(path, bufsize: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            buf = f.read(bufsize)
+            if not buf:
+                return h.hexdigest()
+            h.update(buf)
+
+
+def read_sidecar(path) -> dict | None:
+    """The checksum record of `path` (None when there is none or it is unreadable)."""
+    try:
+        rec = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) and "sha256" in rec else None
+
+
+def recorded_sha256(path) -> str | None:
+    rec = read_sidecar(path)
+    return None if rec is None else rec["sha256"]
+
+
+def write_sidecar(path, record: dict) -> None:
+    from . import __version__
+    path = Path(path)
+    rec = {"file": path.name, "algorithm": "sha256", "toolkit_version": __version__,
+           **record}
+    faults.point("sidecar.write")
+    write_json_atomic(sidecar_path(path), rec)
+
+
+def commit_file(tmp, path, record: dict | None = None, fault: str | None = None) -> None:
+    """Rename a finished `tmp` to `path`. With `record` (step, token_hash, config_hash,
+    inputs...), the sidecar <path>.sha256 gets the file's sha256 and size: the old sidecar
+    goes before the rename, the new one comes after it (a kill in between leaves a file
+    without a checksum, never one with another file's checksum)."""
+    tmp, path = Path(tmp), Path(path)
+    if record is not None:
+        digest, size = file_sha256(tmp), tmp.stat().st_size
+        sidecar_path(path).unlink(missing_ok=True)
+    if fault:
+        faults.point(f"{fault}.before_rename")
+    os.replace(tmp, path)
+    if fault:
+        faults.point(f"{fault}.after_rename")
+    if record is not None:
+        write_sidecar(path, {"kind": "file", "sha256": digest, "size": size, **record})
+
+
+def ensure_sidecar(path, record: dict) -> None:
+    """Record the checksum of an existing complete `path` that has none (a kill between
+    its rename and its sidecar)."""
+    if Path(path).exists() and read_sidecar(path) is None:
+        write_sidecar(path, {"kind": "file", "sha256": file_sha256(path),
+                             "size": Path(path).stat().st_size, **record})
+
+
+def config_hash(obj) -> str:
+    """sha256 (16 hex) of a JSON-able description of the settings a result depends on."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default)
+                          .encode()).hexdigest()[:16]
+
+
+def disk_full(exc: OSError, what: str) -> OocError:
+    """The one-line error for ENOSPC / EDQUOT while writing `what`."""
+    return OocError(f"disk full while writing {what} ({exc.strerror or exc}); free some "
+                    "space and run the same command again (finished work is kept)")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def file_lock(lock_path, what: str, fix: str = "wait for it to finish"):
+    """Hold an exclusive flock on `lock_path`; a second process gets one line with the
+    holder's pid (`what` names what is locked)."""
+    import fcntl
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise OocError(f"{what} is in use by another process (pid {holder}); {fix}") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 @contextmanager

@@ -14,10 +14,16 @@ recorded in an append-only ledger beside the file. HDF5 metadata is never touche
 creation, so a SIGKILL at any moment leaves a valid file plus a ledger that says which
 blocks are real. While being written the store is `<label>.h5.partial` + `<label>.ledger`;
 the name `<label>.h5` appears (by rename) only when every block is in the ledger.
+
+Checksums: each ledger line carries the sha256 of the block's rows (fp16 bytes, C order),
+taken from the buffer as it is written (no re-read). At the end they go to
+`<label>.h5.sha256` (rundir's sidecar; kind "blocks"), written before the rename, so
+`ooc-universal status --verify` can check every block of the finished store.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -28,8 +34,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, faults
 from .errors import OocError, StaleInputError
+from .rundir import config_hash, disk_full, is_disk_full, write_sidecar
 
 LAYOUT_VERSION = 1
 DATASET = "acts"
@@ -88,6 +95,17 @@ class StorePaths:
                    d / f".{label}.lock")
 
 
+def remove_stale_temporaries(paths: StorePaths) -> list[Path]:
+    """Delete temporaries a killed writer of this store left (ledger, compressed copy,
+    checksum sidecar). Call with store_lock held: no live writer owns them then."""
+    gone = []
+    for name in (paths.ledger.name, paths.final.name, paths.final.name + ".sha256"):
+        for p in paths.final.parent.glob(f"{name}.tmp-*"):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 @contextmanager
 def store_lock(paths: StorePaths):
     """One writer per store (other stores of the run may be extracted in parallel)."""
@@ -144,10 +162,10 @@ class PartialStore:
     """A store being written: <label>.h5.partial (HDF5, metadata final) + <label>.ledger.
 
     Ledger: line 1 is a JSON header (attrs, shape, each chunk's byte offset); every
-    further line is `done <block>`. Only complete lines count.
+    further line is `done <block> <sha256 of its rows>`. Only complete lines count.
     """
 
-    def __init__(self, paths: StorePaths, header: dict, done: set):
+    def __init__(self, paths: StorePaths, header: dict, done: set, digests: dict | None = None):
         self.paths = paths
         self.header = header
         self.attrs = header["attrs"]
@@ -157,6 +175,7 @@ class PartialStore:
         self.offsets = [int(o) for o in header["chunk_offsets"]]
         self.chunk_nbytes = self.block_tokens * self.n_neurons * DTYPE.itemsize
         self.done = set(done)
+        self.digests = dict(digests or {})
         self._fd = os.open(paths.partial, os.O_RDWR)
         self._ledger_fd = os.open(paths.ledger, os.O_WRONLY | os.O_APPEND)
         self._pad = None
@@ -201,6 +220,7 @@ class PartialStore:
             dsid = h5py.h5d.create(f.id, DATASET.encode(), h5py.h5t.IEEE_F16LE, space,
                                    dcpl=dcpl)
             ds = h5py.Dataset(dsid)
+            faults.point("store.create.h5")  # the HDF5 file is open for writing here
             for k, v in attrs.items():
                 ds.attrs[k] = v
             offsets = _chunk_offsets(ds, block_tokens)
@@ -218,6 +238,7 @@ class PartialStore:
             fh.write(json.dumps(header, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        faults.point("store.create.before_ledger")
         os.replace(tmp, paths.ledger)
         _fsync_dir(paths.ledger.parent)
         return cls(paths, header, set())
@@ -243,11 +264,13 @@ class PartialStore:
                 fh.truncate(len(complete))
                 os.fsync(fh.fileno())
         n_blocks = len(header["chunk_offsets"])
-        done = set()
+        done, digests = set(), {}
         for line in lines[1:]:
-            word, _, num = line.partition(" ")
+            word, num, digest = (line.split(" ") + ["", ""])[:3]
             if word == "done" and num.isdigit() and int(num) < n_blocks:
                 done.add(int(num))
+                if len(digest) == 64:
+                    digests[int(num)] = digest
         # The partial must be the file this ledger describes (same chunk offsets).
         try:
             with h5py.File(paths.partial, "r") as f:
@@ -256,7 +279,7 @@ class PartialStore:
             return None
         if offsets != header["chunk_offsets"]:
             return None
-        return cls(paths, header, done)
+        return cls(paths, header, done, digests)
 
     # -- blocks
     def write_block(self, i: int, block: np.ndarray) -> None:
@@ -273,16 +296,34 @@ class PartialStore:
                              f"{self.block_tokens}, {self.n_neurons}), got {block.dtype} "
                              f"{block.shape}")
         offset = self.offsets[i]
-        _pwrite_all(self._fd, memoryview(block).cast("B"), offset)
-        tail = self.chunk_nbytes - block.nbytes
-        if tail:
-            if self._pad is None or len(self._pad) < tail:
-                self._pad = bytes(tail)
-            _pwrite_all(self._fd, memoryview(self._pad)[:tail], offset + block.nbytes)
-        os.fdatasync(self._fd)
-        os.write(self._ledger_fd, f"done {i}\n".encode())
-        os.fsync(self._ledger_fd)
+        data = memoryview(block).cast("B")
+        digest = hashlib.sha256(data[: rows * self.n_neurons * DTYPE.itemsize]).hexdigest()
+        line = f"done {i} {digest}\n".encode()
+        try:
+            faults.point("store.block.write")
+            half = len(data) // 2
+            _pwrite_all(self._fd, data[:half], offset)
+            faults.point("store.block.mid_write")  # half a block on disk, not ledgered
+            _pwrite_all(self._fd, data[half:], offset + half)
+            tail = self.chunk_nbytes - block.nbytes
+            if tail:
+                if self._pad is None or len(self._pad) < tail:
+                    self._pad = bytes(tail)
+                _pwrite_all(self._fd, memoryview(self._pad)[:tail], offset + block.nbytes)
+            os.fdatasync(self._fd)
+            faults.point("store.block.before_ledger")
+            faults.point("store.ledger.mid_append", torn=lambda: (
+                os.write(self._ledger_fd, line[: len(line) // 2]), os.fsync(self._ledger_fd)))
+            faults.point("store.ledger.write")
+            os.write(self._ledger_fd, line)
+            os.fsync(self._ledger_fd)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(exc, f"block {i} of {str(self.paths.partial)!r}") from None
+            raise
         self.done.add(i)
+        self.digests[i] = digest
+        faults.point("store.block.after_ledger")
 
     def finalize(self, compression=None) -> Path:
         """All blocks done: rename (or repack compressed) to <label>.h5; drop the ledger."""
@@ -290,23 +331,60 @@ class PartialStore:
             raise RuntimeError(f"finalize with {self.n_blocks - len(self.done)} blocks missing")
         name, opts = parse_compression(compression)
         os.fsync(self._fd)
+        digests = self.block_digests()
         self.close()
         final = self.paths.final
-        if name == "none":
-            os.replace(self.paths.partial, final)
-        else:
-            tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-            try:
-                _repack(self.paths.partial, tmp, self.header, name, opts,
-                        "none" if compression is None else str(compression).lower())
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
-            self.paths.partial.unlink()
+        try:
+            if name == "none":
+                self._write_sidecar(digests, self.paths.partial, "none")
+                faults.point("store.finalize.before_rename")
+                os.replace(self.paths.partial, final)
+            else:
+                tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+                label = "none" if compression is None else str(compression).lower()
+                try:
+                    _repack(self.paths.partial, tmp, self.header, name, opts, label)
+                    self._write_sidecar(digests, tmp, label)
+                    faults.point("store.finalize.before_rename")
+                    os.replace(tmp, final)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                self.paths.partial.unlink()
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(exc, f"activation store {str(final)!r}") from None
+            raise
         _fsync_dir(final.parent)
+        faults.point("store.finalize.after_rename")
         self.paths.ledger.unlink(missing_ok=True)
         _fsync_dir(final.parent)
         return final
+
+    def block_digests(self) -> list[str]:
+        """sha256 of each block's rows: from the ledger, or read back from the partial
+        file for blocks ledgered without one."""
+        out = []
+        for i in range(self.n_blocks):
+            d = self.digests.get(i)
+            if d is None:
+                start, stop = self.block_bounds(i)
+                n = (stop - start) * self.n_neurons * DTYPE.itemsize
+                d = hashlib.sha256(os.pread(self._fd, n, self.offsets[i])).hexdigest()
+            out.append(d)
+        return out
+
+    def _write_sidecar(self, digests: list, data_file: Path, compression: str) -> None:
+        """<label>.h5.sha256 for the finished store (before its rename: see module doc)."""
+        attrs = dict(self.attrs, compression=compression)
+        write_sidecar(self.paths.final, {
+            "kind": "blocks", "step": "extract", "sha256": blocks_sha256(digests),
+            "block_sha256": digests, "block_tokens": self.block_tokens,
+            "n_tokens": self.n_tokens, "n_neurons": self.n_neurons,
+            "size": Path(data_file).stat().st_size,
+            "token_hash": str(attrs.get("token_hash", "")),
+            "config_hash": config_hash({k: v for k, v in attrs.items()
+                                        if k != "toolkit_version"}),
+            "inputs": {"tokens": str(attrs.get("token_hash", ""))}})
 
     def close(self) -> None:
         for attr in ("_fd", "_ledger_fd"):
@@ -320,6 +398,30 @@ class PartialStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def blocks_sha256(digests) -> str:
+    """A store's content checksum: sha256 of its blocks' sha256 digests, in order."""
+    return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
+
+
+def verify_store_blocks(path, record: dict) -> list[str]:
+    """Problems found re-hashing every block of the store at `path` against `record`
+    (its sidecar); [] when every block matches."""
+    digests = record.get("block_sha256") or []
+    with open_store(path) as st:
+        if st.n_blocks != len(digests) or st.block_tokens != record.get("block_tokens"):
+            return [f"has {st.n_blocks} blocks of {st.block_tokens} rows, the checksum "
+                    f"record {len(digests)} of {record.get('block_tokens')}"]
+        bad = [i for i in range(st.n_blocks)
+               if hashlib.sha256(np.ascontiguousarray(st.read_block(i)).data).hexdigest()
+               != digests[i]]
+    if bad:
+        return [f"block(s) {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}"
+                f" of {len(digests)} differ from their recorded sha256"]
+    if blocks_sha256(digests) != record.get("sha256"):
+        return ["the block checksums do not add up to the recorded store checksum"]
+    return []
 
 
 def _chunk_offsets(ds, block_tokens: int) -> list[int]:
@@ -351,6 +453,7 @@ def _repack(src: Path, dst: Path, header: dict, name: str, opts, label: str) -> 
                 start, stop = i * bt, min(n, (i + 1) * bt)
                 view = raw[off: off + chunk].view(DTYPE).reshape(bt, m)
                 ds[start:stop] = view[: stop - start]
+                faults.point("store.repack.chunk")  # the compressed HDF5 file is open here
         with open(dst, "rb") as fh:
             os.fsync(fh.fileno())
     finally:

@@ -37,7 +37,8 @@ import numpy as np
 
 from . import __version__
 from .errors import OocError, StaleInputError
-from .rundir import atomic_path, check_free_space, step_dir, write_json_atomic
+from .rundir import (atomic_path, check_free_space, config_hash, recorded_sha256, step_dir,
+                     write_json_atomic)
 
 DEFINITIONS = ("per-pair", "pair-averaged")
 DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6)
@@ -707,18 +708,20 @@ def universal(run_dir, reference=None, thresholds=DEFAULT_THRESHOLDS,
              "sets": out / "sets.json"}
     for key in ("sets", "table1"):  # the completion markers go first and come back last
         paths[key].unlink(missing_ok=True)
-    _write_parquet(neurons, paths["neurons_parquet"], provenance)
-    with atomic_path(paths["neurons_csv"]) as tmp:
+    record = {"step": "universal", "token_hash": token_hash, "config_hash": config_hash(config),
+              "inputs": {f"reduce/{r.path.name}": recorded_sha256(r.path) for r in records}}
+    _write_parquet(neurons, paths["neurons_parquet"], provenance, record)
+    with atomic_path(paths["neurons_csv"], record) as tmp:
         neurons.to_csv(tmp, index=False)
-    with atomic_path(paths["table1_csv"]) as tmp:
+    with atomic_path(paths["table1_csv"], record) as tmp:
         table1_frame(entries).to_csv(tmp, index=False)
-    write_json_atomic(paths["table1"], {**provenance, "table1": entries})
+    write_json_atomic(paths["table1"], {**provenance, "table1": entries}, record)
     write_json_atomic(paths["sets"], {**provenance, "sets": universal_sets(
-        units, thresholds, definition)})
+        units, thresholds, definition)}, record)
     return paths
 
 
-def _write_parquet(df, path: Path, provenance: dict) -> None:
+def _write_parquet(df, path: Path, provenance: dict, record: dict | None = None) -> None:
     """Parquet with the provenance in the schema metadata (key b"ooc_universal")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -726,7 +729,7 @@ def _write_parquet(df, path: Path, provenance: dict) -> None:
     meta = dict(table.schema.metadata or {})
     meta[b"ooc_universal"] = json.dumps(provenance, sort_keys=True, default=str).encode()
     table = table.replace_schema_metadata(meta)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, record) as tmp:
         pq.write_table(table, tmp)
 
 

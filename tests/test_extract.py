@@ -153,7 +153,7 @@ def test_compressed_extract_equals_uncompressed(tmp_path, model_dir):
         assert not a.compressed and b.compressed and b.attrs["compression"] == "gzip"
         np.testing.assert_array_equal(a.read_rows(0, a.n_tokens), b.read_rows(0, b.n_tokens))
     assert sorted(p.name for p in (run_b / "stores").iterdir() if p.name[0] != ".") \
-        == ["tiny0.h5"]
+        == ["tiny0.h5", "tiny0.h5.sha256"]
 
 
 def test_existing_complete_store_is_skipped(run_dir, model_dir, monkeypatch):

@@ -41,7 +41,7 @@ def test_round_trip_memmap(tmp_path):
     data = random_acts()
     path = write_store(tmp_path, data, order=[3, 0, 7, 1, 6, 2, 5, 4])
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) \
-        == ["tiny.h5"]
+        == ["tiny.h5", "tiny.h5.sha256"]
     # An independent reader (plain h5py) sees the same array and the contract's layout.
     with h5py.File(path, "r") as f:
         ds = f["acts"]
@@ -105,7 +105,7 @@ def test_compressed_round_trip(tmp_path, compression):
     data = random_acts(seed=3)
     data[:, ::2] = 0  # compressible
     path = write_store(tmp_path, data, compression=compression)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.h5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.h5", "tiny.h5.sha256"]
     raw_size = N * M * 2
     assert path.stat().st_size < raw_size
     with h5py.File(path, "r") as f:
@@ -182,7 +182,9 @@ def test_resume_reads_ledger_and_ignores_torn_line(tmp_path):
         s, e = ps.block_bounds(i)
         ps.write_block(i, np.ascontiguousarray(data[s:e]))
     lines = paths.ledger.read_text().splitlines()
-    assert lines[1:] == [f"done {i}" for i in (0, 1, 5, 2, 3, 4, 6, 7)]
+    assert [ln.rsplit(" ", 1)[0] for ln in lines[1:]] == \
+        [f"done {i}" for i in (0, 1, 5, 2, 3, 4, 6, 7)]
+    assert all(len(ln.rsplit(" ", 1)[1]) == 64 for ln in lines[1:])  # each block's sha256
     with open_store(ps.finalize()) as s:
         np.testing.assert_array_equal(s.read_rows(0, N), data)
     assert not paths.ledger.exists() and not paths.partial.exists()

@@ -1,0 +1,542 @@
+"""What a run directory holds: each step output's state, provenance and checksums.
+
+`status(run_dir)` returns one dict per step output (a table: pandas.DataFrame(rows)):
+
+  step         tokens | extract | reduce | universal | persistence | ablate | report
+  item         what it is (the path under RUN/, or the step's folder)
+  state        missing   not there (expected from RUN/config.toml, or a step's folder)
+               partial   work in progress or interrupted; `progress` says how far
+               complete  finished, and made from the inputs now in the run directory
+               stale     finished, but from other inputs than those now present
+                         (token set, activation stores, reduce files, universal sets,
+                         or settings in RUN/config.toml); `detail` says which
+               corrupt   a final name that cannot be read
+  progress     e.g. "5/8 blocks", "12/40 block folds", "3/5 files"
+  detail       why stale / corrupt / partial, in words
+  token_hash, config_hash, toolkit_version   what produced it (as recorded)
+  checksum     with verify=True: "ok", "MISMATCH: ...", "not recorded"; else ""
+
+It only reads: nothing in the run directory is created, repaired or locked. Checksums are
+the `<file>.sha256` sidecars the steps write when they commit (rundir.commit_file; for an
+activation store one sha256 per block, store.verify_store_blocks); the token set is
+checked against its own content hash.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .errors import OocError
+from .rundir import config_hash, file_sha256, read_sidecar, recorded_sha256
+
+STATES = ("missing", "partial", "complete", "stale", "corrupt")
+COLUMNS = ("step", "item", "state", "progress", "detail", "token_hash", "config_hash",
+           "toolkit_version", "checksum")
+UNIVERSAL_FILES = ("neurons.parquet", "neurons.csv", "table1.csv", "table1.json", "sets.json")
+PERSISTENCE_FILES = ("persistence.csv", "persistence.json")
+ABLATE_FILES = ("ablation_draws.csv", "ablation.csv", "ablation.json")
+_REDUCE_NAME = re.compile(r"[^/]+__[^/]+\.h5")
+
+
+def status(run_dir, verify: bool = False) -> list[dict]:
+    """One row per step output of `run_dir` (see the module doc); verify=True re-hashes
+    every file that has a recorded checksum."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise OocError(f"run directory {str(run)!r} does not exist; give the --run-dir of a "
+                       "run (it holds tokens/, stores/, reduce/ ...)")
+    ctx = _Context(run, verify)
+    rows = []
+    rows += _tokens(ctx)
+    rows += _stores(ctx)
+    rows += _reduce(ctx)
+    rows += _universal(ctx)
+    rows += _persistence(ctx)
+    rows += _ablate(ctx)
+    rows += _report(ctx)
+    return [{c: r.get(c, "") for c in COLUMNS} for r in rows]
+
+
+def format_status(rows: list[dict]) -> str:
+    """The status rows as an aligned text table."""
+    cols = ["step", "item", "state", "progress", "checksum", "detail"]
+    if not any(r["checksum"] for r in rows):
+        cols.remove("checksum")
+    cells = [[str(r[c]) for c in cols] for r in rows]
+    width = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    width[-1] = len(cols[-1])  # the last column is not padded
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, width)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, width)).rstrip() for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def problems(rows: list[dict]) -> list[dict]:
+    """Rows whose checksum failed or whose file is corrupt."""
+    return [r for r in rows if r["state"] == "corrupt" or r["checksum"].startswith("MISMATCH")]
+
+
+# ---------------------------------------------------------------------------- context
+
+class _Context:
+    def __init__(self, run: Path, verify: bool):
+        self.run, self.verify = run, verify
+        self.token_hash = None
+        self.token_meta = None
+        try:
+            self.token_meta = json.loads((run / "tokens" / "meta.json").read_text())
+            self.token_hash = self.token_meta.get("hash")
+        except (OSError, ValueError):
+            pass
+        self.config = None
+        cfg_path = run / "config.toml"
+        if cfg_path.is_file():
+            try:
+                from .config import RunConfig
+                self.config = RunConfig.from_toml(cfg_path)
+            except Exception:  # noqa: BLE001 - status reports on what it can read
+                self.config = None
+
+    def rel(self, path: Path) -> str:
+        try:
+            return str(Path(path).relative_to(self.run))
+        except ValueError:
+            return str(path)
+
+    def expected_stores(self) -> list[str]:
+        """Store labels RUN/config.toml asks for (empty without a readable config)."""
+        cfg = self.config
+        if cfg is None:
+            return []
+        from .models import parse_model_spec
+        out = []
+        for c in cfg.checkpoint_list():
+            for m in cfg.models:
+                try:
+                    out.append(parse_model_spec(cfg.spec(m, c)).label)
+                except Exception:  # noqa: BLE001 - a model dir may be gone: skip it
+                    pass
+        return out
+
+    def expected_pairs(self) -> list[str]:
+        """Reduce file names RUN/config.toml asks for."""
+        cfg = self.config
+        if cfg is None:
+            return []
+        from .models import parse_model_spec
+        refs = list(cfg.models) if cfg.all_references else [cfg.reference_model]
+        out = []
+        for c in cfg.checkpoint_list():
+            for r in refs:
+                for o in cfg.models:
+                    if o == r:
+                        continue
+                    try:
+                        a = parse_model_spec(cfg.spec(r, c)).label
+                        b = parse_model_spec(cfg.spec(o, c)).label
+                    except Exception:  # noqa: BLE001
+                        continue
+                    out.append(f"{a}__{b}.h5")
+        return out
+
+
+def _row(step, item, state, progress="", detail="", token_hash="", config_hash_="",
+         toolkit_version="", checksum="") -> dict:
+    return {"step": step, "item": item, "state": state, "progress": progress,
+            "detail": detail, "token_hash": token_hash or "", "config_hash": config_hash_ or "",
+            "toolkit_version": toolkit_version or "", "checksum": checksum}
+
+
+def _verify_file(ctx: _Context, path: Path) -> str:
+    """"ok" / "MISMATCH: ..." / "not recorded" for a file with a kind-"file" sidecar."""
+    if not ctx.verify:
+        return ""
+    rec = read_sidecar(path)
+    if rec is None:
+        return "not recorded"
+    if rec.get("kind") == "blocks":
+        from .store import verify_store_blocks
+        try:
+            bad = verify_store_blocks(path, rec)
+        except OocError as exc:
+            return f"MISMATCH: {exc}"
+        return "ok" if not bad else "MISMATCH: " + "; ".join(bad)
+    size = path.stat().st_size
+    if rec.get("size") is not None and size != rec["size"]:
+        return f"MISMATCH: {size} bytes, recorded {rec['size']}"
+    digest = file_sha256(path)
+    return "ok" if digest == rec["sha256"] else \
+        f"MISMATCH: sha256 {digest[:12]}, recorded {rec['sha256'][:12]}"
+
+
+def _verify_files(ctx: _Context, paths) -> str:
+    """One verdict for several files: the first mismatch, else ok / not recorded."""
+    if not ctx.verify:
+        return ""
+    verdicts = [(p, _verify_file(ctx, p)) for p in paths if p.exists()]
+    bad = [f"{p.name}: {v[len('MISMATCH: '):]}" for p, v in verdicts if v.startswith("MISMATCH")]
+    if bad:
+        return "MISMATCH: " + "; ".join(bad)
+    missing = [p.name for p, v in verdicts if v == "not recorded"]
+    if missing and len(missing) == len(verdicts):
+        return "not recorded"
+    return "ok" + (f" (not recorded: {', '.join(missing)})" if missing else "")
+
+
+def _inputs_changed(rec: dict | None, current: dict) -> list[str]:
+    """Inputs recorded in a sidecar whose checksum now differs (None = unknown, skipped)."""
+    if not rec:
+        return []
+    out = []
+    for name, was in (rec.get("inputs") or {}).items():
+        if name not in current:
+            continue
+        now = current[name]
+        if was and now and was != now:
+            out.append(f"{name} changed")
+        elif was and now is False:
+            out.append(f"{name} is gone")
+    return out
+
+
+# ---------------------------------------------------------------------------- steps
+
+def _tokens(ctx: _Context) -> list[dict]:
+    folder = ctx.run / "tokens"
+    meta = ctx.token_meta
+    if meta is None:
+        tmp = list(ctx.run.glob(".tokens.tmp-*"))
+        if tmp:
+            return [_row("tokens", "tokens/", "partial", detail="a token set was being "
+                         "written (killed?); run `ooc-universal tokens` again")]
+        return [_row("tokens", "tokens/", "missing")]
+    settings = {k: meta.get(k) for k in ("n_tokens", "window", "tokenizer", "n_eval_tokens")}
+    state, detail = "complete", ""
+    cfg = ctx.config
+    if cfg is not None:
+        diff = [f"{k} {meta.get(k)} (config.toml: {getattr(cfg, k)})"
+                for k in ("n_tokens", "window", "n_eval_tokens")
+                if meta.get(k) is not None and meta.get(k) != getattr(cfg, k)]
+        if diff:
+            state, detail = "stale", "made with other settings: " + ", ".join(diff)
+    checksum = ""
+    if ctx.verify:
+        from .tokens import load_token_set
+        try:
+            load_token_set(ctx.run)
+            checksum = "ok"
+        except OocError as exc:
+            checksum, state = f"MISMATCH: {exc}", "corrupt"
+    return [_row("tokens", "tokens/", state, f"{meta.get('n_tokens')} tokens", detail,
+                 meta.get("hash"), config_hash(settings), meta.get("toolkit_version"),
+                 checksum)]
+
+
+def _ledger_progress(ledger: Path) -> tuple[int | None, int | None, dict]:
+    """(blocks done, blocks in all, header) of a store ledger, read only."""
+    try:
+        raw = ledger.read_bytes()
+    except OSError:
+        return None, None, {}
+    lines = raw[: raw.rfind(b"\n") + 1].decode(errors="replace").splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, ValueError):
+        return 0, None, {}
+    n = len(header.get("chunk_offsets", []))
+    done = {int(w[1]) for w in (ln.split(" ") for ln in lines[1:])
+            if len(w) >= 2 and w[0] == "done" and w[1].isdigit() and int(w[1]) < n}
+    return len(done), n, header
+
+
+def _stores(ctx: _Context) -> list[dict]:
+    d = ctx.run / "stores"
+    labels = list(ctx.expected_stores())
+    if d.is_dir():
+        for p in sorted(d.iterdir()):
+            for suffix in (".h5.partial", ".h5"):
+                if p.name.endswith(suffix) and not p.name.startswith("."):
+                    label = p.name[: -len(suffix)]
+                    if label not in labels:
+                        labels.append(label)
+    rows = []
+    for label in labels:
+        final, partial, ledger = d / f"{label}.h5", d / f"{label}.h5.partial", \
+            d / f"{label}.ledger"
+        item = f"stores/{label}.h5"
+        if final.exists():
+            rows.append(_store_row(ctx, final, item))
+        elif partial.exists() or ledger.exists():
+            done, total, header = _ledger_progress(ledger)
+            attrs = header.get("attrs", {})
+            progress = f"{done}/{total} blocks" if total else "0 blocks (restarts)"
+            detail = "interrupted or running; run the same `ooc-universal extract` again"
+            th = attrs.get("token_hash")
+            if th and ctx.token_hash and th != ctx.token_hash:
+                detail = ("started from another token set; extract refuses to append: "
+                          "delete it")
+            rows.append(_row("extract", item, "partial", progress, detail, th,
+                             config_hash({k: v for k, v in attrs.items()
+                                          if k != "toolkit_version"}) if attrs else "",
+                             attrs.get("toolkit_version")))
+        else:
+            rows.append(_row("extract", item, "missing"))
+    return rows
+
+
+def _store_row(ctx: _Context, path: Path, item: str) -> dict:
+    from .store import open_store
+    try:
+        with open_store(path) as st:
+            attrs = dict(st.attrs)
+            n_blocks = st.n_blocks
+    except OocError as exc:
+        return _row("extract", item, "corrupt", detail=str(exc),
+                    checksum="MISMATCH: unreadable" if ctx.verify else "")
+    th = attrs.get("token_hash")
+    state, detail = "complete", ""
+    if ctx.token_hash and th != ctx.token_hash:
+        state, detail = "stale", (f"made from token set {str(th)[:12]}, the run's is "
+                                  f"{ctx.token_hash[:12]}")
+    checksum = _verify_file(ctx, path)
+    if checksum.startswith("MISMATCH"):
+        state = "corrupt"
+    return _row("extract", item, state, f"{n_blocks}/{n_blocks} blocks", detail, th,
+                config_hash({k: v for k, v in attrs.items() if k != "toolkit_version"}),
+                attrs.get("toolkit_version"), checksum)
+
+
+def _store_sha(ctx: _Context, name: str):
+    """Current recorded checksum of an input store: str, None (unknown), False (gone)."""
+    p = ctx.run / name if not Path(name).is_absolute() else Path(name)
+    if not p.exists():
+        return False
+    return recorded_sha256(p)
+
+
+def _reduce(ctx: _Context) -> list[dict]:
+    d = ctx.run / "reduce"
+    names = list(ctx.expected_pairs())
+    finals = sorted(p.name for p in d.glob("*__*.h5") if _REDUCE_NAME.fullmatch(p.name)) \
+        if d.is_dir() else []
+    names += [n for n in finals if n not in names]
+    work = {}
+    for manifest in sorted(d.glob(".work/*/manifest.json")) if d.is_dir() else []:
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        from .reduce import _blocks_on_disk
+        done = _blocks_on_disk(manifest.parent, None)
+        for out in m.get("outputs", []):
+            work[out] = (done, m.get("total_folds"), m)
+            if out not in names:
+                names.append(out)
+    rows = []
+    for name in names:
+        path = d / name
+        item = f"reduce/{name}"
+        if path.exists():
+            rows.append(_reduce_row(ctx, path, item))
+        elif name in work:
+            done, total, m = work[name]
+            rows.append(_row("reduce", item, "partial", f"{done}/{total} block folds",
+                             "interrupted or running; run the same `ooc-universal reduce` "
+                             "again", m.get("token_hash"), m.get("config_hash"),
+                             m.get("toolkit_version")))
+        else:
+            rows.append(_row("reduce", item, "missing"))
+    return rows
+
+
+def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except OSError as exc:
+        return _row("reduce", item, "corrupt", detail=f"not a readable HDF5 file ({exc})",
+                    checksum="MISMATCH: unreadable" if ctx.verify else "")
+    try:
+        config = json.loads(str(attrs.get("config_json", "{}")))
+    except ValueError:
+        config = {}
+    settings = config.get("settings") or {}
+    th = str(attrs.get("token_hash", ""))
+    why = []
+    if ctx.token_hash and th != ctx.token_hash:
+        why.append(f"made from token set {th[:12]}, the run's is {ctx.token_hash[:12]}")
+    for role in ("reference_store", "other_store"):
+        meta = config.get(role) or {}
+        was = meta.get("sha256")
+        label = meta.get("label")
+        if was and label:
+            now = _store_sha(ctx, f"stores/{label}.h5")
+            if now and now != was:
+                why.append(f"store {label} changed since")
+    cfg = ctx.config
+    if cfg is not None and settings:
+        for key in ("precision", "baseline_draws", "seed", "keep_covariance"):
+            if key in settings and settings[key] != getattr(cfg, key):
+                why.append(f"{key} {settings[key]} (config.toml: {getattr(cfg, key)})")
+    checksum = _verify_file(ctx, path)
+    state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
+    return _row("reduce", item, state, "", "; ".join(why), th,
+                config_hash(settings) if settings else "",
+                str(attrs.get("toolkit_version", "")), checksum)
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _universal(ctx: _Context) -> list[dict]:
+    d = ctx.run / "universal"
+    paths = [d / f for f in UNIVERSAL_FILES]
+    have = [p for p in paths if p.exists()]
+    sets = d / "sets.json"
+    if not sets.exists():
+        if have:
+            return [_row("universal", "universal/", "partial",
+                         f"{len(have)}/{len(paths)} files",
+                         "interrupted; run `ooc-universal universal` again")]
+        return [_row("universal", "universal/", "missing")]
+    doc = _json(sets)
+    if not isinstance(doc, dict):
+        return [_row("universal", "universal/", "corrupt", detail="sets.json is not JSON",
+                     checksum="MISMATCH: unreadable" if ctx.verify else "")]
+    rec = read_sidecar(sets)
+    why = []
+    th = doc.get("token_hash")
+    if ctx.token_hash and th and th != ctx.token_hash:
+        why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
+    if rec is not None:
+        rd = ctx.run / "reduce"
+        current = {f"reduce/{p.name}": recorded_sha256(p) for p in rd.glob("*__*.h5")} \
+            if rd.is_dir() else {}
+        for name in (rec.get("inputs") or {}):
+            current.setdefault(name, False)
+        why += _inputs_changed(rec, current)
+        refs = set((doc.get("config") or {}).get("references") or [])
+        new = [n for n in current if n not in (rec.get("inputs") or {})
+               and current[n] is not False and _ref_name_of(ctx.run / n) in refs]
+        if new:
+            why.append(f"new reduce output(s) since: {', '.join(new)}")
+    cfg = ctx.config
+    conf = doc.get("config") or {}
+    if cfg is not None and conf:
+        if sorted(float(t) for t in cfg.thresholds) != sorted(conf.get("thresholds", [])):
+            why.append(f"thresholds {conf.get('thresholds')} (config.toml: {cfg.thresholds})")
+        if conf.get("definition") and conf["definition"] != cfg.definition:
+            why.append(f"definition {conf['definition']} (config.toml: {cfg.definition})")
+    checksum = _verify_files(ctx, have)
+    state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
+    return [_row("universal", "universal/", state, f"{len(have)}/{len(paths)} files",
+                 "; ".join(why), th, (rec or {}).get("config_hash") or config_hash(conf),
+                 doc.get("toolkit_version"), checksum)]
+
+
+def _ref_name_of(path: Path) -> str | None:
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            v = f.attrs.get("ref_name")
+            return v.decode() if isinstance(v, bytes) else (None if v is None else str(v))
+    except OSError:
+        return None
+
+
+def _persistence(ctx: _Context) -> list[dict]:
+    d = ctx.run / "persistence"
+    paths = [d / f for f in PERSISTENCE_FILES]
+    have = [p for p in paths if p.exists()]
+    main = d / "persistence.json"
+    if not main.exists():
+        if have:
+            return [_row("persistence", "persistence/", "partial",
+                         f"{len(have)}/{len(paths)} files",
+                         "interrupted; run `ooc-universal persistence` again")]
+        return [_row("persistence", "persistence/", "missing")]
+    doc = _json(main)
+    if not isinstance(doc, dict):
+        return [_row("persistence", "persistence/", "corrupt", detail="not JSON",
+                     checksum="MISMATCH: unreadable" if ctx.verify else "")]
+    why = []
+    sets = ctx.run / "universal" / "sets.json"
+    sets_doc = _json(sets) if sets.exists() else None
+    was = (doc.get("source") or {}).get("universal_id")
+    if sets_doc is None:
+        why.append("universal/sets.json is gone")
+    elif was and sets_doc.get("universal_id") and was != sets_doc.get("universal_id"):
+        why.append("universal/sets.json changed since")
+    else:
+        why += _inputs_changed(read_sidecar(main), {"universal/sets.json": recorded_sha256(sets)})
+    rec = read_sidecar(main)
+    checksum = _verify_files(ctx, have)
+    state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
+    return [_row("persistence", "persistence/", state, f"{len(have)}/{len(paths)} files",
+                 "; ".join(why), doc.get("token_hash"),
+                 (rec or {}).get("config_hash") or config_hash(doc.get("config")),
+                 doc.get("toolkit_version"), checksum)]
+
+
+def _ablate(ctx: _Context) -> list[dict]:
+    d = ctx.run / "ablate"
+    paths = [d / f for f in ABLATE_FILES]
+    have = [p for p in paths if p.exists()]
+    main = d / "ablation.json"
+    parts = list((d / "parts").glob("*.json")) if (d / "parts").is_dir() else []
+    if not main.exists():
+        if have or parts:
+            return [_row("ablate", "ablate/", "partial", f"{len(parts)} model(s) done",
+                         "interrupted or running; run `ooc-universal ablate` again")]
+        return [_row("ablate", "ablate/", "missing")]
+    doc = _json(main)
+    if not isinstance(doc, dict):
+        return [_row("ablate", "ablate/", "corrupt", detail="not JSON",
+                     checksum="MISMATCH: unreadable" if ctx.verify else "")]
+    inputs = doc.get("inputs") or {}
+    why = []
+    sets = ctx.run / "universal" / "sets.json"
+    if not sets.exists():
+        why.append("universal/sets.json is gone")
+    elif inputs.get("sets_json_sha256") and inputs["sets_json_sha256"] != file_sha256(sets):
+        why.append("universal/sets.json changed since")
+    th = inputs.get("token_hash")
+    if ctx.token_hash and th and th != ctx.token_hash:
+        why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
+    rec = read_sidecar(main)
+    checksum = _verify_files(ctx, have)
+    state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
+    return [_row("ablate", "ablate/", state, f"{len(doc.get('models') or {})} model(s)",
+                 "; ".join(why), th, (rec or {}).get("config_hash")
+                 or config_hash(doc.get("config")), doc.get("toolkit_version"), checksum)]
+
+
+def _report(ctx: _Context) -> list[dict]:
+    d = ctx.run / "report"
+    data = d / "report_data.json"
+    if not data.exists():
+        if list(ctx.run.glob("report.tmp-*")):
+            return [_row("report", "report/", "partial", detail="being written or "
+                         "interrupted; run `ooc-universal report` again")]
+        return [_row("report", "report/", "missing")]
+    doc = _json(data)
+    if not isinstance(doc, dict):
+        return [_row("report", "report/", "corrupt", detail="report_data.json is not JSON")]
+    why = []
+    th = doc.get("token_hash")
+    if ctx.token_hash and th and th != ctx.token_hash:
+        why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
+    made = data.stat().st_mtime
+    newer = [f"{p.parent.name}/{p.name}" for p in
+             (ctx.run / "universal" / "table1.json", ctx.run / "persistence" / "persistence.json",
+              ctx.run / "ablate" / "ablation.json") if p.exists() and p.stat().st_mtime > made]
+    if newer:
+        why.append(f"{', '.join(newer)} changed after the report was made")
+    return [_row("report", "report/", "stale" if why else "complete",
+                 f"{len(list(d.glob('*')))} files", "; ".join(why), th, "",
+                 doc.get("toolkit_version"), "not recorded" if ctx.verify else "")]

@@ -200,7 +200,11 @@ def _resolve_hub_config(spec: ModelSpec) -> Path:
     """Fetch (or find in the cache) config.json; turn hub errors into one-line OocErrors."""
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub import errors as hf_errors
+    import logging
     what = f"model {spec.label} ({spec.where})"
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no "Retrying in 4s" lines: the error below is one line
     try:
         return Path(hf_hub_download(spec.repo_id, "config.json", revision=spec.revision))
     except hf_errors.GatedRepoError:
@@ -223,6 +227,8 @@ def _resolve_hub_config(spec: ModelSpec) -> Path:
         detail = "" if local else f" [{type(exc).__name__}]"
         raise OocError(f"{what}: revision {spec.revision or 'main'} is not in the local HF cache "
                        f"and {offline}{have}{detail}; {_download_hint(spec)}") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _hub_source(spec: ModelSpec) -> tuple[str, dict, str | None]:

@@ -114,6 +114,8 @@ def store_path(run_dir, name: str) -> Path:
     except OocError:
         label = name
     path = Path(run_dir) / "stores" / f"{label}.h5"
+    if not path.exists() and path.with_name(path.name + ".partial").exists():
+        open_store(path)  # raises: incomplete, run the same extract again
     if not path.exists():
         raise OocError(f"no activation store for {name!r} at {str(path)!r}; "
                        f"run `ooc-universal extract --run-dir {run_dir} {name}` first")

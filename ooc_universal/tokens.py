@@ -518,4 +518,5 @@ def check_tokenizer_matches(token_set: TokenSet, loaded_model) -> None:
                        "tokenizer")
     if token_set.bos_token_id != loaded_model.bos_token_id:
         raise OocError(f"token set uses BOS id {token_set.bos_token_id} but model {label} "
-                       f"has bos_token_id {loaded_model.bos_token_id}")
+                       f"has bos_token_id {loaded_model.bos_token_id}; build the token set "
+                       "with that model's tokenizer (--tokenizer MODEL) in a new --run-dir")

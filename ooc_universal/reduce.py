@@ -50,6 +50,13 @@ class TaskFailedError(OocError):
     """A task of the reduce graph failed after its retries."""
 
 
+class ReduceInterrupted(KeyboardInterrupt):
+    """Raised in a local task after Ctrl-C, once its progress is checkpointed."""
+
+
+_CANCEL = threading.Event()  # set on Ctrl-C: local fold tasks checkpoint and stop
+
+
 @dataclass(frozen=True)
 class ReduceSettings:
     """What the numbers depend on; saved with every result (config_json)."""
@@ -433,9 +440,16 @@ def _execute(graph, out_keys, plan, scheduler, progress, work_dir):
             import dask
             import dask.threaded
             _PROGRESS.set(bar)
+            _CANCEL.clear()
             # One worker thread: the GEMM is already multi-threaded inside torch.
-            with dask.config.set(scheduler="threads"):
-                dask.threaded.get(graph, out_keys, num_workers=1)
+            try:
+                with dask.config.set(scheduler="threads"):
+                    dask.threaded.get(graph, out_keys, num_workers=1)
+            except KeyboardInterrupt:
+                # Ctrl-C: the running fold checkpoints what it has and stops at its next
+                # block, instead of the process waiting for the whole chain
+                _CANCEL.set()
+                raise
             folded = _PROGRESS.count
     finally:
         _PROGRESS.set(None)
@@ -648,6 +662,11 @@ def fold_chain(task: FoldTask) -> str:
     for b in task.blocks:
         if b < start_at:
             continue
+        if _CANCEL.is_set():
+            if seg:
+                _check_finite(task, accs, b - 1)
+                _save_state(path, _to_state(accs, selfs, b, n_done))
+            raise ReduceInterrupted(f"interrupted before block {b}")
         s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
         x = load_block(ref, s, e, (r0, r1), xbuf).to(task.device, non_blocking=True)
         for i, o in enumerate(others):
@@ -666,6 +685,7 @@ def fold_chain(task: FoldTask) -> str:
         seg += 1
         _PROGRESS.update(1)
         faults.point("reduce.fold.block")
+        _test_hook_after_block()
         last = b == task.blocks[-1]
         if seg >= task.blocks_per_segment or last:
             _check_finite(task, accs, b)
@@ -690,6 +710,14 @@ def _check_finite(task: FoldTask, accs: list, block: int) -> None:
                 f"neuron(s) (flat index {first}{' ...' if len(bad) > 5 else ''}) by token "
                 f"block {block}; re-extract it from a sound checkpoint (Inf means "
                 "activations beyond the float16 range)")
+
+
+def _test_hook_after_block():
+    """Fault-injection point for the tests (env OOC_TEST_SLEEP_PER_BLOCK, as in extract)."""
+    delay = os.environ.get("OOC_TEST_SLEEP_PER_BLOCK")
+    if delay:
+        import time
+        time.sleep(float(delay))
 
 
 def _test_hook_after_checkpoint():

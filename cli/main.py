@@ -1,7 +1,6 @@
 """The `ooc-universal` console script: a click group with one command per step."""
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 
@@ -89,7 +88,8 @@ def main(argv=None):
         click.echo("error: interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        from ooc_universal.rundir import is_disk_full
+        if not is_disk_full(exc):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
         click.echo(f"error: disk full{where}: {exc.strerror}; free some space and run the "

@@ -204,7 +204,10 @@ def disk_full(exc: OSError, what: str) -> OocError:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC / EDQUOT, also from h5py, which may report it in the message only."""
+    return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left on device" in str(exc)
+                                         or "Disk quota exceeded" in str(exc))
 
 
 @contextmanager

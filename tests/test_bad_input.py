@@ -225,6 +225,16 @@ def _sidecar_sha(rel, sha="0" * 64):
     return setup
 
 
+def _disk_full_savez(run, m, root, mp):
+    import errno
+
+    from ooc_universal import tokens as tokens_mod
+
+    def savez(f, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device", str(getattr(f, "name", f)))
+    mp.setattr(tokens_mod.np, "savez", savez)
+
+
 def _reduced_other_shape(run, m, root, mp):
     # a second reduce file for reference t0 whose reference has another shape
     write_reduced(run, np.zeros(24, np.float32), np.zeros(24, np.float32), ref="t0",
@@ -360,6 +370,10 @@ CASES = [
      [f"is in use by another process (pid {FAKE_PID})", "wait for that reduce to finish"]),
     ("second-process-run", _seq(_lock(".lock"), _run_with()),
      [f"is in use by another process (pid {FAKE_PID})", "wait for it to finish"]),
+    ("disk-full-writing-tokens", _seq(_drop("tokens"), _disk_full_savez, _argv(
+        "tokens", "--run-dir", "{run}", "--source", "{root}/text.txt", "--n-tokens", "100",
+        "--tokenizer", "bytes", "--window", "64", "--no-progress")),
+     ["disk full", "free some space and run the same command again"]),
     ("status-of-no-run", _argv("status", "{root}/no-such-run"),
      ["does not exist", "give the --run-dir of a run"]),
 ]

@@ -14,6 +14,12 @@ Graph (one driver, pure kernels):
   assemble(pair)     gather the panels, write the pair's file (temp name + rename)
 Tasks pass file paths, not arrays: a worker of a cluster opens the stores and the
 checkpoints itself, and a killed run resumes from the last checkpoint on disk.
+
+Failures: every task runs under run_task (one retry from its checkpoint, then one line
+naming the task; a full disk is not retried). Ctrl-C makes the running fold checkpoint
+what it has and stop. One process per output pair (a lock in RUN/reduce/). A re-run after
+a kill that came between two pairs' commits finishes from the whole command's work dir.
+Fault-injection points (faults.point) mark where the tests kill the process.
 """
 from __future__ import annotations
 

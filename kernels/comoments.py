@@ -178,14 +178,29 @@ def comoment_update_(acc: dict, x, y, compute_dtype=torch.float32, *, workspace=
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens but y has {y.shape[0]}; "
                          "pass the same token block of both models")
-    nb = x.shape[0]
+    if x.shape[0] == 0:
+        return acc
+    cx = centre_block(x, compute, workspace=workspace, role="x")
+    cy = centre_block(y, compute, workspace=workspace, role="y")
+    return comoment_update_centred_(acc, cx, cy)
+
+
+@torch.no_grad()
+def comoment_update_centred_(acc: dict, cx: tuple, cy: tuple) -> dict:
+    """comoment_update_ for blocks already centred by centre_block (its (mean, m2, xg)
+    outputs), so a block shared by several pairs (the reference's, against every other
+    model; the other's, for its self co-moments too) is converted and centred once."""
+    mean_x, m2_x, xg = cx
+    mean_y, m2_y, yg = cy
+    if xg.shape[0] != yg.shape[0]:
+        raise ValueError(f"x has {xg.shape[0]} tokens but y has {yg.shape[0]}; "
+                         "pass the same token block of both models")
+    nb = xg.shape[0]
     if nb == 0:
         return acc
-    mean_x, m2_x, xg = centre_block(x, compute, workspace=workspace, role="x")
-    mean_y, m2_y, yg = centre_block(y, compute, workspace=workspace, role="y")
     c = acc["c"]
     first = acc["n"] == 0
-    if compute == torch.bfloat16:
+    if xg.dtype == torch.bfloat16:
         cb = _gemm_tn(xg, yg, c.dtype)
         if first:
             c.copy_(cb)
@@ -254,14 +269,23 @@ def self_comoment_chunk(y, d: int, compute_dtype=torch.float32, *, workspace=Non
     n, cols = y.shape
     if d <= 0 or cols % d:
         raise ValueError(f"y has {cols} neurons, not a whole number of layers of d={d}")
-    layers = cols // d
-    f64 = dict(dtype=torch.float64, device=y.device)
     if n == 0:
+        f64 = dict(dtype=torch.float64, device=y.device)
         return {"n": 0, "mean": torch.zeros(cols, **f64), "m2": torch.zeros(cols, **f64),
-                "s": torch.zeros(layers, d, d, **f64)}
-    mean, m2, yg = centre_block(y, compute, workspace=workspace, role="self")
-    acc = _COMPUTE[compute]
-    s = torch.empty(layers, d, d, **f64)
+                "s": torch.zeros(cols // d, d, d, **f64)}
+    return self_comoment_centred(centre_block(y, compute, workspace=workspace, role="self"), d)
+
+
+@torch.no_grad()
+def self_comoment_centred(cy: tuple, d: int) -> dict:
+    """self_comoment_chunk for a block already centred by centre_block ((mean, m2, yg))."""
+    mean, m2, yg = cy
+    n, cols = yg.shape
+    if d <= 0 or cols % d:
+        raise ValueError(f"y has {cols} neurons, not a whole number of layers of d={d}")
+    layers = cols // d
+    acc = _COMPUTE[yg.dtype]
+    s = torch.empty(layers, d, d, dtype=torch.float64, device=yg.device)
     for layer in range(layers):  # column slices with lda = L*d: no copies (a strided
         blk = yg[:, layer * d:(layer + 1) * d]  # bmm over layers copies, and is slower)
         s[layer] = _gemm_tn(blk, blk, acc)

@@ -635,8 +635,8 @@ def load_block(store, start: int, stop: int, cols: tuple | None, out):
 
 def fold_chain(task: FoldTask) -> str:
     """Fold this chain's token blocks into the group's accumulators; checkpointed."""
-    from .kernels.comoments import (comoment_update_, empty_comoments,
-                                    self_comoment_chunk, self_comoment_combine)
+    from .kernels.comoments import (centre_block, comoment_update_centred_, empty_comoments,
+                                    self_comoment_centred, self_comoment_combine)
     torch = _torch()
     path = _fold_path(task.work_dir, task.group, task.panel, task.chain)
     n_pairs = len(task.other_paths)
@@ -675,12 +675,15 @@ def fold_chain(task: FoldTask) -> str:
             raise ReduceInterrupted(f"interrupted before block {b}")
         s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
         x = load_block(ref, s, e, (r0, r1), xbuf).to(task.device, non_blocking=True)
+        # centred once per block, whatever the number of pairs (and reused by the self
+        # co-moments): conversion and centring are memory-bound, the GEMMs are not
+        cx = centre_block(x, compute, workspace=workspace, role="x")
         for i, o in enumerate(others):
             y = load_block(o, s, e, None, ybufs[i]).to(task.device, non_blocking=True)
-            comoment_update_(accs[i], x, y, compute_dtype=compute, workspace=workspace)
+            cy = centre_block(y, compute, workspace=workspace, role="y")
+            comoment_update_centred_(accs[i], cx, cy)
             if task.with_self:
-                sc = self_comoment_chunk(y, task.d_others[i], compute_dtype=compute,
-                                         workspace=workspace)
+                sc = self_comoment_centred(cy, task.d_others[i])
                 selfs_i = selfs[i] if len(selfs) > i else None
                 merged = sc if selfs_i is None else self_comoment_combine(selfs_i, sc)
                 if len(selfs) > i:

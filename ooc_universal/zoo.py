@@ -52,13 +52,13 @@ class ZooRecipe:
     """Everything that determines a zoo's weights (saved in zoo.json)."""
     n_models: int = 5               # independent models; model i uses seed `seed + i`
     n_layer: int = 2                # transformer blocks
-    n_embd: int = 64                # d_model (residual width)
+    n_embd: int = 128               # d_model (residual width)
     n_head: int = 4                 # attention heads (n_embd % n_head == 0)
     d_mlp: int = 512                # MLP width = neurons per layer (n_inner)
     context: int = 64               # tokens per training window, BOS at column 0
                                     # included; also the model's n_positions
     batch_size: int = 32            # windows per optimizer step
-    steps: int = 8000               # length of the LR schedule (100% of training)
+    steps: int = 6000               # length of the LR schedule (100% of training)
     lr: float = 3e-3                # peak learning rate (AdamW)
     warmup_steps: int = 200         # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1       # cosine decays lr to lr * min_lr_ratio at `steps`
@@ -133,7 +133,10 @@ class ZooRecipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Candidate recipes are measured by bench/zoo_search.py; "demo" is the shipped zoo.
+# Candidate recipes are measured by bench/zoo_search.py (results in
+# bench/results/zoo_search.jsonl); "demo" is the shipped zoo, rebuilt bit for bit by
+# `ooc-universal zoo train --preset demo --threads 1` (one thread: the CPU GEMMs'
+# summation order depends on the thread count).
 PRESETS = {
     "demo": ZooRecipe(),
     "smoke": ZooRecipe(n_models=2, n_layer=1, n_embd=16, n_head=2, d_mlp=64, context=32,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ooc_universal.zoo import (BOS, NEWLINE, ZooRecipe, load_checkpoint, load_corpus,
-                               train_zoo, unigram_loss)
+                               train_zoo)
 
 THRESHOLDS = (0.4, 0.5, 0.6)
 

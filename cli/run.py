@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ooc_universal.config import PRESETS, RunConfig, load_config
+from ooc_universal.config import PRESETS, load_config
 from ooc_universal.run import STEP_NAMES
 from ooc_universal.run import dry_run as plan_study
 from ooc_universal.run import run as run_study

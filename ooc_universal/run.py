@@ -209,7 +209,7 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
     abl_tokens = n_sets * cfg.n_eval_tokens * n_ck
     echo(f"[ablate]  {n_sets} ablation sets per checkpoint x {cfg.n_eval_tokens:,} eval tokens:"
          f" here ~{_hms(abl_tokens / fwd_rate)}")
-    echo(f"[universal, persistence, report] seconds; read only the reduced statistics")
+    echo("[universal, persistence, report] seconds; read only the reduced statistics")
     echo(f"peak RAM per process: reduce {human_bytes(plan.peak_bytes)} "
          f"(budget {cfg.memory}); extract within --memory")
     return out

@@ -27,7 +27,6 @@ import torch
 
 from ooc_universal import faults
 from ooc_universal.cli.main import main
-from ooc_universal.errors import OocError
 from ooc_universal.extract import extract
 from ooc_universal.reduce import _blocks_on_disk, reduce
 from ooc_universal.rundir import read_sidecar

@@ -180,10 +180,13 @@ def reduce(run_dir, reference: str, others: list, *, memory="4GB", device="auto"
                     "wait for that reduce to finish (or stop it) and run this again"))
                 for stale in out.parent.glob(f"{out.name}.tmp-*"):  # left by a kill
                     stale.unlink(missing_ok=True)
-        return _reduce_locked(run_dir, out_dir, ref_path, ref_meta, other_paths, metas,
-                              settings, memory, device, precision, scheduler, block_tokens,
-                              max_panels, n_workers, checkpoint_blocks, dry_run, force,
-                              progress, gemm_rate)
+        try:
+            return _reduce_locked(run_dir, out_dir, ref_path, ref_meta, other_paths, metas,
+                                  settings, memory, device, precision, scheduler,
+                                  block_tokens, max_panels, n_workers, checkpoint_blocks,
+                                  dry_run, force, progress, gemm_rate)
+        finally:
+            release_stores([ref_path, *other_paths])
 
 
 def _reduce_locked(run_dir, out_dir, ref_path, ref_meta, other_paths, metas, settings,
@@ -611,6 +614,16 @@ def _cached_store(path: str):
         if st is None:
             st = _STORE_CACHE[path] = open_store(path)
         return st
+
+
+def release_stores(paths) -> None:
+    """Close this process's cached maps of `paths`: a study reduces one checkpoint after
+    another in one process, and maps kept open would keep every store's pages resident."""
+    with _STORE_LOCK:
+        for p in paths:
+            st = _STORE_CACHE.pop(str(p), None)
+            if st is not None:
+                st.close()
 
 
 def load_block(store, start: int, stop: int, cols: tuple | None, out):

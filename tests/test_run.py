@@ -1,0 +1,148 @@
+"""`ooc-universal run` on the shipped demo zoo, on a smaller slice so CI stays fast:
+every table and figure, report numbers equal to the files they come from, the config
+saved, and a run killed between steps resumes without redoing completed steps."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ooc_universal.cli.main import cli
+from ooc_universal.config import RunConfig, demo_config, demo_zoo_dir
+
+# A slice of the demo: fewer tokens and draws than the preset, the same models and steps.
+SLICE = ["--n-tokens", "4096", "--n-eval-tokens", "1024", "--baseline-draws", "2",
+         "--control-draws", "2", "--no-progress"]
+FIGURES = (["universal_percent", "corr_vs_baseline", "excess_hist", "universal_layer_counts",
+            "heldout_loss"]
+           + [f"{k}_t{t}" for t in ("04", "05", "06") for k in
+              ("persistence_pairs", "persistence_layers", "persistence_layers_by_pair",
+               "ablation", "ablation_layers")])
+
+
+def test_demo_zoo_is_shipped_and_small():
+    zoo = demo_zoo_dir()
+    info = json.loads((zoo / "zoo.json").read_text())
+    files = [p for p in zoo.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2 ** 20
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert len(weights) == len(info["models"]) * len(info["checkpoint_steps"]) >= 5 * 3
+    from safetensors import safe_open
+    with safe_open(str(weights[0]), "np") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"float16"}
+    assert not list(zoo.rglob("train_state.pt"))
+    # learned real structure: every model's last checkpoint beats the unigram baseline
+    last = str(info["checkpoint_steps"][-1])
+    assert all(m["checkpoints"][last]["heldout_loss"] < info["unigram_heldout_loss"] - 0.5
+               for m in info["models"])
+    cfg = demo_config()
+    assert len(cfg.models) == len(info["models"]) and cfg.checkpoints == info["checkpoint_steps"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    rd = tmp_path_factory.mktemp("demo") / "run"
+    res = CliRunner().invoke(cli, ["run", "--run-dir", str(rd), *SLICE])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return rd, res.output
+
+
+def test_demo_run_produces_every_table_and_figure(demo_run):
+    rd, out = demo_run
+    assert f"report: {rd / 'report' / 'index.html'}" in out
+    data = json.loads((rd / "report" / "report_data.json").read_text())
+    assert sorted(data["figures"]) == sorted(FIGURES)
+    for fig in data["figures"].values():
+        assert (rd / "report" / fig["file"]).read_bytes().startswith(b"\x89PNG")
+    assert all(s["status"] == "ok" for s in data["sections"].values()), data["sections"]
+    for name in ("table1", "table1_pairs", "table1_layers", "persistence", "ablation",
+                 "zoo_loss"):
+        assert data["tables"][name]["rows"], name
+    md = (rd / "report" / "index.md").read_text()
+    assert md.count("](fig_") == len(FIGURES)
+    html = (rd / "report" / "index.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len(FIGURES)
+    # the config actually used is saved, with the command-line overrides in it
+    used = RunConfig.from_toml(rd / "config.toml")
+    assert used.n_tokens == 4096 and used.control_draws == 2
+    assert used.models == demo_config().models
+
+
+def test_report_numbers_equal_their_sources(demo_run):
+    rd, _ = demo_run
+    data = json.loads((rd / "report" / "report_data.json").read_text())
+    t1 = json.loads((rd / "universal" / "table1.json").read_text())["table1"]
+    by = {(e["threshold"], e["checkpoint"]): e for e in t1}
+    recs = data["tables"]["table1"]["records"]
+    assert len(recs) == 3 * 3
+    for rec in recs:
+        assert rec["percent"] == by[(rec["threshold"], rec["checkpoint"])]["percent"]
+    # Table 1 against the per-neuron table, recomputed here: mean over pairs of
+    # 100 * count(excess > tau) / n_neurons (draw 0)
+    import pandas as pd
+    neurons = pd.read_parquet(rd / "universal" / "neurons.parquet")
+    for (tau, ck), e in by.items():
+        sub = neurons[neurons.checkpoint == ck]
+        pct = [100.0 * float((g.excess > tau).mean()) for _, g in sub.groupby("other")]
+        assert e["percent"] == pytest.approx(np.mean(pct), abs=1e-9)
+    with open(rd / "ablate" / "ablation.csv") as f:
+        abl = {(r["other"], int(r["checkpoint"]), float(r["threshold"]), r["set"]): r
+               for r in csv.DictReader(f) if r["layer"] == "all"}
+    for rec in data["tables"]["ablation"]["records"]:
+        src = abl[(rec["other"], rec["checkpoint"], rec["threshold"], rec["set"])]
+        assert rec["kl"] == float(src["kl"]) and rec["delta_loss"] == float(src["delta_loss"])
+    pers = json.loads((rd / "persistence" / "persistence.json").read_text())
+    src = {(r["other"], r["threshold"], r["t1"], r["t2"]): r for r in pers["pairs"]
+           if r["layer"] == "all"}
+    for rec in data["tables"]["persistence"]["records"]:
+        if rec["other"] in {r[0] for r in src}:
+            s = src[(rec["other"], rec["threshold"], rec["t1"], rec["t2"])]
+            assert rec["p_persist"] == s["p_persist"] and rec["n_t1"] == s["n_t1"]
+    zoo = json.loads((demo_zoo_dir() / "zoo.json").read_text())
+    unigram = [r for r in data["tables"]["zoo_loss"]["records"]
+               if r["model"] == "unigram baseline"]
+    assert unigram and unigram[0]["heldout_loss"] == zoo["unigram_heldout_loss"]
+
+
+def _stamp(paths):
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def test_killed_between_steps_resumes_without_redoing(tmp_path):
+    rd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ooc_universal", "run", "--run-dir", str(rd), *SLICE]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # 1) a run that stopped after extract (as if killed between extract and reduce)
+    subprocess.run(cmd + ["--steps", "tokens,extract"], check=True, env=env,
+                   capture_output=True, timeout=600)
+    stores = sorted((rd / "stores").glob("*.h5"))
+    assert len(stores) == 5 * 3
+    before = _stamp(stores + [rd / "tokens" / "meta.json"])
+    # 2) the full run, SIGKILLed as soon as the universal step has written its output
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (rd / "universal" / "table1.json").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (rd / "report" / "index.html").exists()
+    reduced = sorted((rd / "reduce").glob("*.h5"))
+    assert len(reduced) == 4 * 3
+    before.update(_stamp(reduced))
+    # 3) the same command again: nothing finished is recomputed, the report appears
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _stamp([Path(p) for p in before]) == before
+    assert "token set complete; skipped" in res.stdout
+    assert "0 block folds computed" in res.stdout
+    assert (rd / "report" / "index.html").exists()

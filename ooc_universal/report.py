@@ -156,7 +156,9 @@ def _step_short(c) -> str:
     if c is None or int(c) < 0:
         return "no step"
     c = int(c)
-    return f"{c // 1000}k" if c >= 1000 and c % 1000 == 0 else str(c)
+    if c >= 1000 and c % 100 == 0:  # 1500 -> 1.5k, 3000 -> 3k, 100000 -> 100k
+        return f"{c / 1000:g}k"
+    return str(c)
 
 
 def _slug(text) -> str:

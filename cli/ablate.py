@@ -62,7 +62,8 @@ def _overrides(items) -> dict:
                    "rebuilt from the reduce files' attributes. Repeatable.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the control draws.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
+              help="No progress bars (--no-progress, as in the other steps).")
 def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universal,
            no_layerwise, n_eval_tokens, batch_size, device, models, seed, quiet):
     """Ablate universal vs control neurons; report KL and delta loss.

@@ -9,7 +9,8 @@ import click
 @click.command()
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False),
               help="Run directory holding universal/sets.json (output: RUN/persistence/).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
+              help="No progress bars (--no-progress, as in the other steps).")
 def persistence(run_dir, quiet):
     """P(universal at t2 | universal at t1) for every pair of checkpoints t1 < t2.
 

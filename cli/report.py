@@ -14,7 +14,8 @@ from ooc_universal.errors import OocError
 @click.option("--zoo-json", default=None, type=click.Path(dir_okay=False),
               help="A zoo's zoo.json, for the models' held-out loss. Default: zoo_json in "
                    "RUN/config.toml, or the zoo.json beside a local model of the run.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
+              help="No progress bars (--no-progress, as in the other steps).")
 def report(run_dir_arg, run_dir, zoo_json, quiet):
     """Write RUN/report/: index.html (one self-contained page) and index.md with PNGs.
 

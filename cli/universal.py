@@ -41,7 +41,8 @@ def _thresholds(text: str) -> list[float]:
                    "`reduce --keep-covariance`); they add spread, never change draw 0.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="First seed for the extra draws (seeds already used by reduce are skipped).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
+              help="No progress bars (--no-progress, as in the other steps).")
 def universal(run_dir, reference, all_references, thresholds, definition,
               extra_baseline_draws, seed, quiet):
     """Universal neurons and Table 1 from the reduced statistics.

@@ -81,19 +81,32 @@ def _chunk_rows(n: int, cols: int, device) -> int:
     return max(1, min(n, _CHUNK_BYTES // (4 * max(cols, 1))))
 
 
+_NUMBA_INPUTS = (torch.float16, torch.float32, torch.float64)
+
+
 def centre_block(x: torch.Tensor, compute_dtype=torch.float32, *, workspace=None,
-                 role: str = "x"):
+                 role: str = "x", impl: str = "auto"):
     """Centre a token block for the GEMM.
 
     x: (n, N) any float dtype, n >= 1. Returns (mean (N,) f64, m2 (N,) f64,
     xg (n, N) compute dtype), xg = x - mu with mu the block mean rounded to the working
     precision (f64 for float64, else fp32). `role` keys the workspace buffer (two
-    blocks centred for one GEMM need different roles).
+    blocks centred for one GEMM need different roles). `impl`: "numba" (two fused
+    passes, kernels/centring.py; the CPU default for fp16/fp32/fp64 input), "torch"
+    (chunked torch ops; any device, the CUDA path) or "auto".
     """
     compute = _compute_dtype(compute_dtype)
     work = torch.float64 if compute == torch.float64 else torch.float32
     n, cols = x.shape
     dev = x.device
+    if impl == "numba" or (impl == "auto" and dev.type == "cpu" and x.dtype in _NUMBA_INPUTS):
+        from .centring import centre_numpy
+        xg = _buffer(workspace, role, n, cols, compute, dev)
+        out = xg.view(torch.int16).numpy().view("uint16") if compute == torch.bfloat16 \
+            else xg.numpy()
+        mean, m2 = centre_numpy(x.numpy(), out, "float64" if work == torch.float64
+                                else "float32")
+        return torch.from_numpy(mean), torch.from_numpy(m2), xg
     k = _chunk_rows(n, cols, dev)
     tmp = _buffer(workspace, "tmp", k, cols, work, dev)
     sq = _buffer(workspace, "sq", k, cols, work, dev)
@@ -201,7 +214,9 @@ def comoment_update_centred_(acc: dict, cx: tuple, cy: tuple) -> dict:
     c = acc["c"]
     first = acc["n"] == 0
     if xg.dtype == torch.bfloat16:
-        cb = _gemm_tn(xg, yg, c.dtype)
+        # CPU: the bf16 product is added to the fp32 accumulator as it is (add_ promotes
+        # in place), without an fp32 copy of the (Na, Nb) product first
+        cb = torch.mm(xg.T, yg) if xg.device.type == "cpu" else _gemm_tn(xg, yg, c.dtype)
         if first:
             c.copy_(cb)
         else:

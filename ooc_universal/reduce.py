@@ -616,6 +616,10 @@ def _cached_store(path: str):
         return st
 
 
+def view_cols(store, cols) -> int:
+    return store.n_neurons if cols is None else cols[1] - cols[0]
+
+
 def release_stores(paths) -> None:
     """Close this process's cached maps of `paths`: a study reduces one checkpoint after
     another in one process, and maps kept open would keep every store's pages resident."""
@@ -627,10 +631,22 @@ def release_stores(paths) -> None:
 
 
 def load_block(store, start: int, stop: int, cols: tuple | None, out):
-    """Copy rows [start, stop) (columns `cols`) of a store into `out` (a torch tensor),
-    converting fp16 -> out's dtype in the same pass, chunk by chunk from the memory map."""
+    """Rows [start, stop) (columns `cols`) of a store as a torch tensor: a zero-copy view
+    of the memory map when they lie in one chunk and `out` is None (the CPU path; the
+    centring kernel reads fp16 itself), else copied into `out` (converted to its dtype
+    in the same pass), chunk by chunk."""
     torch = _torch()
     bt = store.block_tokens
+    if out is None:
+        c0, c1 = store.block_bounds(start // bt)
+        if stop <= c1 and store._mm is not None:
+            view = store.read_block(start // bt)[start - c0:stop - c0]
+            if cols is not None:
+                view = view[:, cols[0]:cols[1]]
+            with warnings.catch_warnings():  # read-only memmap: the kernels only read it
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(view)
+        out = torch.empty(stop - start, view_cols(store, cols), dtype=torch.float16)
     row = 0
     for ci in range(start // bt, (stop - 1) // bt + 1):
         c0, c1 = store.block_bounds(ci)
@@ -667,12 +683,14 @@ def fold_chain(task: FoldTask) -> str:
     ref = _cached_store(task.ref_path)
     others = [_cached_store(p) for p in task.other_paths]
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[task.precision]
-    buf_dtype = torch.float64 if task.precision == "fp64" else torch.float32
     r0, r1 = task.rows
+    # fp16 blocks, as stored: on a GPU through pinned buffers (half the bytes over the
+    # bus); on a CPU straight from the memory map, the centring kernel converting them
     pin = task.device == "cuda"
-    xbuf = torch.empty(task.block_tokens, r1 - r0, dtype=buf_dtype, pin_memory=pin)
-    ybufs = [torch.empty(task.block_tokens, o.n_neurons, dtype=buf_dtype, pin_memory=pin)
-             for o in others]
+    xbuf = torch.empty(task.block_tokens, r1 - r0, dtype=torch.float16,
+                       pin_memory=True) if pin else None
+    ybufs = [torch.empty(task.block_tokens, o.n_neurons, dtype=torch.float16,
+                         pin_memory=True) if pin else None for o in others]
     if not accs:
         accs = [empty_comoments(r1 - r0, o.n_neurons, task.precision, task.device)
                 for o in others]

@@ -433,3 +433,43 @@ def test_rotated_row_max_row_strips(monkeypatch):
                                   whole)
     with pytest.raises(ValueError, match="s_layer"):
         rot.rotated_row_max(ref["c"], ref["m2_x"], np.eye(d + 1), r)
+
+
+# ------------------------------------------------- centring: numba (CPU) vs torch (CUDA)
+
+def test_numba_fp16_decode_is_exact_for_every_bit_pattern():
+    from ooc_universal.kernels.centring import _F16_TABLE, _centre_write
+    bits = np.arange(1 << 16, dtype=np.uint16).reshape(1, -1)
+    out = np.empty(bits.shape, np.float32)
+    r, q = np.zeros((1, bits.shape[1])), np.zeros((1, bits.shape[1]))
+    _centre_write(bits, _F16_TABLE, np.zeros(bits.shape[1], np.float32), out, r, q)
+    want = bits.view(np.float16).astype(np.float32)     # numpy's own conversion
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16, F64])
+@pytest.mark.parametrize("src", [torch.float16, torch.float32])
+def test_numba_and_torch_centring_agree_with_float64(dtype, src):
+    """The CPU (numba) and CUDA (torch, run here on the CPU) paths of centre_block:
+    means and m2 against float64 numpy, centred blocks against each other (the two
+    may round the shift mu differently by one ulp)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(777, 96, generator=g) * 0.3 + 2.0)
+    x[:, 5] = 1.25                                   # a constant neuron centres to 0
+    x[::50, 7] += 40.0                               # a sparse spike
+    x = x.to(src)
+    ref = x.double().numpy()
+    got = {impl: cm.centre_block(x, dtype, impl=impl) for impl in ("numba", "torch")}
+    for impl, (mean, m2, xg) in got.items():
+        assert xg.dtype == dtype and xg.shape == x.shape
+        assert np.abs(mean.numpy() - ref.mean(0)).max() <= 1e-12 * 40 + (
+            0 if dtype == F64 else 1e-6), impl
+        want_m2 = ((ref - ref.mean(0)) ** 2).sum(0)
+        assert np.allclose(m2.numpy(), want_m2, rtol=1e-5 if dtype != F64 else 1e-12,
+                           atol=1e-9), impl
+        assert m2[5] == 0.0 and torch.all(xg[:, 5] == 0), impl
+    a, b = got["numba"][2].double(), got["torch"][2].double()
+    ulp = {F32: 2 ** -20, BF16: 2 ** -5, F64: 2 ** -45}[dtype]
+    assert (a - b).abs().max() <= ulp * (1 + b.abs().max())

@@ -721,6 +721,8 @@ def fold_chain(task: FoldTask) -> str:
                     selfs[i] = merged
                 else:
                     selfs.append(merged)
+        for st in (ref, *others):  # done with these rows: keep RSS flat over the pass
+            st.release_rows(s, e)
         n_done += 1
         seg += 1
         _PROGRESS.update(1)

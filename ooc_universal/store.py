@@ -587,6 +587,26 @@ class ActivationStore:
         self._h5[DATASET].read_direct(out, np.s_[start:stop], np.s_[0:rows])
         return out
 
+    def release_rows(self, start: int, stop: int) -> None:
+        """Drop rows [start, stop) from this process's resident set (uncompressed stores).
+
+        Mapped file pages count in RSS until unmapped, so a pass over a store would grow
+        RSS with the tokens read although the kernel may reclaim them; MADV_DONTNEED on a
+        read-only file mapping only unmaps (the page cache keeps the data, a later read
+        faults it back in), so RSS stays flat. Whole pages inside the range only."""
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or stop <= start:
+            return
+        import mmap
+        page, row_bytes, bt = mmap.PAGESIZE, self.n_neurons * DTYPE.itemsize, self.block_tokens
+        for i in range(start // bt, (stop - 1) // bt + 1):
+            c0, c1 = self.block_bounds(i)
+            lo = self._offsets[i] + (max(start, c0) - c0) * row_bytes
+            hi = self._offsets[i] + (min(stop, c1) - c0) * row_bytes
+            lo, hi = -(-lo // page) * page, hi // page * page
+            if hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a new float16 array (any range, across chunk bounds)."""
         if not 0 <= start <= stop <= self.n_tokens:

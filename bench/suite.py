@@ -178,6 +178,30 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _cpu_busy_seconds():
+    """(all CPUs' busy seconds from /proc/stat, this process's and its children's CPU
+    seconds), so other jobs' share of the machine can be told from the bench's own."""
+    import resource
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz   # less idle and iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    own = sum(getattr(resource.getrusage(who), k) for who in
+              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for k in ("ru_utime", "ru_stime"))
+    return busy, own
+
+
+def _other_jobs_share(start, end, wall_s: float, cores: int):
+    """Share of the machine's CPU time taken by other processes during the run."""
+    if not start or not end or wall_s <= 0:
+        return None
+    other = (end[0] - start[0]) - (end[1] - start[1])
+    return round(max(0.0, other) / (wall_s * max(1, cores)), 3)
+
+
 def _load_average():
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -256,6 +280,7 @@ def run_suite(cfg: SuiteConfig, quiet: bool = False) -> dict:
            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": dict(info, name=slug, load_average_start=_load_average()),
            "config": asdict(cfg), "parts": {}, "part_argv": {}, "part_wall_s": {}}
+    cpu_start, t_cpu = _cpu_busy_seconds(), time.perf_counter()
     for part in cfg.parts:
         argv = part_argv(part, cfg)
         log(f"{part}: bench_{part} {' '.join(argv)}", quiet)
@@ -265,6 +290,8 @@ def run_suite(cfg: SuiteConfig, quiet: bool = False) -> dict:
         doc["part_wall_s"][part] = time.perf_counter() - t0
         log(f"{part}: done in {doc['part_wall_s'][part]:.1f} s", quiet)
     doc["machine"]["load_average_end"] = _load_average()
+    doc["machine"]["other_jobs_cpu_share"] = _other_jobs_share(
+        cpu_start, _cpu_busy_seconds(), time.perf_counter() - t_cpu, info.get("cores") or 1)
     doc["figures"] = figures(doc)
     doc["projection"] = projection(doc, cfg)
     doc["wall_s"] = time.perf_counter() - t_start
@@ -529,12 +556,20 @@ def warnings_of(doc: dict) -> list:
         out.append(f"**Not representative:** a `--{size}` run with small shapes, where fixed "
                    "overheads dominate; run `ooc-universal bench --update-readme` (the "
                    "default sizes) on a quiet machine for figures to rely on.")
+    share = m.get("other_jobs_cpu_share")
+    if share is not None:   # measured: other processes' CPU time during the run
+        if share > 0.1:
+            out.append(f"**Busy machine:** other processes took {100 * share:.0f}% of the "
+                       f"{m.get('cores')} cores' time during the run: timings and ratios "
+                       "are unreliable.")
+        return out
+    # older results: only the load average (which the bench's own threads raise too)
     loads = [v for v in (m.get("load_average_start"), m.get("load_average_end")) if v]
     busy = max((v[0] for v in loads), default=0.0)
     if busy > 0.5 * (m.get("cores") or 1):
-        out.append(f"**Busy machine:** 1-minute load average up to {busy:g} on "
-                   f"{m.get('cores')} cores during the run (other jobs): timings and "
-                   "ratios are unreliable.")
+        out.append(f"**Busy machine?** 1-minute load average up to {busy:g} on "
+                   f"{m.get('cores')} cores, the bench's own threads included: timings "
+                   "and ratios may be unreliable.")
     return out
 
 

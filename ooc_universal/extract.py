@@ -202,6 +202,16 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _touch_weights(model) -> None:
+    """Fault in weights that are still lazily memory-mapped (safetensors): the first
+    forward pass would, so the resident size measured for the plan must include them."""
+    import torch
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.device.type == "cpu" and p.numel():
+                p.reshape(-1)[:: max(1, 4096 // p.element_size())].sum()
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
@@ -217,7 +227,9 @@ def window_bytes(loaded, window: int) -> int:
     d_model = int(getattr(cfg, "n_embd", 0) or cfg.hidden_size)
     n_head = int(getattr(cfg, "n_head", 0) or cfg.num_attention_heads)
     n_neurons = loaded.n_layers * loaded.d_mlp
-    per_pos = n_neurons * 2 + loaded.d_mlp * 4 * 3 + d_model * 4 * 10
+    # gelu_new in eager torch makes ~6 fp32 temporaries of the fc output (x^3, scaled,
+    # tanh, ...), on top of the fc output, the GELU output and the gathered copy
+    per_pos = n_neurons * 2 + loaded.d_mlp * 4 * 9 + d_model * 4 * 10
     return window * per_pos + n_head * window * window * 4 * 3
 
 
@@ -229,6 +241,7 @@ def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
     block buffers; the rest is divided by window_bytes.
     """
     n_windows, window = token_set.input_ids.shape
+    _touch_weights(loaded.model)
     fixed = current_rss_bytes() + 2 * chunk_bytes + SLACK_BYTES
     per = window_bytes(loaded, window)
     fits = (memory_bytes - fixed) // per

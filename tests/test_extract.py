@@ -19,7 +19,7 @@ from ooc_universal.cli.main import main
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.extract import extract, plan_batch
 from ooc_universal.store import open_store
-from tests.tiny import save_tiny
+from tests.tiny import save_tiny, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -309,3 +309,17 @@ def test_help_explains_the_store():
     out = CliRunner().invoke(cli, ["extract", "--help"]).output
     for word in ("float16", "valid", "layer * d_mlp + neuron", "Resumable", "--memory"):
         assert word in out, word
+
+
+def test_plan_counts_lazily_mapped_weights(tmp_path):
+    """transformers maps safetensors lazily: the resident size measured for the batch plan
+    must include the weights (the first forward pass faults them in anyway)."""
+    from ooc_universal import models
+    from ooc_universal.extract import _touch_weights, current_rss_bytes
+    path = save_tiny(tmp_path / "m", n_layer=4, n_embd=256, n_head=4)    # ~13 MB fp32
+    weight_bytes = sum(p.numel() * 4 for p in tiny_model(n_layer=4, n_embd=256,
+                                                         n_head=4).parameters())
+    before = current_rss_bytes()
+    loaded = models.load_model(str(path), "cpu", torch.float32)
+    _touch_weights(loaded.model)
+    assert current_rss_bytes() - before >= 0.8 * weight_bytes

@@ -1012,16 +1012,7 @@ def figures(doc: dict) -> list:
 
 def format_table(rows: list) -> str:
     """Markdown: figure | value | baseline | ratio | goal | met."""
-    def num(v):
-        if v is None:
-            return ""
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        if isinstance(v, str):
-            return v
-        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5):
-            return f"{v:.2e}"
-        return f"{v:.3g}"
+    from ooc_universal.bench.suite import _num as num   # one number format for all tables
 
     lines = ["| figure | value | baseline | ratio | goal | met |",
              "| --- | --- | --- | --- | --- | --- |"]

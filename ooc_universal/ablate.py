@@ -48,6 +48,7 @@ import torch
 from . import __version__
 from .errors import OocError
 from .rundir import atomic_path, config_hash, step_dir, write_json_atomic
+from .store import plain_attr as _plain
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
@@ -677,14 +678,6 @@ def _reduce_index(run_dir) -> list[tuple[Path, dict]]:
             continue
         out.append((path, attrs))
     return out
-
-
-def _plain(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _names(attrs, side) -> set[str]:

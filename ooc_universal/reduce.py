@@ -616,10 +616,6 @@ def _cached_store(path: str):
         return st
 
 
-def view_cols(store, cols) -> int:
-    return store.n_neurons if cols is None else cols[1] - cols[0]
-
-
 def release_stores(paths) -> None:
     """Close this process's cached maps of `paths`: a study reduces one checkpoint after
     another in one process, and maps kept open would keep every store's pages resident."""
@@ -630,23 +626,21 @@ def release_stores(paths) -> None:
                 st.close()
 
 
-def load_block(store, start: int, stop: int, cols: tuple | None, out):
-    """Rows [start, stop) (columns `cols`) of a store as a torch tensor: a zero-copy view
-    of the memory map when they lie in one chunk and `out` is None (the CPU path; the
-    centring kernel reads fp16 itself), else copied into `out` (converted to its dtype
-    in the same pass), chunk by chunk."""
+def load_block(store, start: int, stop: int, cols: tuple | None, out, allow_view=False):
+    """Rows [start, stop) (columns `cols`) of a store as a torch tensor: with
+    `allow_view`, a zero-copy view of the memory map when they lie in one chunk (the CPU
+    path; the centring kernel reads fp16 itself), else copied into `out` (converted to
+    its dtype in the same pass), chunk by chunk."""
     torch = _torch()
     bt = store.block_tokens
-    if out is None:
-        c0, c1 = store.block_bounds(start // bt)
-        if stop <= c1 and store._mm is not None:
-            view = store.read_block(start // bt)[start - c0:stop - c0]
-            if cols is not None:
-                view = view[:, cols[0]:cols[1]]
-            with warnings.catch_warnings():  # read-only memmap: the kernels only read it
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(view)
-        out = torch.empty(stop - start, view_cols(store, cols), dtype=torch.float16)
+    c0, c1 = store.block_bounds(start // bt)
+    if allow_view and stop <= c1 and store._mm is not None:
+        view = store.read_block(start // bt)[start - c0:stop - c0]
+        if cols is not None:
+            view = view[:, cols[0]:cols[1]]
+        with warnings.catch_warnings():  # read-only memmap: the kernels only read it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(view)
     row = 0
     for ci in range(start // bt, (stop - 1) // bt + 1):
         c0, c1 = store.block_bounds(ci)
@@ -685,12 +679,12 @@ def fold_chain(task: FoldTask) -> str:
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[task.precision]
     r0, r1 = task.rows
     # fp16 blocks, as stored: on a GPU through pinned buffers (half the bytes over the
-    # bus); on a CPU straight from the memory map, the centring kernel converting them
+    # bus); on a CPU straight from the memory map when a block lies in one chunk (the
+    # centring kernel converts), else gathered into these buffers, allocated once
     pin = task.device == "cuda"
-    xbuf = torch.empty(task.block_tokens, r1 - r0, dtype=torch.float16,
-                       pin_memory=True) if pin else None
+    xbuf = torch.empty(task.block_tokens, r1 - r0, dtype=torch.float16, pin_memory=pin)
     ybufs = [torch.empty(task.block_tokens, o.n_neurons, dtype=torch.float16,
-                         pin_memory=True) if pin else None for o in others]
+                         pin_memory=pin) for o in others]
     if not accs:
         accs = [empty_comoments(r1 - r0, o.n_neurons, task.precision, task.device)
                 for o in others]
@@ -705,12 +699,12 @@ def fold_chain(task: FoldTask) -> str:
                 _save_state(path, _to_state(accs, selfs, b, n_done))
             raise ReduceInterrupted(f"interrupted before block {b}")
         s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
-        x = load_block(ref, s, e, (r0, r1), xbuf).to(task.device, non_blocking=True)
+        x = load_block(ref, s, e, (r0, r1), xbuf, not pin).to(task.device, non_blocking=True)
         # centred once per block, whatever the number of pairs (and reused by the self
         # co-moments): conversion and centring are memory-bound, the GEMMs are not
         cx = centre_block(x, compute, workspace=workspace, role="x")
         for i, o in enumerate(others):
-            y = load_block(o, s, e, None, ybufs[i]).to(task.device, non_blocking=True)
+            y = load_block(o, s, e, None, ybufs[i], not pin).to(task.device, non_blocking=True)
             cy = centre_block(y, compute, workspace=workspace, role="y")
             comoment_update_centred_(accs[i], cx, cy)
             if task.with_self:

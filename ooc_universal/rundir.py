@@ -211,9 +211,10 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextmanager
-def file_lock(lock_path, what: str, fix: str = "wait for it to finish"):
+def file_lock(lock_path, what: str, fix: str = "wait for it to finish",
+              busy: str = "is in use by"):
     """Hold an exclusive flock on `lock_path`; a second process gets one line with the
-    holder's pid (`what` names what is locked)."""
+    holder's pid (`what` names what is locked, `busy` says what the holder does)."""
     import fcntl
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -223,8 +224,7 @@ def file_lock(lock_path, what: str, fix: str = "wait for it to finish"):
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise OocError(f"{what} is in use by another process (pid {holder}); {fix}") \
-                from None
+            raise OocError(f"{what} {busy} another process (pid {holder}); {fix}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -235,22 +235,7 @@ def file_lock(lock_path, what: str, fix: str = "wait for it to finish"):
 @contextmanager
 def run_lock(run_dir):
     """Hold RUN/.lock for the duration; a second process gets the holder's pid."""
-    import fcntl
     run_dir = ensure_writable(run_dir)
-    lock_path = Path(run_dir) / ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise OocError(
-                f"run directory {str(run_dir)!r} is in use by another process (pid {holder}); "
-                "wait for it to finish or use another --run-dir") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with file_lock(Path(run_dir) / ".lock", f"run directory {str(run_dir)!r}",
+                   "wait for it to finish or use another --run-dir"):
         yield
-    finally:
-        os.close(fd)  # closing releases the flock

@@ -22,7 +22,6 @@ taken from the buffer as it is written (no re-read). At the end they go to
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -36,7 +35,7 @@ import numpy as np
 
 from . import __version__, faults
 from .errors import OocError, StaleInputError
-from .rundir import config_hash, disk_full, is_disk_full, write_sidecar
+from .rundir import config_hash, disk_full, file_lock, is_disk_full, write_sidecar
 
 LAYOUT_VERSION = 1
 DATASET = "acts"
@@ -109,19 +108,9 @@ def remove_stale_temporaries(paths: StorePaths) -> list[Path]:
 @contextmanager
 def store_lock(paths: StorePaths):
     """One writer per store (other stores of the run may be extracted in parallel)."""
-    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise OocError(f"activation store {str(paths.final)!r} is being written by another "
-                           f"process (pid {holder}); wait for it to finish") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with file_lock(paths.lock, f"activation store {str(paths.final)!r}",
+                   busy="is being written by"):
         yield
-    finally:
-        os.close(fd)
 
 
 def identity_mismatch(attrs: dict, expected: dict) -> list[str]:
@@ -129,12 +118,13 @@ def identity_mismatch(attrs: dict, expected: dict) -> list[str]:
     out = []
     for key, want in expected.items():
         have = attrs.get(key)
-        if _plain(have) != _plain(want):
+        if plain_attr(have) != plain_attr(want):
             out.append(f"{key}: store has {have!r}, wanted {want!r}")
     return out
 
 
-def _plain(v):
+def plain_attr(v):
+    """An HDF5 attribute as a plain Python value (bytes -> str, numpy scalar -> item)."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):
@@ -230,7 +220,7 @@ class PartialStore:
         finally:
             os.close(fd)
         header = {"magic": LEDGER_MAGIC, "layout_version": LAYOUT_VERSION,
-                  "attrs": {k: _plain(v) for k, v in attrs.items()},
+                  "attrs": {k: plain_attr(v) for k, v in attrs.items()},
                   "n_tokens": int(n_tokens), "n_neurons": int(n_neurons),
                   "block_tokens": int(block_tokens), "chunk_offsets": offsets}
         tmp = paths.ledger.with_name(paths.ledger.name + f".tmp-{os.getpid()}")
@@ -504,7 +494,7 @@ class ActivationStore:
             if DATASET not in f:
                 raise self._fail(f"has no dataset {DATASET!r}")
             ds = f[DATASET]
-            attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+            attrs = {k: plain_attr(v) for k, v in ds.attrs.items()}
             missing = [k for k in REQUIRED_ATTRS if k not in attrs]
             if missing:
                 raise self._fail(f"lacks attributes {missing}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ooc_universal.ablate import (ablation_hooks, ablation_sets, evaluate_ablations,
+from ooc_universal.steps.ablate import (ablation_hooks, ablation_sets, evaluate_ablations,
                                   resolve_device, target_mask)
 from ooc_universal.zoo import ZooRecipe, gpt2_config
 

@@ -7,7 +7,7 @@ Builds a GPT-2 model with the stanford-crfm flags (random weights, byte vocabula
 byte token set in a temporary run directory, then alternates, each in a fresh process:
   forward   model.transformer on the same batches (same batch size, same windows), no
             hooks, no writes: the ceiling;
-  extract   ooc_universal.extract.extract with --memory (hooks, fp16 gather, block
+  extract   ooc_universal.steps.extract.extract with --memory (hooks, fp16 gather, block
             writes + fsync, ledger);
 each `--repeats` times, and reports the best valid tokens/s of each, their ratio, and
 extract's peak RSS against --memory. JSON to stdout (or --out). Default run under a minute.
@@ -40,7 +40,7 @@ def build_model(path: Path, layers: int, d_model: int, heads: int, window: int, 
 
 def build_tokens(run_dir: Path, n_windows: int, window: int, seed: int) -> None:
     """A byte token set from this repository's Python source (newlines are invalid rows)."""
-    from ooc_universal import tokens
+    from ooc_universal.steps import tokens
     src = Path(__file__).resolve().parents[1]
     text = "".join(p.read_text(errors="replace") for p in sorted(src.rglob("*.py")))
     while len(text.encode()) < n_windows * window * 2:
@@ -58,7 +58,8 @@ def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
     """The ceiling: model.transformer on the same batches, no hooks, no writes."""
     import numpy as np
     import torch
-    from ooc_universal import models, tokens
+    from ooc_universal import models
+    from ooc_universal.steps import tokens
     torch.set_num_threads(threads)
     ts = tokens.load_token_set(run_dir)
     loaded = models.load_model(model_dir, device, torch.float32)
@@ -86,7 +87,7 @@ def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
 def child_extract(run_dir: str, model_dir: str, memory: str, threads: int,
                   device: str = "cpu") -> dict:
     import torch
-    from ooc_universal.extract import extract
+    from ooc_universal.steps.extract import extract
     torch.set_num_threads(threads)
     stores = Path(run_dir) / "stores"
     shutil.rmtree(stores, ignore_errors=True)

@@ -9,7 +9,7 @@ In-process: run(argv) -> dict.
 
 Builds two fp16 activation stores (reference + one other model) with planted
 correlations in a temporary run directory, then measures, each in the same run:
-  ours        ooc_universal.reduce.reduce, fp32 and bf16: useful FLOP/s (plan.flops: the
+  ours        ooc_universal.steps.reduce.reduce, fp32 and bf16: useful FLOP/s (plan.flops: the
               cross GEMM, the self co-moments and the baseline GEMMs) over the torch.matmul
               peak on the reduce's own GEMM shapes (block_tokens x Na)^T (block_tokens x Nb)
               and dtype, measured in the same process right before and right after; peak
@@ -110,7 +110,7 @@ def log(msg: str, quiet: bool = False) -> None:
 
 def store_block_tokens(n_tokens: int, n_neurons: int) -> int:
     """The extract step's chunk rows, but at least 8 blocks (so the bench is blockwise)."""
-    from ooc_universal.store import default_block_tokens
+    from ooc_universal.formats.store import default_block_tokens
     rows = default_block_tokens(n_tokens, n_neurons)
     eighth = max(64, (n_tokens // 8) // 64 * 64)
     return int(min(rows, eighth, n_tokens))
@@ -159,7 +159,7 @@ def gen_block(seed: int, model: int, block: int, rows: int, n_neurons: int) -> n
 
 def write_stores(run_dir: Path, cfg: BenchConfig, tokens: int, d_mlp: int, quiet=True):
     """RUN/stores/ref.h5 and other.h5 (tokens x layers*d_mlp, fp16, uncompressed)."""
-    from ooc_universal.store import PartialStore, StorePaths
+    from ooc_universal.formats.store import PartialStore, StorePaths
     n_neurons = cfg.layers * d_mlp
     bt = store_block_tokens(tokens, n_neurons)
     ident = f"bench-reduce seed={cfg.seed} tokens={tokens} layers={cfg.layers} d={d_mlp}"
@@ -375,12 +375,12 @@ def breakdown(tm: Timers, wall: float) -> dict:
 # Each phase takes a JSON-able spec and returns a JSON-able dict; arrays go to spec["npz"].
 
 def phase_ours(spec: dict) -> dict:
-    """ooc_universal.reduce.reduce with peaks measured before and after, peak RSS, timers."""
+    """ooc_universal.steps.reduce.reduce with peaks measured before and after, peak RSS, timers."""
     import h5py
     import torch
 
     import dask.threaded  # noqa: F401  (imports outside the timed region)
-    from ooc_universal import reduce as R
+    from ooc_universal.steps import reduce as R
     from ooc_universal.kernels import comoments, rotation, tilemax
     tilemax.tile_max(np.ones((4, 4), np.float32), np.ones(4), np.ones(4))  # numba load/JIT
     dev, prec = spec["device"], spec["precision"]
@@ -583,7 +583,7 @@ def phase_f64ref(spec: dict) -> dict:
     """Float64 two-pass reference (exact means, then centred sums) on a subset of reference
     neurons against every neuron of the other model, and its rotated baseline."""
     from ooc_universal.kernels.rotation import rotation_matrix
-    from ooc_universal.store import open_store
+    from ooc_universal.formats.store import open_store
     with open_store(spec["ref_path"]) as sa, open_store(spec["other_path"]) as sb:
         na, nb, n = sa.n_neurons, sb.n_neurons, sa.n_tokens
         k = int(spec["rows"]) or na
@@ -623,8 +623,8 @@ def phase_readpath(spec: dict) -> dict:
     import h5py
     import torch
 
-    from ooc_universal.reduce import load_block
-    from ooc_universal.store import open_store
+    from ooc_universal.steps.reduce import load_block
+    from ooc_universal.formats.store import open_store
     path = spec["path"]
     size = os.path.getsize(path)
     raw_buf = bytearray(8 << 20)

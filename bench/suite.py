@@ -394,7 +394,7 @@ def projection(doc: dict, cfg: SuiteConfig) -> dict:
     """Wall time of the paper's experiment on this device: per stage max(compute, disk),
     compute from the rates measured in this run, disk at --disk-gbps."""
     from ooc_universal.plan import PairShape, make_plan
-    from ooc_universal.store import default_block_tokens
+    from ooc_universal.formats.store import default_block_tokens
     P = PAPER
     n, nn = P["n_tokens"], P["n_layers"] * P["d_mlp"]
     bw = cfg.disk_gbps * 1e9

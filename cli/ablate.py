@@ -76,7 +76,7 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
     is the standard error over sequences. Control rows give the mean over draws and a
     95% interval over draws (ablation_draws.csv has every draw).
     """
-    from ooc_universal.ablate import ablate as run_ablate, format_table
+    from ooc_universal.steps.ablate import ablate as run_ablate, format_table
     from ooc_universal.rundir import run_lock
 
     with run_lock(run_dir):

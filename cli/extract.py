@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ooc_universal.extract import extract as extract_store
+from ooc_universal.steps.extract import extract as extract_store
 from ooc_universal.rundir import human_bytes
 
 

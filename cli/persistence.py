@@ -19,7 +19,7 @@ def persistence(run_dir, quiet):
     two ways: "mean over pairs" (mean of the defined per-pair P) and "pooled over
     pairs" (summed counts). Also emerged = |U(t2) - U(t1)| and Jaccard overlap.
     """
-    from ooc_universal.persistence import format_persistence, persistence as run_persistence
+    from ooc_universal.steps.persistence import format_persistence, persistence as run_persistence
 
     paths = run_persistence(run_dir, progress=not quiet)
     with open(paths["json"]) as f:

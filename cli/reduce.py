@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ooc_universal.reduce import reduce as run_reduce
-from ooc_universal.reduce import summary_line
+from ooc_universal.steps.reduce import reduce as run_reduce
+from ooc_universal.steps.reduce import summary_line
 
 
 @click.command("reduce")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ooc_universal.rundir import run_lock
-from ooc_universal.tokens import build_token_set, save_token_set
+from ooc_universal.steps.tokens import build_token_set, save_token_set
 
 
 @click.command("tokens")

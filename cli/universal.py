@@ -54,7 +54,7 @@ def universal(run_dir, reference, all_references, thresholds, definition,
     neuron is universal when excess > tau (strict: excess == tau is not). Percentages
     count zero-variance neurons (never universal) in the denominator.
     """
-    from ooc_universal.universal import format_table1, universal as run_universal
+    from ooc_universal.steps.universal import format_table1, universal as run_universal
 
     paths = run_universal(run_dir, reference=reference, thresholds=_thresholds(thresholds),
                           definition=definition, all_references=all_references,

@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import OocError
+from ooc_universal.errors import OocError
 
 STANFORD = ["a", "b", "c", "d", "e"]
 

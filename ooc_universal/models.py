@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import OocError
+from ooc_universal.errors import OocError
 
 STANFORD_ORG = "stanford-crfm"
 STANFORD_RUNS = {

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 
-from .errors import OocError
+from ooc_universal.errors import OocError
 
 OVERHEAD_BYTES = 600 * 10**6  # interpreter, torch, numba, dask: measured RSS before work
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -232,7 +232,7 @@ def _flops(plan: ReducePlan) -> float:
 
 def describe(plan: ReducePlan, gemm_flops_per_s: float | None = None) -> str:
     """Human-readable plan for --dry-run."""
-    from .rundir import human_bytes
+    from ooc_universal.rundir import human_bytes
     lines = [
         f"reduce plan: {plan.n_tokens:,} tokens x {plan.n_ref:,} reference neurons, "
         f"{len(plan.pairs)} pair(s), device {plan.device}, precision {plan.precision}",

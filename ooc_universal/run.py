@@ -7,9 +7,9 @@ import json
 import time
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import OocError, StaleInputError
-from .rundir import human_bytes, run_lock, write_json_atomic
+from ooc_universal.config import RunConfig
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.rundir import human_bytes, run_lock, write_json_atomic
 
 STEP_NAMES = ("tokens", "extract", "reduce", "universal", "persistence", "ablate", "report")
 
@@ -37,7 +37,7 @@ def _token_source(cfg: RunConfig):
     held-out bytes, never seen in training)."""
     if cfg.source != "zoo-heldout":
         return cfg.source
-    from .zoo import ZooRecipe, load_corpus
+    from ooc_universal.zoo import ZooRecipe, load_corpus
     if not cfg.zoo_json or not Path(cfg.zoo_json).exists():
         raise OocError("source 'zoo-heldout' needs zoo_json pointing at a zoo's zoo.json; "
                        "set zoo_json in the config or use another source")
@@ -51,13 +51,13 @@ def _token_source(cfg: RunConfig):
 def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
         steps=STEP_NAMES, echo=print) -> dict:
     """Run the study; returns {step: seconds} and where the report is."""
-    from . import ablate as ablate_mod
-    from . import extract as extract_mod
-    from . import persistence as persistence_mod
-    from . import reduce as reduce_mod
-    from . import report as report_mod
-    from . import tokens as tokens_mod
-    from . import universal as universal_mod
+    from ooc_universal.steps import ablate as ablate_mod
+    from ooc_universal.steps import extract as extract_mod
+    from ooc_universal.steps import persistence as persistence_mod
+    from ooc_universal.steps import reduce as reduce_mod
+    from ooc_universal import report as report_mod
+    from ooc_universal.steps import tokens as tokens_mod
+    from ooc_universal.steps import universal as universal_mod
 
     run_dir = Path(run_dir)
     timings = {}
@@ -162,8 +162,8 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
     `gpu_tflops` (dense bf16, an H100 SXM is ~990 nominal, ~400-600 sustained) and
     `disk_gbps` for reading the stores.
     """
-    from .models import parse_model_spec
-    from .plan import PairShape, describe, make_plan, measure_gemm_rate
+    from ooc_universal.models import parse_model_spec
+    from ooc_universal.plan import PairShape, describe, make_plan, measure_gemm_rate
     shapes = _model_shapes(cfg)
     n_models, n_ck = len(cfg.models), len(cfg.checkpoint_list())
     n_layers, d_mlp, n_params = shapes
@@ -217,7 +217,7 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
 
 def _model_shapes(cfg: RunConfig):
     """(n_layers, d_mlp, n_params) of the first model, from its config only (offline)."""
-    from .models import parse_model_spec
+    from ooc_universal.models import parse_model_spec
     spec = parse_model_spec(cfg.spec(cfg.models[0], cfg.checkpoint_list()[0]))
     if spec.repo_id and spec.repo_id.startswith("stanford-crfm/"):
         return 12, 3072, 124_000_000  # GPT-2 small (config known; no download needed)
@@ -254,5 +254,5 @@ def _measure_forward_rate(shapes, seconds=1.0) -> float:
 
 
 def _hms(secs: float) -> str:
-    from .plan import _hms as f
+    from ooc_universal.plan import _hms as f
     return f(secs)

@@ -23,8 +23,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import faults
-from .errors import OocError
+from ooc_universal import faults
+from ooc_universal.errors import OocError
 
 STEPS = ("tokens", "stores", "reduce", "universal", "persistence", "ablate", "report")
 
@@ -157,7 +157,7 @@ def recorded_sha256(path) -> str | None:
 
 
 def write_sidecar(path, record: dict) -> None:
-    from . import __version__
+    from ooc_universal import __version__
     path = Path(path)
     rec = {"file": path.name, "algorithm": "sha256", "toolkit_version": __version__,
            **record}

@@ -27,8 +27,8 @@ import json
 import re
 from pathlib import Path
 
-from .errors import OocError
-from .rundir import config_hash, file_sha256, read_sidecar, recorded_sha256
+from ooc_universal.errors import OocError
+from ooc_universal.rundir import config_hash, file_sha256, read_sidecar, recorded_sha256
 
 STATES = ("missing", "partial", "complete", "stale", "corrupt")
 COLUMNS = ("step", "item", "state", "progress", "detail", "token_hash", "config_hash",
@@ -92,7 +92,7 @@ class _Context:
         cfg_path = run / "config.toml"
         if cfg_path.is_file():
             try:
-                from .config import RunConfig
+                from ooc_universal.config import RunConfig
                 self.config = RunConfig.from_toml(cfg_path)
             except Exception:  # noqa: BLE001 - status reports on what it can read
                 self.config = None
@@ -108,7 +108,7 @@ class _Context:
         cfg = self.config
         if cfg is None:
             return []
-        from .models import parse_model_spec
+        from ooc_universal.models import parse_model_spec
         out = []
         for c in cfg.checkpoint_list():
             for m in cfg.models:
@@ -123,7 +123,7 @@ class _Context:
         cfg = self.config
         if cfg is None:
             return []
-        from .models import parse_model_spec
+        from ooc_universal.models import parse_model_spec
         refs = list(cfg.models) if cfg.all_references else [cfg.reference_model]
         out = []
         for c in cfg.checkpoint_list():
@@ -155,7 +155,7 @@ def _verify_file(ctx: _Context, path: Path) -> str:
     if rec is None:
         return "not recorded"
     if rec.get("kind") == "blocks":
-        from .store import verify_store_blocks
+        from ooc_universal.formats.store import verify_store_blocks
         try:
             bad = verify_store_blocks(path, rec)
         except OocError as exc:
@@ -221,7 +221,7 @@ def _tokens(ctx: _Context) -> list[dict]:
             state, detail = "stale", "made with other settings: " + ", ".join(diff)
     checksum = ""
     if ctx.verify:
-        from .tokens import load_token_set
+        from ooc_universal.steps.tokens import load_token_set
         try:
             load_token_set(ctx.run)
             checksum = "ok"
@@ -285,7 +285,7 @@ def _stores(ctx: _Context) -> list[dict]:
 
 
 def _store_row(ctx: _Context, path: Path, item: str) -> dict:
-    from .store import open_store
+    from ooc_universal.formats.store import open_store
     try:
         with open_store(path) as st:
             attrs = dict(st.attrs)
@@ -326,7 +326,7 @@ def _reduce(ctx: _Context) -> list[dict]:
             m = json.loads(manifest.read_text())
         except (OSError, ValueError):
             continue
-        from .reduce import _blocks_on_disk
+        from ooc_universal.steps.reduce import _blocks_on_disk
         done = _blocks_on_disk(manifest.parent, None)
         for out in m.get("outputs", []):
             work[out] = (done, m.get("total_folds"), m)

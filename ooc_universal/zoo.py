@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import OocError, StaleInputError
-from .rundir import ensure_writable, write_json_atomic
+from ooc_universal import __version__
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.rundir import ensure_writable, write_json_atomic
 
 BOS = 256          # byte tokenizer: ids 0..255 are bytes, 256 is BOS = EOS
 VOCAB = 257

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ooc_universal.store import PartialStore, StorePaths
+from ooc_universal.formats.store import PartialStore, StorePaths
 
 
 def write_store(run_dir, label, acts, n_layers, d_mlp, token_hash="t" * 64,

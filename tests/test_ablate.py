@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ooc_universal.ablate import (AblationSet, _Runner, ablation_hooks, ablation_sets,
+from ooc_universal.steps.ablate import (AblationSet, _Runner, ablation_hooks, ablation_sets,
                                   evaluate_ablations)
 from ooc_universal.errors import OocError
 from tests.tiny import tiny_model
@@ -212,7 +212,7 @@ def test_too_few_non_universal_is_a_clear_error():
 
 
 def _write_tokens(run_dir, ids, valid):
-    from ooc_universal import tokens
+    from ooc_universal.steps import tokens
     return tokens.write_token_set_arrays(run_dir, ids, valid)
 
 
@@ -237,11 +237,11 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A run directory: byte token set, a tiny model, sets.json and a reduce file."""
-    from ooc_universal.tokens import build_token_set, save_token_set
+    from ooc_universal.steps.tokens import build_token_set, save_token_set
     from tests.tiny import save_tiny
     root = tmp_path_factory.mktemp("ablate")
     model_dir = save_tiny(root / "tinyref", seed=5)                   # 2 layers x 128
-    text = (REPO / "ooc_universal" / "ablate.py").read_bytes()
+    text = (REPO / "ooc_universal" / "steps" / "ablate.py").read_bytes()
     stream = np.frombuffer(text, dtype=np.uint8).astype(np.int64)
     ts = build_token_set(stream, 300, tokenizer="bytes", window=48, n_eval_tokens=400)
     run_dir = root / "run"
@@ -347,7 +347,7 @@ def test_cli_errors_are_one_line_exit_2(run, tmp_path):
 
 
 def test_model_spec_from_reduce_attrs_and_overrides(tmp_path):
-    from ooc_universal.ablate import _before_padding, _model_spec
+    from ooc_universal.steps.ablate import _before_padding, _model_spec
     from tests.tiny import save_tiny
     save_tiny(tmp_path / "m" / "checkpoint-100")
     local = dict(ref_model_id=str(tmp_path / "m" / "checkpoint-100"), ref_step=100,

@@ -25,10 +25,10 @@ import torch
 
 from ooc_universal.cli.main import main
 from ooc_universal.config import RunConfig
-from ooc_universal.extract import extract
-from ooc_universal.reduce import reduce
+from ooc_universal.steps.extract import extract
+from ooc_universal.steps.reduce import reduce
 from ooc_universal.status import status
-from ooc_universal.universal import universal
+from ooc_universal.steps.universal import universal
 from tests.reduce_helpers import planted_acts, write_store
 from tests.test_extract import make_tokens
 from tests.test_universal import write_reduced
@@ -228,7 +228,7 @@ def _sidecar_sha(rel, sha="0" * 64):
 def _disk_full_savez(run, m, root, mp):
     import errno
 
-    from ooc_universal import tokens as tokens_mod
+    from ooc_universal.steps import tokens as tokens_mod
 
     def savez(f, **arrays):
         raise OSError(errno.ENOSPC, "No space left on device", str(getattr(f, "name", f)))
@@ -519,7 +519,7 @@ def test_ctrl_c_stops_a_reduce_promptly_and_keeps_its_folds(tmp_path):
 def test_interrupted_fold_checkpoints_its_partial_segment(tmp_path, monkeypatch):
     """Deterministic twin of the test above: Ctrl-C arrives after the 6th block (mid
     segment of 4): the fold saves 6 blocks before stopping, and the re-run does 10."""
-    from ooc_universal import reduce as reduce_mod
+    from ooc_universal.steps import reduce as reduce_mod
     x, y = planted_acts(1000)
     write_store(tmp_path, "ref", x, 2, 16)
     write_store(tmp_path, "oth", y, 3, 8)

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from ooc_universal import extract as extract_mod
-from ooc_universal import models, tokens
+from ooc_universal.steps import extract as extract_mod
+from ooc_universal import models
+from ooc_universal.steps import tokens
 from ooc_universal.cli.main import main
 from ooc_universal.errors import OocError, StaleInputError
-from ooc_universal.extract import extract, plan_batch
-from ooc_universal.store import open_store
+from ooc_universal.steps.extract import extract, plan_batch
+from ooc_universal.formats.store import open_store
 from tests.tiny import save_tiny, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -187,7 +188,7 @@ def test_partial_from_another_token_set_is_refused(tmp_path, model_dir):
     run = tmp_path / "run"
     make_tokens(run, seed=0)
     stores = run / "stores"
-    from ooc_universal.store import PartialStore, StorePaths
+    from ooc_universal.formats.store import PartialStore, StorePaths
     ts = tokens.load_token_set(run)
     attrs = dict(model_id=str(model_dir), revision="", label="tiny0", name=str(model_dir),
                  step=-1, n_layers=2, d_mlp=128, token_hash="0" * 64, compute_dtype="float32")
@@ -315,7 +316,7 @@ def test_plan_counts_lazily_mapped_weights(tmp_path):
     """transformers maps safetensors lazily: the resident size measured for the batch plan
     must include the weights (the first forward pass faults them in anyway)."""
     from ooc_universal import models
-    from ooc_universal.extract import _touch_weights, current_rss_bytes
+    from ooc_universal.steps.extract import _touch_weights, current_rss_bytes
     path = save_tiny(tmp_path / "m", n_layer=4, n_embd=256, n_head=4)    # ~13 MB fp32
     weight_bytes = sum(p.numel() * 4 for p in tiny_model(n_layer=4, n_embd=256,
                                                          n_head=4).parameters())

@@ -27,11 +27,11 @@ import torch
 
 from ooc_universal import faults
 from ooc_universal.cli.main import main
-from ooc_universal.extract import extract
-from ooc_universal.reduce import _blocks_on_disk, reduce
+from ooc_universal.steps.extract import extract
+from ooc_universal.steps.reduce import _blocks_on_disk, reduce
 from ooc_universal.rundir import read_sidecar
 from ooc_universal.status import problems, status
-from ooc_universal.store import open_store
+from ooc_universal.formats.store import open_store
 from tests.reduce_helpers import planted_acts, write_store
 from tests.test_extract import make_tokens
 from tests.tiny import save_tiny
@@ -42,7 +42,7 @@ torch.set_num_threads(1)
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(["torch", "transformers", "h5py", "numpy", "dask",
                             "dask.threaded", "transformers.models.gpt2.modeling_gpt2",
-                            "ooc_universal.extract", "ooc_universal.reduce",
+                            "ooc_universal.steps.extract", "ooc_universal.steps.reduce",
                             "ooc_universal.cli.main", "tests.test_faults"])
 
 EXTRACT_KW = dict(block_tokens=128, batch_size=2, device="cpu", progress=False)

@@ -190,7 +190,7 @@ OFFLINE_SCRIPT = textwrap.dedent("""
     import torch
     from ooc_universal.errors import OocError
     from ooc_universal.models import load_model
-    from ooc_universal.tokens import resolve_tokenizer
+    from ooc_universal.steps.tokens import resolve_tokenizer
     out = {}
     lm = load_model("a@100000")
     out["label"], out["commit"], out["revision"] = lm.spec.label, lm.commit, lm.revision

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from ooc_universal.errors import OocError
-from ooc_universal.persistence import persistence
+from ooc_universal.steps.persistence import persistence
 from tests.test_universal import write_reduced
 
 # reference r, 2 layers x 4 neurons (flat = layer * 4 + neuron), threshold 0.5
@@ -111,7 +111,7 @@ def test_needs_sets_and_two_checkpoints(tmp_path):
 
 def test_chain_from_reduce_files(tmp_path):
     """universal -> persistence on hand-built reduce files at two checkpoints."""
-    from ooc_universal.universal import universal
+    from ooc_universal.steps.universal import universal
     kw = dict(n_layers_ref=2, d_mlp_ref=2, n_layers_other=2, d_mlp_other=2)
     base = [0.125] * 4
     write_reduced(tmp_path, [0.75, 0.875, 0.25, 0.75], base, other="b", step=100, **kw)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ooc_universal.errors import OocError
-from ooc_universal.reduce import reduce
+from ooc_universal.steps.reduce import reduce
 from tests.reduce_helpers import planted_acts, reference_stats, write_store
 
 D_OTHER = 8
@@ -203,7 +203,7 @@ def test_cli_dry_run_and_run(planted, capsys):
 
 _KILL_SCRIPT = """
 import sys
-from ooc_universal.reduce import reduce
+from ooc_universal.steps.reduce import reduce
 reduce(sys.argv[1], "ref", ["oth", "oth2"], baseline_draws=2, seed=3, progress=False,
        block_tokens=64, checkpoint_blocks=1)
 """

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ooc_universal.persistence import persistence
+from ooc_universal.steps.persistence import persistence
 from ooc_universal.report import report
-from ooc_universal.universal import universal
+from ooc_universal.steps.universal import universal
 from tests.test_universal import write_reduced
 
 N_LAYERS, D_MLP = 3, 16

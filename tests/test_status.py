@@ -14,18 +14,20 @@ import pandas as pd
 import pytest
 import torch
 
-from ooc_universal import __version__, faults, tokens
-from ooc_universal.ablate import ablate
+from ooc_universal import __version__, faults
+
+from ooc_universal.steps import tokens
+from ooc_universal.steps.ablate import ablate
 from ooc_universal.cli.main import main
 from ooc_universal.config import RunConfig
 from ooc_universal.errors import OocError
-from ooc_universal.extract import extract
-from ooc_universal.persistence import persistence
-from ooc_universal.reduce import reduce
+from ooc_universal.steps.extract import extract
+from ooc_universal.steps.persistence import persistence
+from ooc_universal.steps.reduce import reduce
 from ooc_universal.report import report
 from ooc_universal.status import COLUMNS, STATES, problems, status
-from ooc_universal.store import open_store
-from ooc_universal.universal import universal
+from ooc_universal.formats.store import open_store
+from ooc_universal.steps.universal import universal
 from tests.tiny import save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ooc_universal.errors import OocError
-from ooc_universal.store import (PartialStore, StorePaths, default_block_tokens,
+from ooc_universal.formats.store import (PartialStore, StorePaths, default_block_tokens,
                                  expected_store_bytes, open_store)
 
 N, M, BT = 1000, 96, 128  # 8 blocks, the last one 104 rows

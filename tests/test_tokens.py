@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ooc_universal import tokens as tokmod
+from ooc_universal.steps import tokens as tokmod
 from ooc_universal.cli.main import main
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.models import load_model
-from ooc_universal.tokens import (build_token_set, check_tokenizer_matches, load_token_set,
+from ooc_universal.steps.tokens import (build_token_set, check_tokenizer_matches, load_token_set,
                                   resolve_tokenizer, save_token_set)
 from tests.tiny import save_tiny
 

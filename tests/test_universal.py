@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ooc_universal.errors import OocError
-from ooc_universal.universal import find_reduced, universal
+from ooc_universal.steps.universal import find_reduced, universal
 
 
 def write_reduced(run_dir, row_max, baseline, *, ref="ref", other="oth", step=100,

@@ -33,9 +33,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import __version__, faults
-from .errors import OocError, StaleInputError
-from .rundir import config_hash, disk_full, file_lock, is_disk_full, write_sidecar
+from ooc_universal import __version__, faults
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.rundir import config_hash, disk_full, file_lock, is_disk_full, write_sidecar
 
 LAYOUT_VERSION = 1
 DATASET = "acts"

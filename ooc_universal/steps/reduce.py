@@ -37,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, faults
-from .errors import OocError, StaleInputError
-from .plan import PairShape, ReducePlan, describe, make_plan, measure_gemm_rate
-from .rundir import (atomic_path, check_free_space, config_hash, disk_full, ensure_sidecar,
+from ooc_universal import __version__, faults
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.plan import PairShape, ReducePlan, describe, make_plan, measure_gemm_rate
+from ooc_universal.rundir import (atomic_path, check_free_space, config_hash, disk_full, ensure_sidecar,
                      file_lock, human_bytes, is_disk_full, recorded_sha256, step_dir,
                      write_json_atomic)
-from .store import open_store
+from ooc_universal.formats.store import open_store
 
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"  # in RUN/reduce/.work/<key>/: the pairs and folds of that work
@@ -121,7 +121,7 @@ def store_path(run_dir, name: str) -> Path:
     direct = Path(run_dir) / "stores" / f"{name}.h5"
     if direct.exists():
         return direct
-    from .models import parse_model_spec
+    from ooc_universal.models import parse_model_spec
     try:
         label = parse_model_spec(name).label
     except OocError:
@@ -658,7 +658,7 @@ def load_block(store, start: int, stop: int, cols: tuple | None, out, allow_view
 
 def fold_chain(task: FoldTask) -> str:
     """Fold this chain's token blocks into the group's accumulators; checkpointed."""
-    from .kernels.comoments import (centre_block, comoment_update_centred_, empty_comoments,
+    from ooc_universal.kernels.comoments import (centre_block, comoment_update_centred_, empty_comoments,
                                     self_comoment_centred, self_comoment_combine)
     torch = _torch()
     path = _fold_path(task.work_dir, task.group, task.panel, task.chain)
@@ -768,7 +768,7 @@ def merge_chains(work_dir: str, g: int, p: int, chain_paths: list) -> str:
     """Chan-merge the chains of (g, p) into chain 0's file (a no-op for one chain)."""
     if len(chain_paths) <= 1:
         return chain_paths[0]
-    from .kernels.comoments import comoment_combine, self_comoment_combine
+    from ooc_universal.kernels.comoments import comoment_combine, self_comoment_combine
     out = Path(work_dir) / f"merged_g{g}_p{p}.npz"
     if out.exists():
         return str(out)
@@ -789,8 +789,8 @@ def merge_chains(work_dir: str, g: int, p: int, chain_paths: list) -> str:
 def finalize_panel(work_dir, g, p, rows, state_path, self_state_path, d_others,
                    settings: ReduceSettings, device):
     """Row/col max and the rotation baseline of one panel, for each pair of the group."""
-    from .kernels.rotation import rotated_row_max, rotation_matrix
-    from .kernels.tilemax import tile_max
+    from ooc_universal.kernels.rotation import rotated_row_max, rotation_matrix
+    from ooc_universal.kernels.tilemax import tile_max
     out = Path(work_dir) / f"final_g{g}_p{p}.npz"
     if out.exists():
         return str(out)
@@ -836,7 +836,7 @@ def assemble_pair(out_path, j, final_paths, ref_meta, other_meta, plan_dict,
     """Gather panel results for pair j of its group into the pair's HDF5 file."""
     import h5py
 
-    from .kernels.tilemax import merge_max
+    from ooc_universal.kernels.tilemax import merge_max
     finals = [_load_state(Path(f)) for f in final_paths]
     n = int(finals[0][f"p{j}_n"])
     mean_x = np.concatenate([f[f"p{j}_mean_x"] for f in finals]).astype(np.float64)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import faults, models, tokens
-from .errors import OocError, StaleInputError
-from .plan import parse_bytes
-from .rundir import check_free_space, disk_full, human_bytes, is_disk_full, step_dir
-from .store import (DTYPE, PartialStore, StorePaths, check_store_matches, default_block_tokens,
+from ooc_universal import faults, models
+
+from ooc_universal.steps import tokens
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.plan import parse_bytes
+from ooc_universal.rundir import check_free_space, disk_full, human_bytes, is_disk_full, step_dir
+from ooc_universal.formats.store import (DTYPE, PartialStore, StorePaths, check_store_matches, default_block_tokens,
                     expected_store_bytes, identity_mismatch, parse_compression,
                     remove_stale_temporaries, store_lock)
 

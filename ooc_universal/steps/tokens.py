@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import OocError, StaleInputError
-from .rundir import check_free_space, ensure_writable, write_json_atomic
+from ooc_universal import __version__
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.rundir import check_free_space, ensure_writable, write_json_atomic
 
 BYTES = "bytes"
 BYTE_BOS = 256
@@ -100,7 +100,7 @@ def hf_tokenizer_info(hf_tokenizer, name: str) -> TokenizerInfo:
 def resolve_tokenizer(name) -> TokenizerInfo:
     """"bytes", a model spec (a@100000, org/name, a local model dir: the model's own
     tokenizer, or bytes for a byte-vocabulary model), or an HF tokenizer name ("gpt2")."""
-    from .models import STANFORD_RUNS, load_tokenizer, parse_model_spec
+    from ooc_universal.models import STANFORD_RUNS, load_tokenizer, parse_model_spec
     if isinstance(name, TokenizerInfo):
         return name
     name = str(name).strip()

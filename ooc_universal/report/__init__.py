@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import OocError
+from ooc_universal import __version__
+from ooc_universal.errors import OocError
 
 PAIR_MEAN = "mean over pairs"      # persistence / table1 summary rows
 PAIR_POOLED = "pooled over pairs"
@@ -1321,7 +1321,7 @@ def report(run_dir, zoo_json=None, progress: bool = True) -> dict[str, Path]:
     if not run_dir.is_dir():
         raise OocError(f"run directory {str(run_dir)!r} does not exist; give the --run-dir "
                        "of a run (it holds universal/, persistence/, ablate/ ...)")
-    from .rundir import ensure_writable
+    from ooc_universal.rundir import ensure_writable
     ensure_writable(run_dir)
     tmp = run_dir / f"report.tmp-{os.getpid()}"
     if tmp.exists():

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import OocError, StaleInputError
-from .rundir import (atomic_path, check_free_space, config_hash, recorded_sha256, step_dir,
+from ooc_universal import __version__
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.rundir import (atomic_path, check_free_space, config_hash, recorded_sha256, step_dir,
                      write_json_atomic)
 
 DEFINITIONS = ("per-pair", "pair-averaged")
@@ -232,7 +232,7 @@ def _match_reference(value: str, names: list[str], records) -> str | None:
         if value in ids:
             return name
     try:  # a model alias ("a") or spec, when the models module is there
-        from .models import parse_model_spec
+        from ooc_universal.models import parse_model_spec
         spec_name = parse_model_spec(value).name
     except Exception:  # noqa: BLE001 - not a spec: fall through to the error
         return None
@@ -305,7 +305,7 @@ def baseline_from_cross_comoment(path, seeds, chunk_rows: int = 2048,
     import h5py
     from tqdm.auto import tqdm
 
-    from .kernels.rotation import rotated_row_max, rotation_matrix
+    from ooc_universal.kernels.rotation import rotated_row_max, rotation_matrix
 
     with h5py.File(path, "r") as f:
         n_tokens = int(_attr(f.attrs, "n_tokens"))

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import OocError
-from .rundir import atomic_path, config_hash, recorded_sha256, step_dir, write_json_atomic
+from ooc_universal import __version__
+from ooc_universal.errors import OocError
+from ooc_universal.rundir import atomic_path, config_hash, recorded_sha256, step_dir, write_json_atomic
 
 MEAN_OVER_PAIRS = "mean over pairs"
 POOLED_OVER_PAIRS = "pooled over pairs"

@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .errors import OocError
-from .rundir import atomic_path, config_hash, step_dir, write_json_atomic
-from .store import plain_attr as _plain
+from ooc_universal import __version__
+from ooc_universal.errors import OocError
+from ooc_universal.rundir import atomic_path, config_hash, step_dir, write_json_atomic
+from ooc_universal.formats.store import plain_attr as _plain
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
@@ -247,7 +247,7 @@ class _Runner:
 
 
 def _proj(model, layer):
-    from .models import mlp_out_proj
+    from ooc_universal.models import mlp_out_proj
     return mlp_out_proj(model, layer)
 
 
@@ -618,7 +618,7 @@ def _select(doc, reference, thresholds) -> list[dict]:
 
 def _reference_names(reference) -> set[str]:
     """`reference` as given, and the model name it parses to ("a" -> alias-gpt2-small-x21)."""
-    from .models import parse_model_spec
+    from ooc_universal.models import parse_model_spec
     names = {str(reference)}
     try:
         names.add(parse_model_spec(str(reference)).name)
@@ -628,7 +628,7 @@ def _reference_names(reference) -> set[str]:
 
 
 def _eval_tokens(run_dir, n_eval_tokens):
-    from .tokens import load_token_set
+    from ooc_universal.steps.tokens import load_token_set
     ts = load_token_set(run_dir)
     ids, valid = np.asarray(ts.eval_input_ids), np.asarray(ts.eval_valid, dtype=bool)
     meta = dict(getattr(ts, "meta", {}) or {})
@@ -704,7 +704,7 @@ def _reduce_for(rec, index, need_other=True):
 
 
 def _model_spec(rec, overrides, index) -> tuple[str, str]:
-    from .models import parse_model_spec
+    from ooc_universal.models import parse_model_spec
     ref, ck = str(rec["reference"]), rec.get("checkpoint")
     hits = _reduce_for(rec, index, need_other=False)
     names = {f"{ref}@{ck}", ref} | {str(a.get("ref_label")) for _, a in hits}
@@ -730,7 +730,7 @@ def _model_spec(rec, overrides, index) -> tuple[str, str]:
 
 def _spec_names(key, ref, ck) -> bool:
     """Does override key `key` (e.g. "a@100000") parse to reference `ref` at step `ck`?"""
-    from .models import parse_model_spec
+    from ooc_universal.models import parse_model_spec
     try:
         spec = parse_model_spec(key)
     except OocError:
@@ -780,7 +780,7 @@ def _sets_for(recs, config, n_layers=None, d_mlp=None) -> list[AblationSet]:
 
 
 def _run_model(spec, recs, ids, valid, config, means, batch_size, dev, progress) -> dict:
-    from .models import load_model
+    from ooc_universal.models import load_model
     with _hf_progress(progress):
         loaded = load_model(spec, device=str(dev), dtype=torch.float32)
     model = loaded.model

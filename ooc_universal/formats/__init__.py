@@ -1,0 +1,1 @@
+"""The only readers and writers of each file kind the steps exchange."""

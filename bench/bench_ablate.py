@@ -1,17 +1,24 @@
 """Ablated forward passes per second against a plain forward pass (JSON out).
 
-One "pass" = one batch of windows through the model. Three timings on the same model
+One "pass" = one batch of windows through the model. Four timings on the same model
 and batches:
   plain     model(ids).logits, no hooks
   toolkit   evaluate_ablations: the original once per batch, each set restarted from
-            the cached residual at its lowest layer, LM head on the evaluated rows only,
-            float64 KL and CE; reported per (set, batch)
-  naive     a full hooked forward per (set, batch) plus the same float64 KL and CE
-The set mix is the step's default: universal + controls over all layers, then each
-layer's universal neuron set + controls (so most sets start above layer 0).
+            the cached residual at its lowest ablated layer (the cached prefix), LM head
+            on the evaluated rows only, float64 KL and CE; reported per (set, batch)
+  stacked   the same with --stack sets of one starting layer stacked along the batch
+            dimension in each restart (sets_per_pass)
+  naive     the previous way: a full hooked forward per (set, batch) plus the same
+            float64 KL and CE
+toolkit_over_naive is the cached prefix's speed-up over full ablated forwards, and
+stacked_over_toolkit says whether stacking sets beats looping them over one prefix, both
+measured in the same run. The set mix is the step's default: universal + controls over
+all layers, then each layer's universal neuron set + controls (so most sets start above
+layer 0).
 
   python bench/bench_ablate.py [--layers 6 --d-model 128 --window 128 --batch 16
-                                --batches 4 --draws 2 --threads 1 --device auto --out F]
+                                --batches 4 --draws 2 --stack 4 --threads 1
+                                --device auto --out F]
 """
 from __future__ import annotations
 
@@ -24,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ooc_universal.devices import resolve_device
 from ooc_universal.steps.ablate import (ablation_hooks, ablation_sets, evaluate_ablations,
-                                  resolve_device, target_mask)
+                                        target_mask)
 from ooc_universal.zoo import ZooRecipe, gpt2_config
 
 
@@ -54,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--draws", type=int, default=2, help="control draws per set")
     ap.add_argument("--frac", type=float, default=0.05, help="universal fraction per layer")
+    ap.add_argument("--stack", type=int, default=4,
+                    help="sets per restart in the stacked timing (sets_per_pass)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=1)
@@ -108,6 +118,10 @@ def run(argv=None) -> dict:
     def toolkit():
         evaluate_ablations(model, sets, ids, valid, batch_size=args.batch)
 
+    def stacked():
+        evaluate_ablations(model, sets, ids, valid, batch_size=args.batch,
+                           sets_per_pass=args.stack)
+
     def naive():
         with torch.inference_mode():
             for k, b in enumerate(batches):
@@ -126,10 +140,13 @@ def run(argv=None) -> dict:
     t_plain = _timed(plain, 2)
     t_tool = _timed(toolkit, args.repeat)
     t_plain = min(t_plain, _timed(plain, 2))
+    t_stack = _timed(stacked, args.repeat)
+    t_plain = min(t_plain, _timed(plain, 2))
     t_naive = _timed(naive, args.repeat)
     t_plain = min(t_plain, _timed(plain, 2))
     plain_ps = args.batches / t_plain
     tool_ps = n_passes / t_tool
+    stack_ps = n_passes / t_stack
     naive_ps = n_passes / t_naive
     out = dict(
         bench="ablate", device=str(dev), threads=args.threads, torch=torch.__version__,
@@ -139,10 +156,11 @@ def run(argv=None) -> dict:
         batch_windows=args.batch, n_batches=args.batches, n_sets=len(sets),
         n_universal=int(uni.size),
         plain_passes_per_s=plain_ps, toolkit_ablated_passes_per_s=tool_ps,
-        naive_ablated_passes_per_s=naive_ps,
+        naive_ablated_passes_per_s=naive_ps, stacked_ablated_passes_per_s=stack_ps,
         toolkit_over_plain=tool_ps / plain_ps, naive_over_plain=naive_ps / plain_ps,
-        toolkit_over_naive=tool_ps / naive_ps,
-        seconds=dict(plain=t_plain, toolkit=t_tool, naive=t_naive),
+        toolkit_over_naive=tool_ps / naive_ps, stacked_over_toolkit=stack_ps / tool_ps,
+        stack=args.stack,
+        seconds=dict(plain=t_plain, toolkit=t_tool, stacked=t_stack, naive=t_naive),
         note="pass = one batch of windows; toolkit and naive include float64 KL and CE; "
              "toolkit time includes its one original pass per batch",
         args=vars(args))

@@ -40,7 +40,8 @@ def build_model(path: Path, layers: int, d_model: int, heads: int, window: int, 
 
 def build_tokens(run_dir: Path, n_windows: int, window: int, seed: int) -> None:
     """A byte token set from this repository's Python source (newlines are invalid rows)."""
-    from ooc_universal.steps import tokens
+    from ooc_universal.formats.tokens import save_token_set
+    from ooc_universal.steps.tokens import build_token_set
     src = Path(__file__).resolve().parents[1]
     text = "".join(p.read_text(errors="replace") for p in sorted(src.rglob("*.py")))
     while len(text.encode()) < n_windows * window * 2:
@@ -49,8 +50,8 @@ def build_tokens(run_dir: Path, n_windows: int, window: int, seed: int) -> None:
     del seed  # the text is fixed
     src_file = run_dir.parent / "source.txt"
     src_file.write_text(text)
-    ts = tokens.build_token_set(src_file, n_tokens, tokenizer="bytes", window=window)
-    tokens.save_token_set(ts, run_dir)
+    ts = build_token_set(src_file, n_tokens, tokenizer="bytes", window=window)
+    save_token_set(ts, run_dir)
 
 
 def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
@@ -59,11 +60,11 @@ def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
     import numpy as np
     import torch
     from ooc_universal import models
-    from ooc_universal.steps import tokens
+    from ooc_universal.formats.tokens import load_token_set
     torch.set_num_threads(threads)
-    ts = tokens.load_token_set(run_dir)
+    ts = load_token_set(run_dir)
     loaded = models.load_model(model_dir, device, torch.float32)
-    base = loaded.model.transformer
+    base = models.base_model(loaded.model)
     n_windows = ts.input_ids.shape[0]
     cuda = device.startswith("cuda")
     if cuda:  # warm-up (context, kernels), as extract's first batch pays it too
@@ -87,12 +88,14 @@ def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
 def child_extract(run_dir: str, model_dir: str, memory: str, threads: int,
                   device: str = "cpu") -> dict:
     import torch
+    from ooc_universal.config import ComputeConfig
     from ooc_universal.steps.extract import extract
     torch.set_num_threads(threads)
     stores = Path(run_dir) / "stores"
     shutil.rmtree(stores, ignore_errors=True)
     stats = {}
-    extract(run_dir, model_dir, device=device, memory=memory, progress=False, stats=stats)
+    extract(run_dir, model_dir, compute=ComputeConfig(device=device, memory=memory),
+            progress=False, stats=stats)
     out = {k: stats[k] for k in ("seconds", "cpu_seconds", "tokens_written", "tokens_per_s",
                                  "batch_size", "block_tokens", "blocks_total",
                                  "peak_rss_bytes", "memory_bytes")}

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from ooc_universal.devices import device_name
 from ooc_universal.kernels import comoments as cm
 from ooc_universal.kernels import tilemax as tm
 
@@ -144,8 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv=None) -> dict:
     """Measure; return the result document (nothing printed)."""
     args = build_parser().parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = device_name(args.device)  # auto -> cuda when torch sees a GPU, else cpu
     if args.threads:
         import numba
         torch.set_num_threads(args.threads)

@@ -13,8 +13,9 @@ correlations in a temporary run directory, then measures, each in the same run:
               cross GEMM, the self co-moments and the baseline GEMMs) over the torch.matmul
               peak on the reduce's own GEMM shapes (block_tokens x Na)^T (block_tokens x Nb)
               and dtype, measured in the same process right before and right after; peak
-              RSS of the reduce (VmHWM, reset before it) against --memory; a per-function
-              time breakdown (reads, centring, GEMM, self co-moments, baseline, dask);
+              RSS of the reduce (VmHWM, reset before it) against --memory; a time breakdown
+              by phase (reads, centring, cross GEMM, self co-moments, checkpoints, tile
+              max, baseline, assembly, the rest) as the step's tasks record it;
   accuracy    bf16 and fp32 row maxima against each other and against a float64 two-pass
               reference (exact means) on a subset of reference neurons;
   read path   every block through open_store(...).read_block (memmap) + fp32 conversion
@@ -277,95 +278,22 @@ def gemm_peak(rows: int, na: int, nb: int, precision: str, device: str, seconds:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-class Timers:
-    """Wall time per function (inclusive), keyed by 'caller/callee' when nested.
-
-    Wraps module attributes in place (thread-safe; restored on exit), so the reduce's
-    Dask worker thread is timed too (cProfile sees only the thread that enables it)."""
-
-    def __init__(self, targets):
-        self.targets = targets  # [(module, attribute name)]
-        self.totals: dict = {}
-        self.calls: dict = {}
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._saved = []
-
-    def _wrap(self, name, fn):
-        def timed(*args, **kwargs):
-            stack = getattr(self._local, "stack", None)
-            if stack is None:
-                stack = self._local.stack = []
-            key = f"{stack[-1]}/{name}" if stack else name
-            stack.append(name)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                dt = time.perf_counter() - t0
-                stack.pop()
-                with self._lock:
-                    self.totals[key] = self.totals.get(key, 0.0) + dt
-                    self.calls[key] = self.calls.get(key, 0) + 1
-        timed.__wrapped__ = fn
-        return timed
-
-    def __enter__(self):
-        for mod, attr in self.targets:
-            fn = getattr(mod, attr)
-            self._saved.append((mod, attr, fn))
-            setattr(mod, attr, self._wrap(attr, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for mod, attr, fn in reversed(self._saved):
-            setattr(mod, attr, fn)
-        self._saved = []
-
-    def get(self, key) -> float:
-        return self.totals.get(key, 0.0)
-
-    def ending(self, name) -> float:
-        """Inclusive time of `name` from every caller."""
-        return sum(v for k, v in self.totals.items() if k.split("/")[-1] == name)
+# the step's own phases (graph.TIMINGS, recorded by its tasks on the real call path)
+FOLD_PHASES = ("read", "centre", "cross_gemm", "self_comoments", "release", "checkpoint")
+FINAL_PHASES = ("chan_merge", "tile_max", "baseline", "finalize_save", "assemble")
 
 
-def breakdown(tm: Timers, wall: float) -> dict:
-    """Where the reduce's time went (seconds), from the Timers of one run."""
-    fold = tm.ending("fold_chain")
-    update = tm.get("fold_chain/comoment_update_")
-    cent_x = tm.get("comoment_update_/centre_block")
-    merge = tm.get("comoment_update_/_merge_moments_")
-    gemm_bf16 = tm.get("comoment_update_/_gemm_tn")
-    self_c = tm.get("fold_chain/self_comoment_chunk") + tm.get("fold_chain/self_comoment_combine")
-    self_cent = tm.get("self_comoment_chunk/centre_block")
-    loads = tm.get("fold_chain/load_block")
-    saves = tm.ending("_save_state")
-    final = tm.ending("finalize_panel")
-    tile = tm.get("finalize_panel/tile_max")
-    base = tm.get("finalize_panel/rotated_row_max")
-    merge_chains = tm.ending("merge_chains")
-    assemble = tm.ending("assemble_pair")
-    tasks = fold + merge_chains + final + assemble
-    out = {
-        "wall": wall,
-        "reads_and_fp32_conversion": loads,
-        "centring_cross": cent_x,
-        "gemm_cross": update - cent_x - merge if not gemm_bf16 else gemm_bf16,
-        "chan_merge": merge,
-        "self_comoments_total": self_c,
-        "self_comoments_centring": self_cent,
-        "self_comoments_gemm": self_c - self_cent,
-        "checkpoints": saves,
-        "finalize_tile_max": tile,
-        "finalize_baseline": base,
-        "finalize_other": final - tile - base - tm.get("finalize_panel/_save_state"),
-        "assemble_output": assemble,
-        "fold_other": fold - loads - update - self_c - tm.get("fold_chain/_save_state"),
-        "graph_dask_planning_other": wall - tasks,
-    }
-    if gemm_bf16:  # bf16: the GEMM and its fp32 add are inside update, beside centring
-        out["bf16_add_and_other"] = update - cent_x - merge - gemm_bf16
+def breakdown(timings: dict, wall: float) -> dict:
+    """Where the reduce's time went (seconds), from the timings the step itself records
+    (result["timings"]: {phase: seconds}); what no phase covers (planning, the graph,
+    Dask, opening files, the loop's own bookkeeping) is graph_dask_planning_other."""
+    out = {"wall": wall}
+    for name in FOLD_PHASES + FINAL_PHASES:
+        out[name] = float(timings.get(name, 0.0))
+    out.update({k: float(v) for k, v in timings.items() if k not in out})
+    covered = sum(v for k, v in out.items() if k != "wall")
+    out["fold_total"] = sum(out[k] for k in FOLD_PHASES)
+    out["graph_dask_planning_other"] = wall - covered
     out["fractions"] = {k: v / wall for k, v in out.items()
                         if k != "wall" and isinstance(v, float) and wall > 0}
     return out
@@ -376,39 +304,36 @@ def breakdown(tm: Timers, wall: float) -> dict:
 
 def phase_ours(spec: dict) -> dict:
     """ooc_universal.steps.reduce.reduce with peaks measured before and after, peak RSS, timers."""
-    import h5py
     import torch
 
     import dask.threaded  # noqa: F401  (imports outside the timed region)
+    from ooc_universal.config import ComputeConfig, ReduceConfig
+    from ooc_universal.formats.reduced import open_reduced
+    from ooc_universal.kernels import tilemax
     from ooc_universal.steps import reduce as R
-    from ooc_universal.kernels import comoments, rotation, tilemax
     tilemax.tile_max(np.ones((4, 4), np.float32), np.ones(4), np.ones(4))  # numba load/JIT
     dev, prec = spec["device"], spec["precision"]
-    kw = dict(memory=spec["memory"], device=dev, precision=prec, baseline_draws=1,
-              seed=spec["seed"], max_panels=spec.get("max_panels"), progress=False, force=True)
-    plan = R.reduce(spec["run_dir"], REF, [OTHER], dry_run=True, gemm_rate=1.0, **kw)["plan"]
+    settings = ReduceConfig(precision=prec, baseline_draws=1, seed=spec["seed"])
+    compute = ComputeConfig(memory=spec["memory"], device=dev)
+    kw = dict(max_panels=spec.get("max_panels"), progress=False, force=True)
+    plan = R.reduce(spec["run_dir"], REF, [OTHER], settings, compute, dry_run=True,
+                    gemm_rate=1.0, **kw)["plan"]
     bt, na, nb = plan.block_tokens, plan.n_ref, plan.pairs[0].n_other
     secs = spec["peak_seconds"]
     peaks = {"before": gemm_peak(bt, na, nb, prec, dev, secs)}
     if dev == "cuda" and prec == "fp32":
         peaks["tf32_before"] = gemm_peak(bt, na, nb, prec, dev, secs, tf32=True)
-    targets = [(R, n) for n in ("load_block", "fold_chain", "merge_chains", "finalize_panel",
-                                "assemble_pair", "_save_state")]
-    targets += [(comoments, n) for n in ("comoment_update_", "centre_block", "_merge_moments_",
-                                         "_gemm_tn", "self_comoment_chunk",
-                                         "self_comoment_combine")]
-    targets += [(tilemax, "tile_max"), (rotation, "rotated_row_max")]
-    with Timers(targets) as tm, RssWatch() as rss:
+    with RssWatch() as rss:
         t0 = time.perf_counter()
-        res = R.reduce(spec["run_dir"], REF, [OTHER], **kw)
+        res = R.reduce(spec["run_dir"], REF, [OTHER], settings, compute, **kw)
         _sync(dev)
         wall = time.perf_counter() - t0
     peaks["after"] = gemm_peak(bt, na, nb, prec, dev, secs)
     if dev == "cuda" and prec == "fp32":
         peaks["tf32_after"] = gemm_peak(bt, na, nb, prec, dev, secs, tf32=True)
-    with h5py.File(res["outputs"][0], "r") as f:
-        arrays = {k: f[k][()] for k in ("row_max", "row_argmax", "col_max")}
-        arrays["baseline"] = f["baseline/row_max"][()]
+    with open_reduced(res["outputs"][0]) as stats:
+        arrays = {k: getattr(stats, k) for k in ("row_max", "row_argmax", "col_max")}
+        arrays["baseline"] = stats.baseline_row_max
     np.savez(spec["npz"], **arrays)
     peak = max(peaks["before"], peaks["after"])
     from ooc_universal.plan import parse_bytes
@@ -424,7 +349,7 @@ def phase_ours(spec: dict) -> dict:
                  "flops": plan.flops, "notes": plan.notes},
         "memory_bytes": parse_bytes(spec["memory"]),
         **rss.result,
-        "breakdown_s": breakdown(tm, wall),
+        "breakdown_s": breakdown(res["timings"], wall),
         "torch_threads": torch.get_num_threads(),
     }
     if "tf32_before" in peaks:
@@ -1043,8 +968,8 @@ def config_from_args(a) -> BenchConfig:
     if a.subprocess:
         cfg = replace(cfg, inprocess=False)
     if cfg.device == "auto":
-        import torch
-        cfg = replace(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        from ooc_universal.devices import device_name
+        cfg = replace(cfg, device=device_name("auto"))
     return cfg
 
 

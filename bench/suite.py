@@ -76,7 +76,7 @@ class SuiteConfig:
     parts: tuple = PARTS          # which parts run, in this order
     size: str = "default"         # tiny | quick | default
     scale: float = 1.0            # multiplies the token counts of reduce and extract
-    device: str = "cpu"           # cpu | cuda (resolved; see resolve_device)
+    device: str = "cpu"           # cpu | cuda (resolved: devices.device_name)
     memory: str = "2GB"           # budget given to reduce and extract
     disk_gbps: float = 2.0        # disk bandwidth (GB/s) assumed by the projection
     paper_memory: str | None = None  # reduce budget in the projection [RAM or GPU memory]
@@ -102,18 +102,6 @@ def parse_parts(text: str | None) -> tuple:
         raise OocError(f"unknown part(s) {', '.join(bad) or repr(text)}; "
                          f"choose from {','.join(PARTS)}")
     return tuple(p for p in PARTS if p in want)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise OocError("--device cuda, but torch sees no CUDA device; use --device cpu "
-                         "or install a CUDA build of torch")
-    if device not in ("cpu", "cuda"):
-        raise OocError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    return device
 
 
 def default_out_dir() -> Path:

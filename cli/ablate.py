@@ -1,19 +1,16 @@
 """`ooc-universal ablate`: switch off universal and control neurons, measure KL and loss."""
 from __future__ import annotations
 
+from typing import get_args
+
 import click
 
+from ooc_universal.cli.options import device_option, parse_list
+from ooc_universal.config import AblateConfig, ComputeConfig
 from ooc_universal.errors import OocError
 
-
-def _thresholds(text):
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise OocError(f"--thresholds {text!r} is not a comma-separated list of numbers; "
-                       "e.g. --thresholds 0.4,0.5,0.6") from None
+DEFAULTS = AblateConfig()
+MODES = get_args(AblateConfig.model_fields["mode"].annotation)
 
 
 def _overrides(items) -> dict:
@@ -37,11 +34,11 @@ def _overrides(items) -> dict:
 @click.option("--thresholds", default=None,
               help="Comma-separated thresholds to ablate (each must be in sets.json). "
                    "Default: all of them.")
-@click.option("--control-draws", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--control-draws", type=click.IntRange(min=0), default=DEFAULTS.control_draws,
+              show_default=True,
               help="Random control sets per universal set (non-universal neurons, same "
                    "count in every layer); 0 skips controls.")
-@click.option("--mode", type=click.Choice(["zero", "mean"]), default="zero",
-              show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=DEFAULTS.mode, show_default=True,
               help="zero: post-GELU activation set to 0 (the paper). mean: set to its "
                    "mean over the correlation tokens (from RUN/reduce ref/mean).")
 @click.option("--all-non-universal", is_flag=True,
@@ -51,16 +48,16 @@ def _overrides(items) -> dict:
 @click.option("--n-eval-tokens", type=click.IntRange(min=1), default=None,
               help="Evaluate on the first N positions of the token set's held-out split. "
                    "Default: all of it.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Windows per forward pass. Default: from a memory budget "
+@click.option("--batch-size", type=click.IntRange(min=0), default=DEFAULTS.batch_size,
+              show_default=True,
+              help="Windows per forward pass; 0: from a memory budget "
                    "(CPU 1 GB, GPU a quarter of free memory).")
-@click.option("--device", default="auto", show_default=True,
-              help="auto (GPU when available), cpu, cuda, cuda:1, ...")
+@device_option(ComputeConfig().device)
 @click.option("--model", "models", multiple=True, metavar="NAME=SPEC",
               help="Model to load for reference NAME (as 'reference@checkpoint', e.g. "
                    "alias-gpt2-small-x21@100000, or an alias like a@100000); default: "
                    "rebuilt from the reduce files' attributes. Repeatable.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="Seed of the control draws.")
 @click.option("--quiet", "--no-progress", "quiet", is_flag=True,
               help="No progress bars (--no-progress, as in the other steps).")
@@ -76,18 +73,23 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
     is the standard error over sequences. Control rows give the mean over draws and a
     95% interval over draws (ablation_draws.csv has every draw).
     """
-    from ooc_universal.steps.ablate import ablate as run_ablate, format_table
+    from ooc_universal.config import validated
+    from ooc_universal.formats.ablation import format_ablation
     from ooc_universal.rundir import run_lock
+    from ooc_universal.steps.ablate import ablate as run_ablate
 
+    settings = validated(AblateConfig, dict(
+        control_draws=control_draws, mode=mode, layerwise=not no_layerwise,
+        all_non_universal=all_non_universal, batch_size=batch_size, seed=seed),
+        "command line")
+    compute = validated(ComputeConfig, {"device": device}, "command line")
+    taus = parse_list(thresholds, float, "--thresholds", "0.4,0.5,0.6")
+    overrides = _overrides(models)
     with run_lock(run_dir):
-        out = run_ablate(run_dir, reference=reference,
-                         thresholds=_thresholds(thresholds),
-                         control_draws=control_draws, mode=mode,
-                         all_non_universal=all_non_universal, layerwise=not no_layerwise,
-                         n_eval_tokens=n_eval_tokens, batch_size=batch_size,
-                         device=device, model_overrides=_overrides(models),
-                         progress=not quiet, seed=seed)
-    click.echo(format_table(out.rows))
+        out = run_ablate(run_dir, settings, compute, reference=reference, thresholds=taus,
+                         n_eval_tokens=n_eval_tokens, model_overrides=overrides,
+                         progress=not quiet)
+    click.echo(format_ablation(out.rows))
     if out.n_resumed:
         click.echo(f"reused {out.n_resumed} of {out.n_models} model(s) from RUN/ablate/parts")
     for path in (out.csv, out.draws_csv, out.json):

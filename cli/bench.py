@@ -49,6 +49,7 @@ def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, thr
     asserted) and a projection of the paper's full experiment on this device.
     """
     from ooc_universal.bench import suite
+    from ooc_universal.devices import device_name
     from ooc_universal.plan import parse_bytes
 
     if from_json:
@@ -67,7 +68,7 @@ def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, thr
         parse_bytes(paper_memory)
     cfg = suite.SuiteConfig(
         parts=suite.parse_parts(only), size="tiny" if tiny else "quick" if quick else "default",
-        scale=scale, device=suite.resolve_device(device), memory=memory, disk_gbps=disk_gbps,
+        scale=scale, device=device_name(device), memory=memory, disk_gbps=disk_gbps,
         paper_memory=paper_memory, threads=threads, machine=machine,
         argv=_given_options())
     doc = suite.run_suite(cfg, quiet=quiet)

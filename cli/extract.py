@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import click
 
-from ooc_universal.steps.extract import extract as extract_store
+from ooc_universal.cli.options import device_option
+from ooc_universal.config import ComputeConfig, ExtractConfig, validated
+from ooc_universal.formats.store import parse_compression
 from ooc_universal.rundir import human_bytes
+from ooc_universal.steps.extract import DTYPES
+from ooc_universal.steps.extract import extract as extract_store
+
+SETTINGS, COMPUTE = ExtractConfig(), ComputeConfig()
 
 
 @click.command("extract")
@@ -12,17 +18,15 @@ from ooc_universal.rundir import human_bytes
               help="Run directory holding tokens/ (from `ooc-universal tokens`); stores go "
                    "to RUN/stores/<label>.h5.")
 @click.argument("models", nargs=-1, required=True)
-@click.option("--memory", default="4GB", show_default=True,
+@click.option("--memory", default=COMPUTE.memory, show_default=True,
               help="RAM budget for this process (e.g. 16GB, 512MB); sets the batch size.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="auto = cuda when available, else cpu.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True,
+@device_option(COMPUTE.device)
+@click.option("--dtype", type=click.Choice(DTYPES), default=DTYPES[0], show_default=True,
               help="Compute dtype of the forward pass (bfloat16: faster on GPUs and AVX-512 "
                    "BF16 CPUs, less exact); activations are stored as float16 either way.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Windows per forward pass (default: the most that fit in --memory).")
-@click.option("--compression", default="none", show_default=True,
+@click.option("--compression", default=SETTINGS.compression, show_default=True,
               help="none | gzip | gzip:0-9 | lzf. Compressed stores are smaller but cannot "
                    "be memory-mapped, so the reduce reads them more slowly.")
 @click.option("--block-tokens", type=click.IntRange(min=1), default=None,
@@ -47,11 +51,15 @@ def extract(run_dir, models, memory, device, dtype, batch_size, compression, blo
     finishes only the missing blocks. A complete store is skipped; a store made from
     another token set or model is refused, never appended to.
     """
+    parse_compression(compression)  # the store's own one-line message for a typo
+    settings = validated(ExtractConfig, {"compression": compression,
+                                         "batch_size": batch_size or SETTINGS.batch_size},
+                         "extract options")
+    compute = validated(ComputeConfig, {"device": device, "memory": memory}, "extract options")
     for spec in models:
         stats = {}
-        path = extract_store(run_dir, spec, batch_size=batch_size, device=device, dtype=dtype,
-                             memory=memory, compression=compression, progress=progress,
-                             block_tokens=block_tokens, stats=stats)
+        path = extract_store(run_dir, spec, settings, compute, dtype=dtype,
+                             block_tokens=block_tokens, progress=progress, stats=stats)
         if stats.get("status") == "skipped":
             click.echo(f"{path}  (complete already, skipped)")
             continue

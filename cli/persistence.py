@@ -1,8 +1,6 @@
 """`ooc-universal persistence`: do universal neurons stay universal?"""
 from __future__ import annotations
 
-import json
-
 import click
 
 
@@ -19,10 +17,10 @@ def persistence(run_dir, quiet):
     two ways: "mean over pairs" (mean of the defined per-pair P) and "pooled over
     pairs" (summed counts). Also emerged = |U(t2) - U(t1)| and Jaccard overlap.
     """
-    from ooc_universal.steps.persistence import format_persistence, persistence as run_persistence
+    from ooc_universal.formats.tables import format_persistence
+    from ooc_universal.steps.persistence import persistence as run_persistence
 
-    paths = run_persistence(run_dir, progress=not quiet)
-    with open(paths["json"]) as f:
-        click.echo(format_persistence(json.load(f)))
+    out = run_persistence(run_dir, progress=not quiet)
+    click.echo(format_persistence(out.result))
     for key in ("json", "csv"):
-        click.echo(f"wrote {paths[key]}")
+        click.echo(f"wrote {out.paths[key]}")

@@ -1,10 +1,15 @@
 """`ooc-universal reduce`: co-moment statistics of a reference model against the others."""
 from __future__ import annotations
 
+import typing
+
 import click
 
-from ooc_universal.steps.reduce import reduce as run_reduce
-from ooc_universal.steps.reduce import summary_line
+from ooc_universal.cli.options import device_option
+from ooc_universal.config import ComputeConfig, ReduceConfig, validated
+
+REDUCE, COMPUTE = ReduceConfig(), ComputeConfig()  # the option defaults (one source)
+PRECISIONS = typing.get_args(ReduceConfig.model_fields["precision"].annotation)
 
 
 @click.command("reduce")
@@ -13,23 +18,23 @@ from ooc_universal.steps.reduce import summary_line
 @click.option("--reference", "-r", required=True,
               help="Reference model: a store label, a store path or a model spec (a@100000).")
 @click.argument("others", nargs=-1, required=True)
-@click.option("--memory", default="4GB", show_default=True,
+@click.option("--memory", default=COMPUTE.memory, show_default=True,
               help="Memory budget per worker (e.g. 16GB). The planner picks block size, "
                    "pair groups and row panels to stay inside it.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Where the GEMMs run.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp64"]), default="fp32",
+@device_option(COMPUTE.device)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=REDUCE.precision,
               show_default=True,
               help="GEMM inputs; accumulation is fp32 (fp64 for fp64). bf16 is ~2x faster on "
                    "CPUs with AVX-512 BF16, with correlation errors up to ~2e-3.")
-@click.option("--baseline-draws", default=1, show_default=True, type=click.IntRange(0),
+@click.option("--baseline-draws", default=REDUCE.baseline_draws, show_default=True, type=int,
               help="Independent random rotations for the excess-correlation baseline "
                    "(draw j uses seed + j; computed from co-moments, no second pass).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the first draw.")
-@click.option("--keep-covariance", is_flag=True,
+@click.option("--seed", default=REDUCE.seed, show_default=True, type=int,
+              help="Seed of the first draw.")
+@click.option("--keep-covariance", is_flag=True, default=REDUCE.keep_covariance,
               help="Also store the cross co-moment matrix (fp32, Na x Nb), so more "
                    "baseline draws can be computed later without the activations.")
-@click.option("--scheduler", default=None, metavar="tcp://HOST:PORT",
+@click.option("--scheduler", default=COMPUTE.scheduler or None, metavar="tcp://HOST:PORT",
               help="Run the graph on a dask.distributed cluster; workers must see the run "
                    "directory at the same path.")
 @click.option("--block-tokens", type=click.IntRange(1), default=None,
@@ -51,26 +56,21 @@ def reduce(run_dir, reference, others, memory, device, precision, baseline_draws
     never NaN). Row max/argmax run over every neuron of the other model (all layers).
     A killed run resumes from its last checkpoint when the same command is run again.
     """
-    result = run_reduce(run_dir, reference, list(others), memory=memory, device=device,
-                        precision=precision, baseline_draws=baseline_draws, seed=seed,
-                        keep_covariance=keep_covariance, scheduler=scheduler,
+    from ooc_universal.steps.reduce import reduce as run_reduce
+    from ooc_universal.steps.reduce import summary_line, zero_variance_warnings
+    settings = validated(ReduceConfig, dict(precision=precision, baseline_draws=baseline_draws,
+                                            seed=seed, keep_covariance=keep_covariance),
+                         "reduce options")
+    compute = validated(ComputeConfig, dict(memory=memory, device=device,
+                                            scheduler=scheduler or ""), "reduce options")
+    result = run_reduce(run_dir, reference, list(others), settings, compute,
                         block_tokens=block_tokens, checkpoint_blocks=checkpoint_every,
-                        dry_run=dry_run, force=force,
-                        progress=not no_progress)
+                        dry_run=dry_run, force=force, progress=not no_progress)
     if dry_run:
         click.echo(result["describe"])
         return
     click.echo(summary_line(result))
     for path in result["outputs"]:
         click.echo(f"  {path}")
-    _warn_zero_variance(result["outputs"])
-
-
-def _warn_zero_variance(paths):
-    import h5py
-    for path in paths:
-        with h5py.File(path, "r") as f:
-            nr, no = int(f.attrs["n_zero_var_ref"]), int(f.attrs["n_zero_var_other"])
-        if nr or no:
-            click.echo(f"warning: {path}: {nr} reference and {no} other neurons have zero "
-                       "variance over the tokens; their correlation is set to 0", err=True)
+    for line in zero_variance_warnings(result):
+        click.echo(line, err=True)

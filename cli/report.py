@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import click
 
+from ooc_universal.config import ReportConfig
 from ooc_universal.errors import OocError
+
+DEFAULTS = ReportConfig()
 
 
 @click.command()
@@ -11,7 +14,7 @@ from ooc_universal.errors import OocError
                 type=click.Path(file_okay=False))
 @click.option("--run-dir", default=None, type=click.Path(file_okay=False),
               help="Run directory (same as the RUN_DIR argument; output: RUN/report/).")
-@click.option("--zoo-json", default=None, type=click.Path(dir_okay=False),
+@click.option("--zoo-json", default=DEFAULTS.zoo_json, type=click.Path(dir_okay=False),
               help="A zoo's zoo.json, for the models' held-out loss. Default: zoo_json in "
                    "RUN/config.toml, or the zoo.json beside a local model of the run.")
 @click.option("--quiet", "--no-progress", "quiet", is_flag=True,
@@ -26,6 +29,7 @@ def report(run_dir_arg, run_dir, zoo_json, quiet):
     models' held-out loss. A step that has not run gets a "not run" section.
     report_data.json holds every number the tables show.
     """
+    from ooc_universal.config import validated
     from ooc_universal.report import report as run_report
 
     if run_dir_arg and run_dir and run_dir_arg != run_dir:
@@ -34,6 +38,7 @@ def report(run_dir_arg, run_dir, zoo_json, quiet):
     target = run_dir_arg or run_dir
     if not target:
         raise click.UsageError("give the run directory: `ooc-universal report RUN_DIR`")
-    paths = run_report(target, zoo_json=zoo_json, progress=not quiet)
+    settings = validated(ReportConfig, {"zoo_json": zoo_json or ""}, "command line")
+    paths = run_report(target, settings, progress=not quiet)
     click.echo(f"wrote {paths['html']}")
     click.echo(f"wrote {paths['md']}")

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import click
 
+from ooc_universal.config import TokensConfig, validated
 from ooc_universal.rundir import run_lock
-from ooc_universal.steps.tokens import build_token_set, save_token_set
+from ooc_universal.steps.tokens import tokens as make_tokens
+
+DEFAULTS = TokensConfig()
 
 
 @click.command("tokens")
@@ -17,9 +20,10 @@ from ooc_universal.steps.tokens import build_token_set, save_token_set
                    "'test' by default; needs the `datasets` package and the network).")
 @click.option("--n-tokens", required=True, type=click.IntRange(min=1),
               help="Exactly this many valid positions (rows of every activation store).")
+# 0, not the config's default: a token set made on its own has no eval split unless asked
 @click.option("--n-eval-tokens", default=0, show_default=True, type=click.IntRange(min=0),
               help="Valid positions of the held-out eval windows that follow (for ablate).")
-@click.option("--window", default=512, show_default=True, type=click.IntRange(min=2),
+@click.option("--window", default=DEFAULTS.window, show_default=True, type=click.IntRange(min=2),
               help="Window length including the BOS at column 0; at most the models' context.")
 @click.option("--tokenizer", required=True,
               help="'bytes' (id = byte, BOS = 256), a model spec whose own tokenizer to use "
@@ -39,13 +43,15 @@ def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, force, p
     --n-tokens positions are valid. Nothing is shuffled. The set is stored with a
     content hash in RUN/tokens/; an identical set already there is kept as it is.
     """
-    ts = build_token_set(source, n_tokens, tokenizer=tokenizer, window=window,
-                         n_eval_tokens=n_eval_tokens, progress=progress)
+    settings = validated(TokensConfig, {"source": source, "n_tokens": n_tokens,
+                                        "n_eval_tokens": n_eval_tokens, "window": window,
+                                        "tokenizer": tokenizer}, "tokens options")
     with run_lock(run_dir):
-        folder, written = save_token_set(ts, run_dir, force=force)
-    if not written:
-        click.echo(f"token set {ts.hash} already in {folder}; nothing to do")
+        result = make_tokens(run_dir, settings, force=force, progress=progress)
+    ts = result.token_set
+    if not result.written:
+        click.echo(f"token set {ts.hash} already in {result.folder}; nothing to do")
         return
-    click.echo(f"wrote {folder}: {ts.n_tokens} valid tokens in {ts.n_windows} windows of "
-               f"{ts.window} (+{ts.meta['n_eval_tokens']} eval), tokenizer {ts.tokenizer}")
+    click.echo(f"wrote {result.folder}: {ts.n_tokens} valid tokens in {ts.n_windows} windows "
+               f"of {ts.window} (+{ts.meta['n_eval_tokens']} eval), tokenizer {ts.tokenizer}")
     click.echo(f"hash {ts.hash}")

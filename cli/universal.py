@@ -1,22 +1,15 @@
 """`ooc-universal universal`: excess correlation, universal sets and Table 1."""
 from __future__ import annotations
 
-import json
+from typing import get_args
 
 import click
 
-from ooc_universal.errors import OocError
+from ooc_universal.cli.options import parse_list
+from ooc_universal.config import UniversalConfig
 
-
-def _thresholds(text: str) -> list[float]:
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(float(part))
-        except ValueError:
-            raise OocError(f"threshold {part.strip()!r} is not a number; give a comma-"
-                           "separated list in (0, 1), e.g. --thresholds 0.4,0.5,0.6") from None
-    return values
+DEFAULTS = UniversalConfig()
+DEFINITIONS = get_args(UniversalConfig.model_fields["definition"].annotation)
 
 
 @click.command()
@@ -27,19 +20,20 @@ def _thresholds(text: str) -> list[float]:
                    "or alias such as 'a'). Default: the only reference present.")
 @click.option("--all-references", is_flag=True,
               help="Repeat the analysis with every reference model of the reduce files.")
-@click.option("--thresholds", default="0.4,0.5,0.6", show_default=True,
+@click.option("--thresholds", default=",".join(map(str, DEFAULTS.thresholds)),
+              show_default=True,
               help="Comma-separated thresholds tau, each in (0, 1); universal means "
                    "excess > tau (strict).")
-@click.option("--definition", type=click.Choice(["per-pair", "pair-averaged"]),
-              default="per-pair", show_default=True,
+@click.option("--definition", type=click.Choice(DEFINITIONS),
+              default=DEFAULTS.definition, show_default=True,
               help="per-pair: one set per (reference, other, checkpoint), as in the paper. "
                    "pair-averaged: average max and baseline over the reference's pairs "
                    "before subtracting (Gurnee et al.), one set per checkpoint.")
-@click.option("--extra-baseline-draws", type=click.IntRange(min=0), default=0,
-              show_default=True,
+@click.option("--extra-baseline-draws", type=click.IntRange(min=0),
+              default=DEFAULTS.extra_baseline_draws, show_default=True,
               help="More rotation draws computed from each file's cross_comoment (needs "
                    "`reduce --keep-covariance`); they add spread, never change draw 0.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="First seed for the extra draws (seeds already used by reduce are skipped).")
 @click.option("--quiet", "--no-progress", "quiet", is_flag=True,
               help="No progress bars (--no-progress, as in the other steps).")
@@ -54,13 +48,17 @@ def universal(run_dir, reference, all_references, thresholds, definition,
     neuron is universal when excess > tau (strict: excess == tau is not). Percentages
     count zero-variance neurons (never universal) in the denominator.
     """
-    from ooc_universal.steps.universal import format_table1, universal as run_universal
+    from ooc_universal.config import validated
+    from ooc_universal.formats.tables import format_table1
+    from ooc_universal.steps.universal import check_thresholds, universal as run_universal
 
-    paths = run_universal(run_dir, reference=reference, thresholds=_thresholds(thresholds),
-                          definition=definition, all_references=all_references,
-                          extra_baseline_draws=extra_baseline_draws, seed=seed,
-                          progress=not quiet)
-    with open(paths["table1"]) as f:
-        click.echo(format_table1(json.load(f)))
+    taus = check_thresholds(parse_list(thresholds, float, "threshold",
+                                       "0.4,0.5,0.6 (each in (0, 1))"))
+    settings = validated(UniversalConfig, {
+        "thresholds": list(taus), "definition": definition,
+        "extra_baseline_draws": extra_baseline_draws, "seed": seed}, "command line")
+    out = run_universal(run_dir, settings, reference=reference,
+                        all_references=all_references, progress=not quiet)
+    click.echo(format_table1(out.table1))
     for key in ("sets", "table1", "table1_csv", "neurons_parquet", "neurons_csv"):
-        click.echo(f"wrote {paths[key]}")
+        click.echo(f"wrote {out.paths[key]}")

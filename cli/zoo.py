@@ -95,23 +95,16 @@ def train(preset, out_dir, device, threads, only, keep_train_state, no_progress,
 
 
 def _print_summary(recipe, out_dir, dirs):
-    import json
     from pathlib import Path
 
-    zoo_json = Path(out_dir) / "zoo.json"
-    logs = {}
-    for d in dirs:
-        log = Path(d) / "train_log.json"
-        if log.exists():
-            logs[Path(d).name] = json.loads(log.read_text())["checkpoints"]
-    uni = json.loads(zoo_json.read_text())["unigram_heldout_loss"] if zoo_json.exists() else None
-    steps = recipe.checkpoints()
+    from ooc_universal.zoo import heldout_losses
+
+    losses = heldout_losses(out_dir, dirs)
+    uni, steps = losses["unigram"], recipe.checkpoints()
     click.echo(f"held-out loss (nats/byte) at steps {', '.join(map(str, steps))}"
                + (f"; unigram baseline {uni:.3f}" if uni is not None else ""))
     for d in dirs:
-        ck = logs.get(Path(d).name, {})
-        losses = "  ".join(f"{ck[str(s)]['heldout_loss']:.3f}" if str(s) in ck else "  -  "
-                           for s in steps)
-        click.echo(f"  {d}  {losses}")
-    click.echo(f"zoo: {zoo_json}" if zoo_json.exists()
+        ck = losses["models"].get(Path(d).name, {})
+        click.echo(f"  {d}  " + "  ".join(f"{ck[s]:.3f}" if s in ck else "  -  " for s in steps))
+    click.echo(f"zoo: {Path(out_dir) / 'zoo.json'}" if losses["complete"]
                else f"zoo incomplete: train the remaining models into {out_dir}")

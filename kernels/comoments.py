@@ -333,13 +333,8 @@ def correlation_from_comoments(c, m2_x, m2_y, zero_tol: float = 0.0):
     """
     import numpy as np
 
-    def inv(m2):
-        m2 = (m2.detach().cpu().numpy() if isinstance(m2, torch.Tensor)
-              else np.asarray(m2)).astype(np.float64)
-        ok = m2 > zero_tol
-        return np.where(ok, 1.0 / np.sqrt(np.where(ok, m2, 1.0)), 0.0)
-
-    ix, iy = inv(m2_x), inv(m2_y)
+    from ooc_universal.kernels.tilemax import inv_sqrt
+    ix, iy = inv_sqrt(m2_x, zero_tol), inv_sqrt(m2_y, zero_tol)
     if isinstance(c, torch.Tensor):
         ix = torch.from_numpy(ix).to(c.device)
         iy = torch.from_numpy(iy).to(c.device)

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ooc_universal.kernels.tilemax import inv_sqrt
+
 _STRIP_BYTES = 64 << 20  # rows of C R^T handled at a time (f64)
+ROW_STRIP = 4096  # reference rows per baseline strip read from C: bounds the temporaries
 
 
 def rotation_matrix(seed: int, layer: int, d: int) -> np.ndarray:
@@ -45,6 +48,30 @@ def rotated_variance(s_layer, r):
     return ((r @ np.asarray(s_layer, dtype=np.float64)) * r).sum(1)
 
 
+def rotated_scales(s_layer, r, zero_tol: float = 0.0) -> np.ndarray:
+    """1 / sqrt(diag(R S R^T)) (d,) float64 on the host, 0 for a zero variance: the
+    rotated neurons' scales, computed once per (draw, layer)."""
+    return inv_sqrt(rotated_variance(s_layer, r), zero_tol)
+
+
+def rotated_strip_max(c_strip, ix, iv, r) -> np.ndarray:
+    """max_m (C R^T)[k, m] * ix[k] * iv[m] over a strip of reference rows: (rows,) f64.
+
+    The baseline's chunk. c_strip (rows, d) co-moment sums, ix (rows,) and iv (d,) the
+    two sides' inverse scales, r (d, d) the rotation. The (rows, d) product is formed in
+    row pieces of at most _STRIP_BYTES."""
+    c_strip = np.asarray(c_strip)
+    n_rows, d = c_strip.shape
+    out = np.empty(n_rows)
+    step = max(1, _STRIP_BYTES // (8 * max(d, 1)))
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        cov = c_strip[a:b].astype(np.float64) @ r.T  # (rows, d)
+        rho = (cov * ix[a:b, None]) * iv[None, :]
+        out[a:b] = rho.max(1) if d else -np.inf
+    return out + 0.0
+
+
 def rotated_row_max(c_layer, m2_x, s_layer, r, zero_tol: float = 0.0):
     """Row max over m of rho(a_k, (R b)_m) for one layer of the other model: (I,) f64.
 
@@ -58,17 +85,8 @@ def rotated_row_max(c_layer, m2_x, s_layer, r, zero_tol: float = 0.0):
     c_layer = np.asarray(c_layer)
     r = np.asarray(r, dtype=np.float64)
     _check(c_layer.shape, np.shape(m2_x), np.shape(s_layer), r.shape)
-    ix = _inv_sqrt(np.asarray(m2_x), zero_tol)
-    iv = _inv_sqrt(rotated_variance(s_layer, r), zero_tol)
-    n_rows, d = c_layer.shape
-    out = np.empty(n_rows)
-    step = max(1, _STRIP_BYTES // (8 * max(d, 1)))
-    for a in range(0, n_rows, step):
-        b = min(n_rows, a + step)
-        cov = c_layer[a:b].astype(np.float64) @ r.T  # (rows, d)
-        rho = (cov * ix[a:b, None]) * iv[None, :]
-        out[a:b] = rho.max(1) if d else -np.inf
-    return out + 0.0
+    return rotated_strip_max(c_layer, inv_sqrt(m2_x, zero_tol),
+                             rotated_scales(s_layer, r, zero_tol), r)
 
 
 def _rotated_row_max_torch(c_layer, m2_x, s_layer, r, zero_tol):
@@ -78,9 +96,8 @@ def _rotated_row_max_torch(c_layer, m2_x, s_layer, r, zero_tol):
     m2_x = torch.as_tensor(m2_x, device=dev)
     s_layer = torch.as_tensor(s_layer, device=dev)
     _check(tuple(c_layer.shape), tuple(m2_x.shape), tuple(s_layer.shape), tuple(r.shape))
-    ix = torch.from_numpy(_inv_sqrt(m2_x.double().cpu().numpy(), zero_tol)).to(dev)
-    var = rotated_variance(s_layer, r)
-    iv = torch.from_numpy(_inv_sqrt(var.cpu().numpy(), zero_tol)).to(dev)
+    ix = torch.from_numpy(inv_sqrt(m2_x.double(), zero_tol)).to(dev)
+    iv = torch.from_numpy(inv_sqrt(rotated_variance(s_layer, r), zero_tol)).to(dev)
     n_rows, d = c_layer.shape
     out = torch.empty(n_rows, dtype=torch.float64, device=dev)
     step = max(1, _STRIP_BYTES // (8 * max(d, 1)))
@@ -89,6 +106,64 @@ def _rotated_row_max_torch(c_layer, m2_x, s_layer, r, zero_tol):
         rho = (c_layer[a:b].double() @ r.T).mul_(ix[a:b, None]).mul_(iv[None, :])
         out[a:b] = rho.amax(1) if d else -torch.inf
     return out + 0.0
+
+
+# ------------------------------------------------------------- the baseline, all draws
+# chunk: rotated_strip_max (one strip of rows, one layer, one draw); combine: the
+# elementwise max over layers (baseline_combine_); finalize: a correlation that is not
+# finite (an empty layer) counts as 0 (baseline_finalize). rotation_baseline runs the
+# three over every draw, layer and strip; callers only say where C comes from.
+
+def baseline_init(n_draws: int, n_rows: int) -> np.ndarray:
+    """(n_draws, n_rows) float64 of -inf: the identity of baseline_combine_."""
+    return np.full((n_draws, n_rows), -np.inf)
+
+
+def baseline_combine_(acc: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """acc = max(acc, part) in place (row maxima over more layers or strips)."""
+    return np.maximum(acc, part, out=acc)
+
+
+def baseline_finalize(acc: np.ndarray, zero_rows=None) -> np.ndarray:
+    """Non-finite maxima (no neuron to compare with) and zero-variance rows become 0."""
+    acc[~np.isfinite(acc)] = 0.0
+    if zero_rows is not None:
+        acc[:, np.asarray(zero_rows, bool)] = 0.0
+    return acc
+
+
+def rotation_baseline(c, m2_x, self_comoment, seeds, d: int, *, row_strip: int = ROW_STRIP,
+                      zero_tol: float = 0.0, zero_rows=None, on_layer=None) -> np.ndarray:
+    """Baseline row maxima (len(seeds), I) float64 of I reference rows against the other
+    model rotated layer by layer, for each seed: max over layers l and neurons m of
+    rho(a_k, (R_l b)_m), R_l = rotation_matrix(seed, l, d).
+
+    c (I, L * d): cross co-moment sums, anything sliced as c[a:b, l*d:(l+1)*d] (a numpy
+    array, an h5py dataset or a memmap: only one (row_strip, d) strip is read at a time);
+    m2_x (I,): the reference rows' m2; self_comoment: indexable by layer, [l] -> (d, d)
+    sums (read once per layer and draw); zero_rows (I,) bool: rows set to 0 at the end.
+    R_l S_l R_l^T is formed once per (draw, layer), whatever the number of strips.
+    on_layer(): called after each (draw, layer), e.g. to advance a progress bar.
+    """
+    n_rows, n_cols = c.shape
+    n_layers = n_cols // d if d else 0
+    if n_layers * d != n_cols or np.shape(m2_x) != (n_rows,):
+        raise ValueError(f"c has shape {tuple(c.shape)}, m2_x {np.shape(m2_x)}: expected "
+                         f"(I, L * {d}) and (I,)")
+    ix = inv_sqrt(m2_x, zero_tol)
+    acc = baseline_init(len(seeds), n_rows)
+    for j, seed in enumerate(seeds):
+        for layer in range(n_layers):
+            r = rotation_matrix(int(seed), layer, d)
+            iv = rotated_scales(np.asarray(self_comoment[layer]), r, zero_tol)
+            cols = slice(layer * d, (layer + 1) * d)
+            for a in range(0, n_rows, row_strip):
+                b = min(n_rows, a + row_strip)
+                part = rotated_strip_max(c[a:b, cols], ix[a:b], iv, r)
+                baseline_combine_(acc[j, a:b], part)
+            if on_layer is not None:
+                on_layer()
+    return baseline_finalize(acc, zero_rows)
 
 
 def _check(c_shape, m2_shape, s_shape, r_shape):
@@ -100,12 +175,6 @@ def _check(c_shape, m2_shape, s_shape, r_shape):
     for name, (got, exp) in want.items():
         if got != exp:
             raise ValueError(f"{name} has shape {got}; c_layer {tuple(c_shape)} needs {exp}")
-
-
-def _inv_sqrt(m2, zero_tol):
-    m2 = np.asarray(m2, dtype=np.float64)
-    ok = m2 > zero_tol
-    return np.where(ok, 1.0 / np.sqrt(np.where(ok, m2, 1.0)), 0.0)
 
 
 def _is_torch(a) -> bool:

@@ -122,7 +122,13 @@ def _tile_max_numba(c, ix, iy, nparts):
     return row_max, row_arg, col_max, col_arg
 
 
-def _inv_sqrt(m2, zero_tol):
+def inv_sqrt(m2, zero_tol: float = 0.0) -> np.ndarray:
+    """1/sqrt(m2) in float64 on the host, 0 where m2 <= zero_tol (zero variance), never
+    inf or NaN. The one scale every kernel uses (tile max, rotation baseline,
+    correlation_from_comoments), so their correlations agree bit for bit. numpy or torch
+    input (copied to the host); a numpy array out."""
+    if type(m2).__module__.startswith("torch"):
+        m2 = m2.detach().cpu().numpy()
     m2 = np.asarray(m2, dtype=np.float64)
     ok = m2 > zero_tol
     return np.where(ok, 1.0 / np.sqrt(np.where(ok, m2, 1.0)), 0.0)
@@ -153,7 +159,7 @@ def tile_max(c, m2_x, m2_y, zero_tol: float = 0.0):
     m2_x, m2_y = np.asarray(m2_x), np.asarray(m2_y)
     _check(c.shape, m2_x, m2_y)
     nparts = max(1, min(numba.get_num_threads(), c.shape[0]))
-    return _tile_max_numba(c, _inv_sqrt(m2_x, zero_tol), _inv_sqrt(m2_y, zero_tol), nparts)
+    return _tile_max_numba(c, inv_sqrt(m2_x, zero_tol), inv_sqrt(m2_y, zero_tol), nparts)
 
 
 def _is_torch(a) -> bool:
@@ -169,8 +175,8 @@ def _tile_max_torch(c, m2_x, m2_y, zero_tol):
     n_rows, n_cols = c.shape
 
     # scales from numpy on the host: torch's 1/sqrt can differ from it in the last bit
-    ix = torch.from_numpy(_inv_sqrt(m2_x.cpu().numpy(), zero_tol)).to(dev)
-    iy = torch.from_numpy(_inv_sqrt(m2_y.cpu().numpy(), zero_tol)).to(dev)
+    ix = torch.from_numpy(inv_sqrt(m2_x, zero_tol)).to(dev)
+    iy = torch.from_numpy(inv_sqrt(m2_y, zero_tol)).to(dev)
     row_max = torch.full((n_rows,), -torch.inf, dtype=torch.float64, device=dev)
     row_arg = torch.full((n_rows,), -1, dtype=torch.int64, device=dev)
     col_max = torch.full((n_cols,), -torch.inf, dtype=torch.float64, device=dev)

@@ -1,86 +1,204 @@
-"""One RunConfig (TOML <-> dataclass) for the whole study, and the presets demo / paper.
+"""One typed RunConfig for the whole study: a section per step, validated on load, saved
+with every result, and the only source of defaults (the CLI's defaults come from here).
 
-The config used is saved as RUN/config.toml; every step's output also carries it.
+TOML layout (the file `run` reads and writes as RUN/config.toml):
+
+    models = ["a", "b", "c"]        # the study: which models, which checkpoints
+    checkpoints = [100000, 200000]
+    [tokens]   n_tokens, n_eval_tokens, window, source, tokenizer
+    [compute]  device, memory, scheduler      (where and how fast; not in the hash)
+    [extract]  compression, batch_size
+    [reduce]   precision, baseline_draws, seed, keep_covariance
+    [universal] thresholds, definition, extra_baseline_draws, seed
+    [ablate]   control_draws, mode, layerwise, all_non_universal, batch_size, seed
+    [report]   zoo_json
+
+A flat file with the old top-level keys (`n_tokens = ...`, `ablate_mode = ...`) still
+loads: each legacy key is moved into its section (FLAT_KEYS). Every wrong type, range,
+unknown key or unparsable value is one OocError line naming the field, the value and
+what is expected.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ooc_universal.errors import OocError
 
 STANFORD = ["a", "b", "c", "d", "e"]
+MAX_TOKENS = 10 ** 12    # a bound that catches a typo (1e15 tokens) before planning
+MAX_SEED = 2 ** 32 - 1   # numpy's SeedSequence accepts more, but no one means it
 
 
-@dataclass
-class RunConfig:
-    # what is compared
-    models: list = field(default_factory=list)   # model specs without checkpoint; the
-                                                 # first is the reference unless `reference`
-    checkpoints: list = field(default_factory=list)  # training steps ("@N"); [] = as given
-    reference: str = ""                 # reference model (default: models[0])
-    all_references: bool = False        # repeat universal/persistence with each reference
-    # tokens
-    source: str = "pile"                # "pile", "zoo-heldout", a text file/folder or .npy
-    tokenizer: str = "gpt2"             # "bytes", an HF tokenizer name/path, or a model spec
-    n_tokens: int = 5_000_000           # valid positions correlated
-    n_eval_tokens: int = 65_536         # held-out valid positions for the ablation
-    window: int = 512                   # tokens per window, BOS at column 0 included
-    # extract + reduce
-    device: str = "auto"                # auto | cpu | cuda
-    memory: str = "8GB"                 # per-process memory budget
-    compression: str = "none"           # activation stores: none (memory-mapped) | gzip | lzf
-    extract_batch_size: int = 0         # windows per forward pass (0 = from --memory)
-    precision: str = "fp32"             # reduce GEMM inputs: fp32 | bf16 | fp64
-    baseline_draws: int = 3             # rotation baseline draws (draw 0 is the paper's)
-    seed: int = 0                       # first rotation seed; also the controls' seed
-    keep_covariance: bool = False       # keep the cross co-moment matrices (fp32)
-    scheduler: str = ""                 # tcp://host:port of a dask.distributed cluster
-    # universal
-    thresholds: list = field(default_factory=lambda: [0.4, 0.5, 0.6])
-    definition: str = "per-pair"        # per-pair (the paper) | pair-averaged (Gurnee)
-    # ablation
-    control_draws: int = 5              # matched random controls per universal set
-    ablate_mode: str = "zero"           # zero (the paper) | mean
-    layerwise: bool = True              # also ablate each layer's universal neurons alone
-    all_non_universal: bool = False     # also ablate every non-universal neuron
-    ablate_batch_size: int = 0          # windows per ablation batch (0 = automatic)
-    # report
-    zoo_json: str = ""                  # a zoo's zoo.json, for held-out losses in the report
+class Section(BaseModel):
+    # strict: "5000" is not an integer, 64.5 is not a window, "true" is not a boolean
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
-    def __post_init__(self):
-        self.validate()
 
-    def validate(self) -> None:
-        if len(self.models) < 2:
-            raise OocError(f"need at least two models to compare, got {self.models}; "
-                           "list two or more under `models`")
-        if len(set(self.models)) != len(self.models):
-            raise OocError(f"duplicate models in {self.models}; list each model once")
-        cks = list(self.checkpoints)
-        if any(not isinstance(c, int) or c < 0 for c in cks):
-            raise OocError(f"checkpoints must be non-negative integer steps, got {cks}")
-        if cks != sorted(set(cks)):
-            raise OocError(f"checkpoints must be sorted and distinct, got {cks}; "
-                           f"use {sorted(set(cks))}")
-        bad = [t for t in self.thresholds if not 0 < float(t) < 1]
-        if bad or not self.thresholds:
-            raise OocError(f"thresholds must lie in (0, 1), got {self.thresholds}")
+class TokensConfig(Section):
+    source: str = "pile"          # "pile", "zoo-heldout", a text file/folder or .npy
+    tokenizer: str = "gpt2"       # "bytes", an HF tokenizer name/path, or a model spec
+    n_tokens: int = Field(5_000_000, ge=2, le=MAX_TOKENS)   # valid positions correlated
+    n_eval_tokens: int = Field(65_536, ge=0, le=MAX_TOKENS)  # held-out positions (ablate)
+    window: int = Field(512, ge=2, le=1 << 20)  # tokens per window, BOS at column 0
+
+
+class ComputeConfig(Section):
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    memory: str = "8GB"           # per-process memory budget (extract, reduce)
+    scheduler: str = ""           # tcp://host:port of a dask.distributed cluster
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        kind, _, index = v.partition(":")
+        if v != "auto" and (kind not in ("cpu", "cuda") or (index and not index.isdigit())
+                            or (kind == "cpu" and index)):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        from ooc_universal.plan import parse_bytes
+        try:
+            parse_bytes(v)
+        except OocError:
+            raise ValueError("expected a size such as 8GB, 512MB or 1.5GiB") from None
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        if v and "://" not in v:
+            raise ValueError("expected an address such as tcp://host:8786, or empty")
+        return v
+
+
+class ExtractConfig(Section):
+    compression: Literal["none", "gzip", "lzf"] = "none"  # none keeps stores memory-mapped
+    batch_size: int = Field(0, ge=0, le=1 << 20)  # windows per forward pass (0 = from memory)
+
+
+class ReduceConfig(Section):
+    precision: Literal["fp32", "bf16", "fp64"] = "fp32"  # GEMM inputs (fp32 accumulation)
+    baseline_draws: int = Field(3, ge=1, le=1000)  # rotation draws (draw 0 is the paper's)
+    seed: int = Field(0, ge=0, le=MAX_SEED)         # draw j uses seed + j
+    keep_covariance: bool = False                   # keep the cross co-moments (fp32)
+
+
+class UniversalConfig(Section):
+    thresholds: list[float] = Field(default_factory=lambda: [0.4, 0.5, 0.6], min_length=1)
+    definition: Literal["per-pair", "pair-averaged"] = "per-pair"  # paper | Gurnee et al.
+    extra_baseline_draws: int = Field(0, ge=0, le=1000)  # from cross_comoment, if kept
+    seed: int = Field(0, ge=0, le=MAX_SEED)              # first seed of the extra draws
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, v: list) -> list:
+        bad = [t for t in v if not 0 < t < 1]
+        if bad:
+            raise ValueError(f"each threshold must lie in (0, 1), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError("thresholds must be distinct")
+        return v
+
+
+class AblateConfig(Section):
+    control_draws: int = Field(5, ge=0, le=1000)  # matched random controls per set
+    mode: Literal["zero", "mean"] = "zero"         # zero (the paper) | mean
+    layerwise: bool = True                         # also each layer's universal neurons
+    all_non_universal: bool = False                # also every non-universal neuron
+    batch_size: int = Field(0, ge=0, le=1 << 20)   # windows per batch (0 = automatic)
+    seed: int = Field(0, ge=0, le=MAX_SEED)        # seed of the matched controls
+
+
+class ReportConfig(Section):
+    zoo_json: str = ""            # a zoo's zoo.json, for held-out losses in the report
+
+
+SECTIONS = {"tokens": TokensConfig, "compute": ComputeConfig, "extract": ExtractConfig,
+            "reduce": ReduceConfig, "universal": UniversalConfig, "ablate": AblateConfig,
+            "report": ReportConfig}
+
+# legacy flat key (and `run` override name) -> where it lives now
+FLAT_KEYS = {
+    "source": [("tokens", "source")], "tokenizer": [("tokens", "tokenizer")],
+    "n_tokens": [("tokens", "n_tokens")], "n_eval_tokens": [("tokens", "n_eval_tokens")],
+    "window": [("tokens", "window")],
+    "device": [("compute", "device")], "memory": [("compute", "memory")],
+    "scheduler": [("compute", "scheduler")],
+    "compression": [("extract", "compression")],
+    "extract_batch_size": [("extract", "batch_size")],
+    "precision": [("reduce", "precision")], "baseline_draws": [("reduce", "baseline_draws")],
+    "keep_covariance": [("reduce", "keep_covariance")],
+    "seed": [("reduce", "seed"), ("universal", "seed"), ("ablate", "seed")],
+    "thresholds": [("universal", "thresholds")], "definition": [("universal", "definition")],
+    "control_draws": [("ablate", "control_draws")], "ablate_mode": [("ablate", "mode")],
+    "layerwise": [("ablate", "layerwise")],
+    "all_non_universal": [("ablate", "all_non_universal")],
+    "ablate_batch_size": [("ablate", "batch_size")],
+    "zoo_json": [("report", "zoo_json")],
+}
+# what results do not depend on: where and how fast they are computed
+NOT_HASHED = {"compute": None, "extract": ("batch_size",), "ablate": ("batch_size",),
+              "report": None}
+
+
+class RunConfig(Section):
+    models: list[str]                        # model specs without checkpoint; the first
+                                             # is the reference unless `reference`
+    checkpoints: list[int] = Field(default_factory=list)  # training steps ("@N"); [] = as given
+    reference: str = ""                      # reference model (default: models[0])
+    all_references: bool = False             # repeat universal/persistence per reference
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    universal: UniversalConfig = Field(default_factory=UniversalConfig)
+    ablate: AblateConfig = Field(default_factory=AblateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_flat_keys(cls, data):
+        return nest_flat_keys(data) if isinstance(data, dict) else data
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: list) -> list:
+        if any(c < 0 for c in v):
+            raise ValueError("checkpoints must be non-negative training steps")
+        if v != sorted(set(v)):
+            raise ValueError(f"checkpoints must be sorted and distinct; use {sorted(set(v))}")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: list) -> list:
+        if len(v) < 2:
+            raise ValueError("need at least two models to compare; list two or more under "
+                             "`models`")
+        if len(set(v)) != len(v):
+            raise ValueError("list each model once")
+        if any(not m.strip() for m in v):
+            raise ValueError("a model spec is empty")
+        return v
+
+    @model_validator(mode="after")
+    def _reference(self):
         if self.reference and self.reference not in self.models:
-            raise OocError(f"reference {self.reference!r} is not among models {self.models}")
-        for name, val, allowed in (("precision", self.precision, ("fp32", "bf16", "fp64")),
-                                   ("device", self.device, ("auto", "cpu", "cuda")),
-                                   ("definition", self.definition, ("per-pair", "pair-averaged")),
-                                   ("ablate_mode", self.ablate_mode, ("zero", "mean"))):
-            if val not in allowed:
-                raise OocError(f"{name} {val!r} is not one of {allowed}")
-        if self.n_tokens < 2 or self.window < 2:
-            raise OocError(f"n_tokens and window must be >= 2, got {self.n_tokens}, "
-                           f"{self.window}")
+            raise ValueError(f"reference {self.reference!r} is not among models {self.models}")
+        return self
 
+    # ------------------------------------------------------------------ the study
     @property
     def reference_model(self) -> str:
         return self.reference or self.models[0]
@@ -91,31 +209,43 @@ class RunConfig:
     def checkpoint_list(self) -> list:
         return list(self.checkpoints) or [None]
 
+    # ------------------------------------------------------------------ records
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
+
+    def differences(self, other: "RunConfig") -> list[str]:
+        """Names of the settings (leaf fields) that differ from `other`'s."""
+        a, b = self.to_dict(), other.to_dict()
+        out = []
+        for k, v in a.items():
+            if k in SECTIONS:
+                out += [name for name in v if v[name] != b[k].get(name)]
+            elif v != b.get(k):
+                out.append(k)
+        return out
 
     def hash(self) -> str:
         """What the results depend on (not where or how fast they are computed)."""
         d = self.to_dict()
-        for k in ("device", "memory", "scheduler", "extract_batch_size",
-                  "ablate_batch_size", "zoo_json"):
-            d.pop(k)
+        for section, keys in NOT_HASHED.items():
+            if keys is None:
+                d.pop(section)
+            else:
+                for k in keys:
+                    d[section].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    # TOML
     def to_toml(self) -> str:
-        lines = ["# ooc-universal run configuration (RunConfig)"]
-        for f in fields(self):
-            lines.append(f"{f.name} = {_toml_value(getattr(self, f.name))}")
+        d = self.to_dict()
+        lines = ["# ooc-universal run configuration (RunConfig; README: Configuration)"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in SECTIONS]
+        for name in SECTIONS:
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in d[name].items()]
         return "\n".join(lines) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise OocError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        return validated(cls, d, where)
 
     @classmethod
     def from_toml(cls, path) -> "RunConfig":
@@ -124,14 +254,67 @@ class RunConfig:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise OocError(f"config file {str(path)!r} not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OocError(f"config file {str(path)!r} is unreadable ({exc})") from None
         except tomllib.TOMLDecodeError as exc:
             raise OocError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=f"config file {str(path)!r}")
 
-    def replace(self, **overrides) -> "RunConfig":
+    def replace(self, where: str = "command line", **overrides) -> "RunConfig":
+        """A copy with `overrides` (flat names as in FLAT_KEYS, or section dicts)."""
         d = self.to_dict()
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return RunConfig.from_dict(d)
+        for k, v in nest_flat_keys({k: v for k, v in overrides.items() if v is not None}).items():
+            if k in SECTIONS and isinstance(v, dict):
+                d[k] = {**d[k], **v}
+            else:
+                d[k] = v
+        return validated(RunConfig, d, where)
+
+
+def nest_flat_keys(data: dict) -> dict:
+    """Move legacy top-level keys (FLAT_KEYS) into their sections."""
+    out = {k: (dict(v) if k in SECTIONS and isinstance(v, dict) else v)
+           for k, v in data.items() if k not in FLAT_KEYS}
+    for key, places in FLAT_KEYS.items():
+        if key in data:
+            for section, name in places:
+                sec = out.setdefault(section, {})
+                if isinstance(sec, dict):
+                    sec.setdefault(name, data[key])
+    return out
+
+
+def validated(model, data, where: str = "config"):
+    """`model(**data)` or one OocError line: the field, the value, what is expected."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise OocError(describe_error(exc, where)) from None
+
+
+def describe_error(exc: ValidationError, where: str) -> str:
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = err["loc"][:-1]
+        known = sorted(_known_keys(parent))
+        return f"{where}: unknown key {field!r}; known keys here: {', '.join(known)}"
+    if err["type"] == "missing":
+        return f"{where}: {field} is missing; it is required (e.g. models = [\"a\", \"b\"])"
+    value = err.get("input")
+    shown = "NaN" if isinstance(value, float) and math.isnan(value) else repr(value)
+    if isinstance(value, dict) and err["loc"] and err["loc"][-1] not in SECTIONS:
+        shown = "(the whole config)"
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{where}: {field} = {shown} is invalid: {msg}{more}"
+
+
+def _known_keys(parent) -> set:
+    model = RunConfig
+    for p in parent:
+        model = SECTIONS.get(str(p), model)
+    return set(model.model_fields)
 
 
 def _toml_value(v) -> str:
@@ -143,6 +326,26 @@ def _toml_value(v) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(str(v))  # a JSON string is a valid TOML basic string
 
+
+def read_config_text(run_dir) -> tuple[str | None, dict | None]:
+    """(text, parsed TOML) of RUN/config.toml; (None, None) without one, (text, None)
+    when it does not parse (a report footer still shows the text)."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        return None, None
+    text = path.read_text()
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return text, None
+
+
+def defaults(section: str) -> Section:
+    """The default settings of one section (what a step uses when given none)."""
+    return SECTIONS[section]()
+
+
+# ---------------------------------------------------------------------------- presets
 
 def demo_zoo_dir() -> Path:
     """The zoo shipped inside the package (trained with `zoo train --preset demo`)."""
@@ -156,15 +359,21 @@ def demo_config() -> RunConfig:
     steps = info.get("checkpoint_steps") or []
     return RunConfig(
         models=[str(zoo / n) for n in names] or ["<demo zoo missing>", "<demo zoo missing 2>"],
-        checkpoints=[int(s) for s in steps], source="zoo-heldout", tokenizer="bytes",
-        n_tokens=65_536, n_eval_tokens=16_384, window=64, memory="2GB",
-        baseline_draws=3, control_draws=5, zoo_json=str(zoo / "zoo.json"))
+        checkpoints=[int(s) for s in steps],
+        tokens=TokensConfig(source="zoo-heldout", tokenizer="bytes", n_tokens=65_536,
+                            n_eval_tokens=16_384, window=64),
+        compute=ComputeConfig(memory="2GB"),
+        reduce=ReduceConfig(baseline_draws=3),
+        ablate=AblateConfig(control_draws=5),
+        report=ReportConfig(zoo_json=str(zoo / "zoo.json")))
 
 
 def paper_config() -> RunConfig:
     return RunConfig(models=list(STANFORD), checkpoints=[100_000, 200_000, 300_000],
-                     reference="a", source="pile", tokenizer="gpt2", n_tokens=5_000_000,
-                     n_eval_tokens=65_536, window=512, memory="16GB")
+                     reference="a",
+                     tokens=TokensConfig(source="pile", tokenizer="gpt2", n_tokens=5_000_000,
+                                         n_eval_tokens=65_536, window=512),
+                     compute=ComputeConfig(memory="16GB"))
 
 
 PRESETS = {"demo": demo_config, "paper": paper_config}

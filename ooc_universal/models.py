@@ -1,4 +1,4 @@
-"""Model specs -> a GPT-2-family causal LM, its tokenizer, and the hook point.
+"""Model specs -> a causal LM of a known family, its tokenizer, and the hook point.
 
 A model spec is one string:
 
@@ -7,12 +7,16 @@ A model spec is one string:
                                 d = darkmatter-gpt2-small-x343, e = expanse-gpt2-small-x777)
   a@100000                      ... at revision checkpoint-100000 (an integer N means checkpoint-N)
   alias-gpt2-small-x21@100000   the same run by name (stanford-crfm/alias-... too)
-  org/name[@rev]                any hub repo; rev is a branch, tag, commit or checkpoint-N
+  org/name[@rev]                any hub repo; rev is a branch, tag, commit or a step N, which
+                                maps to the family's revision name (FAMILIES; checkpoint-N
+                                for repos of no known family)
   path[@N]                      a local save_pretrained directory; @N means path/checkpoint-N
 
-The hook point is the post-GELU MLP activation of every layer, i.e. the INPUT of the MLP
-output projection `transformer.h[layer].mlp.c_proj` (forward pre-hooks go there). Flat
-neuron index = layer * d_mlp + neuron in every file the toolkit writes.
+The hook point is the input of every layer's MLP output projection (GPT-2:
+`transformer.h[layer].mlp.c_proj`, the post-GELU activation; FAMILIES lists the others);
+forward pre-hooks go there. A neuron is always that input, so correlation and
+zero-ablation mean the same in every family. Flat neuron index = layer * d_mlp + neuron
+in every file the toolkit writes.
 
 Hub access goes through transformers / huggingface_hub and their cache, so HF_HOME,
 HF_HUB_CACHE and HF_HUB_OFFLINE=1 work as usual.
@@ -22,7 +26,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from ooc_universal.devices import resolve_device
 from ooc_universal.errors import OocError
 
 STANFORD_ORG = "stanford-crfm"
@@ -34,9 +40,112 @@ STANFORD_RUNS = {
     "e": "expanse-gpt2-small-x777",
 }
 _STANFORD_NAMES = set(STANFORD_RUNS.values())
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 BYTE_VOCAB_SIZE = 257  # the toolkit's byte tokenizer: ids 0..255 = bytes, 256 = BOS/EOS
+
+
+# ---------------------------------------------------------------------------- families
+
+@dataclass(frozen=True)
+class Family:
+    """How to find a family's MLP neurons and how its checkpoints are named on the hub."""
+    name: str
+    model_types: tuple[str, ...]   # config.model_type values of the family
+    layers: str                    # the decoder layers, an attribute of the base model
+    out_proj: str                  # the MLP output projection, from one layer
+    site: str                      # what a neuron is, in words
+    n_layers: Callable             # config -> number of layers
+    d_mlp: Callable                # config -> neurons per layer
+    context: str                   # the config field holding the context length
+    hub_repos: tuple[str, ...]     # hub id prefixes whose @N follows `revision`
+    revision: str | None           # hub revision of training step N ("checkpoint-{step}"),
+                                   # None: looked up among the repo's cached revisions
+    revision_re: str               # a revision name -> its step (group 1)
+    transposed: bool = False       # out_proj.weight is (d_mlp, d_model) (GPT-2's Conv1D)
+
+
+def _intermediate_size(config) -> int:
+    return int(config.intermediate_size)
+
+
+_GATED = dict(layers="layers", out_proj="mlp.down_proj",
+              site="input of mlp.down_proj: act(gate_proj(x)) * up_proj(x)",
+              n_layers=lambda c: int(c.num_hidden_layers), d_mlp=_intermediate_size,
+              context="max_position_embeddings")
+
+FAMILIES = {
+    # stanford-crfm Mistral GPT-2 runs: branches checkpoint-N (their model cards)
+    "gpt2": Family(
+        "gpt2", ("gpt2",), layers="h", out_proj="mlp.c_proj",
+        site="input of mlp.c_proj: the post-GELU activation",
+        n_layers=lambda c: int(c.n_layer), d_mlp=lambda c: int(c.n_inner or 4 * c.n_embd),
+        context="n_positions", hub_repos=(f"{STANFORD_ORG}/",),
+        revision="checkpoint-{step}", revision_re=r"^checkpoint-(\d+)$", transposed=True),
+    # Pythia and PolyPythias: 154 branches step0, step1 ... step512, step1000 ... step143000
+    "gpt-neox": Family(
+        "gpt-neox", ("gpt_neox",), layers="layers", out_proj="mlp.dense_4h_to_h",
+        site="input of mlp.dense_4h_to_h: the post-GELU activation",
+        n_layers=lambda c: int(c.num_hidden_layers), d_mlp=_intermediate_size,
+        context="max_position_embeddings", hub_repos=("EleutherAI/pythia-",),
+        revision="step{step}", revision_re=r"^step(\d+)$"),
+    # OLMo: branches step<N>-tokens<M>B; OLMo 2: stage1-step<N>-tokens<M>B (the token
+    # count is part of the name, so a step is looked up among the cached revisions)
+    "olmo": Family(
+        "olmo", ("olmo", "olmo2"), **_GATED, hub_repos=("allenai/OLMo-",), revision=None,
+        revision_re=r"^(?:stage1-)?step(\d+)-tokens\d+B$"),
+    # Llama / Mistral / Qwen style: no common checkpoint naming; @N = checkpoint-N (the
+    # HF Trainer's folder name), any other revision passes through
+    "llama": Family(
+        "llama", ("llama", "mistral", "qwen2", "qwen3"), **_GATED, hub_repos=(),
+        revision="checkpoint-{step}", revision_re=r"^checkpoint-(\d+)$"),
+}
+# The families the steps accept today. The others are described and their hook site is
+# tested (tests/test_families.py), but ablate still walks GPT-2's module names.
+ENABLED_FAMILIES = frozenset({"gpt2"})
+
+POLYPYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m")
+
+
+def polypythia_runs(size: str = "160m", kind: str = "seed") -> list[str]:
+    """Hub ids of one Pythia size's runs: the original (seed 1234) and PolyPythias'
+    seed1..9 (kind "seed"), or for 160m data-seed1..3 / weight-seed1..3 (kind "data-seed",
+    "weight-seed": only the data order, or only the initialisation, varied)."""
+    if size not in POLYPYTHIA_SIZES:
+        raise OocError(f"PolyPythias has no size {size!r}; expected one of "
+                       f"{', '.join(POLYPYTHIA_SIZES)}")
+    n = {"seed": 9, "data-seed": 3, "weight-seed": 3}.get(kind)
+    if n is None or (kind != "seed" and size != "160m"):
+        raise OocError(f"PolyPythias has no {kind!r} runs of size {size}; use kind 'seed', "
+                       "or 'data-seed' / 'weight-seed' with size 160m")
+    base = f"EleutherAI/pythia-{size}"
+    return [base] + [f"{base}-{kind}{i}" for i in range(1, n + 1)]
+
+
+def family_of_config(config) -> Family | None:
+    model_type = getattr(config, "model_type", None)
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+def family_of_repo(repo_id: str) -> Family | None:
+    """The family a hub id belongs to by its name (before its config is seen)."""
+    return next((f for f in FAMILIES.values() if repo_id.startswith(f.hub_repos)), None) \
+        if repo_id else None
+
+
+def mlp_shape(config) -> tuple[int, int]:
+    """(n_layers, d_mlp) of a model config of a known family."""
+    family = family_of_config(config)
+    if family is None:
+        raise OocError(f"model_type {getattr(config, 'model_type', '?')!r} is not of a known "
+                       f"family; known: {', '.join(sorted(FAMILIES))}")
+    return family.n_layers(config), family.d_mlp(config)
+
+
+def context_length(config) -> int | None:
+    """The longest window the model takes (None when its config does not say)."""
+    family = family_of_config(config)
+    fields = (family.context,) if family else ("n_positions", "max_position_embeddings")
+    return next((int(getattr(config, f)) for f in fields if getattr(config, f, None)), None)
 
 
 @dataclass(frozen=True)
@@ -72,13 +181,34 @@ def _split_at(spec: str) -> tuple[str, str | None]:
     return base, rev
 
 
-def _revision_and_step(rev: str | None) -> tuple[str | None, int | None]:
+def _revision_and_step(rev: str | None, family: Family | None = None,
+                       repo_id: str | None = None) -> tuple[str | None, int | None]:
+    """(hub revision, training step) of the part after '@': a step N becomes the family's
+    revision name (checkpoint-N when the family is not known); a name passes through,
+    with its step when it follows the family's naming."""
     if rev is None:
         return None, None
+    family = family or FAMILIES["gpt2"]
     if rev.isdigit():
-        return f"checkpoint-{int(rev)}", int(rev)
-    m = _CHECKPOINT_RE.match(rev)
+        return _revision_of_step(family, repo_id, int(rev)), int(rev)
+    m = re.match(family.revision_re, rev)
     return rev, (int(m.group(1)) if m else None)
+
+
+def _revision_of_step(family: Family, repo_id: str | None, step: int) -> str:
+    if family.revision is not None:
+        return family.revision.format(step=step)
+    cached = [r for r in _cached_revisions(repo_id or "")
+              if (m := re.match(family.revision_re, r)) and int(m.group(1)) == step]
+    if len(cached) == 1:
+        return cached[0]
+    found = f"{len(cached)} cached revisions match ({', '.join(cached)})" if cached \
+        else "none is in the local HF cache"
+    raise OocError(
+        f"model {repo_id}@{step}: {family.name} revisions carry the token count "
+        f"(step{step}-tokens<M>B, OLMo 2: stage1-step{step}-tokens<M>B) and {found}; "
+        f"give the full revision name, e.g. {repo_id}@step{step}-tokens<M>B (listed by "
+        "huggingface_hub.list_repo_refs)")
 
 
 def _label(stem: str, revision: str | None, step: int | None) -> str:
@@ -107,7 +237,7 @@ def parse_model_spec(spec: str) -> ModelSpec:
         return ModelSpec(name=name, repo_id=f"{STANFORD_ORG}/{name}", revision=revision,
                          local_dir=None, step=step, label=_label(name, revision, step))
     if _HUB_ID_RE.match(base) and not base.startswith((".", "~")):
-        revision, step = _revision_and_step(rev)
+        revision, step = _revision_and_step(rev, family_of_repo(base), base)
         return ModelSpec(name=base, repo_id=base, revision=revision, local_dir=None, step=step,
                          label=_label(base.replace("/", "--"), revision, step))
     if "/" in base or base.startswith((".", "~")):
@@ -118,27 +248,57 @@ def parse_model_spec(spec: str) -> ModelSpec:
                    "a stanford-crfm run name, a hub id org/name, or a local directory")
 
 
+# checkpoint folders as people name them: checkpoint-N (HF Trainer), ckpt-N, step-N, stepN
+_LOCAL_CHECKPOINT_RE = re.compile(r"^(?:checkpoint-|ckpt-|step-|step)(\d+)$")
+
+
 def _local_spec(path: str, rev: str | None) -> ModelSpec:
     root = Path(path).expanduser().absolute()
-    step = None
-    if rev is None:
-        m = _CHECKPOINT_RE.match(root.name)
-        if m:  # "dir/checkpoint-500" is the same model as "dir@500"
-            return _local_spec(str(root.parent), m.group(1))
-        load_dir = root
-    else:
-        revision, step = _revision_and_step(rev)
-        load_dir = root / revision
-        if not load_dir.is_dir():
-            have = sorted(p.name for p in root.glob("checkpoint-*") if p.is_dir())
-            raise OocError(
-                f"model {str(root)!r}: revision {rev!r} not found "
-                f"(no directory {str(load_dir)!r}); "
-                f"available: {', '.join(have) if have else 'none'}")
-    revision = load_dir.name if step is not None else None
+    m = _LOCAL_CHECKPOINT_RE.match(rev if rev is not None else root.name)
+    if rev is None and m:  # "dir/checkpoint-500" is the same model as "dir@500"
+        return _local_step_spec(root.parent, int(m.group(1)), root.name)
+    if rev is not None and (rev.isdigit() or m):
+        return _local_step_spec(root, int(rev) if rev.isdigit() else int(m.group(1)),
+                                None if rev.isdigit() else rev)
+    load_dir = root if rev is None else root / rev
+    if not load_dir.is_dir():
+        raise _no_local_revision(root, rev, f"no directory {str(load_dir)!r}")
     # name: the directory's own name (tiny-a), as in the store label; the path is in model_id
-    return ModelSpec(name=root.name, repo_id=None, revision=revision, local_dir=str(load_dir),
-                     step=step, label=_label(root.name, None, step))
+    return ModelSpec(name=root.name, repo_id=None, revision=None, local_dir=str(load_dir),
+                     step=None, label=_label(root.name, None, None))
+
+
+def _local_step_spec(root: Path, step: int, folder: str | None) -> ModelSpec:
+    """root's checkpoint folder of `step` (`folder` when named), whatever its naming."""
+    found = _local_checkpoints(root).get(step, [])
+    if folder is not None:
+        found = [f for f in found if f == folder]
+    if not found:
+        raise _no_local_revision(root, folder or str(step),
+                                 f"no checkpoint-{step}, ckpt-{step}, step-{step} or "
+                                 f"step{step} folder in {str(root)!r}")
+    if len(found) > 1:
+        raise OocError(f"model {str(root)!r}: step {step} has {len(found)} folders "
+                       f"({', '.join(found)}); name one, e.g. {root}@{found[0]}")
+    return ModelSpec(name=root.name, repo_id=None, revision=found[0],
+                     local_dir=str(root / found[0]), step=step,
+                     label=_label(root.name, None, step))
+
+
+def _local_checkpoints(root: Path) -> dict[int, list[str]]:
+    """step -> names of root's checkpoint folders of that step."""
+    out: dict[int, list[str]] = {}
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _LOCAL_CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir():
+            out.setdefault(int(m.group(1)), []).append(p.name)
+    return out
+
+
+def _no_local_revision(root: Path, rev: str | None, why: str) -> OocError:
+    have = sorted(n for names in _local_checkpoints(root).values() for n in names)
+    return OocError(f"model {str(root)!r}: revision {rev!r} not found ({why}); "
+                    f"available: {', '.join(have) if have else 'none'}")
 
 
 @dataclass
@@ -215,7 +375,7 @@ def _resolve_hub_config(spec: ModelSpec) -> Path:
                        "check the name or use a local directory") from None
     except hf_errors.RevisionNotFoundError:
         raise OocError(f"{what}: revision {spec.revision!r} not found in {spec.repo_id}; "
-                       "stanford-crfm runs have revisions checkpoint-<step>") from None
+                       f"{_naming_hint(spec.repo_id)}") from None
     except hf_errors.RemoteEntryNotFoundError:
         raise OocError(f"{what}: the repo has no config.json at revision "
                        f"{spec.revision or 'main'}; is it a transformers model?") from None
@@ -231,6 +391,14 @@ def _resolve_hub_config(spec: ModelSpec) -> Path:
         hub_log.setLevel(level)
 
 
+def _naming_hint(repo_id: str) -> str:
+    family = family_of_repo(repo_id)
+    if family is None or family.name == "gpt2":
+        return "stanford-crfm runs have revisions checkpoint-<step>"
+    naming = (family.revision or "").format(step="<step>") or "step<step>-tokens<M>B"
+    return f"{family.name} checkpoints are revisions {naming}"
+
+
 def _hub_source(spec: ModelSpec) -> tuple[str, dict, str | None]:
     """(path or repo id, from_pretrained kwargs, commit hash) for a hub spec."""
     snap = _cached_snapshot(spec)
@@ -243,64 +411,43 @@ def _hub_source(spec: ModelSpec) -> tuple[str, dict, str | None]:
     return source, kw, commit
 
 
-def _check_config(config, spec: ModelSpec) -> int:
-    """Refuse a config without the hook; return d_mlp."""
-    if getattr(config, "model_type", None) != "gpt2":
-        kind = getattr(config, "model_type", "?")
-        raise OocError(
-            f"model {spec.label} ({spec.where}) is a {kind!r} model; "
-            "only GPT-2-family models (model_type 'gpt2', hook transformer.h[i].mlp.c_proj) "
-            "are supported")
-    return int(config.n_inner or 4 * config.n_embd)
+def _check_config(config, spec: ModelSpec, families=ENABLED_FAMILIES) -> Family:
+    """The config's family; one line when it is not among `families`."""
+    family = family_of_config(config)
+    if family is not None and family.name in families:
+        return family
+    kind = getattr(config, "model_type", "?")
+    if set(families) == {"gpt2"}:
+        accepted = ("only GPT-2-family models (model_type 'gpt2', hook "
+                    "transformer.h[i].mlp.c_proj) are supported")
+    else:
+        accepted = f"only the families {', '.join(sorted(families))} are accepted here"
+    known = (f" (the {family.name} family is described in models.FAMILIES but not yet "
+             "enabled in the steps)" if family is not None else "")
+    raise OocError(f"model {spec.label} ({spec.where}) is a {kind!r} model; {accepted}{known}")
 
 
-def _resolve_device(device) -> "torch.device":
-    import torch
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True) -> LoadedModel:
-    """Load a GPT-2-family causal LM (eval mode, on `device`, in `dtype`) and its tokenizer.
+def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True,
+               families=ENABLED_FAMILIES) -> LoadedModel:
+    """Load a causal LM of one of `families` (eval mode, on `device`, in `dtype`) and its
+    tokenizer.
 
     dtype defaults to torch.float32 and is always passed explicitly: transformers 5 would
     otherwise keep the dtype the checkpoint was saved in (fp16 runs 30x slower on a CPU).
     tokenizer is None for byte-vocabulary models without tokenizer files.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     dtype = torch.float32 if dtype is None else dtype
-    commit = None
-    if spec.local_dir is not None:
-        if not (Path(spec.local_dir) / "config.json").is_file():
-            raise OocError(f"model {spec.label}: {spec.local_dir!r} has no config.json; "
-                           "give a directory written by save_pretrained")
-        source, kw = spec.local_dir, {}
-    else:
-        source, kw, commit = _hub_source(spec)
+    source, kw, commit = _model_source(spec)
     config = AutoConfig.from_pretrained(source, **kw)
-    d_mlp = _check_config(config, spec)
-    # transformers 5 draws a "Loading weights" bar per model; a run loads dozens of
-    # checkpoints, and the step's own bar already says where it is.
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        hint = _download_hint(spec) if spec.repo_id else "re-save it with save_pretrained"
-        raise OocError(f"model {spec.label} ({spec.where}): cannot load the weights ({first}); "
-                       f"{hint}") from None
-    model = model.to(_resolve_device(device)).eval().requires_grad_(False)
-    n_layers = int(config.n_layer)
-    for layer in range(n_layers):
-        proj = mlp_out_proj(model, layer)
-        if proj.weight.shape[0] != d_mlp:  # GPT-2 Conv1D weight: (in = d_mlp, out = n_embd)
-            raise OocError(f"model {spec.label}: layer {layer} MLP has {proj.weight.shape[0]} "
-                           f"neurons, config says {d_mlp}")
+    family = _check_config(config, spec, families)
+    model = _load_weights(spec, source, kw, dtype)
+    model = model.to(resolve_device(device)).eval().requires_grad_(False)
+    n_layers, d_mlp = mlp_shape(config)
+    _check_neurons(model, family, spec, n_layers, d_mlp)
     tokenizer, tok_name = (load_tokenizer(spec, config=config, _source=(source, kw))
                            if with_tokenizer else (None, None))
     bos = config.bos_token_id
@@ -312,6 +459,41 @@ def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True) -
                        vocab_size=int(config.vocab_size), bos_token_id=int(bos),
                        model_id=spec.repo_id or spec.local_dir, revision=spec.revision,
                        commit=commit, tokenizer_name=tok_name)
+
+
+def _model_source(spec: ModelSpec) -> tuple[str, dict, str | None]:
+    """(path or repo id, from_pretrained kwargs, commit hash or None)."""
+    if spec.local_dir is None:
+        return _hub_source(spec)
+    if not (Path(spec.local_dir) / "config.json").is_file():
+        raise OocError(f"model {spec.label}: {spec.local_dir!r} has no config.json; "
+                       "give a directory written by save_pretrained")
+    return spec.local_dir, {}, None
+
+
+def _load_weights(spec: ModelSpec, source: str, kw: dict, dtype):
+    from transformers import AutoModelForCausalLM
+    # transformers 5 draws a "Loading weights" bar per model; a run loads dozens of
+    # checkpoints, and the step's own bar already says where it is.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = _download_hint(spec) if spec.repo_id else "re-save it with save_pretrained"
+        raise OocError(f"model {spec.label} ({spec.where}): cannot load the weights ({first}); "
+                       f"{hint}") from None
+
+
+def _check_neurons(model, family: Family, spec: ModelSpec, n_layers: int, d_mlp: int) -> None:
+    """Every layer's output projection takes d_mlp inputs, as the config says."""
+    axis = 0 if family.transposed else 1  # Conv1D: (in, out); nn.Linear: (out, in)
+    for layer in range(n_layers):
+        width = mlp_out_proj(model, layer).weight.shape[axis]
+        if width != d_mlp:
+            raise OocError(f"model {spec.label}: layer {layer} MLP has {width} neurons, "
+                           f"config says {d_mlp}")
 
 
 def load_tokenizer(spec, config=None, _source=None) -> tuple[object | None, str]:
@@ -362,17 +544,39 @@ def _fetch_tokenizer_files(spec: ModelSpec) -> str | None:
     return str(folder) if folder is not None and _has_tokenizer_files(folder) else None
 
 
+def base_model(model):
+    """The decoder stack without the LM head (GPT2LMHeadModel -> .transformer)."""
+    return getattr(model, "base_model", model)
+
+
+def decoder_layers(model):
+    """The model's list of decoder layers (GPT-2: transformer.h)."""
+    family = family_of_config(getattr(model, "config", None)) or FAMILIES["gpt2"]
+    layers = getattr(base_model(model), family.layers, None)
+    if layers is None:
+        raise OocError(_no_hook(model, family))
+    return layers
+
+
 def mlp_out_proj(model, layer: int):
-    """The module whose INPUT is the post-GELU activation of `layer`
-    (GPT-2: transformer.h[layer].mlp.c_proj). Capture and ablation are forward PRE-hooks on it."""
-    transformer = getattr(model, "transformer", model)
-    blocks = getattr(transformer, "h", None)
-    proj = None
-    if blocks is not None and -len(blocks) <= layer < len(blocks):
-        proj = getattr(getattr(blocks[layer], "mlp", None), "c_proj", None)
-    elif blocks is not None:
-        raise ValueError(f"layer {layer} out of range: the model has {len(blocks)} layers")
+    """The module whose INPUT is the neurons of `layer`: the MLP output projection
+    (GPT-2: transformer.h[layer].mlp.c_proj; FAMILIES for the others). Capture and
+    ablation are forward PRE-hooks on it."""
+    family = family_of_config(getattr(model, "config", None)) or FAMILIES["gpt2"]
+    layers = decoder_layers(model)
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} layers")
+    proj = layers[layer]
+    for name in family.out_proj.split("."):
+        proj = getattr(proj, name, None)
     if proj is None:
-        raise OocError(f"{type(model).__name__} is not a GPT-2-family model: "
-                       "no transformer.h[i].mlp.c_proj to hook")
+        raise OocError(_no_hook(model, family))
     return proj
+
+
+def _no_hook(model, family: Family) -> str:
+    if family.name == "gpt2":
+        return (f"{type(model).__name__} is not a GPT-2-family model: "
+                "no transformer.h[i].mlp.c_proj to hook")
+    return (f"{type(model).__name__} is not a {family.name} model as expected: "
+            f"no {family.layers}[i].{family.out_proj} to hook")

@@ -132,7 +132,7 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
         blocks = [max(chunk, (int(block_tokens) // chunk) * chunk)]
     else:
         # Big blocks keep the GEMM efficient; smaller ones leave room for accumulators.
-        top = 8192 if device == "cuda" else 4096
+        top = 8192 if str(device).startswith("cuda") else 4096
         blocks = sorted({max(chunk, (b // chunk) * chunk) for b in (top, top // 2, top // 4,
                                                                     top // 8)}, reverse=True)
     cap = math.ceil(n_tokens / chunk) * chunk
@@ -280,7 +280,7 @@ def measure_gemm_rate(device="cpu", precision="fp32", size=1024, seconds=0.5) ->
     while True:
         torch.matmul(a.T, b)
         reps += 1
-        if device == "cuda":
+        if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         if time.perf_counter() - t0 > seconds:
             break

@@ -3,7 +3,6 @@ persistence -> ablate -> report. Each step skips what is complete and resumes wh
 partial, so `run` after a kill does only what is missing."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,8 +20,7 @@ def check_run_dir_config(run_dir: Path, cfg: RunConfig, force: bool = False) -> 
     if path.exists():
         old = RunConfig.from_toml(path)
         if old.hash() != cfg.hash() and not force:
-            diff = {k: (v, cfg.to_dict()[k]) for k, v in old.to_dict().items()
-                    if cfg.to_dict()[k] != v}
+            diff = old.differences(cfg)
             raise StaleInputError(
                 f"run directory {str(run_dir)!r} was made with another configuration "
                 f"(differs in {sorted(diff)}); use a new run directory, or --force to "
@@ -33,19 +31,12 @@ def check_run_dir_config(run_dir: Path, cfg: RunConfig, force: bool = False) -> 
 
 
 def _token_source(cfg: RunConfig):
-    """The source argument for tokens.build_token_set ("zoo-heldout" -> the zoo's
-    held-out bytes, never seen in training)."""
-    if cfg.source != "zoo-heldout":
-        return cfg.source
-    from ooc_universal.zoo import ZooRecipe, load_corpus
-    if not cfg.zoo_json or not Path(cfg.zoo_json).exists():
-        raise OocError("source 'zoo-heldout' needs zoo_json pointing at a zoo's zoo.json; "
-                       "set zoo_json in the config or use another source")
-    info = json.loads(Path(cfg.zoo_json).read_text())
-    recipe = ZooRecipe(**{k: v for k, v in info["recipe"].items()})
-    import numpy as np
-    return np.asarray(load_corpus(recipe.corpus, recipe.heldout_fraction).heldout,
-                      dtype=np.int64)
+    """The source for the tokens step ("zoo-heldout" -> the zoo's held-out bytes, never
+    seen in training)."""
+    if cfg.tokens.source != "zoo-heldout":
+        return None
+    from ooc_universal.zoo import heldout_ids
+    return heldout_ids(cfg.report.zoo_json)
 
 
 def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
@@ -56,6 +47,8 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
     from ooc_universal.steps import persistence as persistence_mod
     from ooc_universal.steps import reduce as reduce_mod
     from ooc_universal import report as report_mod
+    from ooc_universal.formats.tables import format_table1
+    from ooc_universal.formats.tokens import existing_hash
     from ooc_universal.steps import tokens as tokens_mod
     from ooc_universal.steps import universal as universal_mod
 
@@ -75,70 +68,56 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             timings[name] = time.perf_counter() - t0
 
         def do_tokens():
-            if tokens_mod.existing_hash(run_dir) and not force:
+            if existing_hash(run_dir) and not force:
                 echo("  token set complete; skipped")
                 return
-            ts = tokens_mod.build_token_set(
-                _token_source(cfg), cfg.n_tokens, tokenizer=cfg.tokenizer, window=cfg.window,
-                n_eval_tokens=cfg.n_eval_tokens, progress=progress)
-            folder, _ = tokens_mod.save_token_set(ts, run_dir, force=force)
-            echo(f"  {ts.n_tokens:,} tokens -> {folder} (hash {ts.hash[:12]})")
+            res = tokens_mod.tokens(run_dir, cfg.tokens, source=_token_source(cfg),
+                                    force=force, progress=progress)
+            ts = res.token_set
+            echo(f"  {ts.n_tokens:,} tokens -> {res.folder} (hash {ts.hash[:12]})")
 
         def do_extract():
             specs = [cfg.spec(m, c) for c in cfg.checkpoint_list() for m in cfg.models]
-            kw = dict(device=cfg.device, memory=cfg.memory,
-                      compression=None if cfg.compression == "none" else cfg.compression,
-                      batch_size=cfg.extract_batch_size or None)
-            if cfg.scheduler:
+            if cfg.compute.scheduler:
                 from distributed import Client
-                with Client(cfg.scheduler) as client:
-                    futs = [client.submit(extract_mod.extract, str(run_dir), s, progress=False,
-                                          pure=False, **kw) for s in specs]
+                with Client(cfg.compute.scheduler) as client:
+                    futs = [client.submit(extract_mod.extract, str(run_dir), s, cfg.extract,
+                                          cfg.compute, progress=False, pure=False)
+                            for s in specs]
                     for f in futs:
                         echo(f"  {f.result()}")
                 return
             for s in specs:
-                echo(f"  {extract_mod.extract(run_dir, s, progress=progress, **kw)}")
+                echo(f"  {extract_mod.extract(run_dir, s, cfg.extract, cfg.compute, progress=progress)}")
 
         def do_reduce():
             for r, c in ((r, c) for r in refs for c in cfg.checkpoint_list()):
                 others = [m for m in cfg.models if m != r]
-                res = reduce_mod.reduce(
-                    run_dir, cfg.spec(r, c), [cfg.spec(o, c) for o in others],
-                    memory=cfg.memory, device=cfg.device, precision=cfg.precision,
-                    baseline_draws=cfg.baseline_draws, seed=cfg.seed,
-                    keep_covariance=cfg.keep_covariance, scheduler=cfg.scheduler or None,
-                    force=force, progress=progress)
+                res = reduce_mod.reduce(run_dir, cfg.spec(r, c), [cfg.spec(o, c) for o in others],
+                                        cfg.reduce, cfg.compute, force=force, progress=progress)
                 echo(f"  {reduce_mod.summary_line(res)}")
 
         def do_universal():
-            universal_mod.universal(
-                run_dir, reference=None if cfg.all_references else ref,
-                thresholds=tuple(cfg.thresholds), definition=cfg.definition,
-                all_references=cfg.all_references, seed=cfg.seed, progress=progress)
-            doc = json.loads((run_dir / "universal" / "table1.json").read_text())
-            echo(universal_mod.format_table1(doc))
+            out = universal_mod.universal(run_dir, cfg.universal,
+                                          reference=None if cfg.all_references else ref,
+                                          all_references=cfg.all_references, progress=progress)
+            echo(format_table1(out.table1))
 
         def do_persistence():
             if len(cfg.checkpoint_list()) < 2:
                 echo("  fewer than two checkpoints: persistence not applicable; skipped")
                 return
             res = persistence_mod.persistence(run_dir, progress=progress)
-            echo(f"  {res['json']}")
+            echo(f"  {res.paths['json']}")
 
         def do_ablate():
-            out = ablate_mod.ablate(
-                run_dir, reference=None if cfg.all_references else ref,
-                thresholds=list(cfg.thresholds),
-                control_draws=cfg.control_draws, mode=cfg.ablate_mode,
-                all_non_universal=cfg.all_non_universal, layerwise=cfg.layerwise,
-                batch_size=cfg.ablate_batch_size or None, device=cfg.device,
-                progress=progress, seed=cfg.seed)
+            out = ablate_mod.ablate(run_dir, cfg.ablate, cfg.compute,
+                                    reference=None if cfg.all_references else ref,
+                                    thresholds=list(cfg.universal.thresholds), progress=progress)
             echo(f"  {getattr(out, 'csv', out)}")
 
         def do_report():
-            paths = report_mod.report(run_dir, zoo_json=cfg.zoo_json or None,
-                                      progress=progress)
+            paths = report_mod.report(run_dir, cfg.report, progress=progress)
             timings["report_paths"] = {k: str(v) for k, v in paths.items()}
 
         step("tokens", do_tokens)
@@ -168,35 +147,35 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
     n_models, n_ck = len(cfg.models), len(cfg.checkpoint_list())
     n_layers, d_mlp, n_params = shapes
     n_neurons = n_layers * d_mlp
-    store_bytes = cfg.n_tokens * n_neurons * 2
-    fwd_flops = 2.0 * n_params * cfg.n_tokens * cfg.window / max(cfg.window - 1, 1)
-    gemm = measure_gemm_rate("cpu", cfg.precision if cfg.precision != "fp64" else "fp32")
+    store_bytes = cfg.tokens.n_tokens * n_neurons * 2
+    fwd_flops = 2.0 * n_params * cfg.tokens.n_tokens * cfg.tokens.window / max(cfg.tokens.window - 1, 1)
+    gemm = measure_gemm_rate("cpu", cfg.reduce.precision if cfg.reduce.precision != "fp64" else "fp32")
     fwd_rate = _measure_forward_rate(shapes)
     out = {"stores": n_models * n_ck, "store_bytes": store_bytes,
            "disk_bytes": store_bytes * n_models * n_ck, "gemm_flops_per_s_here": gemm,
            "forward_tokens_per_s_here": fwd_rate}
-    echo(f"study: {n_models} models x {n_ck} checkpoint(s) x {cfg.n_tokens:,} tokens x "
+    echo(f"study: {n_models} models x {n_ck} checkpoint(s) x {cfg.tokens.n_tokens:,} tokens x "
          f"{n_neurons:,} neurons ({n_layers} layers x {d_mlp})")
-    echo(f"[tokens]  {cfg.n_tokens + cfg.n_eval_tokens:,} positions from {cfg.source}")
+    echo(f"[tokens]  {cfg.tokens.n_tokens + cfg.tokens.n_eval_tokens:,} positions from {cfg.tokens.source}")
     hub = [m for m in cfg.models if parse_model_spec(m).repo_id]
     if hub:
         echo(f"  downloads: {len(hub) * n_ck} hub checkpoints of ~{n_params * 4 / 1e9:.2f} GB "
              f"each = {human_bytes(len(hub) * n_ck * n_params * 4)} in the HF cache")
-    t_fwd = cfg.n_tokens / fwd_rate
+    t_fwd = cfg.tokens.n_tokens / fwd_rate
     echo(f"[extract] {n_models * n_ck} stores of {human_bytes(store_bytes)} = "
          f"{human_bytes(out['disk_bytes'])} on disk (fp16); forward {fwd_flops:.3g} FLOP each; "
          f"here ~{_hms(t_fwd * n_models * n_ck)} at {fwd_rate:,.0f} tok/s; "
          f"GPU ~{_hms(n_models * n_ck * max(fwd_flops / (gpu_tflops * 1e12 * 0.3), store_bytes / (disk_gbps * 1e9)))}"
          " (disk-bound)")
     pairs = [PairShape(o, n_neurons, d_mlp) for o in cfg.models[1:]]
-    plan = make_plan(cfg.n_tokens, n_neurons, pairs, memory=cfg.memory, device="cpu",
-                     precision=cfg.precision, store_chunk_rows=64,
-                     baseline_draws=cfg.baseline_draws)
+    plan = make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=cfg.compute.memory, device="cpu",
+                     precision=cfg.reduce.precision, store_chunk_rows=64,
+                     baseline_draws=cfg.reduce.baseline_draws)
     echo(f"[reduce]  per checkpoint ({n_ck} in all):")
     echo("  " + describe(plan, gemm).replace("\n", "\n  "))
-    gpu_plan = make_plan(cfg.n_tokens, n_neurons, pairs, memory=f"{gpu_mem_gb}GB",
+    gpu_plan = make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=f"{gpu_mem_gb}GB",
                          device="cuda", precision="bf16", store_chunk_rows=64,
-                         baseline_draws=cfg.baseline_draws)
+                         baseline_draws=cfg.reduce.baseline_draws)
     t_gpu = max(gpu_plan.flops / (gpu_tflops * 1e12), gpu_plan.bytes_read / (disk_gbps * 1e9))
     out.update(reduce_flops=plan.flops * n_ck, reduce_peak_bytes=plan.peak_bytes,
                reduce_seconds_here=plan.flops * n_ck / gemm, reduce_seconds_gpu=t_gpu * n_ck)
@@ -204,14 +183,14 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
          f"; on a {gpu_mem_gb:.0f} GB GPU ~{_hms(t_gpu * n_ck)} "
          f"({len(gpu_plan.groups)} pass(es), {human_bytes(gpu_plan.bytes_read)} read at "
          f"{disk_gbps} GB/s, {gpu_tflops:.0f} TFLOP/s bf16)")
-    n_sets = (len(cfg.models) - 1) * len(cfg.thresholds) * (1 + cfg.control_draws) \
-        * (1 + (n_layers if cfg.layerwise else 0))
-    abl_tokens = n_sets * cfg.n_eval_tokens * n_ck
-    echo(f"[ablate]  {n_sets} ablation sets per checkpoint x {cfg.n_eval_tokens:,} eval tokens:"
+    n_sets = (len(cfg.models) - 1) * len(cfg.universal.thresholds) * (1 + cfg.ablate.control_draws) \
+        * (1 + (n_layers if cfg.ablate.layerwise else 0))
+    abl_tokens = n_sets * cfg.tokens.n_eval_tokens * n_ck
+    echo(f"[ablate]  {n_sets} ablation sets per checkpoint x {cfg.tokens.n_eval_tokens:,} eval tokens:"
          f" here ~{_hms(abl_tokens / fwd_rate)}")
     echo("[universal, persistence, report] seconds; read only the reduced statistics")
     echo(f"peak RAM per process: reduce {human_bytes(plan.peak_bytes)} "
-         f"(budget {cfg.memory}); extract within --memory")
+         f"(budget {cfg.compute.memory}); extract within --memory")
     return out
 
 

@@ -78,6 +78,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def fsync_dir(path) -> None:
+    """fsync a directory, so that a rename inside it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path, obj, record: dict | None = None) -> None:
     """Write JSON to a temporary name, fsync, rename: readers never see half a file.
     With `record` (provenance), also write the checksum sidecar (see commit_file)."""

@@ -23,20 +23,20 @@ checked against its own content hash.
 """
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 from ooc_universal.errors import OocError
+from ooc_universal.formats.ablation import ABLATE_FILES, read_ablation
+from ooc_universal.formats.reduced import list_reduced, list_work, open_reduced, read_attrs
+from ooc_universal.formats.sets import read_sets, sets_path
+from ooc_universal.formats.store import ledger_progress
+from ooc_universal.formats.tables import PERSISTENCE_FILES, UNIVERSAL_FILES, read_persistence
+from ooc_universal.formats.tokens import read_token_meta
 from ooc_universal.rundir import config_hash, file_sha256, read_sidecar, recorded_sha256
 
 STATES = ("missing", "partial", "complete", "stale", "corrupt")
 COLUMNS = ("step", "item", "state", "progress", "detail", "token_hash", "config_hash",
            "toolkit_version", "checksum")
-UNIVERSAL_FILES = ("neurons.parquet", "neurons.csv", "table1.csv", "table1.json", "sets.json")
-PERSISTENCE_FILES = ("persistence.csv", "persistence.json")
-ABLATE_FILES = ("ablation_draws.csv", "ablation.csv", "ablation.json")
-_REDUCE_NAME = re.compile(r"[^/]+__[^/]+\.h5")
 
 
 def status(run_dir, verify: bool = False) -> list[dict]:
@@ -83,11 +83,9 @@ class _Context:
         self.run, self.verify = run, verify
         self.token_hash = None
         self.token_meta = None
-        try:
-            self.token_meta = json.loads((run / "tokens" / "meta.json").read_text())
+        self.token_meta = read_token_meta(run)
+        if self.token_meta is not None:
             self.token_hash = self.token_meta.get("hash")
-        except (OSError, ValueError):
-            pass
         self.config = None
         cfg_path = run / "config.toml"
         if cfg_path.is_file():
@@ -202,7 +200,6 @@ def _inputs_changed(rec: dict | None, current: dict) -> list[str]:
 # ---------------------------------------------------------------------------- steps
 
 def _tokens(ctx: _Context) -> list[dict]:
-    folder = ctx.run / "tokens"
     meta = ctx.token_meta
     if meta is None:
         tmp = list(ctx.run.glob(".tokens.tmp-*"))
@@ -214,14 +211,14 @@ def _tokens(ctx: _Context) -> list[dict]:
     state, detail = "complete", ""
     cfg = ctx.config
     if cfg is not None:
-        diff = [f"{k} {meta.get(k)} (config.toml: {getattr(cfg, k)})"
+        diff = [f"{k} {meta.get(k)} (config.toml: {getattr(cfg.tokens, k)})"
                 for k in ("n_tokens", "window", "n_eval_tokens")
-                if meta.get(k) is not None and meta.get(k) != getattr(cfg, k)]
+                if meta.get(k) is not None and meta.get(k) != getattr(cfg.tokens, k)]
         if diff:
             state, detail = "stale", "made with other settings: " + ", ".join(diff)
     checksum = ""
     if ctx.verify:
-        from ooc_universal.steps.tokens import load_token_set
+        from ooc_universal.formats.tokens import load_token_set
         try:
             load_token_set(ctx.run)
             checksum = "ok"
@@ -230,23 +227,6 @@ def _tokens(ctx: _Context) -> list[dict]:
     return [_row("tokens", "tokens/", state, f"{meta.get('n_tokens')} tokens", detail,
                  meta.get("hash"), config_hash(settings), meta.get("toolkit_version"),
                  checksum)]
-
-
-def _ledger_progress(ledger: Path) -> tuple[int | None, int | None, dict]:
-    """(blocks done, blocks in all, header) of a store ledger, read only."""
-    try:
-        raw = ledger.read_bytes()
-    except OSError:
-        return None, None, {}
-    lines = raw[: raw.rfind(b"\n") + 1].decode(errors="replace").splitlines()
-    try:
-        header = json.loads(lines[0])
-    except (IndexError, ValueError):
-        return 0, None, {}
-    n = len(header.get("chunk_offsets", []))
-    done = {int(w[1]) for w in (ln.split(" ") for ln in lines[1:])
-            if len(w) >= 2 and w[0] == "done" and w[1].isdigit() and int(w[1]) < n}
-    return len(done), n, header
 
 
 def _stores(ctx: _Context) -> list[dict]:
@@ -267,7 +247,7 @@ def _stores(ctx: _Context) -> list[dict]:
         if final.exists():
             rows.append(_store_row(ctx, final, item))
         elif partial.exists() or ledger.exists():
-            done, total, header = _ledger_progress(ledger)
+            done, total, header = ledger_progress(ledger)
             attrs = header.get("attrs", {})
             progress = f"{done}/{total} blocks" if total else "0 blocks (restarts)"
             detail = "interrupted or running; run the same `ooc-universal extract` again"
@@ -317,17 +297,11 @@ def _store_sha(ctx: _Context, name: str):
 def _reduce(ctx: _Context) -> list[dict]:
     d = ctx.run / "reduce"
     names = list(ctx.expected_pairs())
-    finals = sorted(p.name for p in d.glob("*__*.h5") if _REDUCE_NAME.fullmatch(p.name)) \
-        if d.is_dir() else []
+    finals = [p.name for p in list_reduced(ctx.run)]
     names += [n for n in finals if n not in names]
     work = {}
-    for manifest in sorted(d.glob(".work/*/manifest.json")) if d.is_dir() else []:
-        try:
-            m = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            continue
-        from ooc_universal.steps.reduce import _blocks_on_disk
-        done = _blocks_on_disk(manifest.parent, None)
+    for work_dir, m in list_work(ctx.run):
+        done = work_dir.blocks_done()
         for out in m.get("outputs", []):
             work[out] = (done, m.get("total_folds"), m)
             if out not in names:
@@ -350,17 +324,12 @@ def _reduce(ctx: _Context) -> list[dict]:
 
 
 def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
-    import h5py
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    except OSError as exc:
-        return _row("reduce", item, "corrupt", detail=f"not a readable HDF5 file ({exc})",
+        with open_reduced(path) as stats:
+            attrs, config = dict(stats.attrs), stats.config
+    except OocError as exc:
+        return _row("reduce", item, "corrupt", detail=str(exc),
                     checksum="MISMATCH: unreadable" if ctx.verify else "")
-    try:
-        config = json.loads(str(attrs.get("config_json", "{}")))
-    except ValueError:
-        config = {}
     settings = config.get("settings") or {}
     th = str(attrs.get("token_hash", ""))
     why = []
@@ -377,8 +346,8 @@ def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
     cfg = ctx.config
     if cfg is not None and settings:
         for key in ("precision", "baseline_draws", "seed", "keep_covariance"):
-            if key in settings and settings[key] != getattr(cfg, key):
-                why.append(f"{key} {settings[key]} (config.toml: {getattr(cfg, key)})")
+            if key in settings and settings[key] != getattr(cfg.reduce, key):
+                why.append(f"{key} {settings[key]} (config.toml: {getattr(cfg.reduce, key)})")
     checksum = _verify_file(ctx, path)
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return _row("reduce", item, state, "", "; ".join(why), th,
@@ -386,10 +355,10 @@ def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
                 str(attrs.get("toolkit_version", "")), checksum)
 
 
-def _json(path: Path):
+def _sets_document(run: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_sets(run).to_json()
+    except OocError:
         return None
 
 
@@ -404,9 +373,10 @@ def _universal(ctx: _Context) -> list[dict]:
                          f"{len(have)}/{len(paths)} files",
                          "interrupted; run `ooc-universal universal` again")]
         return [_row("universal", "universal/", "missing")]
-    doc = _json(sets)
-    if not isinstance(doc, dict):
-        return [_row("universal", "universal/", "corrupt", detail="sets.json is not JSON",
+    try:
+        doc = read_sets(ctx.run).to_json()
+    except OocError as exc:
+        return [_row("universal", "universal/", "corrupt", detail=str(exc),
                      checksum="MISMATCH: unreadable" if ctx.verify else "")]
     rec = read_sidecar(sets)
     why = []
@@ -414,9 +384,7 @@ def _universal(ctx: _Context) -> list[dict]:
     if ctx.token_hash and th and th != ctx.token_hash:
         why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
     if rec is not None:
-        rd = ctx.run / "reduce"
-        current = {f"reduce/{p.name}": recorded_sha256(p) for p in rd.glob("*__*.h5")} \
-            if rd.is_dir() else {}
+        current = {f"reduce/{p.name}": recorded_sha256(p) for p in list_reduced(ctx.run)}
         for name in (rec.get("inputs") or {}):
             current.setdefault(name, False)
         why += _inputs_changed(rec, current)
@@ -428,10 +396,11 @@ def _universal(ctx: _Context) -> list[dict]:
     cfg = ctx.config
     conf = doc.get("config") or {}
     if cfg is not None and conf:
-        if sorted(float(t) for t in cfg.thresholds) != sorted(conf.get("thresholds", [])):
-            why.append(f"thresholds {conf.get('thresholds')} (config.toml: {cfg.thresholds})")
-        if conf.get("definition") and conf["definition"] != cfg.definition:
-            why.append(f"definition {conf['definition']} (config.toml: {cfg.definition})")
+        uni = cfg.universal
+        if sorted(float(t) for t in uni.thresholds) != sorted(conf.get("thresholds", [])):
+            why.append(f"thresholds {conf.get('thresholds')} (config.toml: {uni.thresholds})")
+        if conf.get("definition") and conf["definition"] != uni.definition:
+            why.append(f"definition {conf['definition']} (config.toml: {uni.definition})")
     checksum = _verify_files(ctx, have)
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return [_row("universal", "universal/", state, f"{len(have)}/{len(paths)} files",
@@ -440,13 +409,11 @@ def _universal(ctx: _Context) -> list[dict]:
 
 
 def _ref_name_of(path: Path) -> str | None:
-    import h5py
     try:
-        with h5py.File(path, "r") as f:
-            v = f.attrs.get("ref_name")
-            return v.decode() if isinstance(v, bytes) else (None if v is None else str(v))
-    except OSError:
+        v = read_attrs(path).get("ref_name")
+    except OocError:
         return None
+    return None if v is None else str(v)
 
 
 def _persistence(ctx: _Context) -> list[dict]:
@@ -460,13 +427,14 @@ def _persistence(ctx: _Context) -> list[dict]:
                          f"{len(have)}/{len(paths)} files",
                          "interrupted; run `ooc-universal persistence` again")]
         return [_row("persistence", "persistence/", "missing")]
-    doc = _json(main)
-    if not isinstance(doc, dict):
-        return [_row("persistence", "persistence/", "corrupt", detail="not JSON",
+    try:
+        doc = read_persistence(ctx.run).to_json()
+    except OocError as exc:
+        return [_row("persistence", "persistence/", "corrupt", detail=str(exc),
                      checksum="MISMATCH: unreadable" if ctx.verify else "")]
     why = []
-    sets = ctx.run / "universal" / "sets.json"
-    sets_doc = _json(sets) if sets.exists() else None
+    sets = sets_path(ctx.run)
+    sets_doc = _sets_document(ctx.run)
     was = (doc.get("source") or {}).get("universal_id")
     if sets_doc is None:
         why.append("universal/sets.json is gone")
@@ -494,9 +462,10 @@ def _ablate(ctx: _Context) -> list[dict]:
             return [_row("ablate", "ablate/", "partial", f"{len(parts)} model(s) done",
                          "interrupted or running; run `ooc-universal ablate` again")]
         return [_row("ablate", "ablate/", "missing")]
-    doc = _json(main)
-    if not isinstance(doc, dict):
-        return [_row("ablate", "ablate/", "corrupt", detail="not JSON",
+    try:
+        doc = read_ablation(ctx.run).to_json()
+    except OocError as exc:
+        return [_row("ablate", "ablate/", "corrupt", detail=str(exc),
                      checksum="MISMATCH: unreadable" if ctx.verify else "")]
     inputs = doc.get("inputs") or {}
     why = []
@@ -524,9 +493,11 @@ def _report(ctx: _Context) -> list[dict]:
             return [_row("report", "report/", "partial", detail="being written or "
                          "interrupted; run `ooc-universal report` again")]
         return [_row("report", "report/", "missing")]
-    doc = _json(data)
-    if not isinstance(doc, dict):
-        return [_row("report", "report/", "corrupt", detail="report_data.json is not JSON")]
+    from ooc_universal.report import read_report_data
+    try:
+        doc = read_report_data(ctx.run)
+    except OocError as exc:
+        return [_row("report", "report/", "corrupt", detail=str(exc))]
     why = []
     th = doc.get("token_hash")
     if ctx.token_hash and th and th != ctx.token_hash:

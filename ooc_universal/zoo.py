@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ooc_universal import __version__
+from ooc_universal.devices import resolve_device
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.rundir import ensure_writable, write_json_atomic
 
@@ -329,15 +330,6 @@ def load_checkpoint(path, device="cpu"):
 
 # --------------------------------------------------------------------------- training
 
-def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OocError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
 def train_zoo(recipe: ZooRecipe, out_dir, device: str = "auto", progress: bool = True,
               model_indices=None, keep_train_state: bool = False) -> list:
     """Train (or resume) every model of the zoo; returns the model directories.
@@ -346,7 +338,7 @@ def train_zoo(recipe: ZooRecipe, out_dir, device: str = "auto", progress: bool =
     another); zoo.json is (re)written by whichever process finds all models complete.
     """
     out_dir = ensure_writable(out_dir)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     corpus = load_corpus(recipe.corpus, recipe.heldout_fraction)
     names = recipe.model_names()
     indices = range(recipe.n_models) if model_indices is None else sorted(set(model_indices))
@@ -476,3 +468,42 @@ def write_zoo_json(recipe: ZooRecipe, out_dir: Path, corpus: Corpus) -> dict | N
     }
     write_json_atomic(out_dir / "zoo.json", summary)
     return summary
+
+
+def heldout_losses(out_dir, model_dirs) -> dict:
+    """{"unigram": loss or None, "models": {dir name: {step: held-out loss}}} from the
+    zoo's training logs (what `zoo train` prints at the end)."""
+    out_dir = Path(out_dir)
+    zoo_json = out_dir / "zoo.json"
+    models = {}
+    for d in map(Path, model_dirs):
+        log = d / "train_log.json"
+        if log.exists():
+            ck = json.loads(log.read_text())["checkpoints"]
+            models[d.name] = {int(s): v["heldout_loss"] for s, v in ck.items()}
+    uni = json.loads(zoo_json.read_text())["unigram_heldout_loss"] if zoo_json.exists() else None
+    return {"unigram": uni, "models": models, "complete": zoo_json.exists()}
+
+
+def heldout_ids(zoo_json) -> np.ndarray:
+    """The held-out bytes of the zoo described by `zoo_json` (its recipe's corpus), as
+    int64 ids: text the zoo's models never saw in training."""
+    if not zoo_json or not Path(zoo_json).exists():
+        raise OocError("source 'zoo-heldout' needs zoo_json pointing at a zoo's zoo.json; "
+                       "set [report] zoo_json in the config or use another source")
+    info = json.loads(Path(zoo_json).read_text())
+    recipe = ZooRecipe(**dict(info["recipe"]))
+    return np.asarray(load_corpus(recipe.corpus, recipe.heldout_fraction).heldout,
+                      dtype=np.int64)
+
+
+def read_zoo_json(path) -> dict:
+    """A zoo's zoo.json (written by write_zoo_json), or one OocError line."""
+    try:
+        zoo = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OocError(f"{str(path)!r} is unreadable ({exc}); rebuild it with "
+                       "`ooc-universal zoo train`") from None
+    if not isinstance(zoo, dict) or "models" not in zoo:
+        raise OocError(f"{str(path)!r} is not a zoo.json (no models)")
+    return zoo

@@ -225,6 +225,9 @@ def _write_reduce(run_dir, model_dir, means, token_hash, other="other-model"):
                             other_name=other, ref_step=-1, other_step=-1,
                             ref_model_id=str(model_dir), other_model_id=other,
                             token_hash=token_hash))
+        # the rest of the header formats.reduced requires of a reduce output
+        f.attrs.update(dict(n_tokens=300, n_layers_ref=2, d_mlp_ref=D_MLP, n_layers_other=2,
+                            d_mlp_other=D_MLP, baseline_seeds=np.zeros(1, np.int64)))
         f["ref/mean"] = means
 
 
@@ -347,6 +350,7 @@ def test_cli_errors_are_one_line_exit_2(run, tmp_path):
 
 
 def test_model_spec_from_reduce_attrs_and_overrides(tmp_path):
+    from ooc_universal.formats.sets import UniversalSet
     from ooc_universal.steps.ablate import _before_padding, _model_spec
     from tests.tiny import save_tiny
     save_tiny(tmp_path / "m" / "checkpoint-100")
@@ -355,15 +359,15 @@ def test_model_spec_from_reduce_attrs_and_overrides(tmp_path):
     hub = dict(ref_model_id="stanford-crfm/alias-gpt2-small-x21", ref_step=100000,
                ref_label="alias-gpt2-small-x21@100000", ref_name="alias-gpt2-small-x21")
     index = [(tmp_path / "x.h5", local), (tmp_path / "y.h5", hub)]
-    rec_local = dict(reference=str(tmp_path / "m"), checkpoint=100)
-    rec_hub = dict(reference="alias-gpt2-small-x21", checkpoint=100000)
+    rec_local = UniversalSet(reference=str(tmp_path / "m"), checkpoint=100)
+    rec_hub = UniversalSet(reference="alias-gpt2-small-x21", checkpoint=100000)
     assert _model_spec(rec_local, {}, index)[1] == "m@100"
     assert _model_spec(rec_hub, {}, index) == ("stanford-crfm/alias-gpt2-small-x21@100000",
                                                "alias-gpt2-small-x21@100000")
     spec = str(tmp_path / "m" / "checkpoint-100")
     assert _model_spec(rec_hub, {"a@100000": spec}, index) == (spec, "m@100")
     with pytest.raises(OocError, match="--model alias-gpt2-small-x21@200000=SPEC"):
-        _model_spec(dict(rec_hub, checkpoint=200000), {}, index)
+        _model_spec(UniversalSet(reference=rec_hub.reference, checkpoint=200000), {}, index)
     ids = np.array([[256, 1, 2, 3, 256, 256], [256, 1, 256, 3, 4, 5]])
     assert _before_padding(ids, 256).astype(int).tolist() == [[0, 0, 0, 1, 1, 1],
                                                               [0, 0, 0, 0, 0, 1]]

@@ -311,7 +311,7 @@ CASES = [
      ["has NaN or Inf activations in 1 neuron(s)", "re-extract it"]),
     ("store-changed-since-reduce", _seq(_sidecar_sha("stores/t1.h5"), _reduce_argv("t1")),
      ["made from another version of activation store t1", "pass --force"]),
-    ("reduce-output-other-settings", _reduce_argv("t1", extra=["--baseline-draws", "3"]),
+    ("reduce-output-other-settings", _reduce_argv("t1", extra=["--baseline-draws", "2"]),
      ["exists with other settings", "pass --force"]),
     ("reference-among-others", _reduce_argv("t0"),
      ["the reference 't0' is also among the other models", "correlate a model with other"]),

@@ -15,17 +15,20 @@ import torch
 
 from ooc_universal.steps import extract as extract_mod
 from ooc_universal import models
-from ooc_universal.steps import tokens
 from ooc_universal.cli.main import main
+from ooc_universal.config import ComputeConfig, ExtractConfig
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.steps.extract import extract, plan_batch
 from ooc_universal.formats.store import open_store
+from ooc_universal.formats.tokens import load_token_set, save_token_set
+from ooc_universal.steps.tokens import build_token_set
 from tests.tiny import save_tiny, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 WINDOW = 64
+CPU = ComputeConfig(device="cpu")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,8 +38,8 @@ def make_tokens(run_dir: Path, seed: int = 0, n_windows: int = 40, n_tokens: int
     stream = rng.integers(0, 256, size=n_windows * WINDOW * 2, dtype=np.int32)
     stream[rng.random(stream.size) < 0.05] = 10
     n_tokens = n_tokens or int(n_windows * (WINDOW - 1) * 0.9)
-    ts = tokens.build_token_set(stream, n_tokens, tokenizer="bytes", window=WINDOW)
-    tokens.save_token_set(ts, run_dir)
+    ts = build_token_set(stream, n_tokens, tokenizer="bytes", window=WINDOW)
+    save_token_set(ts, run_dir)
     return ts
 
 
@@ -108,11 +111,11 @@ def test_activations_equal_recomputation_from_weights(run_dir, model_dir, monkey
     calls = spy_load_model(monkeypatch)
     stats = {}
     # 256-row chunks and 3-window batches: batches straddle chunk bounds, the last chunk is short
-    path = extract(run_dir, str(model_dir), batch_size=3, block_tokens=256, device="cpu",
+    path = extract(run_dir, str(model_dir), ExtractConfig(batch_size=3), CPU, block_tokens=256,
                    progress=False, stats=stats)
     assert path == run_dir / "stores" / "tiny0.h5"
     assert calls == {"lm_head": 0, "ln_f": 0, "loads": 1}
-    ts = tokens.load_token_set(run_dir)
+    ts = load_token_set(run_dir)
     ref = reference_acts(model_dir, ts)
     with open_store(path) as s:
         assert s.n_tokens == ts.n_tokens == ref.shape[0] and s.n_neurons == ref.shape[1] == 256
@@ -135,9 +138,10 @@ def test_positions_follow_the_valid_mask(tmp_path, model_dir):
     cut by n_tokens contributes only its first rows (checked against the weights)."""
     run = tmp_path / "run"
     make_tokens(run, seed=3, n_windows=12, n_tokens=500)
-    ts = tokens.load_token_set(run)
+    ts = load_token_set(run)
     assert ts.n_tokens == 500 and int(ts.valid.sum()) == 500
-    path = extract(run, str(model_dir), block_tokens=64, batch_size=5, progress=False)
+    path = extract(run, str(model_dir), ExtractConfig(batch_size=5), block_tokens=64,
+                   progress=False)
     ref = reference_acts(model_dir, ts)
     with open_store(path) as s:
         got = s.read_rows(0, s.n_tokens).astype(np.float64)
@@ -149,7 +153,8 @@ def test_compressed_extract_equals_uncompressed(tmp_path, model_dir):
     make_tokens(run_a, seed=1)
     shutil.copytree(run_a / "tokens", run_b / "tokens")
     pa = extract(run_a, str(model_dir), block_tokens=256, progress=False)
-    pb = extract(run_b, str(model_dir), block_tokens=256, progress=False, compression="gzip")
+    pb = extract(run_b, str(model_dir), ExtractConfig(compression="gzip"), block_tokens=256,
+                 progress=False)
     with open_store(pa) as a, open_store(pb) as b:
         assert not a.compressed and b.compressed and b.attrs["compression"] == "gzip"
         np.testing.assert_array_equal(a.read_rows(0, a.n_tokens), b.read_rows(0, b.n_tokens))
@@ -189,7 +194,7 @@ def test_partial_from_another_token_set_is_refused(tmp_path, model_dir):
     make_tokens(run, seed=0)
     stores = run / "stores"
     from ooc_universal.formats.store import PartialStore, StorePaths
-    ts = tokens.load_token_set(run)
+    ts = load_token_set(run)
     attrs = dict(model_id=str(model_dir), revision="", label="tiny0", name=str(model_dir),
                  step=-1, n_layers=2, d_mlp=128, token_hash="0" * 64, compute_dtype="float32")
     stores.mkdir()
@@ -238,7 +243,7 @@ def test_read_only_run_dir(run_dir, model_dir, capsys):
 
 def test_memory_bounds_the_batch(run_dir, model_dir):
     loaded = models.load_model(str(model_dir))
-    ts = tokens.load_token_set(run_dir)
+    ts = load_token_set(run_dir)
     per = extract_mod.window_bytes(loaded, WINDOW)
     rss = extract_mod.current_rss_bytes()
     chunk = 64 * 256 * 2
@@ -290,16 +295,16 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, model_dir):
     assert done_at_kill >= 3
 
     stats = {}
-    path_a = extract(run_a, str(model_dir), block_tokens=64, batch_size=2, device="cpu",
+    path_a = extract(run_a, str(model_dir), ExtractConfig(batch_size=2), CPU, block_tokens=64,
                      progress=False, stats=stats)
     assert stats["status"] == "resumed"
     assert stats["blocks_done_before"] == done_at_kill
     # finished blocks were not recomputed
     assert stats["blocks_written"] == stats["blocks_total"] - done_at_kill
-    assert stats["tokens_written"] < tokens.load_token_set(run_a).n_tokens
+    assert stats["tokens_written"] < load_token_set(run_a).n_tokens
     assert not ledger.exists() and not (stores / "tiny0.h5.partial").exists()
 
-    path_b = extract(run_b, str(model_dir), block_tokens=64, batch_size=2, device="cpu",
+    path_b = extract(run_b, str(model_dir), ExtractConfig(batch_size=2), CPU, block_tokens=64,
                      progress=False)
     assert path_a.read_bytes() == path_b.read_bytes()
 
@@ -324,3 +329,20 @@ def test_plan_counts_lazily_mapped_weights(tmp_path):
     loaded = models.load_model(str(path), "cpu", torch.float32)
     _touch_weights(loaded.model)
     assert current_rss_bytes() - before >= 0.8 * weight_bytes
+
+
+def test_legacy_keywords_map_to_the_sections(tmp_path, model_dir):
+    """Transitional: extract(..., batch_size=, device=, memory=, compression=) as before
+    the sections, the same store; an unknown keyword is a TypeError."""
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    make_tokens(run_a, seed=3, n_windows=8)
+    shutil.copytree(run_a / "tokens", run_b / "tokens")
+    stats = {}
+    pa = extract(run_a, str(model_dir), block_tokens=64, batch_size=2, device="cpu",
+                 memory="2GB", compression=None, progress=False, stats=stats)
+    assert (stats["batch_size"], stats["device"], stats["memory_bytes"]) == (2, "cpu", 2 * 10**9)
+    pb = extract(run_b, str(model_dir), ExtractConfig(batch_size=2),
+                 ComputeConfig(device="cpu", memory="2GB"), block_tokens=64, progress=False)
+    assert pa.read_bytes() == pb.read_bytes()
+    with pytest.raises(TypeError, match="windows"):
+        extract(run_a, str(model_dir), windows=3)

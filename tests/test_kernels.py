@@ -321,7 +321,7 @@ def test_tile_max_torch_identical_to_numba(rows, cols, monkeypatch):
 
 def test_tile_max_same_for_any_thread_partition():
     c, m2x, m2y = tile_case(101, 70, np.float32, seed=11)
-    ix, iy = tm._inv_sqrt(m2x, 0.0), tm._inv_sqrt(m2y, 0.0)
+    ix, iy = tm.inv_sqrt(m2x, 0.0), tm.inv_sqrt(m2y, 0.0)
     want = tm._tile_max_numba(c, ix, iy, 1)
     for parts in (2, 3, 7, 101):
         got = tm._tile_max_numba(c, ix, iy, parts)

@@ -1,7 +1,6 @@
 """Model specs, loading (local dirs and an offline HF cache), and the MLP hook point."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import torch
 
 from ooc_universal.errors import OocError
 from ooc_universal.models import load_model, mlp_out_proj, parse_model_spec
-from tests.tiny import save_tiny, tiny_model
+from tests.tiny import make_hub_cache, save_tiny, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 A = "alias-gpt2-small-x21"
@@ -166,24 +165,6 @@ def test_local_dir_without_config(tmp_path):
 
 
 # ----------------------------------------------------------------- the offline hub cache
-
-def make_hub_cache(hf_home: Path, src: Path, repo_id: str, revision: str) -> str:
-    """A huggingface_hub cache holding the files of `src` as repo_id@revision:
-    hub/models--org--name/{blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>,
-    refs/<revision> = <commit>}. Returns the commit hash."""
-    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
-    snap = repo / "snapshots" / commit
-    for d in (repo / "blobs", snap, repo / "refs"):
-        d.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.iterdir()):
-        data = f.read_bytes()
-        blob = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / blob).write_bytes(data)
-        (snap / f.name).symlink_to(Path("../../blobs") / blob)
-    (repo / "refs" / revision).write_text(commit)
-    return commit
-
 
 OFFLINE_SCRIPT = textwrap.dedent("""
     import json, sys

@@ -33,7 +33,7 @@ def _rows(doc, key="pairs"):
 
 def test_persistence_by_hand(tmp_path):
     write_sets(tmp_path)
-    paths = persistence(tmp_path, progress=False)
+    paths = persistence(tmp_path, progress=False).paths
     doc = json.loads(paths["json"].read_text())
     rows = _rows(doc)
     # all ordered checkpoint pairs, adjacent and skipping
@@ -77,7 +77,7 @@ def test_persistence_by_hand(tmp_path):
 
 def test_all_undefined_average_is_null(tmp_path):
     write_sets(tmp_path, {("b", 1): [], ("b", 2): [4], ("c", 1): [], ("c", 2): []})
-    doc = json.loads(persistence(tmp_path, progress=False)["json"].read_text())
+    doc = json.loads(persistence(tmp_path, progress=False).paths["json"].read_text())
     for key in ("pairs", "mean_over_pairs", "pooled_over_pairs"):
         for r in doc[key]:
             assert r["p_persist"] is None and r["undefined"] is True
@@ -87,7 +87,7 @@ def test_all_undefined_average_is_null(tmp_path):
 
 def test_csv_loads_in_pandas(tmp_path):
     write_sets(tmp_path)
-    paths = persistence(tmp_path, progress=False)
+    paths = persistence(tmp_path, progress=False).paths
     df = pd.read_csv(paths["csv"])
     for col in ("reference", "other", "threshold", "t1", "t2", "layer", "n_t1", "n_t2",
                 "n_both", "p_persist", "emerged", "jaccard"):
@@ -111,14 +111,15 @@ def test_needs_sets_and_two_checkpoints(tmp_path):
 
 def test_chain_from_reduce_files(tmp_path):
     """universal -> persistence on hand-built reduce files at two checkpoints."""
+    from ooc_universal.config import UniversalConfig
     from ooc_universal.steps.universal import universal
     kw = dict(n_layers_ref=2, d_mlp_ref=2, n_layers_other=2, d_mlp_other=2)
     base = [0.125] * 4
     write_reduced(tmp_path, [0.75, 0.875, 0.25, 0.75], base, other="b", step=100, **kw)
     write_reduced(tmp_path, [0.75, 0.25, 0.75, 0.75], base, other="b", step=200, **kw)
     # excess .625 at k=0,1,3 (t=100) and k=0,2,3 (t=200): P = 2/3, layer 1: {3} -> {2,3}
-    universal(tmp_path, thresholds=[0.5], progress=False)
-    doc = json.loads(persistence(tmp_path, progress=False)["json"].read_text())
+    universal(tmp_path, UniversalConfig(thresholds=[0.5]), progress=False)
+    doc = json.loads(persistence(tmp_path, progress=False).paths["json"].read_text())
     rows = {r["layer"]: r for r in doc["pairs"]}
     assert rows["all"]["p_persist"] == pytest.approx(2 / 3)
     assert (rows[1]["n_t1"], rows[1]["n_t2"], rows[1]["p_persist"]) == (1, 2, 1.0)

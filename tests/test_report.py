@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ooc_universal.steps.persistence import persistence
+from ooc_universal.config import UniversalConfig
 from ooc_universal.report import report
+from ooc_universal.steps.persistence import persistence
 from ooc_universal.steps.universal import universal
 from tests.test_universal import write_reduced
 
@@ -76,7 +77,7 @@ def _write_ablation(run_dir):
     out = run_dir / "ablate"
     out.mkdir()
     doc = dict(step="ablate", toolkit_version="test", columns=ABL_COLUMNS, rows=rows,
-               config=dict(mode="zero", control_draws=3, seed=0),
+               models={}, config=dict(mode="zero", control_draws=3, seed=0),
                inputs=dict(token_hash="tok0", n_eval_windows=10, n_eval_positions=500))
     (out / "ablation.json").write_text(json.dumps(doc))
     with open(out / "ablation.csv", "w", newline="") as f:
@@ -109,7 +110,7 @@ def base_run(tmp_path_factory):
             write_reduced(rd, row, base, ref="a", other=other, step=ck, n_layers_ref=N_LAYERS,
                           d_mlp_ref=D_MLP, n_layers_other=N_LAYERS, d_mlp_other=D_MLP,
                           zero_var=np.arange(N) == 5)
-    universal(rd, thresholds=TAUS, progress=False)
+    universal(rd, UniversalConfig(thresholds=list(TAUS)), progress=False)
     persistence(rd, progress=False)
     _write_ablation(rd)
     (rd / "tokens").mkdir()
@@ -372,3 +373,41 @@ def test_cli(base_run, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "nope"), "--quiet"])
     assert exc.value.code == 2
+
+
+def test_ablation_figures_leave_out_empty_sets_and_keep_kl_above_zero(full):
+    rd, paths, data = full
+    for fid in ("ablation_t06", "ablation_layers_t05", "ablation_layers_t06"):
+        series = data["figures"][fid]["data"]["series"]
+        empties = [(s, i) for s in series for i, n in enumerate(s["n_neurons"]) if n == 0]
+        assert empties, fid                  # the fixture has empty sets in each of these
+        assert all(s["y"][i] is None for s, i in empties), fid     # a gap, never KL 0
+        for s in series:
+            if s["metric"] == "kl":
+                assert all(y is None or low <= y + 1e-15
+                           for y, low in zip(s["y"], s["err_low"])), fid
+    caption = data["figures"]["ablation_t06"]["caption"]
+    assert "95% t-interval over control draws" in caption and "clipped at 0" in caption
+    assert "SE over windows" not in caption                 # one error-bar meaning
+    universal = [s for s in data["figures"]["ablation_t06"]["data"]["series"]
+                 if s["set"] == "universal"]
+    assert all(e == 0.0 for s in universal for e in s["err_low"] + s["err_high"])
+
+
+def test_one_colour_per_model_whatever_it_is_called():
+    from ooc_universal.report.figures import Palette
+    palette = Palette(["/zoo/tiny-b", "tiny-a", "tiny-b", "tiny-c"])
+    assert palette("tiny-b") == palette("/zoo/tiny-b") == palette("/elsewhere/tiny-b")
+    assert len({palette(m) for m in ("tiny-a", "tiny-b", "tiny-c")}) == 3
+    assert palette("mean over pairs") == "0.3"           # a summary is not a model
+
+
+def test_unreadable_outputs_give_one_line_each(tmp_path):
+    rd = tmp_path / "run"
+    (rd / "universal").mkdir(parents=True)
+    (rd / "universal" / "table1.json").write_text("{not json")
+    data = json.loads(report(rd, progress=False)["data"].read_text())
+    table1 = data["sections"]["table1"]
+    assert table1["status"] == "unreadable"
+    assert table1["message"].startswith("Not shown: ") and "table1.json" in table1["message"]
+    assert "\n" not in table1["message"] and "ooc-universal universal" in table1["message"]

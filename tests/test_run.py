@@ -73,7 +73,7 @@ def test_demo_run_produces_every_table_and_figure(demo_run):
     assert html.count('src="data:image/png;base64,') == len(FIGURES)
     # the config actually used is saved, with the command-line overrides in it
     used = RunConfig.from_toml(rd / "config.toml")
-    assert used.n_tokens == 4096 and used.control_draws == 2
+    assert used.tokens.n_tokens == 4096 and used.ablate.control_draws == 2
     assert used.models == demo_config().models
 
 

@@ -19,7 +19,7 @@ from ooc_universal import __version__, faults
 from ooc_universal.steps import tokens
 from ooc_universal.steps.ablate import ablate
 from ooc_universal.cli.main import main
-from ooc_universal.config import RunConfig
+from ooc_universal.config import AblateConfig, ComputeConfig, ReduceConfig, RunConfig
 from ooc_universal.errors import OocError
 from ooc_universal.steps.extract import extract
 from ooc_universal.steps.persistence import persistence
@@ -27,8 +27,12 @@ from ooc_universal.steps.reduce import reduce
 from ooc_universal.report import report
 from ooc_universal.status import COLUMNS, STATES, problems, status
 from ooc_universal.formats.store import open_store
+from ooc_universal.formats.tokens import save_token_set
 from ooc_universal.steps.universal import universal
 from tests.tiny import save_tiny
+
+CPU = ComputeConfig(device="cpu")
+ONE_DRAW = ReduceConfig(baseline_draws=1)  # what config_toml() below records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -47,8 +51,8 @@ def _token_set(seed: int):
 
 def _extract_and_reduce(run: Path, models: Path, step: int, **kw):
     for name in ("t0", "t1"):
-        extract(run, f"{models}/{name}@{step}", block_tokens=128, device="cpu", progress=False)
-    return reduce(run, f"{models}/t0@{step}", [f"{models}/t1@{step}"], device="cpu",
+        extract(run, f"{models}/{name}@{step}", compute=CPU, block_tokens=128, progress=False)
+    return reduce(run, f"{models}/t0@{step}", [f"{models}/t1@{step}"], ONE_DRAW, CPU,
                   progress=False, **kw)
 
 
@@ -60,12 +64,13 @@ def full(tmp_path_factory):
         for k, step in enumerate(STEPS):
             save_tiny(models / name / f"checkpoint-{step}", seed=seed + k)
     run = root / "run"
-    tokens.save_token_set(_token_set(0), run)
+    save_token_set(_token_set(0), run)
     for step in STEPS:
         _extract_and_reduce(run, models, step)
     universal(run, progress=False)
     persistence(run, progress=False)
-    ablate(run, control_draws=1, layerwise=False, progress=False, device="cpu")
+    ablate(run, AblateConfig(control_draws=1, layerwise=False), CPU,
+           progress=False)
     report(run, progress=False)
     return root, models, run
 
@@ -137,28 +142,28 @@ def test_partial_store_and_reduce_show_progress(run, full, monkeypatch):
         (run / (rel + ".sha256")).unlink()
     monkeypatch.setenv(faults.FAIL_ENV, "store.block.after_ledger:3")
     with pytest.raises(faults.InjectedFailure):
-        extract(run, f"{models}/t1@200", block_tokens=128, device="cpu", progress=False)
+        extract(run, f"{models}/t1@200", compute=CPU, block_tokens=128, progress=False)
     row = by_item(status(run))["stores/t1@200.h5"]
     assert (row["state"], row["progress"]) == ("partial", "3/8 blocks")
     assert "run the same `ooc-universal extract` again" in row["detail"]
     monkeypatch.delenv(faults.FAIL_ENV)
-    extract(run, f"{models}/t1@200", block_tokens=128, device="cpu", progress=False)
+    extract(run, f"{models}/t1@200", compute=CPU, block_tokens=128, progress=False)
     # a reduce task that keeps failing after 2 checkpoints of 2 blocks
     monkeypatch.setenv(faults.FAIL_ENV, "reduce.fold.block:5,reduce.fold.block:6")
     with pytest.raises(OocError, match=r"reduce task fold \(group 0, panel 0, chain 0\)"):
-        reduce(run, f"{models}/t0@200", [f"{models}/t1@200"], device="cpu", progress=False,
+        reduce(run, f"{models}/t0@200", [f"{models}/t1@200"], ONE_DRAW, CPU, progress=False,
                block_tokens=128, checkpoint_blocks=2)
     row = by_item(status(run))["reduce/t0@200__t1@200.h5"]
     assert (row["state"], row["progress"]) == ("partial", "4/8 block folds")
     assert row["token_hash"] and row["config_hash"]
     monkeypatch.delenv(faults.FAIL_ENV)
-    reduce(run, f"{models}/t0@200", [f"{models}/t1@200"], device="cpu", progress=False,
+    reduce(run, f"{models}/t0@200", [f"{models}/t1@200"], ONE_DRAW, CPU, progress=False,
            block_tokens=128, checkpoint_blocks=2)
     assert states(status(run))["reduce/t0@200__t1@200.h5"] == "complete"
 
 
 def test_new_token_set_makes_everything_downstream_stale(run):
-    tokens.save_token_set(_token_set(1), run, force=True)
+    save_token_set(_token_set(1), run, force=True)
     got = by_item(status(run))
     assert got["tokens/"]["state"] == "complete"
     for item in STORES + PAIRS + ["universal/", "ablate/", "report/"]:
@@ -176,15 +181,15 @@ def test_changed_store_then_reduce_then_universal(run, full):
     save_tiny(other / "checkpoint-100", seed=77)
     for rel in ("stores/t1@100.h5", "stores/t1@100.h5.sha256"):
         (run / rel).unlink()
-    extract(run, f"{other}@100", block_tokens=128, device="cpu", progress=False)
+    extract(run, f"{other}@100", compute=CPU, block_tokens=128, progress=False)
     got = by_item(status(run))
     assert got["stores/t1@100.h5"]["state"] == "complete"
     assert got[PAIRS[0]]["state"] == "stale"
     assert "store t1@100 changed since" in got[PAIRS[0]]["detail"]
     assert got["universal/"]["state"] == "complete"  # its inputs are the reduce files
     with pytest.raises(OocError, match="another version of activation store t1@100"):
-        reduce(run, f"{models}/t0@100", [f"{other}@100"], device="cpu", progress=False)
-    reduce(run, f"{models}/t0@100", [f"{other}@100"], device="cpu", progress=False,
+        reduce(run, f"{models}/t0@100", [f"{other}@100"], ONE_DRAW, CPU, progress=False)
+    reduce(run, f"{models}/t0@100", [f"{other}@100"], ONE_DRAW, CPU, progress=False,
            force=True)
     got = by_item(status(run))
     assert got[PAIRS[0]]["state"] == "complete"
@@ -210,7 +215,7 @@ def test_config_toml_with_other_settings_marks_stale(run, full):
 
 def test_verify_catches_a_flipped_byte(run, capsys):
     with open_store(run / "stores" / "t0@200.h5") as st:
-        offset = st._offsets[5] + 100  # inside block 5's rows
+        offset = st.block_offset(5) + 100  # inside block 5's rows
     with open(run / "stores" / "t0@200.h5", "r+b") as f:
         f.seek(offset)
         b = f.read(1)

@@ -272,3 +272,56 @@ def test_release_rows_keeps_data_and_drops_resident_pages(tmp_path):
     assert total == sum(float(store.read_block(i).astype(np.float32).sum()) for i in range(4))
     assert np.array_equal(store.read_rows(0, 4096), data)
     store.release_rows(100, 101)                                  # under a page: no-op
+
+
+# ------------------------------------------------------------------ NumPy's vocabulary
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_numpy_vocabulary(tmp_path, compression):
+    data = random_acts(seed=6)
+    with open_store(write_store(tmp_path, data, compression=compression)) as s:
+        assert (s.shape, s.dtype, s.ndim, len(s), s.chunks) == ((N, M), np.float16, 2, N,
+                                                                 (BT, M))
+        assert s.memory_mapped is (compression is None)
+        np.testing.assert_array_equal(s[5], data[5])
+        np.testing.assert_array_equal(s[-1], data[-1])
+        for key in (slice(0, N), slice(100, 900), slice(120, 130), slice(990, 2000),
+                    slice(None, None, 7), slice(900, 100, -3), slice(5, 5)):
+            np.testing.assert_array_equal(s[key], data[key])
+        np.testing.assert_array_equal(s[100:300, 10:20], data[100:300, 10:20])
+        np.testing.assert_array_equal(s[3, [0, 5]], data[3, [0, 5]])
+        np.testing.assert_array_equal(np.asarray(s), data)
+        assert np.asarray(s, dtype=np.float32).dtype == np.float32
+        with pytest.raises(IndexError):
+            s[N]
+        with pytest.raises(TypeError, match="integer or a slice"):
+            s[[1, 2]]
+
+
+def test_block_checksums_and_offsets(tmp_path):
+    from ooc_universal.formats.store import verify_store_blocks
+    from ooc_universal.rundir import read_sidecar
+    data = random_acts(seed=7)
+    path = write_store(tmp_path, data)
+    assert verify_store_blocks(path, read_sidecar(path)) == []
+    with open_store(path) as s:
+        recorded = [s.recorded_block_sha256(i) for i in range(s.n_blocks)]
+        assert all(len(d) == 64 for d in recorded)
+        assert [s.block_sha256(i) for i in range(s.n_blocks)] == recorded
+        offset = s.block_offset(5)
+        assert offset % 4096 == 0 and s.block_offset(0) < offset
+        with pytest.raises(IndexError):
+            s.block_offset(8)
+    with open(path, "r+b") as f:  # one flipped byte inside block 5's rows
+        f.seek(offset + 100)
+        b = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([b[0] ^ 1]))
+    with open_store(path) as s:
+        assert [i for i in range(s.n_blocks)
+                if s.block_sha256(i) != s.recorded_block_sha256(i)] == [5]
+    assert verify_store_blocks(path, read_sidecar(path)) == \
+        ["block(s) 5 of 8 differ from their recorded sha256"]
+    (tmp_path / "tiny.h5.sha256").unlink()
+    with open_store(path) as s:
+        assert s.recorded_block_sha256(0) is None

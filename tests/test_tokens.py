@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ooc_universal.steps import tokens as tokmod
+from ooc_universal.formats import tokens as token_format
 from ooc_universal.cli.main import main
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.models import load_model
-from ooc_universal.steps.tokens import (build_token_set, check_tokenizer_matches, load_token_set,
-                                  resolve_tokenizer, save_token_set)
+from ooc_universal.formats.tokens import load_token_set, save_token_set
+from ooc_universal.steps.tokens import build_token_set, check_tokenizer_matches, resolve_tokenizer
 from tests.tiny import save_tiny
 
 TEXT = "ab\ncd\n\nefg hij\n"
@@ -289,14 +289,14 @@ def test_interrupted_save_leaves_nothing_complete(tmp_path, monkeypatch):
 
     def boom(path, obj):
         raise OSError("disk died")
-    monkeypatch.setattr(tokmod, "write_json_atomic", boom)
+    monkeypatch.setattr(token_format, "write_json_atomic", boom)
     with pytest.raises(OSError, match="disk died"):
         save_token_set(ts, tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []
     monkeypatch.undo()
     save_token_set(ts, tmp_path / "run")
     other = _small_set(tmp_path, n=11)
-    monkeypatch.setattr(tokmod, "write_json_atomic", boom)
+    monkeypatch.setattr(token_format, "write_json_atomic", boom)
     with pytest.raises(OSError):
         save_token_set(other, tmp_path / "run", force=True)
     assert load_token_set(tmp_path / "run").hash == ts.hash  # the old set is intact
@@ -339,3 +339,28 @@ def test_cli(tmp_path, capsys):
     assert not (tmp_path / "r2" / "tokens").exists()
     code, out, err = _run(["tokens", "--help"], capsys)
     assert code == 0 and "BOS at column 0" in out and "newline" in out and "exactly" in out
+
+
+# ------------------------------------------------------------------------ the step
+
+def test_step_takes_its_section(tmp_path):
+    from ooc_universal.config import TokensConfig
+    from ooc_universal.formats.tokens import existing_hash, read_token_meta
+    from ooc_universal.steps.tokens import tokens as make_tokens
+    (tmp_path / "t.txt").write_text(TEXT * 5)
+    settings = TokensConfig(source=str(tmp_path / "t.txt"), tokenizer="bytes", n_tokens=20,
+                            n_eval_tokens=3, window=8)
+    assert read_token_meta(tmp_path / "run") is None and existing_hash(tmp_path / "run") is None
+    first = make_tokens(tmp_path / "run", settings, progress=False)
+    assert first.written and first.folder == tmp_path / "run" / "tokens"
+    assert first.token_set.hash == build_token_set(tmp_path / "t.txt", 20, window=8,
+                                                   n_eval_tokens=3).hash
+    assert read_token_meta(tmp_path / "run")["hash"] == existing_hash(tmp_path / "run") \
+        == first.token_set.hash
+    assert not make_tokens(tmp_path / "run", settings, progress=False).written
+    ids = np.frombuffer((TEXT * 5).encode(), np.uint8).astype(np.int64)
+    from_array = make_tokens(tmp_path / "run2", settings, source=ids, progress=False)
+    assert from_array.token_set.meta["source"].startswith("array")
+    with pytest.raises(StaleInputError, match="--force"):
+        make_tokens(tmp_path / "run", settings.model_copy(update={"n_tokens": 21}),
+                    progress=False)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ooc_universal.config import UniversalConfig
 from ooc_universal.errors import OocError
 from ooc_universal.steps.universal import find_reduced, universal
 
@@ -90,7 +91,7 @@ def one_pair(tmp_path):
 
 
 def test_known_answers_sets_and_neuron_table(one_pair):
-    paths = universal(one_pair, progress=False)
+    paths = universal(one_pair, progress=False).paths
     sets = json.loads(paths["sets"].read_text())
     got = {s["threshold"]: s["neurons"] for s in sets["sets"]}
     assert got == {tau: exp[0] for tau, exp in EXPECTED.items()}
@@ -121,7 +122,7 @@ def test_known_answers_sets_and_neuron_table(one_pair):
 
 
 def test_table1_by_hand(one_pair):
-    paths = universal(one_pair, progress=False)
+    paths = universal(one_pair, progress=False).paths
     t1 = json.loads(paths["table1"].read_text())["table1"]
     assert [e["threshold"] for e in t1] == [0.4, 0.5, 0.6]
     for e in t1:
@@ -146,8 +147,8 @@ def test_table1_by_hand(one_pair):
 def test_boundary_is_strict(tmp_path):
     write_reduced(tmp_path, [0.75, 0.75 + 2 ** -20, 0.5, 0.25], [0.25, 0.25, 0.0, 0.0],
                   n_layers_ref=1, d_mlp_ref=4, n_layers_other=1)
-    sets = json.loads(universal(tmp_path, thresholds=[0.5], progress=False)["sets"]
-                      .read_text())["sets"]
+    sets = json.loads(universal(tmp_path, UniversalConfig(thresholds=[0.5]),
+                                progress=False).paths["sets"].read_text())["sets"]
     assert sets[0]["neurons"] == [1]  # 0.5 == tau is not universal; 0.5 + 2^-20 is
 
 
@@ -156,11 +157,12 @@ def test_pair_averaged_by_hand(tmp_path):
     write_reduced(tmp_path, [0.875, 0.625], [0.25, 0.125], other="b", **kw)
     write_reduced(tmp_path, [0.5, 0.75], [0.125, 0.125], other="c", **kw)
     # per pair: b excess (.625, .5) -> {0}; c excess (.375, .625) -> {1}
-    per = json.loads(universal(tmp_path, thresholds=[0.5], progress=False)["sets"]
-                     .read_text())["sets"]
+    per = json.loads(universal(tmp_path, UniversalConfig(thresholds=[0.5]),
+                               progress=False).paths["sets"].read_text())["sets"]
     assert {s["other"]: s["neurons"] for s in per} == {"b": [0], "c": [1]}
     # averaged: max (.6875, .6875) - baseline (.1875, .125) = (.5, .5625) -> {1}
-    paths = universal(tmp_path, thresholds=[0.5], definition="pair-averaged", progress=False)
+    paths = universal(tmp_path, UniversalConfig(thresholds=[0.5], definition="pair-averaged"),
+                      progress=False).paths
     avg = json.loads(paths["sets"].read_text())["sets"]
     assert len(avg) == 1
     assert (avg[0]["other"], avg[0]["definition"], avg[0]["neurons"], avg[0]["others"]) == \
@@ -178,7 +180,8 @@ def test_mean_over_pairs_and_checkpoints(tmp_path):
     write_reduced(tmp_path, [0.9, 0.9, 0.9, 0.1], [0.1] * 4, other="b", step=100, **kw)
     write_reduced(tmp_path, [0.9, 0.1, 0.1, 0.1], [0.1] * 4, other="c", step=100, **kw)
     write_reduced(tmp_path, [0.9, 0.9, 0.1, 0.1], [0.1] * 4, other="b", step=200, **kw)
-    t1 = json.loads(universal(tmp_path, thresholds=[0.5], progress=False)["table1"]
+    t1 = json.loads(universal(tmp_path, UniversalConfig(thresholds=[0.5]),
+                              progress=False).paths["table1"]
                     .read_text())["table1"]
     assert [(e["checkpoint"], e["n_pairs"], e["percent"]) for e in t1] == \
         [(100, 2, 50.0), (200, 1, 50.0)]
@@ -225,7 +228,8 @@ def test_extra_draws_from_covariance_equal_explicit_rotation(tmp_path):
                   row_argmax=np.where(zero, -1, rho.argmax(1)), zero_var=zero,
                   n_layers_ref=la, d_mlp_ref=da, n_layers_other=lb, d_mlp_other=db,
                   n_tokens=n, cross=cross, self_comoment=self_c, ref_var=var)
-    paths = universal(tmp_path, extra_baseline_draws=3, seed=2, progress=False)
+    paths = universal(tmp_path, UniversalConfig(extra_baseline_draws=3, seed=2),
+                      progress=False).paths
     df = pd.read_parquet(paths["neurons_parquet"])
     sets = json.loads(paths["sets"].read_text())
     assert sets["inputs"][0]["draw_seeds"] == [3, 2, 4, 5]  # 3 is the reduce's: skipped
@@ -248,13 +252,15 @@ def test_kernel_rotation_matches_contract():
 
 def test_extra_draws_need_cross_comoment(one_pair):
     with pytest.raises(OocError, match="keep-covariance"):
-        universal(one_pair, extra_baseline_draws=1, progress=False)
+        universal(one_pair, UniversalConfig(extra_baseline_draws=1), progress=False)
 
 
 @pytest.mark.parametrize("bad", [0, 1.2, 1, -0.1, float("nan")])
 def test_thresholds_outside_unit_interval(one_pair, bad):
     with pytest.raises(OocError, match=r"threshold .* outside \(0, 1\)"):
-        universal(one_pair, thresholds=[0.5, bad], progress=False)
+        # a settings object built without validation: the step checks the thresholds again
+        universal(one_pair, UniversalConfig.model_construct(thresholds=[0.5, bad]),
+                  progress=False)
     assert not (one_pair / "universal" / "sets.json").exists()
 
 
@@ -301,10 +307,10 @@ def test_reference_selection(tmp_path):
         universal(tmp_path, progress=False)
     with pytest.raises(OocError, match="available: a, b"):
         universal(tmp_path, reference="zz", progress=False)
-    sets = json.loads(universal(tmp_path, reference="b", progress=False)["sets"]
+    sets = json.loads(universal(tmp_path, reference="b", progress=False).paths["sets"]
                       .read_text())["sets"]
     assert {s["reference"] for s in sets} == {"b"}
-    sets = json.loads(universal(tmp_path, all_references=True, progress=False)["sets"]
+    sets = json.loads(universal(tmp_path, all_references=True, progress=False).paths["sets"]
                       .read_text())["sets"]
     assert {(s["reference"], s["other"]) for s in sets} == {("a", "b"), ("b", "a")}
 

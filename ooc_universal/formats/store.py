@@ -35,7 +35,8 @@ import numpy as np
 
 from ooc_universal import __version__, faults
 from ooc_universal.errors import OocError, StaleInputError
-from ooc_universal.rundir import config_hash, disk_full, file_lock, is_disk_full, write_sidecar
+from ooc_universal.rundir import (config_hash, disk_full, file_lock, fsync_dir, is_disk_full,
+                                  read_sidecar, write_sidecar)
 
 LAYOUT_VERSION = 1
 DATASET = "acts"
@@ -132,14 +133,6 @@ def plain_attr(v):
     return v
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     while len(buf):
         n = os.pwrite(fd, buf, offset)
@@ -230,7 +223,7 @@ class PartialStore:
             os.fsync(fh.fileno())
         faults.point("store.create.before_ledger")
         os.replace(tmp, paths.ledger)
-        _fsync_dir(paths.ledger.parent)
+        fsync_dir(paths.ledger.parent)
         return cls(paths, header, set())
 
     @classmethod
@@ -287,7 +280,7 @@ class PartialStore:
                              f"{block.shape}")
         offset = self.offsets[i]
         data = memoryview(block).cast("B")
-        digest = hashlib.sha256(data[: rows * self.n_neurons * DTYPE.itemsize]).hexdigest()
+        digest = rows_sha256(block[:rows])  # from the buffer as written: no re-read
         line = f"done {i} {digest}\n".encode()
         try:
             faults.point("store.block.write")
@@ -344,10 +337,10 @@ class PartialStore:
             if is_disk_full(exc):
                 raise disk_full(exc, f"activation store {str(final)!r}") from None
             raise
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         faults.point("store.finalize.after_rename")
         self.paths.ledger.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     def block_digests(self) -> list[str]:
@@ -390,6 +383,11 @@ class PartialStore:
         self.close()
 
 
+def rows_sha256(rows) -> str:
+    """sha256 of a block's rows as stored (fp16 bytes, C order): a ledger line's digest."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(rows)).cast("B")).hexdigest()
+
+
 def blocks_sha256(digests) -> str:
     """A store's content checksum: sha256 of its blocks' sha256 digests, in order."""
     return hashlib.sha256(b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
@@ -403,9 +401,7 @@ def verify_store_blocks(path, record: dict) -> list[str]:
         if st.n_blocks != len(digests) or st.block_tokens != record.get("block_tokens"):
             return [f"has {st.n_blocks} blocks of {st.block_tokens} rows, the checksum "
                     f"record {len(digests)} of {record.get('block_tokens')}"]
-        bad = [i for i in range(st.n_blocks)
-               if hashlib.sha256(np.ascontiguousarray(st.read_block(i)).data).hexdigest()
-               != digests[i]]
+        bad = [i for i in range(st.n_blocks) if st.block_sha256(i) != digests[i]]
     if bad:
         return [f"block(s) {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}"
                 f" of {len(digests)} differ from their recorded sha256"]
@@ -458,11 +454,20 @@ def open_store(path) -> "ActivationStore":
 
 
 class ActivationStore:
-    """A complete store, read-only. Speaks NumPy: .shape, .dtype; blocks are chunks.
+    """A complete store, read-only, in NumPy's vocabulary: rows are token positions
+    (the token set's valid positions in order), columns are neurons (layer * d_mlp + i).
 
-    Uncompressed stores never go through HDF5 after opening: blocks are views of one
-    read-only np.memmap of the file, so reads are thread-safe and free of HDF5's lock,
-    and the object pickles as its path. Compressed stores read through h5py.
+      store.shape, store.dtype, store.ndim, len(store)    (n_tokens, n_neurons), float16
+      store.chunks                                        (block_tokens, n_neurons)
+      store[i], store[i:j], store[i:j, cols]              a new array (as h5py slices)
+      np.asarray(store)                                   the whole store, in memory
+      store.read_block(i)                                 token block i (a chunk): zero-copy
+      store.block_sha256(i), store.recorded_block_sha256(i)   its checksum, now / recorded
+      store.release_rows(start, stop)                     unmap rows read (RSS stays flat)
+
+    Uncompressed stores (memory_mapped) never go through HDF5 after opening: blocks are
+    views of one read-only np.memmap of the file, so reads are thread-safe and free of
+    HDF5's lock, and the object pickles as its path. Compressed stores read through h5py.
     """
 
     def __init__(self, path):
@@ -470,55 +475,23 @@ class ActivationStore:
         self._mm = None
         self._h5 = None
         self._buf = None
+        self._sidecar = None
         self._open()
 
     def _fail(self, why: str) -> OocError:
         return OocError(f"activation store {str(self.path)!r} {why}; delete it and run "
                         "`ooc-universal extract` again")
 
+    # -- opening
     def _open(self) -> None:
-        p = self.path
-        if not p.exists():
-            partial = p.with_name(p.name + ".partial")
-            if partial.exists():
-                raise OocError(f"activation store {str(p)!r} is incomplete ({partial.name} "
-                               "exists); run the same `ooc-universal extract` again to finish it")
-            raise OocError(f"activation store {str(p)!r} does not exist; "
-                           "run `ooc-universal extract` first")
+        self._check_exists()
         try:
-            f = h5py.File(p, "r")
+            f = h5py.File(self.path, "r")
         except OSError as exc:
             raise self._fail(f"is not a readable HDF5 file (truncated or corrupt: {exc})") \
                 from None
         try:
-            if DATASET not in f:
-                raise self._fail(f"has no dataset {DATASET!r}")
-            ds = f[DATASET]
-            attrs = {k: plain_attr(v) for k, v in ds.attrs.items()}
-            missing = [k for k in REQUIRED_ATTRS if k not in attrs]
-            if missing:
-                raise self._fail(f"lacks attributes {missing}")
-            if attrs["layout_version"] != LAYOUT_VERSION:
-                raise OocError(f"activation store {str(p)!r} has layout_version "
-                               f"{attrs['layout_version']}, this toolkit reads "
-                               f"{LAYOUT_VERSION}; re-extract it with this version")
-            n_tokens, n_layers, d_mlp = (int(attrs[k]) for k in ("n_tokens", "n_layers", "d_mlp"))
-            bt = int(attrs["block_tokens"])
-            if ds.shape != (n_tokens, n_layers * d_mlp) or ds.dtype != DTYPE \
-                    or ds.chunks != (bt, n_layers * d_mlp):
-                raise self._fail(f"has dataset shape {ds.shape} {ds.dtype} chunks {ds.chunks}, "
-                                 f"attrs say ({n_tokens}, {n_layers * d_mlp}) float16 chunks "
-                                 f"({bt}, {n_layers * d_mlp})")
-            self.attrs = attrs
-            self.n_tokens, self.n_layers, self.d_mlp = n_tokens, n_layers, d_mlp
-            self.n_neurons = n_layers * d_mlp
-            self.block_tokens = bt
-            self.compressed = ds.id.get_create_plist().get_nfilters() > 0
-            if not self.compressed:
-                try:
-                    self._offsets = _chunk_offsets(ds, bt)
-                except (OocError, RuntimeError, ValueError) as exc:
-                    raise self._fail(f"has unallocated chunks ({exc})") from None
+            self._read_layout(f)
         except BaseException:
             f.close()
             raise
@@ -526,16 +499,66 @@ class ActivationStore:
             self._h5 = f
             return
         f.close()
+        self._map_file()
+
+    def _check_exists(self) -> None:
+        p = self.path
+        if p.exists():
+            return
+        partial = p.with_name(p.name + ".partial")
+        if partial.exists():
+            raise OocError(f"activation store {str(p)!r} is incomplete ({partial.name} "
+                           "exists); run the same `ooc-universal extract` again to finish it")
+        raise OocError(f"activation store {str(p)!r} does not exist; "
+                       "run `ooc-universal extract` first")
+
+    def _read_layout(self, f) -> None:
+        """Attributes, shape and chunking of the dataset, checked against each other."""
+        if DATASET not in f:
+            raise self._fail(f"has no dataset {DATASET!r}")
+        ds = f[DATASET]
+        attrs = self._checked_attrs(ds)
+        n_tokens, n_layers, d_mlp = (int(attrs[k]) for k in ("n_tokens", "n_layers", "d_mlp"))
+        bt, n_neurons = int(attrs["block_tokens"]), n_layers * d_mlp
+        if ds.shape != (n_tokens, n_neurons) or ds.dtype != DTYPE \
+                or ds.chunks != (bt, n_neurons):
+            raise self._fail(f"has dataset shape {ds.shape} {ds.dtype} chunks {ds.chunks}, "
+                             f"attrs say ({n_tokens}, {n_neurons}) float16 chunks "
+                             f"({bt}, {n_neurons})")
+        self.attrs = attrs
+        self.n_tokens, self.n_layers, self.d_mlp = n_tokens, n_layers, d_mlp
+        self.n_neurons = n_neurons
+        self.block_tokens = bt
+        self.compressed = ds.id.get_create_plist().get_nfilters() > 0
+        if not self.compressed:
+            try:
+                self._offsets = _chunk_offsets(ds, bt)
+            except (OocError, RuntimeError, ValueError) as exc:
+                raise self._fail(f"has unallocated chunks ({exc})") from None
+
+    def _checked_attrs(self, ds) -> dict:
+        attrs = {k: plain_attr(v) for k, v in ds.attrs.items()}
+        missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+        if missing:
+            raise self._fail(f"lacks attributes {missing}")
+        if attrs["layout_version"] != LAYOUT_VERSION:
+            raise OocError(f"activation store {str(self.path)!r} has layout_version "
+                           f"{attrs['layout_version']}, this toolkit reads "
+                           f"{LAYOUT_VERSION}; re-extract it with this version")
+        return attrs
+
+    def _map_file(self) -> None:
         need = max(self._offsets) + self._chunk_nbytes
-        size = p.stat().st_size
+        size = self.path.stat().st_size
         if size < need:
             raise self._fail(f"is truncated ({size} bytes, needs {need})")
-        self._mm = np.memmap(p, dtype=np.uint8, mode="r")
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
 
     @property
     def _chunk_nbytes(self) -> int:
         return self.block_tokens * self.n_neurons * DTYPE.itemsize
 
+    # -- NumPy's vocabulary
     @property
     def shape(self) -> tuple[int, int]:
         return (self.n_tokens, self.n_neurons)
@@ -545,13 +568,67 @@ class ActivationStore:
         return DTYPE
 
     @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """(rows, columns) of one chunk: a token block holds whole rows."""
+        return (self.block_tokens, self.n_neurons)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __getitem__(self, key) -> np.ndarray:
+        """store[i] (one row), store[i:j(:k)] (rows), store[rows, cols]: a new array."""
+        rows, cols = (key if isinstance(key, tuple) and len(key) == 2 else (key, None))
+        if isinstance(rows, (int, np.integer)):
+            out = self.read_rows(*self._row_range(int(rows)))[0]
+        elif isinstance(rows, slice):
+            out = self._read_slice(rows)
+        else:
+            raise TypeError(f"activation store rows take an integer or a slice, not "
+                            f"{type(rows).__name__}; read rows first, then index them")
+        return out if cols is None else out[..., cols]
+
+    def _row_range(self, i: int) -> tuple[int, int]:
+        j = i + self.n_tokens if i < 0 else i
+        if not 0 <= j < self.n_tokens:
+            raise IndexError(f"row {i} out of range for {self.n_tokens} rows")
+        return j, j + 1
+
+    def _read_slice(self, rows: slice) -> np.ndarray:
+        r = range(*rows.indices(self.n_tokens))
+        if len(r) == 0:
+            return np.empty((0, self.n_neurons), DTYPE)
+        if r.step == 1:
+            return self.read_rows(r.start, r.stop)
+        lo, hi = min(r), max(r) + 1
+        return self.read_rows(lo, hi)[np.asarray(r) - lo]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.read_rows(0, self.n_tokens)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    # -- token blocks (the chunks)
+    @property
     def n_blocks(self) -> int:
         return math.ceil(self.n_tokens / self.block_tokens)
+
+    @property
+    def memory_mapped(self) -> bool:
+        """True when read_block hands out zero-copy views of the file (uncompressed)."""
+        return self._mm is not None
 
     def block_bounds(self, i: int) -> tuple[int, int]:
         if not 0 <= i < self.n_blocks:
             raise IndexError(f"block {i} out of range 0..{self.n_blocks - 1}")
         return i * self.block_tokens, min(self.n_tokens, (i + 1) * self.block_tokens)
+
+    def block_offset(self, i: int) -> int | None:
+        """Byte offset of block i's first row in the file; None in a compressed store."""
+        self.block_bounds(i)
+        return None if self.compressed else self._offsets[i]
 
     def read_block(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows block_bounds(i) as float16 (rows, n_neurons).
@@ -563,9 +640,7 @@ class ActivationStore:
         start, stop = self.block_bounds(i)
         rows = stop - start
         if self._mm is not None:
-            off = self._offsets[i]
-            view = self._mm[off: off + rows * self.n_neurons * DTYPE.itemsize]
-            view = view.view(DTYPE).reshape(rows, self.n_neurons)
+            view = self._block_view(i, rows)
             if out is None:
                 return view
             out[...] = view
@@ -576,6 +651,24 @@ class ActivationStore:
             out = self._buf[:rows]
         self._h5[DATASET].read_direct(out, np.s_[start:stop], np.s_[0:rows])
         return out
+
+    def _block_view(self, i: int, rows: int) -> np.ndarray:
+        off = self._offsets[i]
+        view = self._mm[off: off + rows * self.n_neurons * DTYPE.itemsize]
+        return view.view(DTYPE).reshape(rows, self.n_neurons)
+
+    def block_sha256(self, i: int) -> str:
+        """sha256 of block i's rows as they are in the file now (reads the block)."""
+        return rows_sha256(self.read_block(i))
+
+    def recorded_block_sha256(self, i: int) -> str | None:
+        """The sha256 recorded for block i when the store was written (its .sha256
+        sidecar); None when the store has no block checksums."""
+        self.block_bounds(i)
+        if self._sidecar is None:
+            self._sidecar = read_sidecar(self.path) or {}
+        digests = self._sidecar.get("block_sha256") or []
+        return digests[i] if len(digests) == self.n_blocks else None
 
     def release_rows(self, start: int, stop: int) -> None:
         """Drop rows [start, stop) from this process's resident set (uncompressed stores).
@@ -617,6 +710,7 @@ class ActivationStore:
             start, stop = self.block_bounds(i)
             yield start, stop, self.read_block(i)
 
+    # -- lifetime
     def close(self) -> None:
         self._mm = None  # views handed out keep the mapping alive until they go
         if self._h5 is not None:
@@ -646,3 +740,21 @@ def check_store_matches(path, expected: dict) -> None:
         raise StaleInputError(
             f"activation store {str(path)!r} was made from other inputs ({'; '.join(bad)}); "
             "it is never appended to: delete it or use another --run-dir")
+
+
+def ledger_progress(ledger) -> tuple[int | None, int | None, dict]:
+    """(blocks done, blocks in all, header) of a partial store's ledger, read only (for
+    `status`; a torn last line is ignored, as resume ignores it)."""
+    try:
+        raw = Path(ledger).read_bytes()
+    except OSError:
+        return None, None, {}
+    lines = raw[: raw.rfind(b"\n") + 1].decode(errors="replace").splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, ValueError):
+        return 0, None, {}
+    n = len(header.get("chunk_offsets", []))
+    done = {int(w[1]) for w in (ln.split(" ") for ln in lines[1:])
+            if len(w) >= 2 and w[0] == "done" and w[1].isdigit() and int(w[1]) < n}
+    return len(done), n, header

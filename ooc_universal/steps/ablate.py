@@ -2,21 +2,23 @@
 
 Conventions (the README and `ooc-universal ablate --help` repeat them):
 
-- Intervention. Zero-ablation sets a neuron's post-GELU activation (the input of the
-  MLP output projection, `models.mlp_out_proj`) to 0, so its row of the projection
-  (GPT-2 Conv1D `c_proj.weight[neuron, :]`, layout (d_mlp, d_model)) contributes
-  nothing; the projection's bias stays. Mean-ablation (`mode="mean"`) sets it to the
-  neuron's mean activation over the correlation tokens (`ref/mean` of the reduced
-  statistics) instead. A forward pre-hook on the projection does either.
+- Intervention. A neuron is an input of a layer's MLP output projection
+  (`models.mlp_out_proj`, the same site in every family of models.FAMILIES: GPT-2's
+  post-GELU input of `c_proj`, Pythia's of `dense_4h_to_h`, OLMo's and Llama's
+  act(gate) * up input of `down_proj`). Zero-ablation sets it to 0, so its row of the
+  projection (GPT-2 Conv1D `c_proj.weight[neuron, :]`; nn.Linear `weight[:, neuron]`)
+  contributes nothing; the projection's bias stays. Mean-ablation (`mode="mean"`) sets
+  it to the neuron's mean activation over the correlation tokens (`ref/mean` of the
+  reduced statistics) instead. A forward pre-hook on the projection does either.
 - Positions. Position t of a window predicts the token at t+1. The evaluated positions
   T are those with `valid[t]` true and a next token inside the window (so the last
   column never counts). `valid` is the token set's mask: BOS/pad and newline positions
   are already False there; the step also drops a position whose next token is the
   trailing padding of a short last window.
 - KL = (1/|T|) sum_{t in T} sum_x P_t(x) log(P_t(x) / Q_t(x)), P = original model,
-  Q = ablated model (KL(P_original || Q_ablated)), from float64 log_softmax of the
-  logits. delta loss = CE(ablated) - CE(original), the mean over T of
-  -log Q_t(next token) + log P_t(next token).
+  Q = ablated model (KL(P_original || Q_ablated)), in float64 from the logits
+  (log Q = logits - logsumexp(logits)). delta loss = CE(ablated) - CE(original), the
+  mean over T of -log Q_t(next token) + log P_t(next token).
 - Standard errors are over sequences: each window's mean over its positions in T, then
   std (ddof=1) / sqrt(number of windows with at least one position).
 - Controls are drawn (numpy Generator, seeded from `seed` and the set's identity) from
@@ -24,15 +26,22 @@ Conventions (the README and `ooc-universal ablate --help` repeat them):
   and threshold, with the universal set's count in every layer. With K draws the
   summary row gives the mean over draws and a 95% t-interval of that mean.
 
-Efficiency: per batch of windows the original model runs once, keeping its float64
-log-probabilities at T and the residual stream entering each block that some set
-needs. An ablation whose lowest layer is l restarts from block l's cached input and
-runs blocks l..L-1, the final layer norm and the LM head (on T's rows only). Identical
-neuron sets are evaluated once; empty sets are exactly 0 and cost nothing.
+Efficiency (the cached prefix): per batch of windows the original model runs once,
+keeping its float64 probabilities at T and the residual stream entering each decoder
+layer where some set starts. An ablation whose lowest layer is l restarts from layer
+l's cached input with the very arguments the model gave that layer, and runs layers
+l..L-1, the final norm and the LM head (on T's rows only): every set of the batch reuses
+the one original pass. Several sets of one starting layer can run stacked along the
+batch dimension (`sets_per_pass`); looping them over the one prefix is the faster on a
+CPU (bench/bench_ablate.py). Identical neuron sets are evaluated once; empty sets are
+exactly 0 and cost nothing. `ablation_plan` projects the FLOPs and time for the dry run.
+
+Files: the sets through formats/sets.py, the eval windows through formats/tokens.py, the
+reference models' identity and means through formats/reduced.py; RUN/ablate/ (results
+and the per-model parts) through formats/ablation.py.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -46,22 +55,31 @@ import numpy as np
 import torch
 
 from ooc_universal import __version__
+from ooc_universal.config import AblateConfig, ComputeConfig
+from ooc_universal.devices import resolve_device
 from ooc_universal.errors import OocError
-from ooc_universal.rundir import atomic_path, config_hash, step_dir, write_json_atomic
-from ooc_universal.formats.store import plain_attr as _plain
+from ooc_universal.formats.ablation import (AblationFile, AblationPart, part_path, read_part,
+                                            write_ablation, write_part)
+from ooc_universal.formats.reduced import list_reduced, open_reduced, read_attrs
+from ooc_universal.formats.sets import UniversalSet, as_sets, read_sets
+from ooc_universal.formats.tokens import load_token_set
+from ooc_universal.models import (base_model, decoder_layers, family_of_config, mlp_out_proj,
+                                  mlp_shape)
+from ooc_universal.rundir import config_hash, step_dir
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
 
 CONVENTIONS = (
-    "Zero-ablation sets a neuron's post-GELU MLP activation to 0 (its output-projection row "
-    "contributes nothing; the bias stays); mean-ablation sets it to its mean over the "
-    "correlation tokens. Position t predicts token t+1; T = positions with valid[t] and a "
-    "next token in the window. KL = KL(P_original || Q_ablated) averaged over T, from "
-    "float64 log_softmax; delta_loss = CE(ablated) - CE(original) on the true next tokens. "
-    "*_se: standard error over sequences (per-window means, std/sqrt(n_windows)). Control "
-    "rows: mean over draws of non-universal neurons matched per layer, *_ci_low/high = 95% "
-    "t-interval of that mean over draws.")
+    "Zero-ablation sets a neuron (an input of the MLP output projection; GPT-2: the "
+    "post-GELU activation) to 0 (its output-projection row contributes nothing; the bias "
+    "stays); mean-ablation sets it to its mean over the correlation tokens. Position t "
+    "predicts token t+1; T = positions with valid[t] and a next token in the window. "
+    "KL = KL(P_original || Q_ablated) averaged over T, in float64 from the logits; "
+    "delta_loss = CE(ablated) - CE(original) on the true next tokens. *_se: standard error "
+    "over sequences (per-window means, std/sqrt(n_windows)). Control rows: mean over draws "
+    "of non-universal neurons matched per layer, *_ci_low/high = 95% t-interval of that "
+    "mean over draws.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,69 +105,54 @@ class AblationSet:
         return int(self.neurons.size)
 
 
-def ablation_sets(sets_json, n_layers=None, d_mlp=None, control_draws=5, seed=0,
+def ablation_sets(sets, n_layers=None, d_mlp=None, control_draws=5, seed=0,
                   include_all_non_universal=False, layerwise=True) -> list[AblationSet]:
     """The ablation sets of the universal step's records.
 
-    `sets_json`: a path to sets.json, its parsed dict, a list of its records, or one
-    record. Per record: the universal set over all layers; `control_draws` controls
-    matched to it per layer; optionally every non-universal neuron; and, with
-    `layerwise`, each layer's universal neurons alone with controls from that layer
-    (every layer, also those with no universal neuron: their sets are empty).
-    `n_layers`/`d_mlp` default to the record's own and must agree with it when given.
-    Raises OocError when a layer has fewer non-universal than universal neurons.
+    `sets`: anything formats.sets.as_sets takes (a SetsFile, a path to sets.json, its
+    parsed dict, a list of records, or one record). Per record: the universal set over
+    all layers; `control_draws` controls matched to it per layer; optionally every
+    non-universal neuron; and, with `layerwise`, each layer's universal neurons alone
+    with controls from that layer (every layer, also those with no universal neuron:
+    their sets are empty). `n_layers`/`d_mlp` default to the record's own and must agree
+    with it when given. Raises OocError when a layer has fewer non-universal than
+    universal neurons.
     """
-    records = _records_of(sets_json)
     if control_draws < 0:
         raise ValueError(f"control_draws must be >= 0, got {control_draws}")
     out = []
-    for rec in records:
+    for rec in as_sets(sets):
         out.extend(_sets_of_record(rec, n_layers, d_mlp, int(control_draws), int(seed),
                                    include_all_non_universal, layerwise))
     return out
 
 
-def _records_of(sets_json) -> list[dict]:
-    if isinstance(sets_json, (str, Path)):
-        sets_json = json.loads(Path(sets_json).read_text())
-    if isinstance(sets_json, dict) and "sets" in sets_json:
-        return list(sets_json["sets"])
-    if isinstance(sets_json, dict):
-        return [sets_json]
-    return list(sets_json)
-
-
-def _record_dims(rec, n_layers, d_mlp) -> tuple[int, int]:
-    nl = rec.get("n_layers", n_layers)
-    dm = rec.get("d_mlp", d_mlp)
+def _record_dims(rec: UniversalSet, n_layers, d_mlp) -> tuple[int, int]:
+    nl = n_layers if rec.n_layers is None else rec.n_layers
+    dm = d_mlp if rec.d_mlp is None else rec.d_mlp
     for name, given, own in (("n_layers", n_layers, nl), ("d_mlp", d_mlp, dm)):
         if own is None:
-            raise OocError(f"sets.json record {_record_id(rec)} has no {name}; pass {name}=")
+            raise OocError(f"sets.json record {rec.describe()} has no {name}; pass {name}=")
         if given is not None and int(given) != int(own):
-            raise OocError(f"sets.json record {_record_id(rec)} has {name}={own}, the model "
+            raise OocError(f"sets.json record {rec.describe()} has {name}={own}, the model "
                            f"has {given}; is --model pointing at the wrong model?")
     return int(nl), int(dm)
 
 
-def _record_id(rec) -> str:
-    return (f"(reference {rec.get('reference')!r}, other {rec.get('other')!r}, checkpoint "
-            f"{rec.get('checkpoint')!r}, threshold {rec.get('threshold')!r})")
-
-
-def _sets_of_record(rec, n_layers, d_mlp, draws, seed, all_non_universal, layerwise):
+def _sets_of_record(rec: UniversalSet, n_layers, d_mlp, draws, seed, all_non_universal,
+                    layerwise):
     nl, dm = _record_dims(rec, n_layers, d_mlp)
-    uni = np.unique(np.asarray(rec.get("neurons", []), dtype=np.int64))
+    uni = np.unique(rec.neurons)
     if uni.size and (uni[0] < 0 or uni[-1] >= nl * dm):
-        raise OocError(f"sets.json record {_record_id(rec)} has neuron index {int(uni[-1])} "
+        raise OocError(f"sets.json record {rec.describe()} has neuron index {int(uni[-1])} "
                        f"outside 0..{nl * dm - 1} (n_layers {nl} x d_mlp {dm}); "
                        "re-run `ooc-universal universal`")
     is_uni = np.zeros(nl * dm, dtype=bool)
     is_uni[uni] = True
     pools = [np.flatnonzero(~is_uni[l * dm:(l + 1) * dm]) + l * dm for l in range(nl)]
     counts = np.bincount(uni // dm, minlength=nl)
-    ident = dict(reference=rec.get("reference"), other=rec.get("other"),
-                 checkpoint=rec.get("checkpoint"), threshold=rec.get("threshold"),
-                 definition=rec.get("definition"))
+    ident = dict(reference=rec.reference, other=rec.other, checkpoint=rec.checkpoint,
+                 threshold=rec.threshold, definition=rec.definition)
 
     def make(kind, layer, draw, neurons):
         name = (f"{ident['reference']}@{ident['checkpoint']} vs {ident['other']} "
@@ -163,7 +166,7 @@ def _sets_of_record(rec, n_layers, d_mlp, draws, seed, all_non_universal, layerw
             need, pool = int(counts[l]), pools[l]
             if need > pool.size:
                 raise OocError(
-                    f"cannot draw a matched control for {_record_id(rec)}: layer {l} has "
+                    f"cannot draw a matched control for {rec.describe()}: layer {l} has "
                     f"{need} universal neurons but only {pool.size} non-universal ones; use "
                     "a higher threshold, or --control-draws 0 to skip controls")
             picks.append(rng.choice(pool, size=need, replace=False) if need else pool[:0])
@@ -192,23 +195,39 @@ def _rng(seed, ident, layer_key, draw) -> np.random.Generator:
 # ---------------------------------------------------------------------------------------
 # Forward passes: original once per batch, ablations restarted from the cached residual
 
+# The norm between the last decoder layer and the LM head, an attribute of the base model
+# (models.FAMILIES names the layers and the output projection; this completes the path).
+_FINAL_NORM = {"gpt2": "ln_f", "gpt-neox": "final_layer_norm", "olmo": "norm",
+               "llama": "norm"}
+
+
+def final_norm(model):
+    """The norm the base model applies after its last layer; None when the family's is
+    not known (then every ablation runs the whole model)."""
+    family = family_of_config(getattr(model, "config", None))
+    name = _FINAL_NORM.get(family.name) if family is not None else None
+    return getattr(base_model(model), name, None) if name else None
+
 
 class _Runner:
-    """Original forward with cached block inputs; ablated forwards restarted from them.
+    """Original forward with cached layer inputs; ablated forwards restarted from them.
 
-    GPT-2 layout (`model.transformer.h`, `.ln_f`, `model.lm_head`): each block is called
-    with the very arguments (mask, position ids) the model passed it in the original
-    run, so a restart computes exactly what a full forward computes. Other layouts fall
-    back to a full forward for every ablation.
+    Any family of models.FAMILIES: the decoder layers come from `decoder_layers`, and each
+    is called with the very arguments (mask, position ids, rotary embeddings) the base
+    model passed it in the original run, so a restart computes exactly what a full
+    forward computes; then the final norm and the output embeddings (the LM head). A
+    restart can carry `copies` stacked copies of the batch (one per ablation set, the
+    hooks tell them apart). A model whose final norm is not known falls back to a full
+    forward for every ablation.
     """
 
     def __init__(self, model):
         self.model = model
-        tr = getattr(model, "transformer", None)
-        self.blocks = getattr(tr, "h", None)
-        self.ln_f = getattr(tr, "ln_f", None)
-        self.lm_head = getattr(model, "lm_head", None)
-        self.restartable = None not in (self.blocks, self.ln_f, self.lm_head)
+        self.base = base_model(model)
+        self.blocks = decoder_layers(model)
+        self.norm = final_norm(model)
+        self.lm_head = model.get_output_embeddings()
+        self.restartable = self.norm is not None and self.lm_head is not None
 
     def original(self, ids, cache_layers):
         """(hidden at the head's input (B, W, d) or logits, cache for restarts)."""
@@ -225,39 +244,52 @@ class _Runner:
         try:
             for i, block in enumerate(self.blocks):
                 handles.append(block.register_forward_pre_hook(capture(i), with_kwargs=True))
-            out = self.model.transformer(ids, use_cache=False).last_hidden_state
+            out = self.base(ids, use_cache=False).last_hidden_state
         finally:
             for h in handles:
                 h.remove()
         return out, cache
 
-    def ablated(self, ids, layer, cache):
-        """Hidden at the head's input (or logits) with whatever ablation hooks are on."""
+    def ablated(self, ids, layer, cache, copies=1):
+        """Hidden at the head's input, (copies * B, W, d) (or logits), with whatever
+        ablation hooks are on; rows k * B .. (k + 1) * B - 1 are copy k."""
         if not self.restartable:
-            return self.model(ids, use_cache=False).logits
-        h = cache[layer][0]
+            return self.model(ids.repeat(copies, 1), use_cache=False).logits
+        batch, tiled = ids.shape[0], {}
+        h = _tile(cache[layer][0], batch, copies, tiled)
         for i in range(layer, len(self.blocks)):
             _, args, kwargs = cache[i]
-            h = self.blocks[i](h, *args, **kwargs)
+            h = self.blocks[i](h, *_tile(args, batch, copies, tiled),
+                               **_tile(kwargs, batch, copies, tiled))
             h = h[0] if isinstance(h, tuple) else h
-        return self.ln_f(h)
+        return self.norm(h)
 
     def head(self, rows_hidden):
         return self.lm_head(rows_hidden) if self.restartable else rows_hidden
 
 
-def _proj(model, layer):
-    from ooc_universal.models import mlp_out_proj
-    return mlp_out_proj(model, layer)
+def _tile(value, batch, copies, memo):
+    """`value` (a layer argument) with every tensor of leading size `batch` repeated
+    `copies` times along dim 0; broadcast tensors (leading size 1) stay as they are.
+    `memo` keeps one copy of a tensor that several layers share (the mask)."""
+    if copies == 1:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] != batch:
+            return value
+        if id(value) not in memo:
+            memo[id(value)] = value.repeat(copies, *([1] * (value.dim() - 1)))
+        return memo[id(value)]
+    if isinstance(value, dict):
+        return {k: _tile(v, batch, copies, memo) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, batch, copies, memo) for v in value)
+    return value
 
 
 def model_dims(model) -> tuple[int, int]:
-    """(n_layers, d_mlp) of a GPT-2-family model, read from its modules."""
-    cfg = model.config
-    n_layers = int(getattr(cfg, "n_layer", None) or cfg.num_hidden_layers)
-    proj = _proj(model, 0)
-    d_mlp = getattr(proj, "nx", None) or proj.in_features
-    return n_layers, int(d_mlp)
+    """(n_layers, d_mlp) of a model of a known family, from its config."""
+    return mlp_shape(model.config)
 
 
 @contextmanager
@@ -266,35 +298,45 @@ def ablation_hooks(model, neurons, d_mlp, mode="zero", means=None):
 
     `neurons`: flat indices; `means` ((n_layers * d_mlp,) array) is required for
     mode "mean". The hook replaces the chosen columns of the projection's input
-    (the post-GELU activations) by 0 or by their means.
+    (the neurons) by 0 or by their means.
     """
-    neurons = np.asarray(neurons, dtype=np.int64)
+    with stacked_ablation_hooks(model, [neurons], d_mlp, mode, means):
+        yield
+
+
+@contextmanager
+def stacked_ablation_hooks(model, neuron_sets, d_mlp, mode="zero", means=None):
+    """`ablation_hooks` for len(neuron_sets) sets at once: the projection's input holds
+    that many stacked copies of the batch along dim 0, and copy k gets set k's columns
+    replaced (a layer that set k does not touch passes through copy k unchanged)."""
+    sets = [np.asarray(n, dtype=np.int64) for n in neuron_sets]
+    touched = np.unique(np.concatenate(sets) // d_mlp) if sets else np.zeros(0, np.int64)
     handles = []
     try:
-        for layer in np.unique(neurons // d_mlp):
-            cols = neurons[neurons // d_mlp == layer] - layer * d_mlp
-            proj = _proj(model, int(layer))
+        for layer in map(int, touched):
+            proj = mlp_out_proj(model, layer)
             dev = next(proj.parameters()).device
-            idx = torch.as_tensor(cols, device=dev)
-            vals = None
-            if mode == "mean":
-                vals = torch.as_tensor(np.asarray(means, dtype=np.float64)[cols + layer * d_mlp],
-                                       device=dev)
-            handles.append(proj.register_forward_pre_hook(_column_hook(idx, vals)))
+            drop = torch.zeros(len(sets), d_mlp, dtype=torch.bool)
+            for k, s in enumerate(sets):
+                drop[k, torch.as_tensor(s[s // d_mlp == layer] - layer * d_mlp)] = True
+            fill = None if mode == "zero" else torch.as_tensor(
+                np.asarray(means, dtype=np.float64)[layer * d_mlp:(layer + 1) * d_mlp])
+            handles.append(proj.register_forward_pre_hook(
+                _column_hook(drop.to(dev), None if fill is None else fill.to(dev))))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _column_hook(idx, vals):
+def _column_hook(drop, fill):
+    """Pre-hook: in copy k of the input, the columns drop[k] become 0 or fill's values."""
     def hook(module, args):
         x = args[0]
-        if vals is None:
-            x = x.index_fill(-1, idx, 0.0)
-        else:
-            x = x.clone()
-            x[..., idx] = vals.to(x.dtype)
+        stacked = x.reshape(drop.shape[0], -1, x.shape[-1])
+        value = (torch.zeros((), dtype=x.dtype, device=x.device) if fill is None
+                 else fill.to(x.dtype))
+        x = torch.where(drop[:, None, :], value, stacked).reshape(x.shape)
         return (x,) + tuple(args[1:])
     return hook
 
@@ -330,20 +372,7 @@ def target_mask(valid) -> np.ndarray:
     return mask
 
 
-def resolve_device(device="auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OocError(f"--device {device!r} is not a torch device; use auto, cpu, cuda "
-                       "or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OocError(f"--device {device!r}: no CUDA GPU is visible; use --device cpu")
-    return dev
-
-
-def auto_batch_size(window, vocab, n_layers, d_model, d_mlp, device) -> int:
+def auto_batch_size(window, vocab, n_layers, d_model, d_mlp, device, sets_per_pass=1) -> int:
     """Windows per batch so the per-batch tensors fit a budget (CPU 1 GB, GPU 1/4 free)."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -352,20 +381,26 @@ def auto_batch_size(window, vocab, n_layers, d_model, d_mlp, device) -> int:
     else:
         budget = 1 << 30
     # float64 log P and float32 logits at every position, the cached residual of every
-    # block, one block's MLP activations and attention scores, with room for temporaries.
-    per_window = window * (vocab * 12 + (n_layers + 4) * d_model * 4 + 2 * d_mlp * 4)
-    per_window += 4 * window * window * 4
+    # block, and per stacked set its residual, one block's MLP activations and attention
+    # scores, with room for temporaries.
+    per_set = window * (4 * d_model * 4 + 2 * d_mlp * 4) + 4 * window * window * 4
+    per_window = window * (vocab * 12 + n_layers * d_model * 4) + sets_per_pass * per_set
     return max(1, int(budget // (2 * per_window)))
 
 
 def evaluate_ablations(model, sets, input_ids, valid, batch_size=None, mode="zero",
-                       means=None, device="auto", progress=False) -> list[AblationResult]:
+                       means=None, device="auto", progress=False,
+                       sets_per_pass=1) -> list[AblationResult]:
     """KL(P_original || Q_ablated) and delta loss of each set, over positions T.
 
     `input_ids`, `valid`: (n_windows, window) arrays (the token set's eval split); T as
     in `target_mask`. `device="auto"` keeps the model where it is; another device moves
     it there. Memory is bounded by `batch_size` windows (default: `auto_batch_size`).
-    Results come back in the order of `sets`.
+    Per batch the original runs once (its log-probabilities and the residual entering
+    every layer where some set starts are kept); each set restarts from the residual
+    at its lowest ablated layer. `sets_per_pass` sets with the same lowest layer run
+    stacked along the batch dimension in one restart (1: one set per restart, the
+    faster on a CPU, bench/bench_ablate.py). Results come back in the order of `sets`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -384,20 +419,13 @@ def evaluate_ablations(model, sets, input_ids, valid, batch_size=None, mode="zer
         raise ValueError(f"input_ids {input_ids.shape} and valid {tmask.shape} differ in shape")
     n_win, window = input_ids.shape
     if batch_size is None:
-        d_model = int(model.config.n_embd if hasattr(model.config, "n_embd")
-                      else model.config.hidden_size)
         batch_size = auto_batch_size(window, int(model.config.vocab_size), n_layers,
-                                     d_model, d_mlp, dev)
+                                     int(model.config.hidden_size), d_mlp, dev,
+                                     sets_per_pass)
 
-    # Identical neuron sets are evaluated once; empty ones not at all.
-    uniq, which = {}, []
-    for s in sets:
-        key = np.asarray(s.neurons, dtype=np.int64).tobytes()
-        which.append(uniq.setdefault(key, len(uniq)))
-    uneurons = [np.frombuffer(k, dtype=np.int64) for k in uniq]
-    start_layer = [int(n.min() // d_mlp) if n.size else None for n in uneurons]
-    cache_layers = sorted({l for l in start_layer if l is not None})
-
+    uneurons, which = _distinct(sets)
+    passes = restart_passes(uneurons, d_mlp, sets_per_pass)
+    cache_layers = sorted({layer for layer, _ in passes})
     kl_sum = np.zeros((len(uneurons), n_win))
     dl_sum = np.zeros((len(uneurons), n_win))
     count = tmask.sum(axis=1)
@@ -417,37 +445,93 @@ def evaluate_ablations(model, sets, input_ids, valid, batch_size=None, mode="zer
             win = np.flatnonzero(m) // window + start
             targets = ids.reshape(-1)[rows + 1]
             hid, cache = runner.original(ids, cache_layers)
-            lp = torch.log_softmax(_rows(runner, hid, rows).double(), dim=-1)
-            ce_o = (-lp.gather(1, targets[:, None])[:, 0]).cpu().numpy()
-            for u, neurons in enumerate(uneurons):
-                if start_layer[u] is None:
-                    continue
-                with ablation_hooks(model, neurons, d_mlp, mode, means):
-                    hid_a = runner.ablated(ids, start_layer[u], cache)
-                kl_rows, ce_a = _kl_ce(runner, hid_a, rows, lp, targets)
-                np.add.at(kl_sum[u], win, kl_rows)
-                np.add.at(dl_sum[u], win, ce_a - ce_o)
-            del hid, cache, lp
+            orig = _original_terms(runner, hid, rows, targets, model.config.vocab_size)
+            for layer, us in passes:
+                with stacked_ablation_hooks(model, [uneurons[u] for u in us], d_mlp, mode,
+                                            means):
+                    hid_a = runner.ablated(ids, layer, cache, copies=len(us))
+                for u, copy in zip(us, hid_a.reshape(len(us), -1, hid_a.shape[-1])):
+                    kl_rows, ce_a = _kl_ce(runner, copy, rows, orig, targets)
+                    np.add.at(kl_sum[u], win, kl_rows)
+                    np.add.at(dl_sum[u], win, ce_a - orig.ce)
+                del hid_a
+            del hid, cache, orig
 
     return [_result(s, kl_sum[u], dl_sum[u], count) for s, u in zip(sets, which, strict=True)]
 
 
-def _rows(runner, hid, rows):
-    return runner.head(hid.reshape(-1, hid.shape[-1])[rows])
+def _distinct(sets) -> tuple[list[np.ndarray], list[int]]:
+    """(the distinct neuron sets, which of them each set is): identical sets run once."""
+    uniq, which = {}, []
+    for s in sets:
+        key = np.asarray(s.neurons, dtype=np.int64).tobytes()
+        which.append(uniq.setdefault(key, len(uniq)))
+    return [np.frombuffer(k, dtype=np.int64) for k in uniq], which
 
 
-def _kl_ce(runner, hid_a, rows, lp, targets, chunk_elems=1 << 24):
-    """Per-row KL(P || Q) and CE of Q on the targets, float64, in chunks of rows."""
-    step = max(1, chunk_elems // lp.shape[1])
+def restart_passes(neuron_sets, d_mlp, sets_per_pass=1) -> list[tuple[int, list[int]]]:
+    """The restarts of one batch: (layer, indices of the sets stacked in it), at most
+    `sets_per_pass` sets each, all starting at their lowest ablated layer; empty sets
+    are exactly 0 and get none."""
+    if sets_per_pass < 1:
+        raise ValueError(f"sets_per_pass must be >= 1, got {sets_per_pass}")
+    by_layer = defaultdict(list)
+    for u, neurons in enumerate(neuron_sets):
+        if len(neurons):
+            by_layer[int(np.min(neurons)) // d_mlp].append(u)
+    return [(layer, us[i:i + sets_per_pass]) for layer, us in sorted(by_layer.items())
+            for i in range(0, len(us), sets_per_pass)]
+
+
+@dataclass
+class _Original:
+    """The original model's float64 terms on one batch's evaluated rows (row chunks as
+    `_row_chunks` cuts them, so an ablation that changes nothing gives exactly 0)."""
+    p: torch.Tensor        # (rows, vocab) P
+    mass: torch.Tensor     # (rows,) sum_x P(x), 1 up to rounding
+    cross: torch.Tensor    # (rows,) sum_x P(x) log P(x)
+    ce: np.ndarray         # (rows,) -log P(next token)
+
+
+def _row_chunks(n_rows, vocab, chunk_elems=1 << 24) -> list[slice]:
+    step = max(1, chunk_elems // max(int(vocab), 1))
+    return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
+def _log_terms(logits, p, mass, targets):
+    """(sum_x P(x) log Q(x), -log Q(target)) per row, Q = softmax(logits), in float64.
+
+    log Q = logits - logsumexp(logits), so sum_x P log Q = P . logits - logsumexp * mass:
+    one log-sum-exp and one dot product per row, no log-softmax written out (the float64
+    pass is the dearest part of an ablation on a large vocabulary). Logits are finite."""
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=-1)
+    dot = torch.bmm(p[:, None, :], x[:, :, None])[:, 0, 0]
+    return dot - lse * mass, lse - x.gather(1, targets[:, None])[:, 0]
+
+
+def _original_terms(runner, hid, rows, targets, vocab) -> _Original:
+    flat = hid.reshape(-1, hid.shape[-1])
+    parts = []
+    for c in _row_chunks(rows.numel(), vocab):
+        logits = runner.head(flat[rows[c]])
+        x = logits.double()
+        p = torch.exp(x - torch.logsumexp(x, dim=-1, keepdim=True))
+        mass = p.sum(-1)
+        parts.append((p, mass, *_log_terms(logits, p, mass, targets[c])))
+    p, mass, cross, ce = (torch.cat(t) for t in zip(*parts))
+    return _Original(p, mass, cross, ce.cpu().numpy())
+
+
+def _kl_ce(runner, hid_a, rows, orig: _Original, targets):
+    """Per-row KL(P || Q) = sum P log P - sum P log Q and CE of Q on the targets."""
     flat = hid_a.reshape(-1, hid_a.shape[-1])
     kls, ces = [], []
-    for a in range(0, rows.numel(), step):
-        b = min(a + step, rows.numel())
-        lq = torch.log_softmax(runner.head(flat[rows[a:b]]).double(), dim=-1)
-        lp_c = lp[a:b]
-        p = lp_c.exp()
-        kls.append(torch.where(p > 0, p * (lp_c - lq), 0.0).sum(-1))
-        ces.append(-lq.gather(1, targets[a:b, None])[:, 0])
+    for c in _row_chunks(rows.numel(), orig.p.shape[1]):
+        cross_q, ce = _log_terms(runner.head(flat[rows[c]]), orig.p[c], orig.mass[c],
+                                 targets[c])
+        kls.append(orig.cross[c] - cross_q)
+        ces.append(ce)
     return torch.cat(kls).cpu().numpy(), torch.cat(ces).cpu().numpy()
 
 
@@ -483,16 +567,109 @@ def t975(df: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------
+# Plan: the ablation's FLOPs and time, for the dry run
+
+
+def layer_flops_per_token(d_model, d_mlp, window, gated=False) -> float:
+    """Forward FLOPs of one decoder layer per token: the four attention projections, the
+    MLP (two matrices, three when gated: OLMo, Llama) and the attention scores and
+    values over the causal half of the window on average."""
+    projections = 2 * 4 * d_model * d_model
+    mlp = 2 * (3 if gated else 2) * d_model * d_mlp
+    scores = 2 * 2 * (window / 2) * d_model
+    return float(projections + mlp + scores)
+
+
+def planned_first_layers(n_records, n_layers, control_draws, layerwise=True,
+                         all_non_universal=False, first_layer=0) -> list[int]:
+    """The lowest ablated layer of every set that `ablation_sets` makes from `n_records`
+    records, before the records exist: a set over all layers is taken to start at
+    `first_layer` (0: the universal neurons reach the first layer), layer l's sets at l.
+    (Empty layer-wise sets, which cost nothing, are counted as full ones.)"""
+    per_set = 1 + int(control_draws)
+    firsts = [first_layer] * per_set + ([first_layer] if all_non_universal else [])
+    if layerwise:
+        firsts += [layer for layer in range(n_layers) for _ in range(per_set)]
+    return firsts * int(n_records)
+
+
+def ablation_plan(n_layers, d_model, d_mlp, vocab, window, n_eval_tokens,
+                  sets_first_layers, rate_flops, *, gated=False,
+                  kl_elements_per_s=None) -> dict:
+    """Work and time of ablating one model: every set of `sets_first_layers` (each set's
+    lowest ablated layer) over `n_eval_tokens` evaluated positions.
+
+    The blocks run over whole windows (ceil(n_eval_tokens / (window - 1)) of them), the
+    LM head only on the evaluated rows. The original runs once per batch; a set whose
+    lowest layer is l runs layers l..L-1 and the head (the cached prefix). The previous
+    way ("naive": a full forward per set, head on every position) is given for
+    comparison. `rate_flops`: the forward's FLOP/s on the device (measured, e.g. tokens/s
+    of a forward times n_layers * layer_flops_per_token(...) at its window). The float64
+    log-softmax, KL and CE are memory-bound, so they are timed apart, at
+    `kl_elements_per_s` (measure_kl_rate; None leaves them out of the time).
+    """
+    n_windows = math.ceil(int(n_eval_tokens) / max(int(window) - 1, 1))
+    positions = n_windows * int(window)                 # what the blocks run over
+    layer = layer_flops_per_token(d_model, d_mlp, window, gated)
+    head = 2.0 * d_model * vocab
+    firsts = [int(f) for f in sets_first_layers]
+    if any(not 0 <= f < n_layers for f in firsts):
+        raise ValueError(f"sets_first_layers must lie in 0..{n_layers - 1}")
+    original = positions * n_layers * layer + n_eval_tokens * head
+    ablated = positions * layer * sum(n_layers - f for f in firsts) \
+        + len(firsts) * n_eval_tokens * head
+    naive = (1 + len(firsts)) * positions * (n_layers * layer + head)
+    kl_elements = (1 + len(firsts)) * float(n_eval_tokens) * vocab
+    seconds_forward = (original + ablated) / float(rate_flops)
+    seconds_kl = kl_elements / float(kl_elements_per_s) if kl_elements_per_s else None
+    return dict(
+        n_sets=len(firsts), n_eval_tokens=int(n_eval_tokens), n_windows=n_windows,
+        positions=positions, layer_flops_per_token=layer, head_flops_per_token=head,
+        flops_original=original, flops_ablated=ablated, flops=original + ablated,
+        flops_naive=naive, speedup_over_naive=naive / (original + ablated),
+        kl_elements=kl_elements, rate_flops=float(rate_flops),
+        kl_elements_per_s=kl_elements_per_s, seconds_forward=seconds_forward,
+        seconds_kl=seconds_kl, seconds=seconds_forward + (seconds_kl or 0.0))
+
+
+def describe_ablation_plan(plan: dict) -> str:
+    """The plan in one line, as the dry run prints it."""
+    from ooc_universal.plan import _hms
+    kl = (f" + float64 KL {_hms(plan['seconds_kl'])} at {plan['kl_elements_per_s']:.3g} "
+          "elements/s" if plan["seconds_kl"] is not None else "")
+    return (f"{plan['n_sets']} sets x {plan['n_eval_tokens']:,} tokens: {plan['flops']:.3g} "
+            f"FLOP from each set's first ablated layer ({plan['speedup_over_naive']:.2f}x "
+            f"fewer than a full forward per set), ~{_hms(plan['seconds_forward'])} at "
+            f"{plan['rate_flops'] / 1e12:.3g} TFLOP/s{kl}; ~{_hms(plan['seconds'])} in all")
+
+
+def measure_kl_rate(device="cpu", vocab=50257, rows=256, seconds=0.3) -> float:
+    """Elements/s of the per-set float64 work (log_softmax of Q, KL(P || Q), CE) on
+    `device`, timed through the step's own code on random logits."""
+    import time
+    dev = resolve_device(device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logits = torch.randn(2, rows, vocab, generator=gen).to(dev)
+    ids = torch.arange(rows, device=dev)
+    targets = torch.zeros(rows, dtype=torch.long, device=dev)
+    head = _Identity()
+    orig = _original_terms(head, logits[0], ids, targets, vocab)
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds:
+        _kl_ce(head, logits[1], ids, orig, targets)   # returns numpy: synchronised
+        n += rows * vocab
+    return n / (time.perf_counter() - t0)
+
+
+class _Identity:
+    """A runner whose head is the identity: _kl_ce on given logits."""
+    @staticmethod
+    def head(x):
+        return x
+
+
+# ---------------------------------------------------------------------------------------
 # The step: RUN/universal/sets.json + RUN/tokens -> RUN/ablate/
-
-
-SUMMARY_COLUMNS = ["reference", "other", "checkpoint", "threshold", "definition", "mode",
-                   "set", "layer", "draw", "n_draws", "n_neurons", "n_positions",
-                   "kl", "kl_se", "kl_ci_low", "kl_ci_high",
-                   "delta_loss", "delta_loss_se", "delta_loss_ci_low", "delta_loss_ci_high"]
-DRAW_COLUMNS = ["reference", "other", "checkpoint", "threshold", "definition", "mode", "set",
-                "layer", "draw", "n_neurons", "n_positions", "kl", "kl_se", "delta_loss",
-                "delta_loss_se"]
 
 
 _FILTERS = ("reference", "thresholds")  # choose records; the records themselves are keyed
@@ -508,111 +685,123 @@ class AblateOutput:
     n_resumed: int
 
 
-def ablate(run_dir, reference=None, thresholds=None, control_draws=5, mode="zero",
-           all_non_universal=False, layerwise=True, n_eval_tokens=None, batch_size=None,
-           device="auto", model_overrides=None, progress=True, seed=0) -> AblateOutput:
+@dataclass
+class _EvalInputs:
+    """What every model of one ablate run is evaluated on, and where its inputs are."""
+    run_dir: Path
+    settings: AblateConfig
+    config: dict              # the settings as recorded in ablation.json
+    ids: np.ndarray           # (n_windows, window) held-out windows
+    valid: np.ndarray         # (n_windows, window) bool
+    eval_hash: str
+    token_hash: str | None
+    device: torch.device
+    overrides: dict
+    reduce_index: list
+    progress: bool
+
+
+def ablate(run_dir, settings: AblateConfig = AblateConfig(),
+           compute: ComputeConfig = ComputeConfig(), *, reference=None, thresholds=None,
+           n_eval_tokens=None, model_overrides=None, progress=True) -> AblateOutput:
     """Run the ablation step and write RUN/ablate/{ablation.csv, ablation.json,
     ablation_draws.csv}.
 
-    Reads RUN/universal/sets.json (baseline draw 0 records only), the token set's eval
-    split (the first `n_eval_tokens` positions of T, default all) and, to find each
-    reference model and (mode "mean") its means, RUN/reduce/*.h5. `model_overrides`
-    maps "reference@checkpoint" (or "reference", or the model's label) to a model spec.
+    Reads RUN/universal/sets.json (baseline draw 0 records only; `reference` and
+    `thresholds` choose among them), the token set's eval split (the first
+    `n_eval_tokens` positions of T, default all) and, to find each reference model and
+    (mode "mean") its means, RUN/reduce/*.h5. `model_overrides` maps
+    "reference@checkpoint" (or "reference", or the model's label) to a model spec.
     Finished models are kept in RUN/ablate/parts/ under a name hashed from everything
     they depend on, so a re-run redoes only what is missing or changed. The caller
     holds the run lock (the CLI does).
     """
-    if mode not in MODES:
-        raise OocError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if control_draws < 0:
-        raise OocError(f"--control-draws must be >= 0, got {control_draws}")
     run_dir = Path(run_dir)
-    sets_path = run_dir / "universal" / "sets.json"
-    if not sets_path.is_file():
-        raise OocError(f"no universal sets at {str(sets_path)!r}: run "
-                       "`ooc-universal universal` first")
-    sets_bytes = sets_path.read_bytes()
-    records = _select(json.loads(sets_bytes), reference, thresholds)
+    sets = read_sets(run_dir)
+    records = _select(sets.sets, reference, thresholds)
     ids, valid, token_meta = _eval_tokens(run_dir, n_eval_tokens)
-    eval_hash = _sha(ids.tobytes(), target_mask(valid).tobytes(), str(ids.shape).encode())
-    dev = resolve_device(device)
-    overrides = dict(model_overrides or {})
-    reduce_index = _reduce_index(run_dir)
-    config = dict(mode=mode, control_draws=int(control_draws), seed=int(seed),
-                  all_non_universal=bool(all_non_universal), layerwise=bool(layerwise),
-                  n_eval_tokens=n_eval_tokens, reference=reference,
-                  thresholds=None if thresholds is None else [float(t) for t in thresholds])
-
+    inputs = _EvalInputs(
+        run_dir, settings, _config_record(settings, n_eval_tokens, reference, thresholds),
+        ids, valid, _sha(ids.tobytes(), target_mask(valid).tobytes(), str(ids.shape).encode()),
+        token_meta.get("hash"), resolve_device(compute.device), dict(model_overrides or {}),
+        _reduce_index(run_dir), progress)
     groups = defaultdict(list)
     for rec in records:
-        groups[(str(rec["reference"]), json.dumps(rec.get("checkpoint")))].append(rec)
+        groups[(str(rec.reference), json.dumps(rec.checkpoint))].append(rec)
     for recs in groups.values():   # a set that cannot be built fails before any model loads
-        _sets_for(recs, config)
+        _sets_for(recs, settings)
 
-    out_dir = step_dir(run_dir, "ablate")
-    parts_dir = out_dir / "parts"
-    parts_dir.mkdir(exist_ok=True)
+    step_dir(run_dir, "ablate")
     draw_rows, summary_rows, models, n_resumed = [], [], {}, 0
     for (ref, _), recs in groups.items():
-        spec, label = _model_spec(recs[0], overrides, reduce_index)
-        means, means_src = (None, None)
-        if mode == "mean":
-            means, means_src = _means(recs[0], reduce_index, token_meta.get("hash"))
-        key = _sha(json.dumps(dict(
-            config={k: v for k, v in config.items() if k not in _FILTERS},
-            label=label, eval_hash=eval_hash,
-            means=None if means is None else _sha(means.tobytes()),
-            records=[_record_key(r) for r in recs]), sort_keys=True, default=str).encode())
-        part = parts_dir / f"{_safe(label)}-{key[:16]}.json"
-        models[f"{ref}@{recs[0].get('checkpoint')}"] = dict(spec=spec, label=label,
-                                                            part=part.name,
-                                                            means=means_src)
-        if part.is_file():
-            done = json.loads(part.read_text())
-            n_resumed += 1
-        else:
-            done = _run_model(spec, recs, ids, valid, config, means, batch_size, dev,
-                              progress)
-            done["key"] = key
-            write_json_atomic(part, done)
-        draw_rows += done["draw_rows"]
-        summary_rows += done["summary_rows"]
+        part, models[f"{ref}@{recs[0].checkpoint}"], resumed = _model_part(recs, inputs)
+        n_resumed += resumed
+        draw_rows += part.draw_rows
+        summary_rows += part.summary_rows
 
-    inputs = dict(sets_json_sha256=_sha(sets_bytes), token_hash=token_meta.get("hash"),
-                  eval_hash=eval_hash, n_eval_windows=int(ids.shape[0]),
-                  n_eval_positions=int(target_mask(valid).sum()))
-    doc = dict(step="ablate", toolkit_version=__version__, config=config, inputs=inputs,
-               models=models, conventions=CONVENTIONS, columns=SUMMARY_COLUMNS,
-               rows=[_json_row(r) for r in summary_rows])
-    paths = (out_dir / "ablation.csv", out_dir / "ablation.json",
-             out_dir / "ablation_draws.csv")
-    record = {"step": "ablate", "token_hash": token_meta.get("hash"),
-              "config_hash": config_hash(config),
-              "inputs": {"universal/sets.json": inputs["sets_json_sha256"]}}
-    _write_csv(paths[2], DRAW_COLUMNS, draw_rows, record)
-    _write_csv(paths[0], SUMMARY_COLUMNS, summary_rows, record)
-    write_json_atomic(paths[1], doc, record)
-    return AblateOutput(csv=paths[0], json=paths[1], draws_csv=paths[2], rows=summary_rows,
-                        n_models=len(groups), n_resumed=n_resumed)
+    result = AblationFile(
+        config=inputs.config, inputs=dict(
+            sets_json_sha256=sets.sha256, token_hash=inputs.token_hash,
+            eval_hash=inputs.eval_hash, n_eval_windows=int(ids.shape[0]),
+            n_eval_positions=int(target_mask(valid).sum())),
+        models=models, rows=summary_rows, conventions=CONVENTIONS,
+        toolkit_version=__version__)
+    record = {"step": "ablate", "token_hash": inputs.token_hash,
+              "config_hash": config_hash(inputs.config),
+              "inputs": {"universal/sets.json": sets.sha256}}
+    paths = write_ablation(run_dir, result, draw_rows, record)
+    return AblateOutput(csv=paths["csv"], json=paths["json"], draws_csv=paths["draws_csv"],
+                        rows=summary_rows, n_models=len(groups), n_resumed=n_resumed)
 
 
-def _select(doc, reference, thresholds) -> list[dict]:
-    recs = [r for r in doc.get("sets", []) if int(r.get("draw", 0) or 0) == 0]
+def _config_record(settings: AblateConfig, n_eval_tokens, reference, thresholds) -> dict:
+    """The settings that the results depend on, as ablation.json records them."""
+    return dict(mode=settings.mode, control_draws=settings.control_draws, seed=settings.seed,
+                all_non_universal=settings.all_non_universal, layerwise=settings.layerwise,
+                n_eval_tokens=n_eval_tokens, reference=reference,
+                thresholds=None if thresholds is None else [float(t) for t in thresholds])
+
+
+def _model_part(recs: list[UniversalSet], inputs: _EvalInputs) -> tuple[AblationPart, dict, bool]:
+    """One reference model's rows: from RUN/ablate/parts when already done, else computed
+    and saved there. Returns (part, its ablation.json "models" entry, resumed)."""
+    spec, label = _model_spec(recs[0], inputs.overrides, inputs.reduce_index)
+    means, means_src = (None, None)
+    if inputs.settings.mode == "mean":
+        means, means_src = _means(recs[0], inputs.reduce_index, inputs.token_hash)
+    key = _sha(json.dumps(dict(
+        config={k: v for k, v in inputs.config.items() if k not in _FILTERS},
+        label=label, eval_hash=inputs.eval_hash,
+        means=None if means is None else _sha(means.tobytes()),
+        records=[_record_key(r) for r in recs]), sort_keys=True, default=str).encode())
+    path = part_path(inputs.run_dir, label, key)
+    entry = dict(spec=spec, label=label, part=path.name, means=means_src)
+    part = read_part(path)
+    if part is not None:
+        return part, entry, True
+    part = AblationPart(key, *_run_model(spec, recs, inputs, means))
+    write_part(path, part)
+    return part, entry, False
+
+
+def _select(sets: list[UniversalSet], reference, thresholds) -> list[UniversalSet]:
+    recs = [r for r in sets if (r.draw or 0) == 0]
     if not recs:
         raise OocError("sets.json holds no universal sets; re-run `ooc-universal universal`")
     if reference is not None:
-        have = sorted({str(r["reference"]) for r in recs})
-        recs = [r for r in recs if str(r["reference"]) in _reference_names(reference)]
+        have = sorted({str(r.reference) for r in recs})
+        recs = [r for r in recs if str(r.reference) in _reference_names(reference)]
         if not recs:
             raise OocError(f"--reference {reference!r} is not in sets.json; "
                            f"expected one of {have}")
     if thresholds is not None:
-        have = sorted({float(r["threshold"]) for r in recs})
+        have = sorted({float(r.threshold) for r in recs})
         want = [float(t) for t in thresholds]
         missing = [t for t in want if not any(math.isclose(t, h) for h in have)]
-        if missing:
-            raise OocError(f"--thresholds {missing} not in sets.json; expected some of {have}")
-        recs = [r for r in recs if any(math.isclose(float(r["threshold"]), t) for t in want)]
+        if missing or not want:
+            raise OocError(f"--thresholds {missing or want} not in sets.json; expected some "
+                           f"of {have}")
+        recs = [r for r in recs if any(math.isclose(float(r.threshold), t) for t in want)]
     return recs
 
 
@@ -628,7 +817,6 @@ def _reference_names(reference) -> set[str]:
 
 
 def _eval_tokens(run_dir, n_eval_tokens):
-    from ooc_universal.steps.tokens import load_token_set
     ts = load_token_set(run_dir)
     ids, valid = np.asarray(ts.eval_input_ids), np.asarray(ts.eval_valid, dtype=bool)
     meta = dict(getattr(ts, "meta", {}) or {})
@@ -665,18 +853,13 @@ def _before_padding(ids, pad_id) -> np.ndarray:
 
 
 def _reduce_index(run_dir) -> list[tuple[Path, dict]]:
+    """(path, attributes) of each readable reduce file: they name the reference models."""
     out = []
-    rdir = Path(run_dir) / "reduce"
-    if not rdir.is_dir():
-        return out
-    import h5py
-    for path in sorted(rdir.glob("*.h5")):
+    for path in list_reduced(run_dir):
         try:
-            with h5py.File(path, "r") as f:
-                attrs = {k: _plain(v) for k, v in f.attrs.items()}
-        except OSError:
+            out.append((path, read_attrs(path)))
+        except OocError:  # unreadable, or not a reduce output: it names no model
             continue
-        out.append((path, attrs))
     return out
 
 
@@ -695,17 +878,17 @@ def _same_step(checkpoint, step) -> bool:
         return str(checkpoint) == str(step)
 
 
-def _reduce_for(rec, index, need_other=True):
+def _reduce_for(rec: UniversalSet, index, need_other=True):
     hits = [(p, a) for p, a in index
-            if str(rec["reference"]) in _names(a, "ref")
-            and _same_step(rec.get("checkpoint"), a.get("ref_step"))
-            and (not need_other or str(rec.get("other")) in _names(a, "other"))]
+            if str(rec.reference) in _names(a, "ref")
+            and _same_step(rec.checkpoint, a.get("ref_step"))
+            and (not need_other or str(rec.other) in _names(a, "other"))]
     return hits
 
 
-def _model_spec(rec, overrides, index) -> tuple[str, str]:
+def _model_spec(rec: UniversalSet, overrides, index) -> tuple[str, str]:
     from ooc_universal.models import parse_model_spec
-    ref, ck = str(rec["reference"]), rec.get("checkpoint")
+    ref, ck = str(rec.reference), rec.checkpoint
     hits = _reduce_for(rec, index, need_other=False)
     names = {f"{ref}@{ck}", ref} | {str(a.get("ref_label")) for _, a in hits}
     for key, spec in overrides.items():
@@ -748,53 +931,54 @@ def _spec_candidates(model_id, step) -> list[str]:
     return out
 
 
-def _means(rec, index, token_hash) -> tuple[np.ndarray, str]:
+def _means(rec: UniversalSet, index, token_hash) -> tuple[np.ndarray, str]:
     """The reference's per-neuron means over the correlation tokens (ref/mean)."""
     hits = _reduce_for(rec, index) or _reduce_for(rec, index, need_other=False)
     if not hits:
         raise OocError(f"--mode mean needs the reference's mean activations from "
-                       f"RUN/reduce, but no file there matches {_record_id(rec)}; run "
+                       f"RUN/reduce, but no file there matches {rec.describe()}; run "
                        "`ooc-universal reduce` first or use --mode zero")
-    import h5py
     path, attrs = hits[0]
     if token_hash is not None and attrs.get("token_hash") not in (None, token_hash):
         raise OocError(f"{path.name} was reduced from token set "
                        f"{str(attrs['token_hash'])[:12]}, RUN/tokens holds {token_hash[:12]}; "
                        "its means are stale: re-run extract and reduce, or use --mode zero")
-    with h5py.File(path, "r") as f:
-        means = np.asarray(f["ref/mean"][...], dtype=np.float64)
+    with open_reduced(path) as stats:
+        means = np.asarray(stats.ref_mean, dtype=np.float64)
     return means, path.name
 
 
-def _record_key(rec) -> dict:
-    key = {k: v for k, v in rec.items() if k != "neurons"}
-    key["neurons_sha256"] = _sha(np.asarray(rec.get("neurons", []), np.int64).tobytes())
+def _record_key(rec: UniversalSet) -> dict:
+    key = rec.to_json()
+    del key["neurons"]
+    key["neurons_sha256"] = _sha(np.asarray(rec.neurons, np.int64).tobytes())
     return key
 
 
-def _sets_for(recs, config, n_layers=None, d_mlp=None) -> list[AblationSet]:
-    return ablation_sets(recs, n_layers, d_mlp, control_draws=config["control_draws"],
-                         seed=config["seed"],
-                         include_all_non_universal=config["all_non_universal"],
-                         layerwise=config["layerwise"])
+def _sets_for(recs, settings: AblateConfig, n_layers=None, d_mlp=None) -> list[AblationSet]:
+    return ablation_sets(recs, n_layers, d_mlp, control_draws=settings.control_draws,
+                         seed=settings.seed,
+                         include_all_non_universal=settings.all_non_universal,
+                         layerwise=settings.layerwise)
 
 
-def _run_model(spec, recs, ids, valid, config, means, batch_size, dev, progress) -> dict:
+def _run_model(spec, recs, inputs: _EvalInputs, means) -> tuple[list[dict], list[dict]]:
+    """Load the model, evaluate every set of `recs`: (draw rows, summary rows)."""
     from ooc_universal.models import load_model
-    with _hf_progress(progress):
-        loaded = load_model(spec, device=str(dev), dtype=torch.float32)
+    with _hf_progress(inputs.progress):
+        loaded = load_model(spec, device=str(inputs.device), dtype=torch.float32)
     model = loaded.model
     n_layers, d_mlp = model_dims(model)
-    sets = _sets_for(recs, config, n_layers, d_mlp)
-    if progress:
-        print(f"ablate: {loaded.spec.label}: {len(sets)} sets over {ids.shape[0]} windows",
-              file=sys.stderr)
-    results = evaluate_ablations(model, sets, ids, valid, batch_size=batch_size,
-                                 mode=config["mode"], means=means, device="auto",
-                                 progress=progress)
+    sets = _sets_for(recs, inputs.settings, n_layers, d_mlp)
+    if inputs.progress:
+        print(f"ablate: {loaded.spec.label}: {len(sets)} sets over {inputs.ids.shape[0]} "
+              "windows", file=sys.stderr)
+    mode = inputs.settings.mode
+    results = evaluate_ablations(model, sets, inputs.ids, inputs.valid,
+                                 batch_size=inputs.settings.batch_size or None, mode=mode,
+                                 means=means, device="auto", progress=inputs.progress)
     del model, loaded
-    return dict(draw_rows=[_draw_row(r, config["mode"]) for r in results],
-                summary_rows=summarise(results, config["mode"]))
+    return [_draw_row(r, mode) for r in results], summarise(results, mode)
 
 
 @contextmanager
@@ -845,53 +1029,27 @@ def summarise(results: list[AblationResult], mode="zero") -> list[dict]:
         else:
             row["draw"] = "mean"
             for m in ("kl", "delta_loss"):
-                vals = np.array([getattr(r, m) for r in rs])
-                win = np.stack([getattr(r, f"window_{m}") for r in rs])
-                win = win[:, ~np.isnan(win[0])].mean(axis=0)   # the draws share windows
-                mean = float(vals.mean())
-                half = (t975(len(vals) - 1) * float(vals.std(ddof=1)) / math.sqrt(len(vals))
-                        if len(vals) > 1 else math.nan)
-                row.update({m: mean, f"{m}_se": _se(win),
-                            f"{m}_ci_low": mean - half, f"{m}_ci_high": mean + half})
+                row.update(_over_draws(rs, m))
         rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """The summary rows as an aligned text table (for the CLI)."""
-    cols = ["reference", "other", "checkpoint", "threshold", "set", "layer", "n_neurons",
-            "kl", "kl_se", "delta_loss", "delta_loss_se"]
-    cells = [cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4g}"
-    return "" if v is None else str(v)
-
-
-def _json_row(row) -> dict:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-
-
-def _write_csv(path, columns, rows, record: dict | None = None) -> None:
-    with atomic_path(path, record) as tmp:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(columns)
-            for r in rows:
-                w.writerow(["" if (isinstance(r.get(c), float) and math.isnan(r[c]))
-                            or r.get(c) is None else r[c] for c in columns])
+def _over_draws(rs: list[AblationResult], m: str) -> dict:
+    """Metric `m` of a group of control draws: mean, its se, and the 95% interval."""
+    vals = np.array([getattr(r, m) for r in rs])
+    win = np.stack([getattr(r, f"window_{m}") for r in rs])
+    win = win[:, ~np.isnan(win[0])].mean(axis=0)   # the draws share windows
+    mean = float(vals.mean())
+    half = (t975(len(vals) - 1) * float(vals.std(ddof=1)) / math.sqrt(len(vals))
+            if len(vals) > 1 else math.nan)
+    return {m: mean, f"{m}_se": _se(win), f"{m}_ci_low": mean - half,
+            f"{m}_ci_high": mean + half}
 
 
 def _sha(*chunks: bytes) -> str:
+    """sha256 (64 hex) of byte strings: the content keys of eval tokens, means and parts.
+    (rundir has hashers for files and JSON-able objects, not for raw bytes.)"""
     h = hashlib.sha256()
     for c in chunks:
         h.update(c)
     return h.hexdigest()
-
-
-def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in label)

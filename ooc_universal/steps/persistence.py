@@ -16,11 +16,12 @@ overall (layer "all") and per layer of the reference model. Over a reference's p
   pooled over pairs  sum of n_both / sum of n_t1 over the pairs (likewise Jaccard);
                      the counts are the sums
 
-Writes RUN/persistence/persistence.json and persistence.csv (long format).
+Writes RUN/persistence/persistence.json and persistence.csv (long format) through
+formats/tables.py; reads the sets through formats/sets.py.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
@@ -28,28 +29,18 @@ import numpy as np
 
 from ooc_universal import __version__
 from ooc_universal.errors import OocError
-from ooc_universal.rundir import atomic_path, config_hash, recorded_sha256, step_dir, write_json_atomic
+from ooc_universal.formats.sets import UniversalSet, read_sets
+from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, POOLED_OVER_PAIRS, PersistenceFile,
+                                          write_persistence)
+from ooc_universal.rundir import config_hash, recorded_sha256, step_dir
 
-MEAN_OVER_PAIRS = "mean over pairs"
-POOLED_OVER_PAIRS = "pooled over pairs"
-COLUMNS = ["definition", "reference", "other", "kind", "threshold", "t1", "t2", "layer",
-           "n_t1", "n_t2", "n_both", "p_persist", "undefined", "emerged", "jaccard",
-           "n_pairs"]
-
-
-def read_sets(run_dir) -> dict:
-    """RUN/universal/sets.json, or a one-line error naming the step that makes it."""
-    path = Path(run_dir) / "universal" / "sets.json"
-    if not path.is_file():
-        raise OocError(f"no universal sets at {str(path)!r}; run `ooc-universal universal` "
-                       "first")
-    try:
-        doc = json.loads(path.read_text())
-        doc["sets"]
-    except (ValueError, KeyError, TypeError):
-        raise OocError(f"{str(path)!r} is not a sets file written by `ooc-universal "
-                       "universal`; run that step again") from None
-    return doc
+MEASURES = {
+    "p_persist": "|U(t1) & U(t2)| / |U(t1)|; null with undefined=true when U(t1) is empty",
+    "emerged": "|U(t2) - U(t1)|",
+    "jaccard": "|U(t1) & U(t2)| / |U(t1) | U(t2)|; null when both are empty",
+    MEAN_OVER_PAIRS: "mean of the per-pair values over pairs where defined (n_pairs of "
+                     "them); counts are sums",
+    POOLED_OVER_PAIRS: "ratios of the counts summed over pairs"}
 
 
 def _ratio(num: int, den: int):
@@ -76,30 +67,35 @@ def compare(u1, u2, n_layers: int, d_mlp: int) -> list[dict]:
     return rows
 
 
-def _pair_rows(sets: list[dict], progress: bool = False) -> list[dict]:
-    from tqdm.auto import tqdm
+def _by_checkpoint(sets: list[UniversalSet]) -> dict:
+    """{(definition, reference, other, threshold): {checkpoint: set}}, ordered steps only."""
     groups: dict = {}
     for s in sets:
-        if int(s["checkpoint"]) < 0:  # a model without a training step has no order
+        if s.checkpoint < 0:  # a model without a training step has no order
             continue
-        key = (s.get("definition", "per-pair"), s["reference"], s["other"],
-               float(s["threshold"]))
+        key = (s.definition or "per-pair", s.reference, s.other, s.threshold)
         by_ckpt = groups.setdefault(key, {})
-        if int(s["checkpoint"]) in by_ckpt:
+        if s.checkpoint in by_ckpt:
             raise OocError(f"sets.json has two sets for {key} at checkpoint "
-                           f"{s['checkpoint']}; run `ooc-universal universal` again")
-        by_ckpt[int(s["checkpoint"])] = s
+                           f"{s.checkpoint}; run `ooc-universal universal` again")
+        by_ckpt[s.checkpoint] = s
+    return groups
+
+
+def _pair_rows(sets: list[UniversalSet], progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
     rows = []
     for (definition, ref, other, tau), by_ckpt in tqdm(
-            sorted(groups.items()), disable=not progress, desc="persistence", unit="set"):
+            sorted(_by_checkpoint(sets).items()), disable=not progress, desc="persistence",
+            unit="set"):
         for t1, t2 in combinations(sorted(by_ckpt), 2):
             s1, s2 = by_ckpt[t1], by_ckpt[t2]
-            shape = (int(s1["n_layers"]), int(s1["d_mlp"]))
-            if shape != (int(s2["n_layers"]), int(s2["d_mlp"])):
+            shape = (s1.n_layers, s1.d_mlp)
+            if shape != (s2.n_layers, s2.d_mlp):
                 raise OocError(f"{ref} has {shape[0]}x{shape[1]} neurons at {t1} but "
-                               f"{s2['n_layers']}x{s2['d_mlp']} at {t2}; flat indices do "
+                               f"{s2.n_layers}x{s2.d_mlp} at {t2}; flat indices do "
                                "not match: re-run reduce and universal")
-            for r in compare(s1["neurons"], s2["neurons"], *shape):
+            for r in compare(s1.neurons, s2.neurons, *shape):
                 rows.append({"definition": definition, "reference": ref, "other": other,
                              "kind": "pair", "threshold": tau, "t1": t1, "t2": t2,
                              **r, "n_pairs": 1})
@@ -135,94 +131,32 @@ def _averaged(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return mean_rows, pooled_rows
 
 
-def persistence(run_dir, progress: bool = True) -> dict[str, Path]:
-    """P(universal at t2 | universal at t1), emergence and Jaccard; returns the paths."""
-    doc = read_sets(run_dir)
-    sets = doc["sets"]
-    ckpts = sorted({int(s["checkpoint"]) for s in sets if int(s["checkpoint"]) >= 0})
+@dataclass
+class PersistenceOutput:
+    """What the step wrote: the paths (json, csv) and the result itself."""
+    paths: dict[str, Path]
+    result: PersistenceFile
+
+
+def persistence(run_dir, *, progress: bool = True) -> PersistenceOutput:
+    """P(universal at t2 | universal at t1), emergence and Jaccard from RUN/universal."""
+    sets = read_sets(run_dir)
+    ckpts = sorted({s.checkpoint for s in sets.sets if s.checkpoint >= 0})
     if len(ckpts) < 2:
         raise OocError(f"persistence needs universal sets at two or more checkpoints; "
                        f"sets.json has {ckpts or 'none with a training step'}: reduce and "
                        "run `ooc-universal universal` on more checkpoints")
-    rows = _pair_rows(sets, progress)
+    rows = _pair_rows(sets.sets, progress)
     mean_rows, pooled_rows = _averaged(rows)
-    source = {k: doc.get(k) for k in ("universal_id", "token_hash", "toolkit_version")}
-    source["config"] = doc.get("config")
-    result = {"config": {"definitions": {
-                  "p_persist": "|U(t1) & U(t2)| / |U(t1)|; null with undefined=true when "
-                               "U(t1) is empty",
-                  "emerged": "|U(t2) - U(t1)|",
-                  "jaccard": "|U(t1) & U(t2)| / |U(t1) | U(t2)|; null when both are empty",
-                  MEAN_OVER_PAIRS: "mean of the per-pair values over pairs where defined "
-                                   "(n_pairs of them); counts are sums",
-                  POOLED_OVER_PAIRS: "ratios of the counts summed over pairs"},
-                  "checkpoints": ckpts},
-              "source": source, "token_hash": doc.get("token_hash"),
-              "toolkit_version": __version__,
-              "pairs": rows, "mean_over_pairs": mean_rows, "pooled_over_pairs": pooled_rows}
-    out = step_dir(run_dir, "persistence")
-    paths = {"csv": out / "persistence.csv", "json": out / "persistence.json"}
-    paths["json"].unlink(missing_ok=True)
-    sets_path = Path(run_dir) / "universal" / "sets.json"
-    record = {"step": "persistence", "token_hash": doc.get("token_hash"),
-              "config_hash": config_hash(result["config"]),
-              "inputs": {"universal/sets.json": recorded_sha256(sets_path)}}
-    with atomic_path(paths["csv"], record) as tmp:
-        persistence_frame(result).to_csv(tmp, index=False)
-    write_json_atomic(paths["json"], result, record)
-    return paths
-
-
-def persistence_frame(result: dict):
-    """All rows of persistence.json as one long DataFrame (layer as text: "all", "0", ...)."""
-    import pandas as pd
-    rows = result["pairs"] + result["mean_over_pairs"] + result["pooled_over_pairs"]
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df["layer"] = df["layer"].astype(str)
-    df["p_persist"] = df["p_persist"].astype("float64")
-    df["jaccard"] = df["jaccard"].astype("float64")
-    return df
-
-
-def _cell(r) -> str:
-    if r is None:
-        return "-"
-    if r["p_persist"] is None:
-        return "undef (0/0)" if r["kind"] != MEAN_OVER_PAIRS else "undef"
-    if r["kind"] == MEAN_OVER_PAIRS:
-        return f"{100 * r['p_persist']:.1f}% ({r['n_pairs']}p)"
-    return f"{100 * r['p_persist']:.1f}% ({r['n_both']}/{r['n_t1']})"
-
-
-def format_persistence(result: dict) -> str:
-    """The persistence table as text: per pair and averaged, overall then per layer."""
-    rows = result["pairs"] + result["mean_over_pairs"] + result["pooled_over_pairs"]
-    lines = []
-    keys = sorted({(r["definition"], r["reference"], r["threshold"]) for r in rows})
-    for definition, ref, tau in keys:
-        rs = [r for r in rows if (r["definition"], r["reference"], r["threshold"])
-              == (definition, ref, tau)]
-        intervals = sorted({(r["t1"], r["t2"]) for r in rs}, key=lambda t: (t[1] - t[0], t))
-        names = [f"{a}->{b}" for a, b in intervals]
-        others = sorted({r["other"] for r in rs if r["kind"] == "pair"})
-        others += [k for k in (MEAN_OVER_PAIRS, POOLED_OVER_PAIRS)
-                   if any(r["other"] == k for r in rs)]
-        idx = {(r["other"], r["t1"], r["t2"], str(r["layer"])): r for r in rs}
-        lines.append(f"P(universal at t2 | universal at t1), {ref}, threshold {tau:g}, "
-                     f"{definition}:")
-        lines.append(f"  {'other':<30}" + "".join(f"{n:>22}" for n in names))
-        for other in others:
-            lines.append(f"  {other[:30]:<30}" + "".join(
-                f"{_cell(idx.get((other, a, b, 'all'))):>22}" for a, b in intervals))
-        summary = MEAN_OVER_PAIRS if MEAN_OVER_PAIRS in others else others[0]
-        lines.append(f"  per layer ({summary}; +N = emerged, |U(t2) - U(t1)|"
-                     + (" summed over pairs" if summary == MEAN_OVER_PAIRS else "") + "):")
-        layers = sorted({int(r["layer"]) for r in rs if r["layer"] != "all"})
-        for layer in layers:
-            cells = []
-            for a, b in intervals:
-                r = idx.get((summary, a, b, str(layer)))
-                cells.append(f"{_cell(r)} +{r['emerged']}" if r else "-")
-            lines.append(f"  {'layer ' + str(layer):<30}" + "".join(f"{c:>22}" for c in cells))
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    p = sets.provenance
+    source = {"universal_id": p.universal_id, "token_hash": p.token_hash,
+              "toolkit_version": p.toolkit_version, "config": p.config}
+    result = PersistenceFile(
+        config={"definitions": MEASURES, "checkpoints": ckpts}, source=source,
+        token_hash=p.token_hash, toolkit_version=__version__, pairs=rows,
+        mean_over_pairs=mean_rows, pooled_over_pairs=pooled_rows)
+    step_dir(run_dir, "persistence")
+    record = {"step": "persistence", "token_hash": p.token_hash,
+              "config_hash": config_hash(result.config),
+              "inputs": {"universal/sets.json": recorded_sha256(sets.path)}}
+    return PersistenceOutput(write_persistence(run_dir, result, record), result)

@@ -15,24 +15,26 @@ Conventions (the original authors' code, Gurnee et al.):
   names do not start with ".", in sorted order of their relative paths. Files are read
   as bytes for the byte tokenizer and as UTF-8 for a BPE tokenizer.
 
-On disk: RUN/tokens/tokens.npz (input_ids, valid, eval_input_ids, eval_valid) and
-meta.json, written last (see save_token_set). The hash covers the arrays, the window
-and the tokenizer name, so a store records exactly which token set it was made from.
+On disk: RUN/tokens/, read and written only by ooc_universal.formats.tokens (the
+TokenSet record, its hash, save_token_set / load_token_set); this step builds the set
+and hands it to that module.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ooc_universal import __version__
-from ooc_universal.errors import OocError, StaleInputError
-from ooc_universal.rundir import check_free_space, ensure_writable, write_json_atomic
+from ooc_universal.config import TokensConfig
+from ooc_universal.errors import OocError
+from ooc_universal.formats.tokens import TokenSet, save_token_set, token_hash
+# Transitional re-exports: callers that still import these from the step (run.py,
+# status.py, ablate.py, some tests, bench) should import ooc_universal.formats.tokens.
+from ooc_universal.formats.tokens import existing_hash, load_token_set  # noqa: F401
 
 BYTES = "bytes"
 BYTE_BOS = 256
@@ -40,8 +42,6 @@ BYTE_VOCAB = 257
 BYTE_NEWLINE = 10
 PILE_DATASET = "monology/pile-uncopyrighted"
 PILE_DEFAULT_SPLIT = "test"  # the original authors' choice
-TOKENS_FILE, META_FILE = "tokens.npz", "meta.json"
-_HASH_TAG = b"ooc-universal token set v1\n"
 _ENCODE_BATCH = 64  # documents per tokenizer call
 
 
@@ -206,40 +206,38 @@ def _npy_stream(path: Path, tok: TokenizerInfo) -> np.ndarray:
         ids = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise OocError(f"cannot read token ids from {str(path)!r}: {exc}") from None
+    return _checked_stream(ids, tok, repr(str(path)))
+
+
+def _checked_stream(ids: np.ndarray, tok: TokenizerInfo, what: str) -> np.ndarray:
+    """`ids` when it is one 1-D stream of ids inside the tokenizer's vocabulary."""
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise OocError(f"{str(path)!r} holds a {ids.dtype} array of shape {ids.shape}; "
+        raise OocError(f"{what} holds a {ids.dtype} array of shape {ids.shape}; "
                        "expected a 1-D integer array of token ids (one stream)")
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= tok.vocab_size):
-        raise OocError(f"{str(path)!r} has token ids in [{int(ids.min())}, {int(ids.max())}], "
+        raise OocError(f"{what} has token ids in [{int(ids.min())}, {int(ids.max())}], "
                        f"outside tokenizer {tok.name!r}'s vocabulary 0..{tok.vocab_size - 1}")
     return ids
 
 
 def _token_chunks(source, tok: TokenizerInfo):
     """(iterator of int32 id arrays making up the stream, source description)."""
-    if isinstance(source, np.ndarray) or str(source).endswith(".npy"):
-        if isinstance(source, np.ndarray):
-            ids, desc = _npy_stream_array(source, tok), f"array ({source.size} ids)"
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise OocError(f"source {str(source)!r} not found; expected a .npy of token ids")
-            ids = _npy_stream(path, tok)
-            desc = f"npy:{path.absolute()} ({ids.size} ids)"
-        step = 1 << 20
-        return (np.asarray(ids[i:i + step], dtype=np.int32) for i in range(0, ids.size, step)), desc
+    if isinstance(source, np.ndarray):
+        ids = _checked_stream(source, tok, "token id array")
+        return _id_chunks(ids), f"array ({source.size} ids)"
+    if str(source).endswith(".npy"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise OocError(f"source {str(source)!r} not found; expected a .npy of token ids")
+        ids = _npy_stream(path, tok)
+        return _id_chunks(ids), f"npy:{path.absolute()} ({ids.size} ids)"
     docs, desc = _documents(source, tok)
     return _encode_stream(docs, tok), desc
 
 
-def _npy_stream_array(ids: np.ndarray, tok: TokenizerInfo) -> np.ndarray:
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise OocError(f"token id array has dtype {ids.dtype} and shape {ids.shape}; "
-                       "expected 1-D integers")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= tok.vocab_size):
-        raise OocError(f"token ids in [{int(ids.min())}, {int(ids.max())}] fall outside "
-                       f"tokenizer {tok.name!r}'s vocabulary 0..{tok.vocab_size - 1}")
-    return ids
+def _id_chunks(ids: np.ndarray, step: int = 1 << 20):
+    """A (memory-mapped) id stream as int32 pieces: a big .npy is never read whole."""
+    return (np.asarray(ids[i:i + step], dtype=np.int32) for i in range(0, ids.size, step))
 
 
 def _encode_stream(docs, tok: TokenizerInfo):
@@ -309,49 +307,6 @@ def _take_windows(reader: _Reader, n_valid: int, window: int, tok: TokenizerInfo
 
 # ------------------------------------------------------------------------------ token set
 
-@dataclass
-class TokenSet:
-    input_ids: np.ndarray       # (n_windows, window) int32, column 0 = BOS
-    valid: np.ndarray           # (n_windows, window) bool, exactly n_tokens True
-    eval_input_ids: np.ndarray  # (n_eval_windows, window) int32, the windows that follow
-    eval_valid: np.ndarray      # (n_eval_windows, window) bool
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def hash(self) -> str:
-        return self.meta["hash"]
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.meta["n_tokens"])
-
-    @property
-    def window(self) -> int:
-        return int(self.meta["window"])
-
-    @property
-    def tokenizer(self) -> str:
-        return self.meta["tokenizer"]
-
-    @property
-    def bos_token_id(self) -> int:
-        return int(self.meta["bos_token_id"])
-
-    @property
-    def n_windows(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-def token_hash(input_ids: np.ndarray, valid: np.ndarray, window: int, tokenizer: str) -> str:
-    """sha256 hex of the arrays, the window and the tokenizer name."""
-    h = hashlib.sha256(_HASH_TAG)
-    h.update(json.dumps({"window": int(window), "tokenizer": tokenizer,
-                         "shape": list(input_ids.shape)}, sort_keys=True).encode())
-    h.update(np.ascontiguousarray(input_ids, dtype="<i4").tobytes())
-    h.update(np.ascontiguousarray(valid, dtype=np.uint8).tobytes())
-    return h.hexdigest()
-
-
 def build_token_set(source, n_tokens: int, *, tokenizer="bytes", window: int = 512,
                     n_eval_tokens: int = 0, progress: bool = False) -> TokenSet:
     """Tokenize `source` into windows with exactly n_tokens valid positions (+ eval split).
@@ -360,28 +315,45 @@ def build_token_set(source, n_tokens: int, *, tokenizer="bytes", window: int = 5
     "pile" or "pile:<split>". tokenizer: "bytes", an HF tokenizer name or path, a model
     spec, or a TokenizerInfo. Nothing is shuffled: the result depends only on the inputs.
     """
-    from tqdm.auto import tqdm
+    n_tokens, n_eval_tokens, window = _checked_sizes(n_tokens, n_eval_tokens, window)
+    tok = resolve_tokenizer(tokenizer)
+    chunks, desc = _token_chunks(source, tok)
+    main, held_out = _both_splits(_Reader(chunks), n_tokens, n_eval_tokens, window, tok,
+                                  progress)
+    found, efound = int(main[1].sum()), int(held_out[1].sum())
+    if found < n_tokens or efound < n_eval_tokens:
+        raise OocError(
+            f"source {desc} ran out: it gave {found + efound} valid tokens "
+            f"({main[0].shape[0] + held_out[0].shape[0]} windows of {window}), but "
+            f"{n_tokens} + {n_eval_tokens} eval were requested; give more text or lower "
+            "--n-tokens / --n-eval-tokens")
+    return TokenSet(*main, *held_out, meta=_token_meta(main, held_out, window, tok, desc))
+
+
+def _checked_sizes(n_tokens, n_eval_tokens, window) -> tuple[int, int, int]:
     if int(n_tokens) < 1:
         raise OocError(f"n_tokens must be at least 1, got {n_tokens}")
     if int(n_eval_tokens) < 0:
         raise OocError(f"n_eval_tokens must be 0 or more, got {n_eval_tokens}")
     if int(window) < 2:
         raise OocError(f"window must be at least 2 (BOS + one token), got {window}")
-    n_tokens, n_eval_tokens, window = int(n_tokens), int(n_eval_tokens), int(window)
-    tok = resolve_tokenizer(tokenizer)
-    chunks, desc = _token_chunks(source, tok)
-    reader = _Reader(chunks)
+    return int(n_tokens), int(n_eval_tokens), int(window)
+
+
+def _both_splits(reader: _Reader, n_tokens: int, n_eval_tokens: int, window: int,
+                 tok: TokenizerInfo, progress: bool):
+    """((ids, valid), (eval_ids, eval_valid)): the main windows, then the ones after."""
+    from tqdm.auto import tqdm
     with tqdm(total=n_tokens + n_eval_tokens, unit="tok", desc="tokens",
               disable=not progress) as bar:
-        ids, valid, found = _take_windows(reader, n_tokens, window, tok, bar)
-        eids, evalid, efound = _take_windows(reader, n_eval_tokens, window, tok, bar)
-    if found < n_tokens or efound < n_eval_tokens:
-        raise OocError(
-            f"source {desc} ran out: it gave {found + efound} valid tokens "
-            f"({ids.shape[0] + eids.shape[0]} windows of {window}), but {n_tokens} + "
-            f"{n_eval_tokens} eval were requested; give more text or lower --n-tokens / "
-            "--n-eval-tokens")
-    meta = {
+        ids, valid, _ = _take_windows(reader, n_tokens, window, tok, bar)
+        eids, evalid, _ = _take_windows(reader, n_eval_tokens, window, tok, bar)
+    return (ids, valid), (eids, evalid)
+
+
+def _token_meta(main, held_out, window: int, tok: TokenizerInfo, desc: str) -> dict:
+    (ids, valid), (eids, evalid) = main, held_out
+    return {
         "hash": token_hash(ids, valid, window, tok.name),
         "n_tokens": int(valid.sum()),
         "n_windows": int(ids.shape[0]),
@@ -398,98 +370,29 @@ def build_token_set(source, n_tokens: int, *, tokenizer="bytes", window: int = 5
         "eval_hash": token_hash(eids, evalid, window, tok.name),
         "toolkit_version": __version__,
     }
-    return TokenSet(ids, valid, eids, evalid, meta)
 
 
-def tokens_dir(run_dir) -> Path:
-    return Path(run_dir) / "tokens"
+# ------------------------------------------------------------------------------ the step
+
+@dataclass(frozen=True)
+class TokensResult:
+    token_set: TokenSet
+    folder: Path      # RUN/tokens
+    written: bool     # False: the same set (same hash) was there already
 
 
-def existing_hash(run_dir) -> str | None:
-    """The hash recorded in RUN/tokens/meta.json, or None when there is no complete set."""
-    try:
-        return json.loads((tokens_dir(run_dir) / META_FILE).read_text())["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def tokens(run_dir, settings: TokensConfig = TokensConfig(), *, source=None,
+           force: bool = False, progress: bool = True) -> TokensResult:
+    """The tokens step: build the token set `settings` describe and save it to RUN/tokens.
 
-
-def save_token_set(ts: TokenSet, run_dir, *, force: bool = False) -> tuple[Path, bool]:
-    """Write `ts` to RUN/tokens; (folder, written). written is False when the same token
-    set (same hash) is already there. A different complete token set is refused unless
-    `force` (its stores would become stale).
-
-    Atomic: everything goes to a temporary folder, meta.json last, which is then renamed
-    to RUN/tokens: a half-written token set never looks complete."""
-    run_dir = ensure_writable(run_dir)
-    final = tokens_dir(run_dir)
-    old_hash = existing_hash(run_dir)
-    if old_hash == ts.hash:
-        return final, False
-    if old_hash is not None and not force:
-        raise StaleInputError(
-            f"run directory {str(run_dir)!r} already holds another token set "
-            f"(hash {old_hash[:12]}, this one {ts.hash[:12]}); use a new --run-dir, "
-            "or --force to replace it (stores made from the old set become stale)")
-    nbytes = sum(a.nbytes for a in (ts.input_ids, ts.valid, ts.eval_input_ids, ts.eval_valid))
-    check_free_space(run_dir, nbytes + (1 << 20), "the token set")
-    tmp = Path(run_dir) / f".tokens.tmp-{os.getpid()}"
-    aside = Path(run_dir) / f".tokens.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        with open(tmp / TOKENS_FILE, "wb") as f:
-            np.savez(f, input_ids=ts.input_ids.astype(np.int32, copy=False),
-                     valid=ts.valid.astype(bool, copy=False),
-                     eval_input_ids=ts.eval_input_ids.astype(np.int32, copy=False),
-                     eval_valid=ts.eval_valid.astype(bool, copy=False))
-            f.flush()
-            os.fsync(f.fileno())
-        write_json_atomic(tmp / META_FILE, ts.meta)  # last: marks the set complete
-        if final.exists():
-            os.rename(final, aside)
-        os.rename(tmp, final)
-        _fsync_dir(run_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(aside, ignore_errors=True)
-    return final, True
-
-
-def _fsync_dir(path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_token_set(run_dir) -> TokenSet:
-    """Read RUN/tokens and verify it against its hash; OocError when missing or corrupt."""
-    folder = tokens_dir(run_dir)
-    meta_path, npz_path = folder / META_FILE, folder / TOKENS_FILE
-    redo = f"re-run `ooc-universal tokens --run-dir {run_dir} ... --force`"
-    if not meta_path.is_file():
-        raise OocError(f"no token set in {str(folder)!r} (meta.json missing); "
-                       f"run `ooc-universal tokens --run-dir {run_dir} ...` first")
-    try:
-        meta = json.loads(meta_path.read_text())
-        with np.load(npz_path, allow_pickle=False) as z:
-            arrays = [np.asarray(z[k]) for k in
-                      ("input_ids", "valid", "eval_input_ids", "eval_valid")]
-        ts = TokenSet(*arrays, meta=meta)
-        ok = (token_hash(ts.input_ids, ts.valid, ts.window, ts.tokenizer) == ts.hash
-              and token_hash(ts.eval_input_ids, ts.eval_valid, ts.window, ts.tokenizer)
-              == meta["eval_hash"])
-    except Exception as exc:  # unreadable zip, missing key, bad JSON: all mean "corrupt"
-        raise OocError(f"token set in {str(folder)!r} is unreadable ({type(exc).__name__}: "
-                       f"{exc}); {redo}") from None
-    if not ok:
-        raise OocError(f"token set in {str(folder)!r} does not match its hash "
-                       f"{meta['hash'][:12]} (modified or corrupt); {redo}")
-    if int(ts.valid.sum()) != ts.n_tokens:
-        raise OocError(f"token set in {str(folder)!r} has {int(ts.valid.sum())} valid "
-                       f"positions, meta.json says {ts.n_tokens}; {redo}")
-    return ts
+    `source` replaces settings.source with what it names already resolved (a 1-D id
+    array: `run` resolves "zoo-heldout" to the zoo's held-out bytes). The caller holds
+    the run lock. A different set already there is refused unless `force`."""
+    ts = build_token_set(settings.source if source is None else source, settings.n_tokens,
+                         tokenizer=settings.tokenizer, window=settings.window,
+                         n_eval_tokens=settings.n_eval_tokens, progress=progress)
+    folder, written = save_token_set(ts, run_dir, force=force)
+    return TokensResult(ts, folder, written)
 
 
 def check_tokenizer_matches(token_set: TokenSet, loaded_model) -> None:

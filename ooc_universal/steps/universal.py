@@ -1,8 +1,8 @@
 """Universal neurons from the reduced statistics: excess correlation, sets, Table 1.
 
-Reads RUN/reduce/<ref_label>__<other_label>.h5 (attributes and a few (N,) arrays; the
-(Na, Nb) cross co-moment only when more baseline draws are asked for) and writes
-RUN/universal/:
+Reads RUN/reduce/<ref_label>__<other_label>.h5 through formats/reduced.py (attributes and
+a few (N,) arrays; the (Na, Nb) cross co-moment only when more baseline draws are asked
+for) and writes RUN/universal/ through formats/tables.py and formats/sets.py:
 
   neurons.parquet, neurons.csv  one row per (reference, other, checkpoint, ref neuron)
   table1.json, table1.csv       % universal per threshold x checkpoint, per pair, per
@@ -28,27 +28,22 @@ never universal but counts in every denominator (percent = 100 * count / n_neuro
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ooc_universal import __version__
+from ooc_universal.config import UniversalConfig
 from ooc_universal.errors import OocError, StaleInputError
-from ooc_universal.rundir import (atomic_path, check_free_space, config_hash, recorded_sha256, step_dir,
-                     write_json_atomic)
+from ooc_universal.formats.reduced import ReducedStats, list_reduced, open_reduced
+from ooc_universal.formats.sets import Provenance, SetsFile, UniversalSet
+from ooc_universal.formats.tables import Table1File, write_universal
+from ooc_universal.formats.tokens import existing_hash, meta_path
+from ooc_universal.rundir import check_free_space, config_hash, recorded_sha256, step_dir
 
 DEFINITIONS = ("per-pair", "pair-averaged")
-DEFAULT_THRESHOLDS = (0.4, 0.5, 0.6)
 PAIR_AVERAGED = "pair-averaged"  # the `other` of a pair-averaged set
-MEAN_OVER_PAIRS = "mean over pairs"  # the `other` of a table1.csv mean row
-LAYOUT_VERSION = 1
-_REQUIRED_ATTRS = (
-    "ref_label", "other_label", "ref_name", "other_name", "ref_step", "other_step",
-    "token_hash", "n_tokens", "n_layers_ref", "d_mlp_ref", "n_layers_other",
-    "d_mlp_other", "baseline_seeds")
 
 
 # ---------------------------------------------------------------- reading reduce files
@@ -75,7 +70,7 @@ class ReducedPair:
     has_cross_comoment: bool
     precision: str
     toolkit_version: str
-    config_json: str = field(repr=False, default="")
+    reduce_config: dict | None = field(repr=False, default=None)
 
     @property
     def checkpoint(self) -> int:
@@ -87,10 +82,6 @@ class ReducedPair:
 
     def describe(self) -> dict:
         """The provenance record written into every output."""
-        try:
-            config = json.loads(self.config_json) if self.config_json else None
-        except ValueError:
-            config = self.config_json
         return {
             "file": self.path.name, "ref_label": self.ref_label,
             "other_label": self.other_label, "ref_name": self.ref_name,
@@ -98,64 +89,25 @@ class ReducedPair:
             "ref_model_id": self.ref_model_id, "other_model_id": self.other_model_id,
             "token_hash": self.token_hash, "n_tokens": self.n_tokens,
             "baseline_seeds": list(self.baseline_seeds), "precision": self.precision,
-            "toolkit_version": self.toolkit_version, "reduce_config": config}
-
-
-def _attr(attrs, key, default=None):
-    if key not in attrs:
-        return default
-    value = attrs[key]
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+            "toolkit_version": self.toolkit_version, "reduce_config": self.reduce_config}
 
 
 def read_reduced(path) -> ReducedPair:
-    """The attributes of one reduce file, checked for the fields this step needs."""
-    import h5py
-    path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise OocError(f"cannot read reduce file {str(path)!r} ({exc}); delete it and "
-                       "run `ooc-universal reduce` again") from None
-    with f:
-        attrs = f.attrs
-        missing = [k for k in _REQUIRED_ATTRS if k not in attrs]
-        if missing:
-            raise OocError(f"{str(path)!r} is not a reduce output (missing attributes "
-                           f"{', '.join(missing)}); remove it from the reduce folder")
-        layout = int(_attr(attrs, "layout_version", LAYOUT_VERSION))
-        if layout != LAYOUT_VERSION:
-            raise OocError(f"{str(path)!r} has layout_version {layout}, this toolkit reads "
-                           f"{LAYOUT_VERSION}; re-run `ooc-universal reduce`")
-        seeds = np.atleast_1d(np.asarray(_attr(attrs, "baseline_seeds"), dtype=np.int64))
-        return ReducedPair(
-            path=path,
-            ref_label=str(_attr(attrs, "ref_label")),
-            other_label=str(_attr(attrs, "other_label")),
-            ref_name=str(_attr(attrs, "ref_name")),
-            other_name=str(_attr(attrs, "other_name")),
-            ref_step=int(_attr(attrs, "ref_step")),
-            other_step=int(_attr(attrs, "other_step")),
-            ref_model_id=str(_attr(attrs, "ref_model_id", "")),
-            other_model_id=str(_attr(attrs, "other_model_id", "")),
-            token_hash=str(_attr(attrs, "token_hash")),
-            n_tokens=int(_attr(attrs, "n_tokens")),
-            n_layers_ref=int(_attr(attrs, "n_layers_ref")),
-            d_mlp_ref=int(_attr(attrs, "d_mlp_ref")),
-            n_layers_other=int(_attr(attrs, "n_layers_other")),
-            d_mlp_other=int(_attr(attrs, "d_mlp_other")),
-            baseline_seeds=tuple(int(s) for s in seeds),
-            has_cross_comoment="cross_comoment" in f,
-            precision=str(_attr(attrs, "precision", "")),
-            toolkit_version=str(_attr(attrs, "toolkit_version", "")),
-            config_json=str(_attr(attrs, "config_json", "")),
-        )
+    """The attributes of one reduce file (formats.reduced checks the header)."""
+    with open_reduced(path) as stats:
+        return _pair_of(stats)
+
+
+def _pair_of(stats: ReducedStats) -> ReducedPair:
+    a = stats.attrs
+    text = {k: str(a.get(k, "")) for k in ("ref_label", "other_label", "ref_name",
+                                            "other_name", "ref_model_id", "other_model_id",
+                                            "token_hash", "precision", "toolkit_version")}
+    ints = {k: int(a[k]) for k in ("ref_step", "other_step", "n_tokens", "n_layers_ref",
+                                   "d_mlp_ref", "n_layers_other", "d_mlp_other")}
+    return ReducedPair(path=stats.path, **text, **ints, baseline_seeds=stats.baseline_seeds,
+                       has_cross_comoment=stats.has_cross_comoment,
+                       reduce_config=stats.config if a.get("config_json") else None)
 
 
 def find_reduced(run_dir) -> list[ReducedPair]:
@@ -164,12 +116,10 @@ def find_reduced(run_dir) -> list[ReducedPair]:
     Only the final names count: `x.h5.partial` and temporary names are work in
     progress and are skipped.
     """
-    reduce_dir = Path(run_dir) / "reduce"
-    paths = sorted(p for p in reduce_dir.glob("*__*.h5") if p.is_file()) \
-        if reduce_dir.is_dir() else []
+    paths = list_reduced(run_dir)
     if not paths:
-        raise OocError(f"no reduced statistics in {str(reduce_dir)!r} (expected "
-                       "<ref>__<other>.h5 files); run `ooc-universal reduce` first")
+        raise OocError(f"no reduced statistics in {str(Path(run_dir) / 'reduce')!r} "
+                       "(expected <ref>__<other>.h5 files); run `ooc-universal reduce` first")
     records = [read_reduced(p) for p in paths]
     return sorted(records, key=lambda r: (r.ref_name, r.checkpoint, r.other_name, r.path.name))
 
@@ -204,14 +154,12 @@ def _check_token_set(run_dir, records) -> str:
             f"reduce files come from {len(hashes)} different token sets ({parts}); "
             "delete the stale files and re-run `ooc-universal reduce` on one token set")
     token_hash = records[0].token_hash
-    meta_path = Path(run_dir) / "tokens" / "meta.json"
-    if meta_path.is_file():
-        current = json.loads(meta_path.read_text()).get("hash")
-        if current and current != token_hash:
-            raise StaleInputError(
-                f"reduce files were made from token set {token_hash[:12]} but "
-                f"{str(meta_path)!r} is token set {current[:12]}; re-run "
-                "`ooc-universal reduce` (and extract) for the current token set")
+    current = existing_hash(run_dir)
+    if current and current != token_hash:
+        raise StaleInputError(
+            f"reduce files were made from token set {token_hash[:12]} but "
+            f"{str(meta_path(run_dir))!r} is token set {current[:12]}; re-run "
+            "`ooc-universal reduce` (and extract) for the current token set")
     return token_hash
 
 
@@ -291,50 +239,32 @@ def extra_draw_seeds(existing, n: int, seed: int = 0) -> tuple[int, ...]:
     return tuple(out)
 
 
-def baseline_from_cross_comoment(path, seeds, chunk_rows: int = 2048,
-                                 progress: bool = False) -> np.ndarray:
+def baseline_from_cross_comoment(stats: ReducedStats, seeds, progress: bool = False
+                                 ) -> np.ndarray:
     """Baseline row maxima (len(seeds), Na) float64 from a kept cross co-moment.
 
     For seed s and layer l of the other model, R = rotation_matrix(s, l, d) and
       cov(a_k, (R b)_m) ~ (C[:, layer l] R^T)[k, m],  var((R b)_m) ~ R[m] S_l R[m]^T,
     with C = cross_comoment, S_l = other/self_comoment[l] and the reference's
     co-moment m2_x = ref/var * n_tokens (all sums, so the 1/n cancels in rho).
-    No pass over the activations: C is read one (rows, d) block at a time, and each
-    layer's rotation is built once per draw.
+    No pass over the activations: kernels.rotation.rotation_baseline (the reduce's own
+    baseline) reads C one strip of rows at a time.
     """
-    import h5py
     from tqdm.auto import tqdm
 
-    from ooc_universal.kernels.rotation import rotated_row_max, rotation_matrix
+    from ooc_universal.kernels.rotation import rotation_baseline
 
-    with h5py.File(path, "r") as f:
-        n_tokens = int(_attr(f.attrs, "n_tokens"))
-        n_layers, d = int(_attr(f.attrs, "n_layers_other")), int(_attr(f.attrs, "d_mlp_other"))
-        cross = f["cross_comoment"]
-        self_comoment = f["other/self_comoment"][...].astype(np.float64)  # (L_b, d, d)
-        m2_x = f["ref/var"][...].astype(np.float64) * n_tokens  # (Na,)
-        zero_x = f["ref/zero_var"][...].astype(bool)
-        n_ref = cross.shape[0]
-        if cross.shape != (m2_x.size, n_layers * d):
-            raise OocError(f"{str(path)!r}: cross_comoment has shape {cross.shape}, expected "
-                           f"({m2_x.size}, {n_layers * d}); re-run `ooc-universal reduce`")
-        out = np.full((len(seeds), n_ref), -np.inf)
-        bar = tqdm(total=len(seeds) * n_layers, disable=not progress, unit="layer",
-                   desc=f"baseline draws {Path(path).stem}", leave=False)
-        for j, s in enumerate(seeds):
-            for layer in range(n_layers):
-                rot = rotation_matrix(int(s), layer, d)  # (d, d), built once per layer
-                cols = slice(layer * d, (layer + 1) * d)
-                for r0 in range(0, n_ref, chunk_rows):
-                    r1 = min(n_ref, r0 + chunk_rows)
-                    m = rotated_row_max(cross[r0:r1, cols].astype(np.float64), m2_x[r0:r1],
-                                        self_comoment[layer], rot)
-                    np.maximum(out[j, r0:r1], m, out=out[j, r0:r1])
-                bar.update(1)
-        out[~np.isfinite(out)] = 0.0  # rho with a zero-variance neuron is 0
-        out[:, zero_x] = 0.0
-        bar.close()
-    return out
+    n_layers, d = int(stats.attrs["n_layers_other"]), int(stats.attrs["d_mlp_other"])
+    cross = stats.cross_comoment
+    m2_x = stats.ref_var.astype(np.float64) * stats.n_tokens  # (Na,)
+    if cross.shape != (m2_x.size, n_layers * d):
+        raise OocError(f"{str(stats.path)!r}: cross_comoment has shape {cross.shape}, "
+                       f"expected ({m2_x.size}, {n_layers * d}); re-run `ooc-universal reduce`")
+    with tqdm(total=len(seeds) * n_layers, disable=not progress, unit="layer", leave=False,
+              desc=f"baseline draws {stats.path.stem}") as bar:
+        return rotation_baseline(cross, m2_x, stats.self_comoment, seeds, d,
+                                 zero_rows=stats.ref_zero_var.astype(bool),
+                                 on_layer=lambda: bar.update(1))
 
 
 # ---------------------------------------------------------------- per-pair statistics
@@ -359,37 +289,38 @@ class PairStats:
 def load_pair(record: ReducedPair, extra_baseline_draws: int = 0, seed: int = 0,
               progress: bool = False) -> PairStats:
     """Read one pair's row maxima and baselines, adding draws from the cross co-moment."""
-    import h5py
-    with h5py.File(record.path, "r") as f:
-        row_max = f["row_max"][...].astype(np.float64)
-        row_argmax = f["row_argmax"][...].astype(np.int64)
-        zero_var = f["ref/zero_var"][...].astype(bool)
-        baseline = f["baseline/row_max"][...].astype(np.float64) \
-            if "baseline/row_max" in f else np.zeros((0, row_max.size))
-    baseline = baseline.reshape(-1, row_max.size)
-    if baseline.shape[0] != len(record.baseline_seeds):
-        raise OocError(f"{record.path.name}: baseline/row_max has {baseline.shape[0]} draws "
-                       f"but baseline_seeds lists {len(record.baseline_seeds)}; re-run reduce")
-    if row_max.size != record.n_ref:
-        raise OocError(f"{record.path.name}: row_max has {row_max.size} entries, expected "
-                       f"{record.n_layers_ref} x {record.d_mlp_ref}; re-run reduce")
-    seeds, sources = list(record.baseline_seeds), ["reduce"] * len(record.baseline_seeds)
-    if extra_baseline_draws:
-        if not record.has_cross_comoment:
-            raise OocError(f"{record.path.name} has no cross_comoment, so no extra baseline "
-                           "draws can be computed from it; re-run `ooc-universal reduce "
-                           "--keep-covariance` or ask for more --baseline-draws there")
-        new = extra_draw_seeds(seeds, extra_baseline_draws, seed)
-        more = baseline_from_cross_comoment(record.path, new, progress=progress)
-        baseline = np.concatenate([baseline, more], axis=0)
-        seeds += list(new)
-        sources += ["cross_comoment"] * len(new)
+    with open_reduced(record.path) as stats:
+        row_max = stats.row_max.astype(np.float64)
+        if row_max.size != record.n_ref:
+            raise OocError(f"{record.path.name}: row_max has {row_max.size} entries, "
+                           f"expected {record.n_layers_ref} x {record.d_mlp_ref}; re-run reduce")
+        baseline = stats.baseline_row_max.astype(np.float64)
+        if baseline.shape[0] != len(record.baseline_seeds):
+            raise OocError(f"{record.path.name}: baseline/row_max has {baseline.shape[0]} "
+                           f"draws but baseline_seeds lists {len(record.baseline_seeds)}; "
+                           "re-run reduce")
+        seeds, sources = list(record.baseline_seeds), ["reduce"] * len(record.baseline_seeds)
+        if extra_baseline_draws:
+            new = extra_draw_seeds(seeds, extra_baseline_draws, seed)
+            baseline = np.concatenate([baseline, _extra_draws(stats, new, progress)], axis=0)
+            seeds += list(new)
+            sources += ["cross_comoment"] * len(new)
+        pair = PairStats(record, row_max, stats.row_argmax.astype(np.int64),
+                         stats.ref_zero_var.astype(bool), baseline, tuple(seeds),
+                         tuple(sources))
     if baseline.shape[0] == 0:
         raise OocError(f"{record.path.name} has no baseline draw; re-run `ooc-universal "
                        "reduce` with --baseline-draws 1 or more (or --keep-covariance and "
                        "--extra-baseline-draws here)")
-    return PairStats(record, row_max, row_argmax, zero_var, baseline, tuple(seeds),
-                     tuple(sources))
+    return pair
+
+
+def _extra_draws(stats: ReducedStats, seeds, progress: bool) -> np.ndarray:
+    if not stats.has_cross_comoment:
+        raise OocError(f"{stats.path.name} has no cross_comoment, so no extra baseline "
+                       "draws can be computed from it; re-run `ooc-universal reduce "
+                       "--keep-covariance` or ask for more --baseline-draws there")
+    return baseline_from_cross_comoment(stats, seeds, progress=progress)
 
 
 @dataclass
@@ -410,33 +341,36 @@ def _units(stats: list[PairStats], definition: str) -> list[Unit]:
         return [Unit(s.record.ref_name, s.record.other_name, s.record.checkpoint,
                      s.record.n_layers_ref, s.record.d_mlp_ref, s.excess, s.zero_var,
                      (s.record.other_name,)) for s in stats]
+    return [Unit(a.reference, PAIR_AVERAGED, a.checkpoint, a.record.n_layers_ref,
+                 a.record.d_mlp_ref, a.row_max[None, :] - a.baseline, a.zero_var, a.others)
+            for a in _pair_averages(stats)]
+
+
+@dataclass
+class PairAverage:
+    """A reference's pairs at one checkpoint, averaged (Gurnee et al.)."""
+    reference: str
+    checkpoint: int
+    record: ReducedPair  # the first pair's (shapes of the reference)
+    row_max: np.ndarray  # (Na,) mean over the pairs
+    baseline: np.ndarray  # (D, Na) mean over the pairs, D = the fewest draws of any
+    zero_var: np.ndarray  # (Na,) zero variance in any pair
+    others: tuple  # the pairs averaged over
+
+
+def _pair_averages(stats: list[PairStats]) -> list[PairAverage]:
     groups: dict = {}
     for s in stats:
         groups.setdefault((s.record.ref_name, s.record.checkpoint), []).append(s)
-    units = []
+    out = []
     for (ref, ckpt), group in groups.items():
         n_draws = min(s.baseline.shape[0] for s in group)
-        row_max = np.mean([s.row_max for s in group], axis=0)
-        baseline = np.mean([s.baseline[:n_draws] for s in group], axis=0)
-        r = group[0].record
-        units.append(Unit(ref, PAIR_AVERAGED, ckpt, r.n_layers_ref, r.d_mlp_ref,
-                          row_max[None, :] - baseline,
-                          np.any([s.zero_var for s in group], axis=0),
-                          tuple(s.record.other_name for s in group)))
-    return units
-
-
-def _pair_averaged_rows(stats: list[PairStats]):
-    """Mean row_max / baseline per (reference, checkpoint), for the neuron table."""
-    groups: dict = {}
-    for s in stats:
-        groups.setdefault((s.record.ref_name, s.record.checkpoint), []).append(s)
-    for (ref, ckpt), group in groups.items():
-        n_draws = min(s.baseline.shape[0] for s in group)
-        r = group[0].record
-        yield (ref, ckpt, r, np.mean([s.row_max for s in group], axis=0),
-               np.mean([s.baseline[:n_draws] for s in group], axis=0),
-               np.any([s.zero_var for s in group], axis=0))
+        out.append(PairAverage(ref, ckpt, group[0].record,
+                               np.mean([s.row_max for s in group], axis=0),
+                               np.mean([s.baseline[:n_draws] for s in group], axis=0),
+                               np.any([s.zero_var for s in group], axis=0),
+                               tuple(s.record.other_name for s in group)))
+    return out
 
 
 # ---------------------------------------------------------------- tables
@@ -473,10 +407,11 @@ def neuron_table(stats: list[PairStats], definition: str = "per-pair"):
                             r.d_mlp_ref, s.row_max, s.row_argmax, r.d_mlp_other,
                             s.baseline, s.zero_var))
     if definition == PAIR_AVERAGED:
-        for ref, ckpt, r, row_max, baseline, zero in _pair_averaged_rows(stats):
-            none = np.full(row_max.size, -1, np.int64)
-            frames.append(frame(ref, PAIR_AVERAGED, ckpt, r.n_layers_ref, r.d_mlp_ref,
-                                row_max, none, 1, baseline, zero))
+        for a in _pair_averages(stats):
+            none = np.full(a.row_max.size, -1, np.int64)
+            frames.append(frame(a.reference, PAIR_AVERAGED, a.checkpoint,
+                                a.record.n_layers_ref, a.record.d_mlp_ref, a.row_max, none,
+                                1, a.baseline, a.zero_var))
     df = pd.concat(frames, ignore_index=True)
     for col in ("reference", "other"):
         df[col] = df[col].astype(str)
@@ -538,138 +473,39 @@ def table1(units: list[Unit], thresholds) -> list[dict]:
     return entries
 
 
-def table1_frame(entries: list[dict]):
-    """table1.json entries in long format (other = name or "mean over pairs")."""
-    import pandas as pd
-    rows = []
-
-    def add(e, other, layer, percent, count, n, spread):
-        rows.append({"reference": e["reference"], "threshold": e["threshold"],
-                     "checkpoint": e["checkpoint"], "other": other, "layer": layer,
-                     "percent": percent, "count": count, "n_neurons": n,
-                     "n_draws": spread["n_draws"], "draws_mean": spread["mean"],
-                     "draws_std": spread["std"], "draws_min": spread["min"],
-                     "draws_max": spread["max"]})
-
-    for e in entries:
-        add(e, MEAN_OVER_PAIRS, "all", e["percent"], None, e["n_neurons"], e["draws"])
-        for layer in range(e["n_layers"]):
-            add(e, MEAN_OVER_PAIRS, str(layer), e["per_layer_percent"][layer], None,
-                e["d_mlp"], e["per_layer_draws"][layer])
-        for p in e["pairs"]:
-            add(e, p["other"], "all", p["percent"], p["count"], e["n_neurons"], p["draws"])
-            for layer in range(e["n_layers"]):
-                add(e, p["other"], str(layer), p["per_layer_percent"][layer],
-                    p["per_layer_count"][layer], e["d_mlp"], p["per_layer_draws"][layer])
-    df = pd.DataFrame(rows)
-    df["count"] = df["count"].astype("Int64")
-    return df
-
-
-def universal_sets(units: list[Unit], thresholds, definition: str) -> list[dict]:
+def universal_sets(units: list[Unit], thresholds, definition: str) -> list[UniversalSet]:
     """The draw-0 universal sets, one per (unit, threshold)."""
     sets = []
     for u in sorted(units, key=lambda u: (u.reference, u.checkpoint, u.other)):
         for tau in thresholds:
-            entry = {"reference": u.reference, "other": u.other, "checkpoint": u.checkpoint,
-                     "threshold": tau, "definition": definition, "draw": 0,
-                     "n_layers": u.n_layers, "d_mlp": u.d_mlp,
-                     "neurons": np.flatnonzero(u.excess[0] > tau).tolist()}
-            if definition == PAIR_AVERAGED:
-                entry["others"] = list(u.others)
-            sets.append(entry)
+            sets.append(UniversalSet(
+                reference=u.reference, other=u.other, checkpoint=u.checkpoint,
+                threshold=tau, definition=definition, draw=0, n_layers=u.n_layers,
+                d_mlp=u.d_mlp, neurons=np.flatnonzero(u.excess[0] > tau),
+                others=tuple(u.others) if definition == PAIR_AVERAGED else None))
     return sets
-
-
-def format_table1(doc: dict) -> str:
-    """Table 1 as text: mean over pairs, draw spread, per-pair values, per layer."""
-    entries = doc["table1"]
-    lines = []
-    for ref in sorted({e["reference"] for e in entries}):
-        es = [e for e in entries if e["reference"] == ref]
-        ckpts = sorted({e["checkpoint"] for e in es})
-        taus = sorted({e["threshold"] for e in es})
-        by = {(e["threshold"], e["checkpoint"]): e for e in es}
-        definition = doc["config"]["definition"]
-        n_pairs = max(e["n_pairs"] for e in es)
-        what = ("mean over pairs" if definition == "per-pair"
-                else "pair-averaged excess, one set per checkpoint")
-        lines.append(f"Table 1: % universal neurons (excess > tau, draw 0) of {ref}, "
-                     f"{what} ({n_pairs} pair(s))")
-        head = "threshold".ljust(12) + "".join(f"{_ckpt(c):>14}" for c in ckpts)
-        lines.append(head)
-        for tau in taus:
-            lines.append(f"{tau:<12g}" + "".join(
-                f"{by[(tau, c)]['percent']:>14.2f}" if (tau, c) in by else f"{'-':>14}"
-                for c in ckpts))
-        draws = max(e["draws"]["n_draws"] for e in es)
-        if draws > 1:
-            lines.append(f"spread over {draws} baseline draws of the value above "
-                         "(mean +- std [min, max]):")
-            for tau in taus:
-                cells = []
-                for c in ckpts:
-                    s = by[(tau, c)]["draws"] if (tau, c) in by else None
-                    cells.append(f"{s['mean']:.2f}+-{s['std']:.2f} [{s['min']:.2f}, "
-                                 f"{s['max']:.2f}]" if s else "-")
-                lines.append(f"  {tau:<10g}" + "  ".join(f"{x:>26}" for x in cells))
-        if definition == "per-pair":
-            lines.append("per pair (draw 0" + (", +- std over draws)" if draws > 1 else ")")
-                         + ":")
-            lines.append(f"  {'other':<28} {'tau':<6}" + " ".join(f"{_ckpt(c):>17}"
-                                                                for c in ckpts))
-            others = sorted({p["other"] for e in es for p in e["pairs"]})
-            for other in others:
-                for tau in taus:
-                    cells = []
-                    for c in ckpts:
-                        p = next((p for p in by.get((tau, c), {}).get("pairs", [])
-                                  if p["other"] == other), None)
-                        if p is None:
-                            cells.append(f"{'-':>17}")
-                        elif p["draws"]["n_draws"] > 1:
-                            cells.append(f"{p['percent']:>7.2f} (+-{p['draws']['std']:5.2f})")
-                        else:
-                            cells.append(f"{p['percent']:>17.2f}")
-                    lines.append(f"  {other[:28]:<28} {tau:<6g}" + " ".join(cells))
-        lines.append("per layer (" + ("mean over pairs" if definition == "per-pair"
-                                      else "pair-averaged") + "):")
-        n_layers = es[0]["n_layers"]
-        for tau in taus:
-            lines.append(f"  tau={tau:g}: layer " + " ".join(f"{c:>{8}}" for c in
-                                                           map(_ckpt, ckpts)))
-            for layer in range(n_layers):
-                lines.append(f"  {'':8}{layer:>6} " + " ".join(
-                    f"{by[(tau, c)]['per_layer_percent'][layer]:>8.2f}"
-                    if (tau, c) in by else f"{'-':>8}" for c in ckpts))
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _ckpt(c: int) -> str:
-    return "no step" if c < 0 else str(c)
 
 
 # ---------------------------------------------------------------- the step
 
-def universal(run_dir, reference=None, thresholds=DEFAULT_THRESHOLDS,
-              definition: str = "per-pair", all_references: bool = False,
-              extra_baseline_draws: int = 0, seed: int = 0,
-              progress: bool = True) -> dict[str, Path]:
-    """Excess correlation, universal sets and Table 1 from RUN/reduce; returns the paths.
+@dataclass
+class UniversalOutput:
+    """What the step wrote: the paths (neurons_parquet, neurons_csv, table1_csv, table1,
+    sets) and Table 1 itself (formats.tables.format_table1 prints it)."""
+    paths: dict[str, Path]
+    table1: Table1File
+
+
+def universal(run_dir, settings: UniversalConfig = UniversalConfig(), *, reference=None,
+              all_references: bool = False, progress: bool = True) -> UniversalOutput:
+    """Excess correlation, universal sets and Table 1 from RUN/reduce.
 
     reference: a ref_name (or its label, model id or alias); default: the only one.
-    extra_baseline_draws: more rotation draws from each file's cross_comoment (needs
-      `reduce --keep-covariance`), seeded seed, seed+1, ... skipping the reduce's seeds.
+    settings.extra_baseline_draws: more rotation draws from each file's cross_comoment
+      (needs `reduce --keep-covariance`), seeded settings.seed, seed+1, ... skipping
+      the reduce's seeds.
     """
-    from tqdm.auto import tqdm
-
-    thresholds = check_thresholds(thresholds)
-    if definition not in DEFINITIONS:
-        raise OocError(f"definition {definition!r} is not one of {', '.join(DEFINITIONS)}")
-    if int(extra_baseline_draws) != extra_baseline_draws or extra_baseline_draws < 0:
-        raise OocError(f"extra_baseline_draws {extra_baseline_draws!r} must be an integer >= 0")
-    extra_baseline_draws = int(extra_baseline_draws)
+    thresholds = check_thresholds(settings.thresholds)
     records = find_reduced(run_dir)
     token_hash = _check_token_set(run_dir, records)
     refs = select_references(records, reference, all_references)
@@ -677,66 +513,44 @@ def universal(run_dir, reference=None, thresholds=DEFAULT_THRESHOLDS,
     _check_checkpoints(records)
     _check_selection(records)
 
-    stats = [load_pair(r, extra_baseline_draws, seed, progress=progress)
-             for r in tqdm(records, disable=not progress, desc="universal", unit="pair")]
-    units = _units(stats, definition)
-    entries = table1(units, thresholds)
-    neurons = neuron_table(stats, definition)
+    stats = _load_pairs(records, settings, progress)
+    units = _units(stats, settings.definition)
+    neurons = neuron_table(stats, settings.definition)
+    provenance = _provenance(stats, settings, thresholds, refs, reference, all_references,
+                             token_hash)
+    table = Table1File(table1(units, thresholds), provenance)
+    sets = SetsFile(universal_sets(units, thresholds, settings.definition), provenance)
 
+    out = step_dir(run_dir, "universal")
+    check_free_space(out, int(neurons.memory_usage(deep=True).sum() * 3), "universal tables")
+    record = {"step": "universal", "token_hash": token_hash,
+              "config_hash": config_hash(provenance.config),
+              "inputs": {f"reduce/{r.path.name}": recorded_sha256(r.path) for r in records}}
+    return UniversalOutput(write_universal(run_dir, neurons, table, sets, record), table)
+
+
+def _load_pairs(records, settings: UniversalConfig, progress: bool) -> list[PairStats]:
+    from tqdm.auto import tqdm
+    return [load_pair(r, settings.extra_baseline_draws, settings.seed, progress=progress)
+            for r in tqdm(records, disable=not progress, desc="universal", unit="pair")]
+
+
+def _provenance(stats, settings, thresholds, refs, reference, all_references,
+                token_hash) -> Provenance:
+    """The settings, the inputs and their id, saved in every output of the step."""
     config = {
-        "thresholds": list(thresholds), "definition": definition,
+        "thresholds": list(thresholds), "definition": settings.definition,
         "rule": "universal when excess > threshold (strict); excess = excess_0 "
                 "(draw 0, the paper's single rotation)",
         "canonical_draw": 0, "references": refs, "reference_arg": reference,
         "all_references": bool(all_references),
-        "extra_baseline_draws": extra_baseline_draws, "seed": int(seed),
+        "extra_baseline_draws": settings.extra_baseline_draws, "seed": settings.seed,
     }
     inputs = []
     for s in stats:
         d = s.record.describe()
         d["draw_seeds"], d["draw_sources"] = list(s.seeds), list(s.sources)
         inputs.append(d)
-    provenance = {"config": config, "inputs": inputs, "token_hash": token_hash,
-                  "toolkit_version": __version__}
-    provenance["universal_id"] = hashlib.sha256(
-        json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    out = step_dir(run_dir, "universal")
-    check_free_space(out, int(neurons.memory_usage(deep=True).sum() * 3), "universal tables")
-    paths = {"neurons_parquet": out / "neurons.parquet", "neurons_csv": out / "neurons.csv",
-             "table1_csv": out / "table1.csv", "table1": out / "table1.json",
-             "sets": out / "sets.json"}
-    for key in ("sets", "table1"):  # the completion markers go first and come back last
-        paths[key].unlink(missing_ok=True)
-    record = {"step": "universal", "token_hash": token_hash, "config_hash": config_hash(config),
-              "inputs": {f"reduce/{r.path.name}": recorded_sha256(r.path) for r in records}}
-    _write_parquet(neurons, paths["neurons_parquet"], provenance, record)
-    with atomic_path(paths["neurons_csv"], record) as tmp:
-        neurons.to_csv(tmp, index=False)
-    with atomic_path(paths["table1_csv"], record) as tmp:
-        table1_frame(entries).to_csv(tmp, index=False)
-    write_json_atomic(paths["table1"], {**provenance, "table1": entries}, record)
-    write_json_atomic(paths["sets"], {**provenance, "sets": universal_sets(
-        units, thresholds, definition)}, record)
-    return paths
-
-
-def _write_parquet(df, path: Path, provenance: dict, record: dict | None = None) -> None:
-    """Parquet with the provenance in the schema metadata (key b"ooc_universal")."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    meta = dict(table.schema.metadata or {})
-    meta[b"ooc_universal"] = json.dumps(provenance, sort_keys=True, default=str).encode()
-    table = table.replace_schema_metadata(meta)
-    with atomic_path(path, record) as tmp:
-        pq.write_table(table, tmp)
-
-
-def load_sets(run_dir) -> dict:
-    """RUN/universal/sets.json, or a one-line error saying which step makes it."""
-    path = Path(run_dir) / "universal" / "sets.json"
-    if not path.is_file():
-        raise OocError(f"no universal sets at {str(path)!r}; run `ooc-universal universal` first")
-    return json.loads(path.read_text())
-
+    described = {"config": config, "inputs": inputs, "token_hash": token_hash,
+                 "toolkit_version": __version__}
+    return Provenance(**described, universal_id=config_hash(described))

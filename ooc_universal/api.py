@@ -1,0 +1,159 @@
+"""The notebook API: `open_run(path)` -> a Run whose methods return pandas and xarray.
+
+    import ooc_universal as ou
+    run = ou.open_run("runs/demo")
+    run.table1()                         # DataFrame: % universal per pair/threshold/checkpoint
+    run.neurons()                        # DataFrame: one row per reference neuron and pair
+    run.reduced("tiny-a@4500", "tiny-b@4500")   # xarray.Dataset with named dims
+    run.store("tiny-a@4500")             # xarray.DataArray (token, neuron), dask-backed
+
+Everything is read through ooc_universal.formats (the same readers the steps use), so a
+missing or damaged file is one OocError line naming it and the step that makes it.
+Nothing here writes to the run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ooc_universal.errors import OocError
+
+
+def open_run(path) -> "Run":
+    """The run directory `path` (made by `ooc-universal run` or the steps by hand)."""
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise OocError(f"run directory {str(run_dir)!r} does not exist; give the --run-dir "
+                       "of a run (it holds tokens/, stores/, reduce/ ...)")
+    return Run(run_dir)
+
+
+class Run:
+    """One run directory; every method reads on call (nothing is cached)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir)
+
+    def __repr__(self):
+        return f"Run({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ config
+    def config(self):
+        """The RunConfig saved as RUN/config.toml (None when the steps ran by hand)."""
+        from ooc_universal.config import RunConfig
+        path = self.path / "config.toml"
+        return RunConfig.from_toml(path) if path.is_file() else None
+
+    # ------------------------------------------------------------------ tables
+    def table1(self):
+        """Table 1 (universal fraction per reference, other, threshold, checkpoint)."""
+        from ooc_universal.formats.tables import read_table1, table1_frame
+        return table1_frame(read_table1(self.path).entries)
+
+    def neurons(self, columns=None):
+        """The per-neuron table of the universal step (max corr, baseline, excess ...)."""
+        from ooc_universal.formats.tables import read_neurons
+        return read_neurons(self.path, columns=columns).frame
+
+    def persistence(self):
+        """P(universal at t2 | universal at t1), per pair, mean and pooled over pairs."""
+        from ooc_universal.formats.tables import persistence_frame, read_persistence
+        return persistence_frame(read_persistence(self.path))
+
+    def ablation(self):
+        """KL and delta loss per ablated set (universal, controls), one row per set."""
+        import pandas as pd
+        from ooc_universal.formats.ablation import read_ablation
+        result = read_ablation(self.path)
+        return pd.DataFrame(result.rows, columns=result.columns or None)
+
+    def sets(self):
+        """The universal sets (formats.sets.UniversalSet records)."""
+        from ooc_universal.formats.sets import read_sets
+        return read_sets(self.path).sets
+
+    def status(self, verify: bool = False):
+        """What the run directory holds, one row per step output (status.status)."""
+        import pandas as pd
+        from ooc_universal.status import COLUMNS, status
+        return pd.DataFrame(status(self.path, verify=verify), columns=list(COLUMNS))
+
+    def plan(self, echo=None) -> dict:
+        """The dry run of the saved config (disk, RAM, FLOPs, time); prints unless
+        echo is given (echo=lambda s: None for silence)."""
+        from ooc_universal.run import dry_run
+        cfg = self.config()
+        if cfg is None:
+            raise OocError(f"{str(self.path)!r} has no config.toml; plan() needs a run made "
+                           "by `ooc-universal run`")
+        return dry_run(cfg, echo=echo or print)
+
+    # ------------------------------------------------------------------ arrays
+    def reduced_pairs(self) -> list[tuple[str, str]]:
+        """(reference label, other label) of every complete reduce output."""
+        from ooc_universal.formats.reduced import list_reduced
+        return [tuple(p.stem.split("__", 1)) for p in list_reduced(self.path)]
+
+    def reduced(self, ref: str, other: str):
+        """The reduced statistics of one pair as an xarray.Dataset: dims ref_neuron,
+        other_neuron, draw; coords layer/neuron per side; cross_comoment stays out (it is
+        Na x Nb: read it with formats.reduced.open_reduced(...).cross_comoment by slices)."""
+        import xarray as xr
+        from ooc_universal.formats.reduced import open_reduced, reduced_path
+        path = reduced_path(self.path, ref, other)
+        if not path.is_file():
+            have = ", ".join("__".join(p) for p in self.reduced_pairs()) or "none"
+            raise OocError(f"no reduce output for {ref}__{other} in {str(self.path)!r}; "
+                           f"complete pairs: {have}")
+        with open_reduced(path) as st:
+            a, d_a = int(st.attrs["n_layers_ref"]), int(st.attrs["d_mlp_ref"])
+            b, d_b = int(st.attrs["n_layers_other"]), int(st.attrs["d_mlp_other"])
+            ref_vars = {"ref_mean": st.ref_mean, "ref_var": st.ref_var,
+                        "ref_zero_var": st.ref_zero_var, "row_max": st.row_max,
+                        "row_argmax": st.row_argmax}
+            other_vars = {"other_mean": st.other_mean, "other_var": st.other_var,
+                          "other_zero_var": st.other_zero_var, "col_max": st.col_max,
+                          "col_argmax": st.col_argmax}
+            data = {k: ("ref_neuron", np.asarray(v)) for k, v in ref_vars.items()}
+            data.update({k: ("other_neuron", np.asarray(v)) for k, v in other_vars.items()})
+            data["baseline_row_max"] = (("draw", "ref_neuron"), np.asarray(st.baseline_row_max))
+            attrs = {k: v for k, v in st.attrs.items() if isinstance(v, (str, int, float))}
+            seeds = list(st.baseline_seeds)
+        coords = {**_layer_coords("ref_neuron", a, d_a), **_layer_coords("other_neuron", b, d_b),
+                  "draw": np.arange(len(seeds)), "seed": ("draw", np.asarray(seeds))}
+        return xr.Dataset(data, coords=coords, attrs=attrs)
+
+    def store(self, label: str):
+        """One activation store as a lazily read xarray.DataArray (token, neuron): dask
+        chunks are the store's token blocks; coords layer/neuron and, per row, the
+        window and position it came from (the token set's valid positions in order)."""
+        import dask.array as da
+        import xarray as xr
+        from ooc_universal.formats.store import open_store
+        from ooc_universal.formats.tokens import load_token_set
+        path = self.path / "stores" / f"{label}.h5"
+        if not path.is_file():
+            have = sorted(p.stem for p in (self.path / "stores").glob("*.h5"))
+            raise OocError(f"no activation store {label!r} in {str(self.path)!r}; "
+                           f"stores: {', '.join(have) or 'none'}")
+        st = open_store(path)
+        n_layers, d_mlp = int(st.attrs["n_layers"]), int(st.attrs["d_mlp"])
+        window, position = np.nonzero(load_token_set(self.path).valid)
+        if window.size != st.shape[0]:
+            raise OocError(f"store {label!r} has {st.shape[0]} rows but the run's token set "
+                           f"has {window.size} valid positions; re-run extract")
+        lazy = da.from_array(st, chunks=st.chunks, asarray=False)
+        coords = {**_layer_coords("neuron", n_layers, d_mlp),
+                  "window": ("token", window), "position": ("token", position)}
+        return xr.DataArray(lazy, dims=("token", "neuron"), coords=coords, name=label,
+                            attrs={k: v for k, v in st.attrs.items()
+                                   if isinstance(v, (str, int, float))})
+
+
+def _layer_coords(dim: str, n_layers: int, d_mlp: int) -> dict:
+    """(layer, neuron-in-layer) of each flat index layer * d_mlp + i, on dimension `dim`."""
+    flat = np.arange(n_layers * d_mlp)
+    prefix = "" if dim == "neuron" else dim.replace("_neuron", "") + "_"
+    return {dim: flat, f"{prefix}layer": (dim, flat // d_mlp),
+            f"{prefix}index": (dim, flat % d_mlp)}

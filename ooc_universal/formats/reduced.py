@@ -1,0 +1,569 @@
+"""Reduced statistics: RUN/reduce/<ref>__<other>.h5, one file per (reference, other) pair.
+
+This module is the only reader and writer of that file (and of the reduce's work
+directory, RUN/reduce/.work/<key>/, whose checkpoints only the reduce reads).
+
+Layout (layout_version 1; the file exists under its final name only when complete):
+
+  ref/mean, ref/var, ref/zero_var       (Na,) f64, f64, bool   reference neurons
+  other/mean, other/var, other/zero_var (Nb,) f64, f64, bool   other model's neurons
+  other/self_comoment                   (L_b, d, d) f64        within-layer co-moment sums
+  row_max, row_argmax                   (Na,) f32|f64, i64     max_l rho(a_k, b_l), flat l
+                                                               (-1: zero variance)
+  col_max, col_argmax                   (Nb,) f32|f64, i64     the reverse direction
+  baseline/row_max                      (K, Na) f32|f64        rotated other model, per draw
+  cross_comoment                        (Na, Nb) f32           only with keep_covariance;
+                                                               chunks of <= 1024 x 1024
+  attributes: ref_/other_ label, name, step, model_id, revision; token_hash, n_tokens,
+  n_layers_ref, d_mlp_ref, n_layers_other, d_mlp_other, precision, baseline_seeds (K,)
+  i64, n_zero_var_ref, n_zero_var_other, config_json (settings, plan, both stores'
+  metadata), toolkit_version, layout_version.
+  Na = n_layers_ref * d_mlp_ref, Nb = n_layers_other * d_mlp_other (flat index
+  layer * d_mlp + neuron), d = d_mlp_other.
+
+Reading: `open_reduced(path)` -> ReducedStats (a context manager; attributes read at
+open, arrays on first use, the two big ones lazily by slices). Writing: `create_reduced`
+yields a ReducedWriter on a temporary name; the arrays can be written panel by panel
+(rows of the reference), and the file is renamed to its final name, with its checksum
+sidecar, only when the block exits without an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ooc_universal import __version__, faults
+from ooc_universal.errors import OocError
+from ooc_universal.formats.store import plain_attr
+
+LAYOUT_VERSION = 1
+REDUCE_DIR = "reduce"
+CROSS_CHUNK = 1024  # rows and columns per chunk of cross_comoment (read by slices)
+
+# the attributes every reader relies on (the rest have defaults)
+REQUIRED_ATTRS = (
+    "ref_label", "other_label", "ref_name", "other_name", "ref_step", "other_step",
+    "token_hash", "n_tokens", "n_layers_ref", "d_mlp_ref", "n_layers_other",
+    "d_mlp_other", "baseline_seeds")
+
+# python attribute of ReducedStats -> dataset name in the file
+ARRAYS = {
+    "ref_mean": "ref/mean", "ref_var": "ref/var", "ref_zero_var": "ref/zero_var",
+    "other_mean": "other/mean", "other_var": "other/var", "other_zero_var": "other/zero_var",
+    "row_max": "row_max", "row_argmax": "row_argmax",
+    "col_max": "col_max", "col_argmax": "col_argmax",
+    "baseline_row_max": "baseline/row_max",
+}
+SELF_COMOMENT = "other/self_comoment"
+CROSS_COMOMENT = "cross_comoment"
+
+
+# ---------------------------------------------------------------------------- paths
+
+def reduced_path(run_dir, ref_label: str, other_label: str) -> Path:
+    """Where the pair (ref_label, other_label) of a run is (or will be) stored."""
+    return Path(run_dir) / REDUCE_DIR / f"{ref_label}__{other_label}.h5"
+
+
+def is_reduced_name(name: str) -> bool:
+    """A final pair file name (`a__b.h5`), not a temporary or a partial one."""
+    return name.endswith(".h5") and "__" in name[:-3] and "/" not in name
+
+
+def list_reduced(run_dir) -> list[Path]:
+    """The complete pair files of a run, sorted by name ([] when there is no reduce/).
+    Temporaries (`x.h5.tmp-<pid>`) and work in progress never carry the final name."""
+    rdir = Path(run_dir) / REDUCE_DIR
+    if not rdir.is_dir():
+        return []
+    return sorted(p for p in rdir.glob("*__*.h5") if p.is_file() and is_reduced_name(p.name))
+
+
+# ---------------------------------------------------------------------------- reading
+
+def plain(value):
+    """An HDF5 attribute as a plain Python value (bytes -> str, numpy -> int/float/list)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return plain_attr(value)
+
+
+class ReducedStats:
+    """One open pair file (read-only). Attributes and config are plain Python values;
+    the (N,) and (K, Na) arrays are read whole on first use and kept; `self_comoment`
+    and `cross_comoment` are h5py datasets, read by the slices asked for
+    (`stats.self_comoment[layer]`, `stats.cross_comoment[r0:r1, c0:c1]`)."""
+
+    def __init__(self, path, h5file, attrs: dict, config: dict):
+        self.path = Path(path)
+        self._f = h5file
+        self.attrs = attrs
+        self.config = config
+        self._cache: dict = {}
+
+    # -- identity and shapes
+    @property
+    def ref_label(self) -> str:
+        return str(self.attrs["ref_label"])
+
+    @property
+    def other_label(self) -> str:
+        return str(self.attrs["other_label"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attrs["n_tokens"])
+
+    @property
+    def n_ref(self) -> int:
+        return int(self.attrs["n_layers_ref"]) * int(self.attrs["d_mlp_ref"])
+
+    @property
+    def n_other(self) -> int:
+        return int(self.attrs["n_layers_other"]) * int(self.attrs["d_mlp_other"])
+
+    @property
+    def baseline_seeds(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in np.atleast_1d(self.attrs["baseline_seeds"]))
+
+    @property
+    def settings(self) -> dict:
+        """The reduce settings the file was made with ({} when not recorded)."""
+        return dict(self.config.get("settings") or {})
+
+    # -- arrays
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            key = ARRAYS[name]
+            if key not in self._f:
+                raise OocError(f"{str(self.path)!r} has no dataset {key!r}; it is not a "
+                               "complete reduce output: run `ooc-universal reduce` again")
+            self._cache[name] = self._f[key][...]
+        return self._cache[name]
+
+    def has(self, name: str) -> bool:
+        """Whether the file holds the array `name` (a key of ARRAYS, or self/cross)."""
+        key = {"self_comoment": SELF_COMOMENT, "cross_comoment": CROSS_COMOMENT}.get(
+            name, ARRAYS.get(name, name))
+        return key in self._f
+
+    ref_mean = property(lambda self: self._array("ref_mean"))
+    ref_var = property(lambda self: self._array("ref_var"))
+    ref_zero_var = property(lambda self: self._array("ref_zero_var"))
+    other_mean = property(lambda self: self._array("other_mean"))
+    other_var = property(lambda self: self._array("other_var"))
+    other_zero_var = property(lambda self: self._array("other_zero_var"))
+    row_max = property(lambda self: self._array("row_max"))
+    row_argmax = property(lambda self: self._array("row_argmax"))
+    col_max = property(lambda self: self._array("col_max"))
+    col_argmax = property(lambda self: self._array("col_argmax"))
+
+    @property
+    def baseline_row_max(self) -> np.ndarray:
+        """(K, Na), one row per baseline draw (K may be 0)."""
+        if ARRAYS["baseline_row_max"] not in self._f:
+            return np.zeros((0, self.n_ref), np.float32)
+        return self._array("baseline_row_max").reshape(-1, self.n_ref)
+
+    @property
+    def self_comoment(self):
+        """(L_b, d, d) float64 dataset; index by layer to read one (d, d) block."""
+        if SELF_COMOMENT not in self._f:
+            raise OocError(f"{str(self.path)!r} has no {SELF_COMOMENT!r}; it is not a "
+                           "complete reduce output: run `ooc-universal reduce` again")
+        return self._f[SELF_COMOMENT]
+
+    @property
+    def has_cross_comoment(self) -> bool:
+        return CROSS_COMOMENT in self._f
+
+    @property
+    def cross_comoment(self):
+        """(Na, Nb) float32 dataset (only with keep_covariance); read it by slices."""
+        if not self.has_cross_comoment:
+            raise OocError(f"{str(self.path)!r} has no cross_comoment; re-run "
+                           "`ooc-universal reduce --keep-covariance` to keep it")
+        return self._f[CROSS_COMOMENT]
+
+    # -- lifetime
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"ReducedStats({str(self.path)!r}, {self.ref_label} vs {self.other_label})"
+
+
+def open_reduced(path) -> ReducedStats:
+    """Open a complete pair file read-only; one OocError line when it is missing,
+    incomplete, unreadable, not a reduce output, or of another layout version."""
+    import h5py
+    path = Path(path)
+    if not path.exists():
+        writing = list(path.parent.glob(f"{path.name}.tmp-*")) if path.parent.is_dir() else []
+        why = ("is incomplete (a reduce is writing it, or was killed)" if writing
+               else "does not exist")
+        raise OocError(f"reduce output {str(path)!r} {why}; run `ooc-universal reduce` "
+                       "(the same command resumes an interrupted one)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise OocError(f"cannot read reduce file {str(path)!r} ({exc}); delete it and "
+                       "run `ooc-universal reduce` again") from None
+    try:
+        attrs = {k: plain(v) for k, v in f.attrs.items()}
+        _check_header(path, attrs)
+        config = _parse_config(path, attrs.get("config_json"))
+    except BaseException:
+        f.close()
+        raise
+    return ReducedStats(path, f, attrs, config)
+
+
+def read_attrs(path) -> dict:
+    """The attributes of a pair file as plain values (opens and closes it)."""
+    with open_reduced(path) as stats:
+        return dict(stats.attrs)
+
+
+def _check_header(path: Path, attrs: dict) -> None:
+    missing = [k for k in REQUIRED_ATTRS if k not in attrs]
+    if missing:
+        raise OocError(f"{str(path)!r} is not a reduce output (missing attributes "
+                       f"{', '.join(missing)}); remove it from the reduce folder")
+    layout = int(attrs.get("layout_version", LAYOUT_VERSION))
+    if layout != LAYOUT_VERSION:
+        raise OocError(f"{str(path)!r} has layout_version {layout}, this toolkit reads "
+                       f"{LAYOUT_VERSION}; re-run `ooc-universal reduce`")
+
+
+def _parse_config(path: Path, text) -> dict:
+    if not text:
+        return {}
+    try:
+        config = json.loads(str(text))
+    except ValueError:
+        raise OocError(f"{str(path)!r} has an unreadable config_json attribute; delete it "
+                       "and run `ooc-universal reduce` again") from None
+    return config if isinstance(config, dict) else {"value": config}
+
+
+# ---------------------------------------------------------------------------- writing
+
+@dataclass(frozen=True)
+class PairHeader:
+    """What a pair file says about itself: both models, the tokens, the settings.
+    `reference` and `other` are store metadata (label, name, step, model_id, revision,
+    n_layers, d_mlp, ...); `config` is saved whole as config_json."""
+    reference: dict
+    other: dict
+    token_hash: str
+    n_tokens: int
+    precision: str
+    baseline_seeds: tuple
+    config: dict
+
+    @property
+    def n_ref(self) -> int:
+        return int(self.reference["n_layers"]) * int(self.reference["d_mlp"])
+
+    @property
+    def n_other(self) -> int:
+        return int(self.other["n_layers"]) * int(self.other["d_mlp"])
+
+    @property
+    def out_dtype(self):
+        """Correlations in float32, or float64 for fp64 reference runs."""
+        return np.float64 if self.precision == "fp64" else np.float32
+
+    def attrs(self) -> dict:
+        ref, oth = self.reference, self.other
+        a = {}
+        for side, meta in (("ref", ref), ("other", oth)):
+            a[f"{side}_label"], a[f"{side}_name"] = meta["label"], meta["name"]
+            a[f"{side}_step"] = int(meta["step"])
+            a[f"{side}_model_id"], a[f"{side}_revision"] = meta["model_id"], meta["revision"]
+        a["token_hash"], a["n_tokens"] = self.token_hash, int(self.n_tokens)
+        a["n_layers_ref"], a["d_mlp_ref"] = int(ref["n_layers"]), int(ref["d_mlp"])
+        a["n_layers_other"], a["d_mlp_other"] = int(oth["n_layers"]), int(oth["d_mlp"])
+        a["precision"] = self.precision
+        a["baseline_seeds"] = np.asarray(self.baseline_seeds, dtype=np.int64)
+        a["config_json"] = json.dumps(self.config, sort_keys=True, default=str)
+        a["toolkit_version"] = __version__
+        a["layout_version"] = LAYOUT_VERSION
+        return a
+
+
+class ReducedWriter:
+    """Fills one pair file whose datasets are all allocated at creation. Rows of the
+    reference can arrive panel by panel (`write_rows`), so no caller needs every panel
+    in memory at once. A zero-variance neuron gets correlation 0 and argmax -1 here,
+    whatever the caller passes, and is counted in n_zero_var_ref / n_zero_var_other."""
+
+    def __init__(self, h5file, header: PairHeader, keep_cross: bool):
+        self._f = h5file
+        self.header = header
+        na, nb = header.n_ref, header.n_other
+        n_layers, d = int(header.other["n_layers"]), int(header.other["d_mlp"])
+        k, out = len(header.baseline_seeds), header.out_dtype
+        for side, n in (("ref", na), ("other", nb)):
+            h5file.create_dataset(f"{side}/mean", (n,), np.float64)
+            h5file.create_dataset(f"{side}/var", (n,), np.float64)
+            h5file.create_dataset(f"{side}/zero_var", (n,), bool)
+        h5file.create_dataset(SELF_COMOMENT, (n_layers, d, d), np.float64)
+        h5file.create_dataset("row_max", (na,), out)
+        h5file.create_dataset("row_argmax", (na,), np.int64)
+        h5file.create_dataset("col_max", (nb,), out)
+        h5file.create_dataset("col_argmax", (nb,), np.int64)
+        h5file.create_dataset("baseline/row_max", (k, na), out)
+        if keep_cross:
+            h5file.create_dataset(CROSS_COMOMENT, (na, nb), np.float32,
+                                  chunks=(min(na, CROSS_CHUNK), min(nb, CROSS_CHUNK)))
+        self._zero = {"ref": 0, "other": 0}
+        h5file.attrs.update(header.attrs())
+
+    def write_moments(self, side: str, start: int, mean, m2, n: int) -> np.ndarray:
+        """Mean and population variance (m2 / n) of neurons [start, start + len) of
+        `side` ("ref" or "other"); returns their zero-variance flags."""
+        m2 = np.asarray(m2, np.float64)
+        zero = m2 <= 0
+        stop = start + m2.size
+        self._f[f"{side}/mean"][start:stop] = np.asarray(mean, np.float64)
+        self._f[f"{side}/var"][start:stop] = m2 / n
+        self._f[f"{side}/zero_var"][start:stop] = zero
+        self._zero[side] += int(zero.sum())
+        return zero
+
+    def write_self_comoment(self, s) -> None:
+        """(L_b, d, d) within-layer co-moment sums of the other model (or one layer at a
+        time: write_self_comoment_layer)."""
+        self._f[SELF_COMOMENT][...] = np.asarray(s, np.float64)
+
+    def write_self_comoment_layer(self, layer: int, s) -> None:
+        self._f[SELF_COMOMENT][layer] = np.asarray(s, np.float64)
+
+    def write_rows(self, start: int, row_max, row_argmax, baseline, zero_ref) -> None:
+        """Reference rows [start, start + len): row max and argmax, and the (K, len)
+        baseline maxima; zero_ref (the rows' zero-variance flags) masks them."""
+        out = self.header.out_dtype
+        stop = start + len(row_max)
+        self._f["row_max"][start:stop] = np.where(zero_ref, 0.0, row_max).astype(out)
+        self._f["row_argmax"][start:stop] = np.where(zero_ref, -1, row_argmax).astype(np.int64)
+        base = np.array(baseline, dtype=out, copy=True).reshape(-1, stop - start)
+        base[:, zero_ref] = 0.0
+        if base.shape[0]:
+            self._f["baseline/row_max"][:, start:stop] = base
+
+    def write_cols(self, col_max, col_argmax, zero_other) -> None:
+        out = self.header.out_dtype
+        self._f["col_max"][...] = np.where(zero_other, 0.0, col_max).astype(out)
+        self._f["col_argmax"][...] = np.where(zero_other, -1, col_argmax).astype(np.int64)
+
+    def write_cross_rows(self, start: int, c) -> None:
+        """Rows [start, start + len) of the (Na, Nb) cross co-moment sums (fp32)."""
+        self._f[CROSS_COMOMENT][start:start + len(c)] = np.asarray(c, np.float32)
+
+    def finish(self) -> None:
+        """Record the zero-variance counts (call once every row is written)."""
+        self._f.attrs["n_zero_var_ref"] = self._zero["ref"]
+        self._f.attrs["n_zero_var_other"] = self._zero["other"]
+
+
+@contextmanager
+def create_reduced(path, header: PairHeader, *, keep_cross: bool, record: dict | None = None,
+                   fault: str | None = "reduce.assemble"):
+    """Yield a ReducedWriter on a temporary name beside `path`; on a clean exit the file
+    is closed, renamed to `path` and given its checksum sidecar (`record`: provenance).
+    `fault` names the fault-injection points (<fault>.h5 once the file is open,
+    <fault>.before_rename, <fault>.after_rename)."""
+    import h5py
+
+    from ooc_universal.rundir import atomic_path
+    with atomic_path(path, record=record, fault=fault) as tmp:
+        with h5py.File(tmp, "w") as f:
+            writer = ReducedWriter(f, header, keep_cross)
+            if fault:
+                faults.point(f"{fault}.h5")  # the output's HDF5 file is open here
+            yield writer
+            writer.finish()
+
+
+def remove_temporaries(path) -> list[Path]:
+    """Delete temporaries of `path` left by a killed writer; returns what went."""
+    path = Path(path)
+    gone = []
+    for stale in path.parent.glob(f"{path.name}.tmp-*") if path.parent.is_dir() else []:
+        stale.unlink(missing_ok=True)
+        gone.append(stale)
+    return gone
+
+
+# ---------------------------------------------------------------------------- work dir
+# RUN/reduce/.work/<key>/ holds one command's unfinished work (key: a content hash of
+# the inputs, settings and plan, so a changed input never resumes stale work):
+#   manifest.json            what it is for (pairs, outputs, total block folds), for status
+#   fold_g<G>_p<P>_c<C>.npz  chain C's accumulators of group G, panel P (checkpointed)
+#   merged_g<G>_p<P>.npz     the chains Chan-merged (only with several chains)
+#   final_g<G>_p<P>.npz      the panel's row/col maxima and baseline, ready to assemble
+# Every file is written beside, fsynced and renamed (a kill never leaves half of one);
+# an unreadable one is recomputed, never trusted.
+
+WORK_DIR = ".work"
+MANIFEST = "manifest.json"
+_FOLD_NAME = "fold_g{g}_p{p}_c{c}.npz"
+_FOLD_RE = re.compile(r"fold_g\d+_p\d+_c\d+\.npz")  # not its temporaries
+ACC_KEYS = ("mean_x", "mean_y", "m2_x", "m2_y", "c")   # one pair's co-moment accumulator
+SELF_KEYS = ("mean", "m2", "s")                        # the other model's self co-moments
+
+
+class WorkDir:
+    """One reduce command's checkpoints (see above). Paths are strings in tasks, so a
+    cluster worker rebuilds a WorkDir from `path` alone."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, run_dir, key: str) -> "WorkDir":
+        return cls(Path(run_dir) / REDUCE_DIR / WORK_DIR / key)
+
+    # -- names
+    def fold_path(self, g: int, p: int, c: int) -> Path:
+        return self.path / _FOLD_NAME.format(g=g, p=p, c=c)
+
+    def merged_path(self, g: int, p: int) -> Path:
+        return self.path / f"merged_g{g}_p{p}.npz"
+
+    def final_path(self, g: int, p: int) -> Path:
+        return self.path / f"final_g{g}_p{p}.npz"
+
+    # -- lifetime
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def create(self, manifest: dict) -> None:
+        """Make the directory, drop temporaries a kill left, record the manifest once."""
+        from ooc_universal.rundir import write_json_atomic
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob("*.tmp-*"):
+            stale.unlink(missing_ok=True)
+        if not (self.path / MANIFEST).exists():
+            write_json_atomic(self.path / MANIFEST, manifest)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def manifest(self) -> dict | None:
+        try:
+            m = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m, dict) else None
+
+    # -- checkpoints
+    def save(self, path, state: dict, kind: str = "checkpoint") -> None:
+        """Atomic: write beside, fsync, rename. `kind` (checkpoint, merge, final) names
+        the fault-injection points reduce.<kind>.write / mid_write / before_rename /
+        after_rename."""
+        save_state(Path(path), state, kind)
+
+    def load(self, path, prefixes: tuple | None = None) -> dict | None:
+        """A checkpoint's arrays (only the keys starting with one of `prefixes`, when
+        given: npz members are read one by one, so the rest never reach memory)."""
+        return load_state(Path(path), prefixes)
+
+    def blocks_done(self) -> int:
+        """Block folds held by the chain checkpoints (temporaries excluded)."""
+        n = 0
+        for f in self.path.glob("fold_g*_p*_c*.npz"):
+            if not _FOLD_RE.fullmatch(f.name):
+                continue
+            try:
+                with np.load(f) as z:
+                    n += int(z["n_blocks_done"])
+            except Exception:  # noqa: BLE001 - unreadable: recomputed, counts nothing
+                pass
+        return n
+
+
+def list_work(run_dir) -> list[tuple[WorkDir, dict]]:
+    """Every unfinished reduce of a run with a readable manifest, sorted by path."""
+    root = Path(run_dir) / REDUCE_DIR / WORK_DIR
+    out = []
+    for manifest in sorted(root.glob(f"*/{MANIFEST}")) if root.is_dir() else []:
+        work = WorkDir(manifest.parent)
+        m = work.manifest()
+        if m is not None:
+            out.append((work, m))
+    return out
+
+
+def save_state(path: Path, state: dict, kind: str = "checkpoint") -> None:
+    """Write the arrays of `state` to `path` (npz) atomically; see WorkDir.save."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_ident()}.npz")
+    try:
+        faults.point(f"reduce.{kind}.write")
+        with open(tmp, "wb") as f:
+            np.savez(f, **state)
+            f.flush()
+            faults.point(f"reduce.{kind}.mid_write",
+                         torn=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
+            os.fsync(f.fileno())
+        faults.point(f"reduce.{kind}.before_rename")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    faults.point(f"reduce.{kind}.after_rename")
+
+
+def load_state(path: Path, prefixes: tuple | None = None) -> dict | None:
+    """The arrays of a checkpoint (those whose key starts with one of `prefixes`, when
+    given), or None when it is missing or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files if prefixes is None or k.startswith(prefixes)}
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is recomputed, never trusted
+        return None
+
+
+def pack_fold_state(accs: list, selfs: list, next_block: int, n_done: int) -> dict:
+    """A chain's accumulators (dicts of numpy arrays, see ACC_KEYS / SELF_KEYS, plus "n")
+    as the flat arrays of its checkpoint."""
+    st = {"next_block": np.int64(next_block), "n_blocks_done": np.int64(n_done)}
+    for i, a in enumerate(accs):
+        st[f"acc{i}_n"] = np.int64(a["n"])
+        for k in ACC_KEYS:
+            st[f"acc{i}_{k}"] = np.asarray(a[k])
+    for i, s in enumerate(selfs):
+        st[f"self{i}_n"] = np.int64(s["n"])
+        for k in SELF_KEYS:
+            st[f"self{i}_{k}"] = np.asarray(s[k])
+    return st
+
+
+def unpack_fold_state(st: dict) -> tuple[list, list]:
+    """(accs, selfs) of a checkpoint (pack_fold_state's inverse), numpy arrays."""
+    n_pairs = sum(1 for k in st if k.startswith("acc") and k.endswith("_n"))
+    n_selfs = sum(1 for k in st if k.startswith("self") and k.endswith("_n"))
+    accs = [{"n": int(st[f"acc{i}_n"]), **{k: st[f"acc{i}_{k}"] for k in ACC_KEYS}}
+            for i in range(n_pairs)]
+    selfs = [{"n": int(st[f"self{i}_n"]), **{k: st[f"self{i}_{k}"] for k in SELF_KEYS}}
+             for i in range(n_selfs)]
+    return accs, selfs

@@ -1,0 +1,256 @@
+"""Tables: the views (views.py) as the tables the report shows, text cells plus the
+source numbers behind every cell.
+
+Numbers are never recomputed: each cell is a source value rounded as its table states
+(Table 1 and percentages: 2 decimals; persistence P: 3 decimals; ablation: 4
+significant digits; losses: 4 decimals).
+"""
+from __future__ import annotations
+
+from ooc_universal.report.document import Table
+from ooc_universal.report.text import (MISSING, checkpoint_number, ci_text, fixed,
+                                       interval_text, sig4, spread_text, step_text, tau_id,
+                                       tau_text)
+from ooc_universal.report.views import (PAIR_MEAN, AblationView, PersistenceView, Table1View,
+                                        heldout_loss, set_rank, zoo_steps, zoo_units)
+
+EMPTY_SET_NOTE = ("A row with 0 neurons is an empty set (no universal neuron there): nothing "
+                  "was ablated, so its 0 is no effect; the figures leave it out.")
+ABLATION_FIELDS = ("reference", "other", "checkpoint", "threshold", "definition", "mode",
+                   "set", "layer", "draw", "n_draws", "n_neurons", "n_positions", "kl",
+                   "kl_se", "kl_ci_low", "kl_ci_high", "delta_loss", "delta_loss_se",
+                   "delta_loss_ci_low", "delta_loss_ci_high")
+PERSISTENCE_FIELDS = ("definition", "reference", "other", "kind", "threshold", "t1", "t2",
+                      "layer", "n_t1", "n_t2", "n_both", "p_persist", "undefined",
+                      "emerged", "n_pairs")
+ZOO_RECIPE_KEYS = ("n_layer", "n_embd", "d_mlp", "context", "batch_size", "steps", "lr",
+                   "corpus")
+
+
+# ---------------------------------------------------------------------------- Table 1
+
+
+def table1_table(view: Table1View) -> Table:
+    """The paper's Table 1: percent universal by threshold (rows) and checkpoint."""
+    rows, records = [], []
+    for tau in view.thresholds:
+        row = [tau_text(tau)]
+        for ckpt in view.checkpoints:
+            entry = view.entry(tau, ckpt)
+            row.append(fixed(entry["percent"], 2) if entry else MISSING)
+            if entry:
+                records.append({"reference": view.reference, "threshold": tau,
+                                "checkpoint": ckpt, "other": view.summary,
+                                "percent": entry["percent"]})
+        rows.append(row)
+    return Table(
+        f"table1{view.suffix}", f"Table 1: % universal neurons of {view.reference} "
+        f"({view.summary})", ["threshold"] + [f"step {step_text(c)}" for c in view.checkpoints],
+        rows, "universal/table1.json", "2 decimals", records,
+        note=f"Percent of the reference's {view.first['n_neurons']} neurons with excess > "
+             f"threshold (draw 0), {view.summary} ({view.n_pairs} pair(s)); source field "
+             "`percent`.")
+
+
+def _pair_items(view: Table1View, entry: dict) -> list:
+    """(other, percent, count, draws) of the summary row and each pair of one entry; the
+    summary alone is dropped when the only pair is the summary itself (pair-averaged)."""
+    items = [(view.summary, entry["percent"], None, entry["draws"])]
+    items += [(p["other"], p["percent"], p["count"], p["draws"])
+              for p in sorted(entry["pairs"], key=lambda p: p["other"])]
+    if len(entry["pairs"]) == 1 and entry["pairs"][0]["other"] == view.summary:
+        items = items[1:]
+    return items
+
+
+def table1_pairs_table(view: Table1View) -> Table:
+    """Table 1 per model pair, with the spread over baseline draws beside each value."""
+    rows, records = [], []
+    for tau, ckpt in view.present_keys():
+        for other, percent, count, draws in _pair_items(view, view.entry(tau, ckpt)):
+            rows.append([tau_text(tau), step_text(ckpt), other, fixed(percent, 2),
+                         MISSING if count is None else str(count), spread_text(draws)])
+            records.append({"reference": view.reference, "threshold": tau,
+                            "checkpoint": ckpt, "other": other, "percent": percent,
+                            "count": count,
+                            "draws": {k: draws.get(k) for k in
+                                      ("n_draws", "mean", "std", "min", "max")}})
+    n_draws = max(e["draws"]["n_draws"] for e in view.entries)
+    return Table(
+        f"table1_pairs{view.suffix}", f"Table 1 per model pair, with the spread over "
+        f"{n_draws} baseline draw(s)",
+        ["threshold", "checkpoint", "other model", "% universal (draw 0)",
+         "universal neurons (draw 0)", "% over baseline draws: mean ± std [min, max]"],
+        rows, "universal/table1.json", "2 decimals (counts exact)", records,
+        note="Each baseline draw is a different random rotation of the other model; "
+             "draw 0 is the paper's single rotation and defines the universal sets. "
+             "The spread column summarises the percent over all draws (std with ddof=1).")
+
+
+def table1_layers_table(view: Table1View) -> Table:
+    """Percent universal per layer of the reference, one column per (threshold, step)."""
+    keys = view.present_keys()
+    columns = ["layer"] + [f"tau {tau_text(t)}, step {step_text(c)}" for t, c in keys]
+    rows, records = [], []
+    for layer in range(view.first["n_layers"]):
+        row = [str(layer)]
+        for tau, ckpt in keys:
+            value = view.entry(tau, ckpt)["per_layer_percent"][layer]
+            row.append(fixed(value, 2))
+            records.append({"reference": view.reference, "threshold": tau,
+                            "checkpoint": ckpt, "layer": layer, "other": view.summary,
+                            "percent": value})
+        rows.append(row)
+    return Table(
+        f"table1_layers{view.suffix}", f"% universal neurons per layer of {view.reference} "
+        f"({view.summary})", columns, rows, "universal/table1.json", "2 decimals", records,
+        note=f"Percent of each layer's {view.first['d_mlp']} neurons with excess > threshold "
+             "(draw 0); source field `per_layer_percent`. Per pair: universal/table1.csv.")
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def persistence_cell(row) -> str:
+    """P_persist to 3 decimals with what it is computed from; never 0 for undefined."""
+    if row is None:
+        return MISSING
+    if row["p_persist"] is None:
+        return ("undefined (U(t1) empty in every pair)" if row.get("kind") == PAIR_MEAN
+                else "undefined (U(t1) empty)")
+    if row.get("kind") == PAIR_MEAN:
+        return f"{fixed(row['p_persist'], 3)} (mean of {row['n_pairs']} pair(s))"
+    return f"{fixed(row['p_persist'], 3)} ({row['n_both']}/{row['n_t1']})"
+
+
+def persistence_record(row) -> dict:
+    return {k: row.get(k) for k in PERSISTENCE_FIELDS}
+
+
+def persistence_table(view: PersistenceView) -> Table:
+    """All layers: one row per (threshold, pair or summary), one column per interval."""
+    rows, records = [], []
+    for tau in view.thresholds:
+        for other in view.pairs + view.summaries:
+            found = [view.row(other, tau, interval) for interval in view.intervals]
+            rows.append([tau_text(tau), other] + [persistence_cell(r) for r in found])
+            records += [persistence_record(r) for r in found if r is not None]
+    return Table(
+        f"persistence{view.suffix}", f"Persistence of universal neurons of {view.reference} "
+        f"({view.definition}), all layers",
+        ["threshold", "model pair"] + [interval_text(i) for i in view.intervals], rows,
+        "persistence/persistence.json", "3 decimals (counts exact)", records,
+        note="Cells: P_persist (|U(t1) & U(t2)| / |U(t1)|); for a pair and the pooled "
+             "row the counts |U(t1) & U(t2)|/|U(t1)| follow in brackets.")
+
+
+def persistence_layer_table(view: PersistenceView, tau: float) -> Table:
+    """By layer at one threshold: one column per (interval, summary)."""
+    groups = view.layer_groups
+    columns = ["layer"] + [f"{interval_text(i)}: {g}" for i in view.intervals for g in groups]
+    rows, records = [], []
+    for layer in view.layers:
+        row = [str(layer)]
+        for interval in view.intervals:
+            for group in groups:
+                found = view.row(group, tau, interval, layer)
+                row.append(persistence_cell(found))
+                if found is not None:
+                    records.append(persistence_record(found))
+        rows.append(row)
+    return Table(
+        f"persistence_layers{view.suffix}_t{tau_id(tau)}",
+        f"Persistence by layer of {view.reference}, threshold {tau_text(tau)} "
+        f"({view.definition})", columns, rows, "persistence/persistence.json",
+        "3 decimals (counts exact)", records,
+        note="Per-pair values by layer: persistence/persistence.csv.")
+
+
+# ---------------------------------------------------------------------------- ablation
+
+
+def ablation_record(row) -> dict:
+    return {k: row.get(k) for k in ABLATION_FIELDS}
+
+
+def ablation_table(view: AblationView) -> Table:
+    """All layers at once: universal vs control per threshold, checkpoint and pair."""
+    rows = sorted(view.all_layer_rows(), key=lambda r: (
+        float(r["threshold"]), checkpoint_number(r["checkpoint"]), str(r["other"]),
+        set_rank(r["set"])))
+    cells = [[tau_text(r["threshold"]), step_text(checkpoint_number(r["checkpoint"])),
+              str(r["other"]), r["set"], str(r["n_neurons"]), sig4(r["kl"]), sig4(r["kl_se"]),
+              ci_text(r.get("kl_ci_low"), r.get("kl_ci_high")), sig4(r["delta_loss"]),
+              sig4(r["delta_loss_se"]),
+              ci_text(r.get("delta_loss_ci_low"), r.get("delta_loss_ci_high"))]
+             for r in rows]
+    return Table(
+        f"ablation{view.suffix}", f"Ablating all universal neurons of {view.reference} vs "
+        "matched controls",
+        ["threshold", "checkpoint", "other model", "set", "neurons", "KL (nats)", "KL SE",
+         "KL 95% CI (draws)", "delta loss (nats)", "delta loss SE",
+         "delta loss 95% CI (draws)"], cells, "ablate/ablation.json",
+        "4 significant digits (counts exact)", [ablation_record(r) for r in rows],
+        note="All layers at once. CI columns are for controls with two or more draws; a KL "
+             "interval reaching below 0 is the t-interval of few draws (KL itself cannot be "
+             "negative; the figures clip it at 0). " + EMPTY_SET_NOTE)
+
+
+def ablation_layer_table(view: AblationView, tau: float, rows: list) -> Table:
+    """Layer by layer at one threshold: universal vs control side by side."""
+    by_key = {(checkpoint_number(r["checkpoint"]), int(r["layer"]), str(r["other"]),
+               r["set"]): r for r in rows}
+    cells, records = [], []
+    for ckpt, layer, other in sorted({key[:3] for key in by_key}):
+        universal = by_key.get((ckpt, layer, other, "universal"))
+        control = by_key.get((ckpt, layer, other, "control"))
+        cells.append([step_text(ckpt), str(layer), other,
+                      MISSING if universal is None else str(universal["n_neurons"]),
+                      _value(universal, "kl"), _value(control, "kl"),
+                      _value(universal, "delta_loss"), _value(control, "delta_loss")])
+        records += [ablation_record(r) for r in (universal, control) if r is not None]
+    return Table(
+        f"ablation_layers{view.suffix}_t{tau_id(tau)}",
+        f"Layer-by-layer ablation of {view.reference}, threshold {tau_text(tau)}",
+        ["checkpoint", "layer", "other model", "neurons", "KL universal", "KL control",
+         "delta loss universal", "delta loss control"], cells, "ablate/ablation.json",
+        "4 significant digits (counts exact)", records,
+        note="Each layer's universal neurons ablated alone vs a control of the same count "
+             "from that layer (mean over draws); KL and delta loss in nats. Other thresholds "
+             "and the standard errors: ablate/ablation.csv. " + EMPTY_SET_NOTE)
+
+
+def _value(row, metric) -> str:
+    return MISSING if row is None else sig4(row[metric])
+
+
+# ---------------------------------------------------------------------------- zoo
+
+
+def zoo_summary(zoo: dict, path) -> str:
+    recipe = zoo.get("recipe") or {}
+    shown = ", ".join(f"{k}={v}" for k, v in recipe.items() if k in ZOO_RECIPE_KEYS)
+    return (f"Zoo: {len(zoo['models'])} model(s), {zoo.get('n_params_per_model', '?')} "
+            f"parameters each, recipe {zoo.get('recipe_hash', '?')} ({shown}); held-out "
+            f"loss over {zoo.get('eval_bytes', '?')} held-out bytes, in {zoo_units(zoo)}. "
+            f"Source: {path}.")
+
+
+def zoo_table(zoo: dict, path) -> Table:
+    steps, unigram = zoo_steps(zoo), zoo.get("unigram_heldout_loss")
+    rows, records = [], []
+    for model in zoo["models"]:
+        row = [str(model["name"]), str(model.get("seed", MISSING))]
+        for step in steps:
+            loss = heldout_loss(model, step)
+            row.append(fixed(loss, 4))
+            records.append({"model": model["name"], "step": step, "heldout_loss": loss})
+        rows.append(row)
+    if unigram is not None:
+        rows.append(["unigram baseline", MISSING] + [fixed(unigram, 4)] * len(steps))
+        records.append({"model": "unigram baseline", "heldout_loss": unigram})
+    return Table(
+        "zoo_loss", f"Held-out loss per checkpoint ({zoo_units(zoo)})",
+        ["model", "seed"] + [f"step {s}" for s in steps], rows, str(path), "4 decimals",
+        records, note="The unigram baseline predicts every byte with its training-set "
+                      "frequency.")

@@ -23,6 +23,7 @@ COMMANDS = [
     ("zoo", "zoo"),
     ("bench", "bench"),
     ("status", "status"),
+    ("clean", "clean"),
 ]
 
 

@@ -8,20 +8,36 @@ import click
 
 
 @click.command("status")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--run-dir", "run_dir_opt", type=click.Path(file_okay=False), default=None,
+              help="Run directory to describe (as on every other step).")
+@click.argument("run_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--verify", is_flag=True,
               help="Re-hash every output that recorded a checksum (each block of an "
                    "activation store, each result file) and the token set; exit 1 on a "
                    "mismatch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
-def status(run_dir, verify, as_json):
+def status(run_dir_opt, run_dir, verify, as_json):
     """List each step output of RUN_DIR: missing, partial (with progress), complete,
     stale (made from other inputs than those now present: token set, stores, reduce
     files, universal sets, or settings in RUN/config.toml) or corrupt.
 
     Every output records what produced it (token hash, config hash, toolkit version);
     with --verify the recorded sha256 checksums are recomputed. Reads only.
+    Leftovers (superseded reduce work, killed writers' temporaries) are listed with
+    their size; `ooc-universal clean` removes them.
+
+    \b
+    Examples:
+      ooc-universal status --run-dir runs/demo
+      ooc-universal status --run-dir runs/demo --verify     # exit 1 on a mismatch
+      ooc-universal status --run-dir runs/demo --json > status.json
     """
+    if run_dir_opt and run_dir and run_dir_opt != run_dir:
+        raise click.UsageError(f"two run directories given ({run_dir_opt!r} and {run_dir!r}); "
+                               "give one with --run-dir")
+    run_dir = run_dir_opt or run_dir
+    if not run_dir:
+        raise click.UsageError("no run directory; give it with --run-dir RUN")
     from ooc_universal.status import format_status, problems, status as run_status
 
     rows = run_status(run_dir, verify=verify)

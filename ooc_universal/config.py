@@ -376,7 +376,21 @@ def paper_config() -> RunConfig:
                      compute=ComputeConfig(memory="16GB"))
 
 
-PRESETS = {"demo": demo_config, "paper": paper_config}
+def pythia_config() -> RunConfig:
+    """PolyPythias at 160m: the original run (seed 1234) and seed1..seed9, at an early, a
+    middle and the final step of the schedule (branches step1000, step36000,
+    step143000), on the Pile with the Pythia tokenizer; as large as the paper's study
+    per model (12 layers x 3072 neurons)."""
+    from ooc_universal.models import polypythia_runs
+    runs = polypythia_runs("160m", "seed")
+    return RunConfig(models=runs, checkpoints=[1_000, 36_000, 143_000], reference=runs[0],
+                     tokens=TokensConfig(source="pile", tokenizer=runs[0],
+                                         n_tokens=5_000_000, n_eval_tokens=65_536,
+                                         window=512),
+                     compute=ComputeConfig(memory="16GB"))
+
+
+PRESETS = {"demo": demo_config, "paper": paper_config, "pythia": pythia_config}
 
 
 def load_config(path=None, preset: str | None = None, **overrides) -> RunConfig:

@@ -11,10 +11,15 @@
                          (token set, activation stores, reduce files, universal sets,
                          or settings in RUN/config.toml); `detail` says which
                corrupt   a final name that cannot be read
+               leftover  not needed by any output (a superseded reduce work directory,
+                         a killed writer's temporary); `ooc-universal clean` removes it
   progress     e.g. "5/8 blocks", "12/40 block folds", "3/5 files"
   detail       why stale / corrupt / partial, in words
   token_hash, config_hash, toolkit_version   what produced it (as recorded)
-  checksum     with verify=True: "ok", "MISMATCH: ...", "not recorded"; else ""
+  checksum     with verify=True: "ok" or "MISMATCH: ..."; always "UNTRUSTED: ..." for an
+               output without a readable checksum sidecar (a missing sidecar is never
+               "not recorded": the file cannot be told from a damaged one); the report
+               (no sidecar yet) says "not recorded"
 
 It only reads: nothing in the run directory is created, repaired or locked. Checksums are
 the `<file>.sha256` sidecars the steps write when they commit (rundir.commit_file; for an
@@ -27,14 +32,16 @@ from pathlib import Path
 
 from ooc_universal.errors import OocError
 from ooc_universal.formats.ablation import ABLATE_FILES, read_ablation
-from ooc_universal.formats.reduced import list_reduced, list_work, open_reduced, read_attrs
+from ooc_universal.clean import leftovers
+from ooc_universal.formats.reduced import WorkDir, list_reduced, open_reduced, read_attrs
 from ooc_universal.formats.sets import read_sets, sets_path
 from ooc_universal.formats.store import ledger_progress
 from ooc_universal.formats.tables import PERSISTENCE_FILES, UNIVERSAL_FILES, read_persistence
 from ooc_universal.formats.tokens import read_token_meta
-from ooc_universal.rundir import config_hash, file_sha256, read_sidecar, recorded_sha256
+from ooc_universal.rundir import (config_hash, file_sha256, human_bytes, read_sidecar,
+                                  recorded_sha256)
 
-STATES = ("missing", "partial", "complete", "stale", "corrupt")
+STATES = ("missing", "partial", "complete", "stale", "corrupt", "leftover")
 COLUMNS = ("step", "item", "state", "progress", "detail", "token_hash", "config_hash",
            "toolkit_version", "checksum")
 
@@ -55,6 +62,7 @@ def status(run_dir, verify: bool = False) -> list[dict]:
     rows += _persistence(ctx)
     rows += _ablate(ctx)
     rows += _report(ctx)
+    rows += _leftovers(ctx)
     return [{c: r.get(c, "") for c in COLUMNS} for r in rows]
 
 
@@ -72,8 +80,10 @@ def format_status(rows: list[dict]) -> str:
 
 
 def problems(rows: list[dict]) -> list[dict]:
-    """Rows whose checksum failed or whose file is corrupt."""
-    return [r for r in rows if r["state"] == "corrupt" or r["checksum"].startswith("MISMATCH")]
+    """Rows whose file is corrupt, whose checksum failed, or that cannot be trusted (no
+    readable checksum sidecar)."""
+    return [r for r in rows if r["state"] == "corrupt"
+            or r["checksum"].startswith(("MISMATCH", "UNTRUSTED"))]
 
 
 # ---------------------------------------------------------------------------- context
@@ -146,12 +156,14 @@ def _row(step, item, state, progress="", detail="", token_hash="", config_hash_=
 
 
 def _verify_file(ctx: _Context, path: Path) -> str:
-    """"ok" / "MISMATCH: ..." / "not recorded" for a file with a kind-"file" sidecar."""
-    if not ctx.verify:
-        return ""
+    """"ok" / "MISMATCH: ..." / "UNTRUSTED: ..." for a file that should have a sidecar;
+    without verify only a missing or unreadable sidecar is flagged (cheap)."""
     rec = read_sidecar(path)
     if rec is None:
-        return "not recorded"
+        return (f"UNTRUSTED: no readable checksum sidecar {path.name}.sha256; re-run its "
+                "step with --force to recompute it")
+    if not ctx.verify:
+        return ""
     if rec.get("kind") == "blocks":
         from ooc_universal.formats.store import verify_store_blocks
         try:
@@ -168,17 +180,16 @@ def _verify_file(ctx: _Context, path: Path) -> str:
 
 
 def _verify_files(ctx: _Context, paths) -> str:
-    """One verdict for several files: the first mismatch, else ok / not recorded."""
-    if not ctx.verify:
-        return ""
+    """One verdict for several files: the first mismatch, else untrusted, else ok."""
     verdicts = [(p, _verify_file(ctx, p)) for p in paths if p.exists()]
     bad = [f"{p.name}: {v[len('MISMATCH: '):]}" for p, v in verdicts if v.startswith("MISMATCH")]
     if bad:
         return "MISMATCH: " + "; ".join(bad)
-    missing = [p.name for p, v in verdicts if v == "not recorded"]
-    if missing and len(missing) == len(verdicts):
-        return "not recorded"
-    return "ok" + (f" (not recorded: {', '.join(missing)})" if missing else "")
+    missing = [p.name for p, v in verdicts if v.startswith("UNTRUSTED")]
+    if missing:
+        return (f"UNTRUSTED: no readable checksum sidecar for {', '.join(missing)}; re-run "
+                "the step with --force to recompute")
+    return "ok" if ctx.verify else ""
 
 
 def _inputs_changed(rec: dict | None, current: dict) -> list[str]:
@@ -300,10 +311,12 @@ def _reduce(ctx: _Context) -> list[dict]:
     finals = [p.name for p in list_reduced(ctx.run)]
     names += [n for n in finals if n not in names]
     work = {}
-    for work_dir, m in list_work(ctx.run):
-        done = work_dir.blocks_done()
+    for item in leftovers(ctx.run):
+        if not item.in_progress:
+            continue
+        m = WorkDir(item.path).manifest() or {}
         for out in m.get("outputs", []):
-            work[out] = (done, m.get("total_folds"), m)
+            work[out] = (item, m)
             if out not in names:
                 names.append(out)
     rows = []
@@ -313,14 +326,27 @@ def _reduce(ctx: _Context) -> list[dict]:
         if path.exists():
             rows.append(_reduce_row(ctx, path, item))
         elif name in work:
-            done, total, m = work[name]
-            rows.append(_row("reduce", item, "partial", f"{done}/{total} block folds",
-                             "interrupted or running; run the same `ooc-universal reduce` "
-                             "again", m.get("token_hash"), m.get("config_hash"),
-                             m.get("toolkit_version")))
+            left, m = work[name]
+            rows.append(_row("reduce", item, "partial", left.why.rsplit(": ", 1)[-1],
+                             _partial_reduce_hint(ctx, left, m), m.get("token_hash"),
+                             m.get("config_hash"), m.get("toolkit_version")))
         else:
             rows.append(_row("reduce", item, "missing"))
     return rows
+
+
+def _partial_reduce_hint(ctx: _Context, left, m: dict) -> str:
+    others = " ".join(m.get("others", [])) or "OTHER..."
+    return (f"interrupted or running ({human_bytes(left.size)} of checkpoints in "
+            f"{ctx.rel(left.path)}); finish it: run the same `ooc-universal reduce "
+            f"--run-dir {ctx.run} -r {m.get('reference', 'REF')} {others}` again; discard "
+            f"it: `ooc-universal clean --run-dir {ctx.run} --partial`")
+
+
+def _leftovers(ctx: _Context) -> list[dict]:
+    return [_row("leftover", ctx.rel(item.path), "leftover", human_bytes(item.size),
+                 f"{item.why}; remove with `ooc-universal clean --run-dir {ctx.run}`")
+            for item in leftovers(ctx.run) if not item.in_progress]
 
 
 def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:

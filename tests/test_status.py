@@ -162,6 +162,63 @@ def test_partial_store_and_reduce_show_progress(run, full, monkeypatch):
     assert states(status(run))["reduce/t0@200__t1@200.h5"] == "complete"
 
 
+def test_superseded_reduce_work_is_listed_and_cleaned(run, full, monkeypatch, capsys):
+    """A reduce killed with one setting and redone with another leaves the first work
+    directory behind: status lists it (with its size) as leftover, `clean` removes it,
+    and a partial reduce is kept unless --partial."""
+    _, models, _ = full
+    pair = "reduce/t0@200__t1@200.h5"
+    (run / pair).unlink()
+    (run / (pair + ".sha256")).unlink()
+    ref, others = f"{models}/t0@200", [f"{models}/t1@200"]
+    monkeypatch.setenv(faults.FAIL_ENV, "reduce.fold.block:6,reduce.fold.block:5")  # fresh counts
+    with pytest.raises(OocError):
+        reduce(run, ref, others, ONE_DRAW, CPU, progress=False, block_tokens=128,
+               checkpoint_blocks=2)
+    row = by_item(status(run))[pair]
+    assert row["state"] == "partial" and "finish it: run the same `ooc-universal reduce" \
+        in row["detail"] and "--partial" in row["detail"]
+    monkeypatch.delenv(faults.FAIL_ENV)
+    reduce(run, ref, others, ReduceConfig(baseline_draws=2), CPU, progress=False,
+           block_tokens=128)
+    rows = status(run)
+    left = [r for r in rows if r["state"] == "leftover"]
+    work = sorted((run / "reduce" / ".work").iterdir())
+    assert len(work) == 1 and [r["item"] for r in left] == [f"reduce/.work/{work[0].name}"]
+    assert "ooc-universal clean" in left[0]["detail"] and left[0]["progress"].endswith("B")
+    assert main_exit(["clean", "--run-dir", str(run), "--dry-run"]) == 0
+    assert work[0].exists()
+    assert main_exit(["clean", "--run-dir", str(run)]) == 0
+    assert "removed 1 item(s)" in capsys.readouterr().out
+    assert not work[0].exists() and not [r for r in status(run) if r["state"] == "leftover"]
+    assert states(status(run))[pair] == "complete"
+
+
+@pytest.mark.parametrize("victim", ["reduce/t0@200__t1@200.h5", "stores/t1@100.h5",
+                                    "universal/sets.json"])
+def test_missing_sidecar_is_untrusted_not_unrecorded(run, victim, capsys):
+    """A file whose checksum sidecar is gone cannot be told from a damaged one: plain
+    status flags it, --verify exits 1 (bytes flipped too: the same verdict)."""
+    (run / (victim + ".sha256")).unlink()
+    data = bytearray((run / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / victim).write_bytes(bytes(data))
+    item = victim if not victim.startswith("universal") else "universal/"
+    row = by_item(status(run))[item]
+    assert row["state"] == "corrupt" or (row["checksum"].startswith("UNTRUSTED")
+                                         and "--force" in row["checksum"]), row
+    assert main_exit(["status", "--run-dir", str(run), "--verify"]) == 1
+    assert "failed verification" in capsys.readouterr().err
+
+
+def main_exit(argv) -> int:
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0
+
+
 def test_new_token_set_makes_everything_downstream_stale(run):
     save_token_set(_token_set(1), run, force=True)
     got = by_item(status(run))

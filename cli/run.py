@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ooc_universal.cli.options import parse_list
 from ooc_universal.config import PRESETS, load_config
 from ooc_universal.run import STEP_NAMES
 from ooc_universal.run import dry_run as plan_study
@@ -54,24 +55,34 @@ def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
         force, no_progress, **overrides):
     """Run tokens -> extract -> reduce -> universal -> persistence -> ablate -> report.
 
-    CONFIG is a TOML file with RunConfig keys (see README); without it the demo preset
-    runs offline on the tiny zoo shipped with the package. Every step skips complete
-    outputs and resumes partial ones, so after a kill the same command continues.
-    The config actually used is saved as RUN/config.toml.
+    CONFIG is a TOML file with RunConfig keys (see README: Configuration); without it
+    the demo preset runs offline on the tiny zoo shipped with the package. Every step
+    skips complete outputs and resumes partial ones, so after a kill the same command
+    continues. The config actually used is saved as RUN/config.toml; every value is
+    checked before anything runs (one line naming the field, the value and what is
+    expected).
+
+    \b
+    Examples:
+      ooc-universal run                                   # the demo, offline, minutes
+      ooc-universal run --preset paper --dry-run          # the paper's plan, offline
+      ooc-universal run study.toml --run-dir runs/study
+      ooc-universal run --n-tokens 16384 --steps tokens,extract,reduce
     """
     if models:
-        overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
+        overrides["models"] = parse_list(models, str, "--models", "a,b,c")
     if checkpoints:
-        overrides["checkpoints"] = [int(c) for c in checkpoints.split(",")]
+        overrides["checkpoints"] = parse_list(checkpoints, int, "--checkpoints",
+                                              "100000,200000")
     if thresholds:
-        overrides["thresholds"] = [float(t) for t in thresholds.split(",")]
+        overrides["thresholds"] = parse_list(thresholds, float, "--thresholds", "0.4,0.5")
     cfg = load_config(config, preset, **{k: v for k, v in overrides.items() if v is not None})
     if dry_run:
         plan_study(cfg, echo=click.echo)
         return
     name = preset or (config and Path(config).stem) or "demo"
     run_dir = run_dir or f"runs/{name}"
-    steps = tuple(s.strip() for s in only.split(",")) if only else STEP_NAMES
+    steps = tuple(parse_list(only, str, "--steps", "reduce,universal")) if only else STEP_NAMES
     bad = [s for s in steps if s not in STEP_NAMES]
     if bad:
         raise click.BadParameter(f"unknown steps {bad}; choose from {STEP_NAMES}",

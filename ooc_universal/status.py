@@ -388,22 +388,30 @@ def _sets_document(run: Path) -> dict | None:
         return None
 
 
-def _universal(ctx: _Context) -> list[dict]:
-    d = ctx.run / "universal"
-    paths = [d / f for f in UNIVERSAL_FILES]
-    have = [p for p in paths if p.exists()]
-    sets = d / "sets.json"
-    if not sets.exists():
+def _step_document(ctx: _Context, step: str, files, main: str, reader):
+    """(document, files present, None) for a readable output of `step` (RUN/<step>/),
+    else (None, files present, [its missing / partial / corrupt row])."""
+    folder = ctx.run / step
+    have = [folder / f for f in files if (folder / f).exists()]
+    item = f"{step}/"
+    if not (folder / main).exists():
         if have:
-            return [_row("universal", "universal/", "partial",
-                         f"{len(have)}/{len(paths)} files",
-                         "interrupted; run `ooc-universal universal` again")]
-        return [_row("universal", "universal/", "missing")]
+            return None, have, [_row(step, item, "partial", f"{len(have)}/{len(files)} files",
+                                     f"interrupted; run `ooc-universal {step}` again")]
+        return None, have, [_row(step, item, "missing")]
     try:
-        doc = read_sets(ctx.run).to_json()
+        return reader(ctx.run).to_json(), have, None
     except OocError as exc:
-        return [_row("universal", "universal/", "corrupt", detail=str(exc),
-                     checksum="MISMATCH: unreadable" if ctx.verify else "")]
+        return None, have, [_row(step, item, "corrupt", detail=str(exc),
+                                 checksum="MISMATCH: unreadable" if ctx.verify else "")]
+
+
+def _universal(ctx: _Context) -> list[dict]:
+    doc, have, early = _step_document(ctx, "universal", UNIVERSAL_FILES, "sets.json",
+                                      read_sets)
+    if early:
+        return early
+    paths, sets = UNIVERSAL_FILES, sets_path(ctx.run)
     rec = read_sidecar(sets)
     why = []
     th = doc.get("token_hash")
@@ -443,21 +451,11 @@ def _ref_name_of(path: Path) -> str | None:
 
 
 def _persistence(ctx: _Context) -> list[dict]:
-    d = ctx.run / "persistence"
-    paths = [d / f for f in PERSISTENCE_FILES]
-    have = [p for p in paths if p.exists()]
-    main = d / "persistence.json"
-    if not main.exists():
-        if have:
-            return [_row("persistence", "persistence/", "partial",
-                         f"{len(have)}/{len(paths)} files",
-                         "interrupted; run `ooc-universal persistence` again")]
-        return [_row("persistence", "persistence/", "missing")]
-    try:
-        doc = read_persistence(ctx.run).to_json()
-    except OocError as exc:
-        return [_row("persistence", "persistence/", "corrupt", detail=str(exc),
-                     checksum="MISMATCH: unreadable" if ctx.verify else "")]
+    doc, have, early = _step_document(ctx, "persistence", PERSISTENCE_FILES,
+                                      "persistence.json", read_persistence)
+    if early:
+        return early
+    paths, main = PERSISTENCE_FILES, ctx.run / "persistence" / "persistence.json"
     why = []
     sets = sets_path(ctx.run)
     sets_doc = _sets_document(ctx.run)

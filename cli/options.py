@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ooc_universal.devices import DEVICE_HELP
-from ooc_universal.errors import OocError
+from ooc_universal.errors import UsageError
 
 
 def parse_list(text, kind=str, name: str = "value", example: str = "a,b"):
@@ -20,7 +20,7 @@ def parse_list(text, kind=str, name: str = "value", example: str = "a,b"):
             out.append(kind(part))
         except ValueError:
             kind_name = {int: "an integer", float: "a number"}.get(kind, "valid")
-            raise OocError(f"{name} {part!r} is not {kind_name}; give a comma-separated "
+            raise UsageError(f"{name} {part!r} is not {kind_name}; give a comma-separated "
                            f"list, e.g. {name} {example}") from None
     return out
 

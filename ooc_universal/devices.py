@@ -1,7 +1,7 @@
 """One device syntax for every step: auto | cpu | cuda | cuda:N."""
 from __future__ import annotations
 
-from ooc_universal.errors import OocError
+from ooc_universal.errors import OocError, UsageError
 
 DEVICE_HELP = "auto (CUDA when torch sees a GPU, else cpu), cpu, cuda or cuda:N"
 
@@ -14,7 +14,7 @@ def resolve_device(device="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind, _, index = text.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise OocError(f"--device {text!r} is not a device; expected {DEVICE_HELP}")
+        raise UsageError(f"--device {text!r} is not a device; expected {DEVICE_HELP}")
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise OocError(f"--device {text!r}: torch sees no CUDA GPU; use --device cpu "

@@ -39,8 +39,9 @@ def _overrides(items) -> dict:
               help="Random control sets per universal set (non-universal neurons, same "
                    "count in every layer); 0 skips controls.")
 @click.option("--mode", type=click.Choice(MODES), default=DEFAULTS.mode, show_default=True,
-              help="zero: post-GELU activation set to 0 (the paper). mean: set to its "
-                   "mean over the correlation tokens (from RUN/reduce ref/mean).")
+              help="zero: the neuron (the input of the MLP output projection; GPT-2: "
+                   "post-GELU) set to 0 (the paper). mean: set to its mean over the "
+                   "correlation tokens (from RUN/reduce ref/mean).")
 @click.option("--all-non-universal", is_flag=True,
               help="Also ablate every non-universal neuron at once (the paper's wording).")
 @click.option("--no-layerwise", is_flag=True,
@@ -65,8 +66,10 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
            no_layerwise, n_eval_tokens, batch_size, device, models, seed, quiet):
     """Ablate universal vs control neurons; report KL and delta loss.
 
-    Zero-ablation sets a neuron's post-GELU MLP activation to 0, so its row of the
-    MLP output projection contributes nothing. Position t predicts token t+1; the
+    Zero-ablation sets a neuron (an input of the MLP output projection: the post-GELU
+    activation in GPT-2 and Pythia, act(gate) * up in OLMo and Llama) to 0, so its row
+    of the projection contributes nothing. Each set restarts from the residual
+    stream cached just before its first ablated layer. Position t predicts token t+1; the
     evaluated positions T are the valid positions of the held-out windows that have a
     next token in their window. KL = mean over T of KL(P_original || Q_ablated)
     (float64); delta_loss = CE(ablated) - CE(original) on the true next tokens; *_se

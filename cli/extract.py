@@ -6,6 +6,7 @@ import click
 from ooc_universal.cli.options import device_option
 from ooc_universal.config import ComputeConfig, ExtractConfig, validated
 from ooc_universal.formats.store import parse_compression
+from ooc_universal.models import check_same_family, unique_labels
 from ooc_universal.rundir import human_bytes
 from ooc_universal.steps.extract import DTYPES
 from ooc_universal.steps.extract import extract as extract_store
@@ -32,15 +33,24 @@ SETTINGS, COMPUTE = ExtractConfig(), ComputeConfig()
 @click.option("--block-tokens", type=click.IntRange(min=1), default=None,
               help="Token rows per store chunk (default: about 32 MB per chunk, a multiple "
                    "of 64); the reduce reads whole chunks.")
+@click.option("--checkpoint-pattern", default=None,
+              help="How the models' local checkpoint folders are named, {step} marking the "
+                   "step (e.g. 'ckpt_{step}' or '{step}/hf'); default: checkpoint-N, ckpt-N, "
+                   "step-N or stepN. A MODEL may carry its own: DIR/ckpt_{step}@N.")
+@click.option("--allow-mixed-families", is_flag=True,
+              help="Accept models of different families (GPT-2, GPT-NeoX, ...) in one command; "
+                   "their neurons are not comparable layer by layer.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar over tokens.")
 def extract(run_dir, models, memory, device, dtype, batch_size, compression, block_tokens,
-            progress):
+            checkpoint_pattern, allow_mixed_families, progress):
     """Store each MODEL's post-GELU MLP activations at the token set's valid positions.
 
     MODEL is a spec: a letter a..e (the stanford-crfm GPT-2 small runs) with an optional
-    @STEP (a@100000 = checkpoint-100000), a hub id org/name[@rev], or a local
-    save_pretrained directory[@N].
+    @STEP (a@100000 = checkpoint-100000), a hub id org/name[@rev] (@STEP maps to the
+    family's revision: EleutherAI/pythia-160m@143000 = step143000), or a local
+    save_pretrained directory[@N]. Models whose labels collide (runs/s1/model@100,
+    runs/s2/model@100) get labels from their paths (s1--model@100, s2--model@100).
 
     Each store is RUN/stores/<label>.h5: one float16 dataset "acts" with one row per
     valid token position (BOS, padding and newlines dropped), in token-set order, and one
@@ -56,7 +66,9 @@ def extract(run_dir, models, memory, device, dtype, batch_size, compression, blo
                                          "batch_size": batch_size or SETTINGS.batch_size},
                          "extract options")
     compute = validated(ComputeConfig, {"device": device, "memory": memory}, "extract options")
-    for spec in models:
+    specs = unique_labels(models, checkpoint_pattern)
+    check_same_family(specs, allow_mixed=allow_mixed_families)
+    for spec in specs:
         stats = {}
         path = extract_store(run_dir, spec, settings, compute, dtype=dtype,
                              block_tokens=block_tokens, progress=progress, stats=stats)

@@ -16,6 +16,7 @@ COMMANDS = [
     ("extract", "extract"),
     ("reduce", "reduce"),
     ("universal", "universal"),
+    ("cards", "cards"),
     ("persistence", "persistence"),
     ("ablate", "ablate"),
     ("report", "report"),
@@ -37,7 +38,7 @@ class OrderedGroup(click.Group):
 def cli():
     """Find universal neurons in independently trained GPT-2 models, out of core.
 
-    Steps, in data-flow order: tokens -> extract -> reduce -> universal ->
+    Steps, in data-flow order: tokens -> extract -> reduce -> universal -> cards ->
     persistence -> ablate -> report. Each reads and writes files in one run
     directory, can be re-run, and resumes where it stopped.
     """

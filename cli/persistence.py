@@ -12,10 +12,11 @@ import click
 def persistence(run_dir, quiet):
     """P(universal at t2 | universal at t1) for every pair of checkpoints t1 < t2.
 
-    P = |U(t1) & U(t2)| / |U(t1)| per (reference, other, threshold), overall and per
-    layer; "undefined" (null) when U(t1) is empty. Averaged over a reference's pairs
-    two ways: "mean over pairs" (mean of the defined per-pair P) and "pooled over
-    pairs" (summed counts). Also emerged = |U(t2) - U(t1)| and Jaccard overlap.
+    p_persist = |U(t1) & U(t2)| / |U(t1)|, a fraction in [0, 1], per (reference, other,
+    threshold), for the whole model and per layer; "undefined" (null) when U(t1) is
+    empty. Aggregated over a reference's pairs two ways, in rows of their own:
+    mean_over_pairs (mean of the defined per-pair values) and pooled_over_pairs
+    (summed counts). Also n_emerged = |U(t2) - U(t1)| and the Jaccard overlap.
     """
     from ooc_universal.formats.tables import format_persistence
     from ooc_universal.steps.persistence import persistence as run_persistence

@@ -25,8 +25,9 @@ def report(run_dir_arg, run_dir, zoo_json, quiet):
     Table 1 (percent universal by threshold and checkpoint, per pair, per layer, with
     the spread over baseline draws), persistence (overall and by layer), ablation (KL
     and loss increase, universal vs matched control, all layers and layer by layer),
-    correlation vs rotation baseline, excess distribution, per-layer counts and the
-    models' held-out loss. A step that has not run gets a "not run" section.
+    correlation vs rotation baseline, excess distribution, per-layer counts, neuron
+    cards (RUN/cards, `ooc-universal cards`) and the models' held-out loss. A step that
+    has not run gets a "not run" section.
     report_data.json holds every number the tables show.
     """
     from ooc_universal.config import validated

@@ -26,19 +26,29 @@ DEFAULTS = TokensConfig()
 @click.option("--window", default=DEFAULTS.window, show_default=True, type=click.IntRange(min=2),
               help="Window length including the BOS at column 0; at most the models' context.")
 @click.option("--tokenizer", required=True,
-              help="'bytes' (id = byte, BOS = 256), a model spec whose own tokenizer to use "
-                   "(a@100000, org/name, a local model directory), or an HF tokenizer name "
-                   "or path (gpt2).")
+              help="'bytes' (id = byte, BOS = 256), 'bytes256' (plain bytes: 256 ids, no BOS), "
+                   "a model spec whose own tokenizer to use (a@100000, org/name, a local "
+                   "model directory, dir/ckpt_{step}@N), or an HF tokenizer name or path "
+                   "(gpt2).")
+@click.option("--bos/--no-bos", default=getattr(DEFAULTS, "bos", True), show_default=True,
+              help="Column 0 of every window is the tokenizer's BOS (its EOS when it has no "
+                   "BOS); --no-bos: windows of text tokens only, for models trained without "
+                   "BOS. A tokenizer with neither (bytes256) never gets one.")
+@click.option("--model", "models", multiple=True,
+              help="A model the token set is for (repeatable): the window is checked against "
+                   "its context, read offline (the --tokenizer model's is checked anyway).")
 @click.option("--force", is_flag=True,
               help="Replace a different token set already in --run-dir (its stores become stale).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
-def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, force, progress):
+def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, bos, models, force,
+           progress):
     """Build the token set that every model of a run reads.
 
     Conventions (as the original authors' code): documents are concatenated with the
     EOS token between them; each window is BOS at column 0 followed by the next
-    window-1 tokens of that stream; BOS/EOS/pad positions and newline tokens ("\\n")
+    window-1 tokens of that stream (--no-bos: the next window tokens, nothing in front;
+    recorded in the token set); BOS/EOS/pad positions and newline tokens ("\\n")
     are not valid; the mask is cut after the n-th valid position, so exactly
     --n-tokens positions are valid. Nothing is shuffled. The set is stored with a
     content hash in RUN/tokens/; an identical set already there is kept as it is.
@@ -47,11 +57,14 @@ def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, force, p
                                         "n_eval_tokens": n_eval_tokens, "window": window,
                                         "tokenizer": tokenizer}, "tokens options")
     with run_lock(run_dir):
-        result = make_tokens(run_dir, settings, force=force, progress=progress)
+        result = make_tokens(run_dir, settings, models=models, bos=bos, force=force,
+                             progress=progress)
     ts = result.token_set
     if not result.written:
         click.echo(f"token set {ts.hash} already in {result.folder}; nothing to do")
         return
+    first = f"BOS {ts.bos_token_id}" if ts.has_bos else "no BOS"
     click.echo(f"wrote {result.folder}: {ts.n_tokens} valid tokens in {ts.n_windows} windows "
-               f"of {ts.window} (+{ts.meta['n_eval_tokens']} eval), tokenizer {ts.tokenizer}")
+               f"of {ts.window} (+{ts.meta['n_eval_tokens']} eval), tokenizer {ts.tokenizer}, "
+               f"{first}")
     click.echo(f"hash {ts.hash}")

@@ -60,5 +60,6 @@ def universal(run_dir, reference, all_references, thresholds, definition,
     out = run_universal(run_dir, settings, reference=reference,
                         all_references=all_references, progress=not quiet)
     click.echo(format_table1(out.table1))
-    for key in ("sets", "table1", "table1_csv", "neurons_parquet", "neurons_csv"):
+    for key in ("sets", "table1", "table1_csv", "table1_draws_csv", "neurons_parquet",
+                "neurons_csv", "neuron_draws"):
         click.echo(f"wrote {out.paths[key]}")

@@ -4,6 +4,7 @@
     run = ou.open_run("runs/demo")
     run.table1()                         # DataFrame: % universal per pair/threshold/checkpoint
     run.neurons()                        # DataFrame: one row per reference neuron and pair
+    run.cards()                          # DataFrame: neuron cards of the top neurons
     run.reduced("tiny-a@4500", "tiny-b@4500")   # xarray.Dataset with named dims
     run.store("tiny-a@4500")             # xarray.DataArray (token, neuron), dask-backed
 
@@ -46,20 +47,48 @@ class Run:
         return RunConfig.from_toml(path) if path.is_file() else None
 
     # ------------------------------------------------------------------ tables
-    def table1(self):
-        """Table 1 (universal fraction per reference, other, threshold, checkpoint)."""
-        from ooc_universal.formats.tables import read_table1, table1_frame
-        return table1_frame(read_table1(self.path).entries)
+    # Tidy tables (formats/tables.py): integer `layer` beside `scope` ("all": layer <NA>),
+    # `aggregation` marking the rows over pairs (`other` <NA> there), n_* counts, pct_*
+    # percentages, p_* fractions, is_universal_<tau> booleans; draw 0 by default.
+    def table1(self, draw=0):
+        """Table 1: % universal per (reference, aggregation, other, checkpoint,
+        threshold, scope, layer). draw=0: the paper's rotation, with the spread over
+        the draws beside it; an int j: draw j; "mean": averaged over the draws;
+        "all": one row per draw."""
+        from ooc_universal.formats.tables import read_table1
+        return read_table1(self.path).frame(draw)
 
-    def neurons(self, columns=None):
-        """The per-neuron table of the universal step (max corr, baseline, excess ...)."""
-        from ooc_universal.formats.tables import read_neurons
-        return read_neurons(self.path, columns=columns).frame
+    def neurons(self, columns=None, draw=0):
+        """One row per reference neuron and pair: max corr, matched neuron, baseline,
+        excess, is_universal_<tau>. draw=0: neurons.parquet (the sets' draw); "all":
+        one row per draw (neuron_draws.parquet); an int j: its rows of draw j; "mean":
+        averaged over the draws, with p_universal_<tau> = the fraction of draws in
+        which the neuron is universal."""
+        from ooc_universal.formats.tables import read_neuron_draws, read_neurons
+        if draw == 0:
+            return read_neurons(self.path, columns=columns).frame
+        if draw == "mean":
+            return _neuron_mean_view(self.path, columns)
+        draws = read_neuron_draws(self.path)
+        if draw != "all":
+            draws = draws[draws["draw"] == _draw_index(draw)].reset_index(drop=True)
+        return draws if columns is None else draws[list(columns)]
 
     def persistence(self):
-        """P(universal at t2 | universal at t1), per pair, mean and pooled over pairs."""
-        from ooc_universal.formats.tables import persistence_frame, read_persistence
-        return persistence_frame(read_persistence(self.path))
+        """p_persist = P(universal at t2 | universal at t1), a fraction, per pair and
+        aggregated over pairs (mean_over_pairs, pooled_over_pairs), whole model
+        (scope "all") and per layer."""
+        from ooc_universal.formats.tables import read_persistence
+        return read_persistence(self.path).frame()
+
+    def cards(self):
+        """Neuron cards (RUN/cards/cards.json, `ooc-universal cards`), one row per
+        (card, other model): the neuron, its rank in that pair's top neurons by excess,
+        excess, matched neuron and correlation, is_universal_<tau>, the vocabulary
+        moments of W_out.W_U (vocab_kurtosis, vocab_skew, vocab_role) and the tokens
+        it promotes and suppresses most (lists, strongest first)."""
+        from ooc_universal.formats.cards import cards_frame, read_cards
+        return cards_frame(read_cards(self.path))
 
     def ablation(self):
         """KL and delta loss per ablated set (universal, controls), one row per set."""
@@ -149,6 +178,19 @@ class Run:
         return xr.DataArray(lazy, dims=("token", "neuron"), coords=coords, name=label,
                             attrs={k: v for k, v in st.attrs.items()
                                    if isinstance(v, (str, int, float))})
+
+
+def _draw_index(draw) -> int:
+    if isinstance(draw, bool) or not isinstance(draw, (int, np.integer)) or draw < 0:
+        raise OocError(f"draw {draw!r} is not a draw; give 0, 1, ..., 'mean' or 'all'")
+    return int(draw)
+
+
+def _neuron_mean_view(run_dir: Path, columns):
+    from ooc_universal.formats.tables import neuron_view, read_neuron_draws, read_table1
+    thresholds = sorted({float(r["threshold"]) for r in read_table1(run_dir).rows})
+    view = neuron_view(read_neuron_draws(run_dir), "mean", thresholds)
+    return view if columns is None else view[list(columns)]
 
 
 def _layer_coords(dim: str, n_layers: int, d_mlp: int) -> dict:

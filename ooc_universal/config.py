@@ -10,6 +10,7 @@ TOML layout (the file `run` reads and writes as RUN/config.toml):
     [extract]  compression, batch_size
     [reduce]   precision, baseline_draws, seed, keep_covariance
     [universal] thresholds, definition, extra_baseline_draws, seed
+    [cards]    top_n, n_tokens
     [ablate]   control_draws, mode, layerwise, all_non_universal, batch_size, seed
     [report]   zoo_json
 
@@ -29,7 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ooc_universal.errors import OocError
+from ooc_universal.errors import OocError, UsageError
 
 STANFORD = ["a", "b", "c", "d", "e"]
 MAX_TOKENS = 10 ** 12    # a bound that catches a typo (1e15 tokens) before planning
@@ -120,13 +121,18 @@ class AblateConfig(Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)        # seed of the matched controls
 
 
+class CardsConfig(Section):
+    top_n: int = Field(8, ge=1, le=10_000)     # cards per pair, by excess (draw 0)
+    n_tokens: int = Field(10, ge=1, le=1000)   # promoted and suppressed tokens per card
+
+
 class ReportConfig(Section):
     zoo_json: str = ""            # a zoo's zoo.json, for held-out losses in the report
 
 
 SECTIONS = {"tokens": TokensConfig, "compute": ComputeConfig, "extract": ExtractConfig,
-            "reduce": ReduceConfig, "universal": UniversalConfig, "ablate": AblateConfig,
-            "report": ReportConfig}
+            "reduce": ReduceConfig, "universal": UniversalConfig, "cards": CardsConfig,
+            "ablate": AblateConfig, "report": ReportConfig}
 
 # legacy flat key (and `run` override name) -> where it lives now
 FLAT_KEYS = {
@@ -163,6 +169,7 @@ class RunConfig(Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     reduce: ReduceConfig = Field(default_factory=ReduceConfig)
     universal: UniversalConfig = Field(default_factory=UniversalConfig)
+    cards: CardsConfig = Field(default_factory=CardsConfig)
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -257,7 +264,7 @@ class RunConfig(Section):
         except (OSError, UnicodeDecodeError) as exc:
             raise OocError(f"config file {str(path)!r} is unreadable ({exc})") from None
         except tomllib.TOMLDecodeError as exc:
-            raise OocError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+            raise UsageError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
         return cls.from_dict(data, where=f"config file {str(path)!r}")
 
     def replace(self, where: str = "command line", **overrides) -> "RunConfig":
@@ -289,7 +296,7 @@ def validated(model, data, where: str = "config"):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise OocError(describe_error(exc, where)) from None
+        raise UsageError(describe_error(exc, where)) from None
 
 
 def describe_error(exc: ValidationError, where: str) -> str:
@@ -377,12 +384,12 @@ def paper_config() -> RunConfig:
 
 
 def pythia_config() -> RunConfig:
-    """PolyPythias at 160m: the original run (seed 1234) and seed1..seed9, at an early, a
-    middle and the final step of the schedule (branches step1000, step36000,
-    step143000), on the Pile with the Pythia tokenizer; as large as the paper's study
-    per model (12 layers x 3072 neurons)."""
+    """PolyPythias at 160m: the original run (seed 1234) and seed1..seed4, five runs as in
+    the paper's study, at an early, a middle and the final step of the schedule
+    (branches step1000, step36000, step143000), on the Pile with the Pythia tokenizer;
+    12 layers x 3072 neurons per model, as GPT-2 small. More seeds: polypythia_runs."""
     from ooc_universal.models import polypythia_runs
-    runs = polypythia_runs("160m", "seed")
+    runs = polypythia_runs("160m", "seed")[:5]
     return RunConfig(models=runs, checkpoints=[1_000, 36_000, 143_000], reference=runs[0],
                      tokens=TokensConfig(source="pile", tokenizer=runs[0],
                                          n_tokens=5_000_000, n_eval_tokens=65_536,
@@ -400,6 +407,6 @@ def load_config(path=None, preset: str | None = None, **overrides) -> RunConfig:
     else:
         name = preset or "demo"
         if name not in PRESETS:
-            raise OocError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+            raise UsageError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
         cfg = PRESETS[name]()
     return cfg.replace(**overrides) if overrides else cfg

@@ -10,7 +10,10 @@ A model spec is one string:
   org/name[@rev]                any hub repo; rev is a branch, tag, commit or a step N, which
                                 maps to the family's revision name (FAMILIES; checkpoint-N
                                 for repos of no known family)
-  path[@N]                      a local save_pretrained directory; @N means path/checkpoint-N
+  path[@N]                      a local save_pretrained directory; @N means its checkpoint
+                                folder of step N: checkpoint-N, ckpt-N, step-N or stepN
+  path/ckpt_{step}@N            a folder pattern of the user's own: {step} marks the step,
+                                here path/ckpt_N (also a parse_model_spec argument)
 
 The hook point is the input of every layer's MLP output projection (GPT-2:
 `transformer.h[layer].mlp.c_proj`, the post-GELU activation; FAMILIES lists the others);
@@ -20,6 +23,16 @@ in every file the toolkit writes.
 
 Hub access goes through transformers / huggingface_hub and their cache, so HF_HOME,
 HF_HUB_CACHE and HF_HUB_OFFLINE=1 work as usual.
+
+The helpers other steps use to walk a model of any family (names kept stable):
+  family_of_config(config)   the Family entry (FAMILIES) of a loaded model's config
+  base_model(model)          the decoder stack without the LM head
+  decoder_layers(model)      its list of decoder layers
+  final_norm(model)          the norm between the last layer and the LM head
+  mlp_out_proj(model, layer) the module whose input is the layer's neurons (pre-hooks)
+  out_proj_neuron_axis(model) the axis of mlp_out_proj(...).weight that indexes neurons
+Offline facts about a spec, without loading weights: read_config, family_of_spec,
+model_shape, context_of; for a run's list of specs: unique_labels, check_same_family.
 """
 from __future__ import annotations
 
@@ -42,6 +55,10 @@ STANFORD_RUNS = {
 _STANFORD_NAMES = set(STANFORD_RUNS.values())
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 BYTE_VOCAB_SIZE = 257  # the toolkit's byte tokenizer: ids 0..255 = bytes, 256 = BOS/EOS
+# byte-vocabulary models without tokenizer files: vocab size -> the tokenizer's name
+# (256 ids: plain bytes, no BOS or EOS id, as many byte-level models are trained)
+BYTE_TOKENIZERS = {257: "bytes", 256: "bytes256"}
+STEP_FIELD = "{step}"  # marks the step in a user's checkpoint folder pattern
 
 
 # ---------------------------------------------------------------------------- families
@@ -61,6 +78,7 @@ class Family:
     revision: str | None           # hub revision of training step N ("checkpoint-{step}"),
                                    # None: looked up among the repo's cached revisions
     revision_re: str               # a revision name -> its step (group 1)
+    final_norm: str = "norm"       # the norm after the last layer, on the base model
     transposed: bool = False       # out_proj.weight is (d_mlp, d_model) (GPT-2's Conv1D)
 
 
@@ -80,14 +98,15 @@ FAMILIES = {
         site="input of mlp.c_proj: the post-GELU activation",
         n_layers=lambda c: int(c.n_layer), d_mlp=lambda c: int(c.n_inner or 4 * c.n_embd),
         context="n_positions", hub_repos=(f"{STANFORD_ORG}/",),
-        revision="checkpoint-{step}", revision_re=r"^checkpoint-(\d+)$", transposed=True),
+        revision="checkpoint-{step}", revision_re=r"^checkpoint-(\d+)$", final_norm="ln_f",
+        transposed=True),
     # Pythia and PolyPythias: 154 branches step0, step1 ... step512, step1000 ... step143000
     "gpt-neox": Family(
         "gpt-neox", ("gpt_neox",), layers="layers", out_proj="mlp.dense_4h_to_h",
         site="input of mlp.dense_4h_to_h: the post-GELU activation",
         n_layers=lambda c: int(c.num_hidden_layers), d_mlp=_intermediate_size,
         context="max_position_embeddings", hub_repos=("EleutherAI/pythia-",),
-        revision="step{step}", revision_re=r"^step(\d+)$"),
+        revision="step{step}", revision_re=r"^step(\d+)$", final_norm="final_layer_norm"),
     # OLMo: branches step<N>-tokens<M>B; OLMo 2: stage1-step<N>-tokens<M>B (the token
     # count is part of the name, so a step is looked up among the cached revisions)
     "olmo": Family(
@@ -99,9 +118,8 @@ FAMILIES = {
         "llama", ("llama", "mistral", "qwen2", "qwen3"), **_GATED, hub_repos=(),
         revision="checkpoint-{step}", revision_re=r"^checkpoint-(\d+)$"),
 }
-# The families the steps accept today. The others are described and their hook site is
-# tested (tests/test_families.py), but ablate still walks GPT-2's module names.
-ENABLED_FAMILIES = frozenset({"gpt2"})
+# The families the steps accept (all of FAMILIES; load_model takes a narrower set).
+ENABLED_FAMILIES = frozenset(FAMILIES)
 
 POLYPYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m")
 
@@ -119,6 +137,34 @@ def polypythia_runs(size: str = "160m", kind: str = "seed") -> list[str]:
                        "or 'data-seed' / 'weight-seed' with size 160m")
     base = f"EleutherAI/pythia-{size}"
     return [base] + [f"{base}-{kind}{i}" for i in range(1, n + 1)]
+
+
+# Pythia sizes (the Pythia and PolyPythias model cards): layers, model dim, vocabulary
+# (embed_in and embed_out untied; padded to 50304, 50432 and 50688); d_mlp = 4 x dim,
+# context 2048. The parameter counts this gives match the model cards' totals.
+PYTHIA_SHAPES = {"14m": (6, 128, 50304), "31m": (6, 256, 50304), "70m": (6, 512, 50304),
+                 "160m": (12, 768, 50304), "410m": (24, 1024, 50304),
+                 "1b": (16, 2048, 50304), "1.4b": (24, 2048, 50304),
+                 "2.8b": (32, 2560, 50304), "6.9b": (32, 4096, 50432),
+                 "12b": (36, 5120, 50688)}
+PYTHIA_CONTEXT = 2048
+_PYTHIA_RE = re.compile(r"^EleutherAI/pythia-(\d+(?:\.\d+)?[mb])(?:-deduped)?(?:-v0)?"
+                        r"(?:-(?:seed|data-seed|weight-seed)\d+)?$")
+GPT2_SMALL = (12, 3072, 124_439_808)  # the stanford-crfm runs: n_layers, d_mlp, parameters
+
+
+def _known_shape(spec: "ModelSpec") -> tuple[int, int, int] | None:
+    """(n_layers, d_mlp, n_params) of a hub model whose shape is known by name."""
+    if spec.repo_id is None:
+        return None
+    if spec.repo_id.startswith(STANFORD_ORG + "/") and spec.name in _STANFORD_NAMES:
+        return GPT2_SMALL
+    m = _PYTHIA_RE.match(spec.repo_id)
+    if m is None or m.group(1) not in PYTHIA_SHAPES:
+        return None
+    n_layers, d, vocab = PYTHIA_SHAPES[m.group(1)]
+    per_layer = 12 * d * d + 13 * d  # qkv, dense, the MLP, two layer norms (+ biases)
+    return n_layers, 4 * d, n_layers * per_layer + 2 * d + 2 * vocab * d
 
 
 def family_of_config(config) -> Family | None:
@@ -156,9 +202,30 @@ class ModelSpec:
     local_dir: str | None  # directory to load from (path/checkpoint-N when @N), None for hub
     step: int | None       # training step, from @N or checkpoint-N
     label: str             # filesystem-safe file stem, e.g. "alias-gpt2-small-x21@100000"
+    checkpoint_pattern: str | None = None  # the user's folder pattern ("ckpt_{step}"), if any
 
     def __str__(self) -> str:
         return self.label
+
+    @property
+    def root(self) -> str:
+        """The model without its checkpoint: the hub repo, or the local folder holding the
+        checkpoint folders (the directory itself when it is no checkpoint folder)."""
+        if self.repo_id is not None:
+            return self.repo_id
+        if self.step is None or self.revision is None:
+            return self.local_dir
+        return str(Path(self.local_dir).parents[len(Path(self.revision).parts) - 1])
+
+    @property
+    def text(self) -> str:
+        """A spec string that parses back to this model and checkpoint (labels made
+        unique by unique_labels aside)."""
+        if self.repo_id is not None:
+            return self.repo_id if self.revision is None else f"{self.repo_id}@{self.revision}"
+        if self.checkpoint_pattern is not None:
+            return f"{Path(self.root) / self.checkpoint_pattern}@{self.step}"
+        return self.local_dir if self.step is None else f"{self.root}@{self.revision}"
 
     @property
     def where(self) -> str:
@@ -219,17 +286,26 @@ def _label(stem: str, revision: str | None, step: int | None) -> str:
     return _safe(stem)
 
 
-def parse_model_spec(spec: str) -> ModelSpec:
-    """Parse a model spec string (see the module docstring); touches only the local disk."""
+def parse_model_spec(spec, checkpoint_pattern: str | None = None) -> ModelSpec:
+    """Parse a model spec string (see the module docstring); touches only the local disk.
+
+    checkpoint_pattern: how the local checkpoint folders are named, "{step}" marking the
+    step ("ckpt_{step}", "{step}/hf"); replaces the usual names (checkpoint-N, ckpt-N,
+    step-N, stepN) for this spec. A spec whose path holds "{step}" carries its own."""
+    if isinstance(spec, ModelSpec):
+        return spec
     spec = str(spec).strip()
     if not spec:
         raise OocError("empty model spec; expected a letter a..e, a hub id org/name "
                        "or a local directory")
+    patterns = _checked_patterns(checkpoint_pattern)
     if Path(spec).expanduser().is_dir():  # a local directory, even with '@' in its name
-        return _local_spec(spec, None)
+        return _local_spec(spec, None, patterns)
     base, rev = _split_at(spec)
+    if STEP_FIELD in base:
+        return _pattern_spec(spec, base, rev)
     if Path(base).expanduser().is_dir():
-        return _local_spec(base, rev)
+        return _local_spec(base, rev, patterns)
     if base in STANFORD_RUNS or base in _STANFORD_NAMES or (
             base.startswith(STANFORD_ORG + "/") and base.split("/", 1)[1] in _STANFORD_NAMES):
         name = STANFORD_RUNS.get(base, base.split("/")[-1])
@@ -249,56 +325,128 @@ def parse_model_spec(spec: str) -> ModelSpec:
 
 
 # checkpoint folders as people name them: checkpoint-N (HF Trainer), ckpt-N, step-N, stepN
-_LOCAL_CHECKPOINT_RE = re.compile(r"^(?:checkpoint-|ckpt-|step-|step)(\d+)$")
+DEFAULT_CHECKPOINT_PATTERNS = ("checkpoint-{step}", "ckpt-{step}", "step-{step}", "step{step}")
 
 
-def _local_spec(path: str, rev: str | None) -> ModelSpec:
+def _checked_patterns(pattern: str | None) -> tuple[str, ...]:
+    """(pattern,) after checking it, or the usual names when None."""
+    if pattern is None:
+        return DEFAULT_CHECKPOINT_PATTERNS
+    pattern = str(pattern).strip().strip("/")
+    parts = Path(pattern).parts
+    if (pattern.count(STEP_FIELD) != 1 or re.search(r"[{}]", pattern.replace(STEP_FIELD, ""))
+            or Path(pattern).is_absolute() or ".." in parts or not parts):
+        raise OocError(f"checkpoint pattern {pattern!r} is invalid: expected a folder name "
+                       "relative to the model's directory with {step} once where the step "
+                       "goes, e.g. 'ckpt_{step}' or '{step}/hf'")
+    if STEP_FIELD not in parts[0]:  # else DIR/run/ckpt_{step} would not name one model
+        raise OocError(f"checkpoint pattern {pattern!r} is invalid: its first folder has no "
+                       f"{{step}}; put {'/'.join(parts[:1])!r} into the model's directory "
+                       "instead (DIR/run with pattern 'ckpt_{step}')")
+    return (pattern,)
+
+
+def _pattern_re(pattern: str) -> re.Pattern:
+    """A folder pattern -> a regex of the relative path, group 1 = the step."""
+    head, _, tail = pattern.partition(STEP_FIELD)
+    return re.compile(f"^{re.escape(head)}(\\d+){re.escape(tail)}$")
+
+
+def _step_of_folder(name: str, patterns) -> tuple[int, str] | None:
+    """(step, pattern) when the relative path `name` is a checkpoint folder by `patterns`."""
+    for pattern in patterns:
+        m = _pattern_re(pattern).match(name)
+        if m:
+            return int(m.group(1)), pattern
+    return None
+
+
+def _pattern_spec(spec: str, base: str, rev: str | None) -> ModelSpec:
+    """`dir/ckpt_{step}@N`: the pattern is the path from the first part holding {step}."""
+    parts = Path(base).expanduser().parts
+    first = next(i for i, part in enumerate(parts) if STEP_FIELD in part)
+    root, pattern = Path(*parts[:first]) if first else Path("."), str(Path(*parts[first:]))
+    patterns = _checked_patterns(pattern)
+    if rev is None:
+        raise OocError(f"model {spec!r}: a checkpoint pattern needs the step, e.g. "
+                       f"{spec}@1000")
+    if not root.expanduser().is_dir():
+        raise OocError(f"model {spec!r}: local directory {str(root)!r} does not exist")
+    return _local_spec(str(root), rev, patterns)
+
+
+def _local_spec(path: str, rev: str | None, patterns=DEFAULT_CHECKPOINT_PATTERNS) -> ModelSpec:
     root = Path(path).expanduser().absolute()
-    m = _LOCAL_CHECKPOINT_RE.match(rev if rev is not None else root.name)
-    if rev is None and m:  # "dir/checkpoint-500" is the same model as "dir@500"
-        return _local_step_spec(root.parent, int(m.group(1)), root.name)
-    if rev is not None and (rev.isdigit() or m):
-        return _local_step_spec(root, int(rev) if rev.isdigit() else int(m.group(1)),
-                                None if rev.isdigit() else rev)
+    if rev is None:  # "dir/checkpoint-500" is the same model as "dir@500"
+        found = _folder_step(root, patterns)
+        if found is not None:
+            step, folder, top = found
+            return _local_step_spec(top, step, folder, patterns)
+    elif rev.isdigit():
+        return _local_step_spec(root, int(rev), None, patterns)
+    elif (named := _step_of_folder(rev, patterns)) is not None:
+        return _local_step_spec(root, named[0], rev, patterns)
     load_dir = root if rev is None else root / rev
     if not load_dir.is_dir():
-        raise _no_local_revision(root, rev, f"no directory {str(load_dir)!r}")
+        raise _no_local_revision(root, rev, f"no directory {str(load_dir)!r}", patterns)
     # name: the directory's own name (tiny-a), as in the store label; the path is in model_id
     return ModelSpec(name=root.name, repo_id=None, revision=None, local_dir=str(load_dir),
                      step=None, label=_label(root.name, None, None))
 
 
-def _local_step_spec(root: Path, step: int, folder: str | None) -> ModelSpec:
+def _folder_step(path: Path, patterns) -> tuple[int, str, Path] | None:
+    """(step, folder relative to the model's root, root) when `path` is a checkpoint
+    folder by one of `patterns` (a pattern may span folders: '{step}/hf')."""
+    for pattern in patterns:
+        depth = len(Path(pattern).parts)
+        if len(path.parts) <= depth:
+            continue
+        folder = "/".join(path.parts[-depth:])
+        if m := _pattern_re(pattern).match(folder):
+            return int(m.group(1)), folder, path.parents[depth - 1]
+    return None
+
+
+def _local_step_spec(root: Path, step: int, folder: str | None, patterns) -> ModelSpec:
     """root's checkpoint folder of `step` (`folder` when named), whatever its naming."""
-    found = _local_checkpoints(root).get(step, [])
+    found = _local_checkpoints(root, patterns).get(step, [])
     if folder is not None:
         found = [f for f in found if f == folder]
     if not found:
+        names = " or ".join(p.format(step=step) for p in patterns)
         raise _no_local_revision(root, folder or str(step),
-                                 f"no checkpoint-{step}, ckpt-{step}, step-{step} or "
-                                 f"step{step} folder in {str(root)!r}")
+                                 f"no {names} folder in {str(root)!r}", patterns)
     if len(found) > 1:
         raise OocError(f"model {str(root)!r}: step {step} has {len(found)} folders "
                        f"({', '.join(found)}); name one, e.g. {root}@{found[0]}")
+    custom = patterns if patterns != DEFAULT_CHECKPOINT_PATTERNS else None
     return ModelSpec(name=root.name, repo_id=None, revision=found[0],
                      local_dir=str(root / found[0]), step=step,
-                     label=_label(root.name, None, step))
+                     label=_label(root.name, None, step),
+                     checkpoint_pattern=custom[0] if custom else None)
 
 
-def _local_checkpoints(root: Path) -> dict[int, list[str]]:
-    """step -> names of root's checkpoint folders of that step."""
+def _local_checkpoints(root: Path, patterns=DEFAULT_CHECKPOINT_PATTERNS) -> dict[int, list[str]]:
+    """step -> the relative paths of root's checkpoint folders of that step."""
     out: dict[int, list[str]] = {}
-    for p in sorted(root.iterdir()) if root.is_dir() else []:
-        m = _LOCAL_CHECKPOINT_RE.match(p.name)
-        if m and p.is_dir():
-            out.setdefault(int(m.group(1)), []).append(p.name)
+    if not root.is_dir():
+        return out
+    for pattern in patterns:
+        for p in sorted(root.glob(pattern.replace(STEP_FIELD, "*"))):
+            folder = p.relative_to(root).as_posix()
+            m = _pattern_re(pattern).match(folder)
+            if m and p.is_dir() and folder not in out.get(int(m.group(1)), []):
+                out.setdefault(int(m.group(1)), []).append(folder)
     return out
 
 
-def _no_local_revision(root: Path, rev: str | None, why: str) -> OocError:
-    have = sorted(n for names in _local_checkpoints(root).values() for n in names)
+def _no_local_revision(root: Path, rev: str | None, why: str,
+                       patterns=DEFAULT_CHECKPOINT_PATTERNS) -> OocError:
+    have = sorted(n for names in _local_checkpoints(root, patterns).values() for n in names)
+    hint = ("" if have or patterns != DEFAULT_CHECKPOINT_PATTERNS else
+            "; folders named otherwise need a pattern, e.g. DIR/ckpt_{step}@N")
     return OocError(f"model {str(root)!r}: revision {rev!r} not found ({why}); "
-                    f"available: {', '.join(have) if have else 'none'}")
+                    f"available: {', '.join(have) if have else 'none'}{hint}")
 
 
 @dataclass
@@ -309,11 +457,13 @@ class LoadedModel:
     n_layers: int
     d_mlp: int
     vocab_size: int
-    bos_token_id: int
+    bos_token_id: int | None  # None: the model has no BOS id (256-id byte models, OLMo)
     model_id: str             # hub repo id or local directory
     revision: str | None      # requested revision (None = default branch / local dir)
     commit: str | None = None           # resolved hub commit hash, when known
-    tokenizer_name: str | None = None   # "bytes" or where the HF tokenizer came from
+    tokenizer_name: str | None = None   # "bytes", "bytes256" or where the HF tokenizer
+                                        # came from
+    family: Family | None = None        # FAMILIES entry of the model's config
 
     @property
     def n_neurons(self) -> int:
@@ -417,14 +567,11 @@ def _check_config(config, spec: ModelSpec, families=ENABLED_FAMILIES) -> Family:
     if family is not None and family.name in families:
         return family
     kind = getattr(config, "model_type", "?")
-    if set(families) == {"gpt2"}:
-        accepted = ("only GPT-2-family models (model_type 'gpt2', hook "
-                    "transformer.h[i].mlp.c_proj) are supported")
-    else:
-        accepted = f"only the families {', '.join(sorted(families))} are accepted here"
-    known = (f" (the {family.name} family is described in models.FAMILIES but not yet "
-             "enabled in the steps)" if family is not None else "")
-    raise OocError(f"model {spec.label} ({spec.where}) is a {kind!r} model; {accepted}{known}")
+    accepted = "; ".join(f"{f.name} (model_type {', '.join(f.model_types)})"
+                         for f in FAMILIES.values() if f.name in families)
+    raise OocError(f"model {spec.label} ({spec.where}) is a {kind!r} model, not of a "
+                   f"supported family: {accepted}; a neuron is the input of the MLP "
+                   "output projection, which the toolkit finds only in these families")
 
 
 def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True,
@@ -451,14 +598,13 @@ def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True,
     tokenizer, tok_name = (load_tokenizer(spec, config=config, _source=(source, kw))
                            if with_tokenizer else (None, None))
     bos = config.bos_token_id
-    if bos is None:
-        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-    if bos is None:
-        raise OocError(f"model {spec.label}: config has no bos_token_id; set it in config.json")
+    if bos is None and tokenizer is not None:
+        bos = getattr(tokenizer, "bos_token_id", None)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, n_layers=n_layers, d_mlp=d_mlp,
-                       vocab_size=int(config.vocab_size), bos_token_id=int(bos),
+                       vocab_size=int(config.vocab_size),
+                       bos_token_id=None if bos is None else int(bos),
                        model_id=spec.repo_id or spec.local_dir, revision=spec.revision,
-                       commit=commit, tokenizer_name=tok_name)
+                       commit=commit, tokenizer_name=tok_name, family=family)
 
 
 def _model_source(spec: ModelSpec) -> tuple[str, dict, str | None]:
@@ -488,7 +634,7 @@ def _load_weights(spec: ModelSpec, source: str, kw: dict, dtype):
 
 def _check_neurons(model, family: Family, spec: ModelSpec, n_layers: int, d_mlp: int) -> None:
     """Every layer's output projection takes d_mlp inputs, as the config says."""
-    axis = 0 if family.transposed else 1  # Conv1D: (in, out); nn.Linear: (out, in)
+    axis = out_proj_neuron_axis(model)  # Conv1D: (in, out); nn.Linear: (out, in)
     for layer in range(n_layers):
         width = mlp_out_proj(model, layer).weight.shape[axis]
         if width != d_mlp:
@@ -498,7 +644,8 @@ def _check_neurons(model, family: Family, spec: ModelSpec, n_layers: int, d_mlp:
 
 def load_tokenizer(spec, config=None, _source=None) -> tuple[object | None, str]:
     """The spec's own tokenizer and its name; (None, "bytes") for a byte-vocabulary model
-    without tokenizer files. Does not load the weights.
+    without tokenizer files (257 ids: BOS/EOS 256), (None, "bytes256") for one of plain
+    bytes (256 ids, no BOS). Does not load the weights.
 
     (transformers 5 builds an EMPTY tokenizer from a config without tokenizer files, so the
     files are looked for explicitly.)"""
@@ -511,16 +658,16 @@ def load_tokenizer(spec, config=None, _source=None) -> tuple[object | None, str]
     name = spec.repo_id or spec.local_dir
     tok_dir = source if _has_tokenizer_files(source) else None
     config = config if config is not None else AutoConfig.from_pretrained(source, **kw)
-    if tok_dir is None and int(config.vocab_size) == BYTE_VOCAB_SIZE:
-        return None, "bytes"
+    if tok_dir is None and int(config.vocab_size) in BYTE_TOKENIZERS:
+        return None, BYTE_TOKENIZERS[int(config.vocab_size)]
     if tok_dir is None and spec.repo_id is not None:
         tok_dir = _fetch_tokenizer_files(spec)
     if tok_dir is None:
         fix = (f"or they are not cached: {_download_hint(spec)}" if spec.repo_id
                else "add its tokenizer files (tokenizer.save_pretrained)")
         raise OocError(f"model {spec.label} ({spec.where}) has no tokenizer files and a "
-                       f"{config.vocab_size}-token vocabulary (not the {BYTE_VOCAB_SIZE}-id byte "
-                       f"vocabulary); {fix}")
+                       f"{config.vocab_size}-token vocabulary (not a byte vocabulary of "
+                       f"{BYTE_VOCAB_SIZE} or 256 ids); {fix}")
     return AutoTokenizer.from_pretrained(tok_dir), name
 
 
@@ -574,9 +721,167 @@ def mlp_out_proj(model, layer: int):
     return proj
 
 
+def final_norm(model):
+    """The norm between the last decoder layer and the LM head (GPT-2: transformer.ln_f,
+    GPT-NeoX: gpt_neox.final_layer_norm, the gated families: model.norm)."""
+    family = family_of_config(getattr(model, "config", None)) or FAMILIES["gpt2"]
+    norm = getattr(base_model(model), family.final_norm, None)
+    if norm is None:
+        raise OocError(f"{type(model).__name__} has no {family.final_norm} after its last "
+                       f"layer, as a {family.name} model should")
+    return norm
+
+
+def out_proj_neuron_axis(model) -> int:
+    """The axis of mlp_out_proj(model, layer).weight that indexes neurons: 0 for GPT-2's
+    Conv1D (d_mlp, d_model), 1 for nn.Linear (d_model, d_mlp)."""
+    family = family_of_config(getattr(model, "config", None)) or FAMILIES["gpt2"]
+    return 0 if family.transposed else 1
+
+
 def _no_hook(model, family: Family) -> str:
     if family.name == "gpt2":
         return (f"{type(model).__name__} is not a GPT-2-family model: "
                 "no transformer.h[i].mlp.c_proj to hook")
     return (f"{type(model).__name__} is not a {family.name} model as expected: "
             f"no {family.layers}[i].{family.out_proj} to hook")
+
+
+# ------------------------------------------------------- offline facts about a spec
+
+def read_config(spec):
+    """The spec's transformers config from the local disk (its directory or the local HF
+    cache), or None when it is not there or unreadable. Never touches the network."""
+    spec = parse_model_spec(spec)
+    folder = spec.local_dir
+    if folder is None:
+        from huggingface_hub import hf_hub_download
+        try:
+            folder = str(Path(hf_hub_download(spec.repo_id, "config.json",
+                                              revision=spec.revision,
+                                              local_files_only=True)).parent)
+        except Exception:  # not cached, or the cache is unreadable: not known offline
+            return None
+    if not (Path(folder) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def family_of_spec(spec) -> Family | None:
+    """The spec's family, offline: from its config when one is on the disk, else from
+    the hub id's name (stanford-crfm/ -> gpt2, EleutherAI/pythia- -> gpt-neox); None
+    when neither says."""
+    spec = parse_model_spec(spec)
+    if _known_shape(spec) is not None:
+        return family_of_repo(spec.repo_id)
+    config = read_config(spec)
+    if config is not None:
+        return family_of_config(config)
+    return family_of_repo(spec.repo_id) if spec.repo_id else None
+
+
+def model_shape(spec) -> tuple[int, int, int]:
+    """(n_layers, d_mlp, n_params) of a spec without downloading anything: known shapes
+    for the stanford-crfm runs and every Pythia / PolyPythias size, else its config on
+    the disk (parameters counted on the meta device, no memory)."""
+    spec = parse_model_spec(spec)
+    known = _known_shape(spec)
+    if known is not None:
+        return known
+    config = read_config(spec)
+    if config is None:
+        raise OocError(f"model {spec.label} ({spec.where}): its shape is not known offline "
+                       f"(no config.json on this disk); {_config_hint(spec)}")
+    n_layers, d_mlp = mlp_shape(config)
+    return n_layers, d_mlp, count_parameters(config)
+
+
+def _config_hint(spec: ModelSpec) -> str:
+    if spec.repo_id is None:
+        return "give a directory written by save_pretrained"
+    return (f"pre-download its config with `hf download {spec.repo_id} config.json "
+            f"--revision {spec.revision or 'main'}`, or give a local directory")
+
+
+def count_parameters(config) -> int:
+    """Parameters of the causal LM a config describes (tied weights once), counted on
+    the meta device: nothing is allocated."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def context_of(spec) -> int | None:
+    """The longest window the spec's model takes, offline; None when not known."""
+    spec = parse_model_spec(spec)
+    known = _known_shape(spec)
+    if known is not None:
+        return 1024 if known == GPT2_SMALL else PYTHIA_CONTEXT
+    config = read_config(spec)
+    return None if config is None else context_length(config)
+
+
+# ----------------------------------------------------------- the models of one run
+
+def unique_labels(specs, checkpoint_pattern: str | None = None) -> list[ModelSpec]:
+    """`specs` parsed, with labels unique across the run: models whose labels collide
+    (runs/s1/model@100, runs/s2/model@100) get the nearest folders of their paths (the
+    org of a hub id) in front until they differ: s1--model@100, s2--model@100. A model
+    keeps one stem at all its checkpoints; labels that do not collide are unchanged."""
+    parsed = [parse_model_spec(s, checkpoint_pattern) for s in specs]
+    stems = {p.root: _stem(p) for p in parsed}
+    by_stem: dict[str, list[str]] = {}
+    for root, stem in stems.items():
+        by_stem.setdefault(stem, []).append(root)
+    for stem, roots in by_stem.items():
+        if len(roots) > 1:
+            stems.update(_distinct_stems(roots))
+    return [_with_stem(p, stems[p.root]) for p in parsed]
+
+
+def _stem(spec: ModelSpec) -> str:
+    return spec.label.partition("@")[0]
+
+
+def _distinct_stems(roots: list[str]) -> dict[str, str]:
+    """root -> the shortest tail of its path parts (joined by --) that no other root of
+    `roots` shares; a path hash where one path is the tail of another."""
+    parts = {r: [_safe(x) for x in Path(r).parts if x not in ("/", "")] for r in roots}
+    for k in range(2, max(len(p) for p in parts.values()) + 1):
+        tails = {r: "--".join(p[-k:]) for r, p in parts.items()}
+        if len(set(tails.values())) == len(roots):
+            return tails
+    import hashlib
+    return {r: f"{'--'.join(p[-2:])}-{hashlib.sha1(r.encode()).hexdigest()[:6]}"
+            for r, p in parts.items()}
+
+
+def _with_stem(spec: ModelSpec, stem: str) -> ModelSpec:
+    from dataclasses import replace
+    old = _stem(spec)
+    return spec if stem == old else replace(spec, label=stem + spec.label[len(old):])
+
+
+def check_same_family(specs, allow_mixed: bool = False) -> str | None:
+    """The family all `specs` belong to (None when none is known offline); one line
+    when they span several families, unless allow_mixed: neurons are compared layer by
+    layer, which means something only between models of one architecture."""
+    labels: dict[str, list[str]] = {}
+    for spec in specs:
+        spec = parse_model_spec(spec)
+        family = family_of_spec(spec)
+        if family is not None:
+            labels.setdefault(family.name, []).append(spec.label)
+    if len(labels) > 1 and not allow_mixed:
+        listed = "; ".join(f"{name}: {', '.join(ls)}" for name, ls in labels.items())
+        raise OocError(f"the run mixes model families ({listed}); neurons are compared layer "
+                       "by layer, which is meaningful within one family only: run each "
+                       "family in its own run directory, or allow it explicitly "
+                       "(--allow-mixed-families)")
+    return next(iter(labels)) if len(labels) == 1 else None

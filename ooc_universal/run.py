@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 from ooc_universal.config import RunConfig
-from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.errors import StaleInputError
 from ooc_universal.rundir import human_bytes, run_lock, write_json_atomic
 
-STEP_NAMES = ("tokens", "extract", "reduce", "universal", "persistence", "ablate", "report")
+STEP_NAMES = ("tokens", "extract", "reduce", "universal", "cards", "persistence", "ablate",
+              "report")
 
 
 def check_run_dir_config(run_dir: Path, cfg: RunConfig, force: bool = False) -> None:
@@ -43,6 +44,7 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
         steps=STEP_NAMES, echo=print) -> dict:
     """Run the study; returns {step: seconds} and where the report is."""
     from ooc_universal.steps import ablate as ablate_mod
+    from ooc_universal.steps import cards as cards_mod
     from ooc_universal.steps import extract as extract_mod
     from ooc_universal.steps import persistence as persistence_mod
     from ooc_universal.steps import reduce as reduce_mod
@@ -103,6 +105,10 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
                                           all_references=cfg.all_references, progress=progress)
             echo(format_table1(out.table1))
 
+        def do_cards():
+            out = cards_mod.cards(run_dir, cfg.cards, progress=progress)
+            echo(f"  {len(out.cards.cards)} neuron cards -> {out.path}")
+
         def do_persistence():
             if len(cfg.checkpoint_list()) < 2:
                 echo("  fewer than two checkpoints: persistence not applicable; skipped")
@@ -124,6 +130,7 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
         step("extract", do_extract)
         step("reduce", do_reduce)
         step("universal", do_universal)
+        step("cards", do_cards)
         step("persistence", do_persistence)
         step("ablate", do_ablate)
         step("report", do_report)
@@ -183,32 +190,42 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
          f"; on a {gpu_mem_gb:.0f} GB GPU ~{_hms(t_gpu * n_ck)} "
          f"({len(gpu_plan.groups)} pass(es), {human_bytes(gpu_plan.bytes_read)} read at "
          f"{disk_gbps} GB/s, {gpu_tflops:.0f} TFLOP/s bf16)")
-    n_sets = (len(cfg.models) - 1) * len(cfg.universal.thresholds) * (1 + cfg.ablate.control_draws) \
-        * (1 + (n_layers if cfg.ablate.layerwise else 0))
-    abl_tokens = n_sets * cfg.tokens.n_eval_tokens * n_ck
-    echo(f"[ablate]  {n_sets} ablation sets per checkpoint x {cfg.tokens.n_eval_tokens:,} eval tokens:"
-         f" here ~{_hms(abl_tokens / fwd_rate)}")
+    out.update(_ablation_dry_run(cfg, shapes, fwd_rate, gpu_tflops, n_ck, echo))
     echo("[universal, persistence, report] seconds; read only the reduced statistics")
     echo(f"peak RAM per process: reduce {human_bytes(plan.peak_bytes)} "
          f"(budget {cfg.compute.memory}); extract within --memory")
     return out
 
 
+def _ablation_dry_run(cfg: RunConfig, shapes, fwd_rate, gpu_tflops, n_ck, echo) -> dict:
+    """The ablation's plan here and on a GPU: sets restart from the residual cached before
+    their first ablated layer (steps.ablate.ablation_plan)."""
+    from ooc_universal.steps.ablate import (ablation_plan, describe_ablation_plan,
+                                            layer_flops_per_token, measure_kl_rate,
+                                            planned_first_layers)
+    n_layers, d_mlp, _ = shapes
+    d_model, vocab = d_mlp // 4, 50_257  # GPT-2-shaped (the forward rate's model is too)
+    firsts = planned_first_layers((len(cfg.models) - 1) * len(cfg.universal.thresholds),
+                                  n_layers, cfg.ablate.control_draws, cfg.ablate.layerwise,
+                                  cfg.ablate.all_non_universal)
+    args = (n_layers, d_model, d_mlp, vocab, cfg.tokens.window, cfg.tokens.n_eval_tokens, firsts)
+    here = ablation_plan(*args, fwd_rate * n_layers * layer_flops_per_token(d_model, d_mlp, 128),
+                         kl_elements_per_s=measure_kl_rate("cpu", vocab))
+    # the float64 KL is memory-bound on a GPU: ~64 B moved per element at ~3.35 TB/s
+    # (H100 HBM3), an estimate, not a measurement
+    gpu = ablation_plan(*args, gpu_tflops * 1e12, kl_elements_per_s=3.35e12 / 64)
+    echo(f"[ablate]  {len(firsts)} sets per checkpoint x {cfg.tokens.n_eval_tokens:,} eval tokens "
+         f"x {n_ck} checkpoint(s)")
+    echo(f"  here:   {describe_ablation_plan(here)}")
+    echo(f"  on GPU: {describe_ablation_plan(gpu)}")
+    return {"ablate_seconds_here": here["seconds"] * n_ck,
+            "ablate_seconds_gpu": gpu["seconds"] * n_ck, "ablate_sets": len(firsts)}
+
+
 def _model_shapes(cfg: RunConfig):
-    """(n_layers, d_mlp, n_params) of the first model, from its config only (offline)."""
-    from ooc_universal.models import parse_model_spec
-    spec = parse_model_spec(cfg.spec(cfg.models[0], cfg.checkpoint_list()[0]))
-    if spec.repo_id and spec.repo_id.startswith("stanford-crfm/"):
-        return 12, 3072, 124_000_000  # GPT-2 small (config known; no download needed)
-    from transformers import AutoConfig
-    try:
-        c = AutoConfig.from_pretrained(spec.local_dir or spec.repo_id, revision=spec.revision)
-    except Exception as exc:
-        raise OocError(f"cannot read the config of {spec.label} offline ({exc}); "
-                       "pre-download it or point at a local directory") from None
-    d_mlp = c.n_inner or 4 * c.n_embd
-    n_params = c.vocab_size * c.n_embd + c.n_layer * (12 * c.n_embd ** 2)
-    return c.n_layer, d_mlp, n_params
+    """(n_layers, d_mlp, n_params) of the first model, offline (models.model_shape)."""
+    from ooc_universal.models import model_shape
+    return model_shape(cfg.spec(cfg.models[0], cfg.checkpoint_list()[0]))
 
 
 def _measure_forward_rate(shapes, seconds=1.0) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 from ooc_universal import faults
 from ooc_universal.errors import OocError
 
-STEPS = ("tokens", "stores", "reduce", "universal", "persistence", "ablate", "report")
+STEPS = ("tokens", "stores", "reduce", "universal", "cards", "persistence", "ablate", "report")
 
 
 def step_dir(run_dir, step: str, create: bool = True) -> Path:

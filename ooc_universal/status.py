@@ -33,6 +33,7 @@ from pathlib import Path
 from ooc_universal.errors import OocError
 from ooc_universal.formats.ablation import ABLATE_FILES, read_ablation
 from ooc_universal.clean import leftovers
+from ooc_universal.formats.cards import read_cards
 from ooc_universal.formats.reduced import WorkDir, list_reduced, open_reduced, read_attrs
 from ooc_universal.formats.sets import read_sets, sets_path
 from ooc_universal.formats.store import ledger_progress
@@ -59,6 +60,7 @@ def status(run_dir, verify: bool = False) -> list[dict]:
     rows += _stores(ctx)
     rows += _reduce(ctx)
     rows += _universal(ctx)
+    rows += _cards(ctx)
     rows += _persistence(ctx)
     rows += _ablate(ctx)
     rows += _report(ctx)
@@ -404,6 +406,24 @@ def _step_document(ctx: _Context, step: str, files, main: str, reader):
     except OocError as exc:
         return None, have, [_row(step, item, "corrupt", detail=str(exc),
                                  checksum="MISMATCH: unreadable" if ctx.verify else "")]
+
+
+def _cards(ctx: _Context) -> list[dict]:
+    """Neuron cards: beyond the paper, so not listed as missing when never made."""
+    doc, have, early = _step_document(ctx, "cards", ("cards.json",), "cards.json", read_cards)
+    if early:
+        return [] if early[0]["state"] == "missing" else early
+    th = doc.get("token_hash")
+    why = []
+    if ctx.token_hash and th and th != ctx.token_hash:
+        why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
+    rec = read_sidecar(have[0])
+    why += _inputs_changed(rec, {"universal/sets.json": recorded_sha256(sets_path(ctx.run))})
+    checksum = _verify_files(ctx, have)
+    state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
+    return [_row("cards", "cards/", state, f"{len(doc.get('cards') or [])} cards",
+                 "; ".join(why), th, (rec or {}).get("config_hash", ""),
+                 doc.get("toolkit_version"), checksum)]
 
 
 def _universal(ctx: _Context) -> list[dict]:

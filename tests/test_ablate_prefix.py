@@ -50,7 +50,7 @@ def _tokens(n=5, window=24, seed=0):
     ids[:, 0] = 256
     valid = rng.random((n, window)) < 0.9
     valid[:, 0] = False
-    valid[3, 10:] = False                       # a window with fewer positions
+    valid[-1, 10:] = False                      # a window with fewer positions
     return ids, valid
 
 
@@ -59,9 +59,9 @@ def _sets(d_mlp, seed=0) -> list[AblationSet]:
     rng = np.random.default_rng(seed)
     spread = np.sort(rng.choice(N_LAYERS * d_mlp, 30, replace=False))
     spread[0] = 4                               # starts at layer 0
-    later = np.sort(np.concatenate([d_mlp + rng.choice(d_mlp, 12, replace=False),
+    later = np.sort(np.concatenate([d_mlp + rng.choice(d_mlp, 24, replace=False),
                                     2 * d_mlp + rng.choice(d_mlp, 6, replace=False)]))
-    last = 2 * d_mlp + np.arange(0, d_mlp, 5)
+    last = 2 * d_mlp + np.arange(0, d_mlp, 2)
     return [AblationSet(name, "universal", "all", 0, np.unique(n).astype(np.int64))
             for name, n in (("from0", spread), ("from1", later), ("from2", last))]
 

@@ -149,6 +149,7 @@ def test_token_set_is_the_texts_windows(chain, expected):
 def test_max_corr_baseline_and_excess_match_float64(chain, expected):
     _, rd, _, _, _ = chain
     neurons = pd.read_parquet(rd / "universal" / "neurons.parquet")
+    draws = pd.read_parquet(rd / "universal" / "neuron_draws.parquet")
     assert len(neurons) == len(STEPS) * 2 * N_LAYERS * D_MLP
     for s in STEPS:
         for o in "bc":
@@ -157,7 +158,9 @@ def test_max_corr_baseline_and_excess_match_float64(chain, expected):
                 "flat_index")
             assert np.abs(d.max_corr.to_numpy() - e["max_corr"]).max() <= 1e-5
             for j in range(DRAWS):
-                assert np.abs(d[f"baseline_max_{j}"].to_numpy() - e["baseline"][j]).max() <= 1e-5
+                dj = draws[(draws.checkpoint == s) & (draws.other == o) & (draws.draw == j)]
+                assert np.abs(dj.sort_values("flat_index").baseline_max.to_numpy()
+                              - e["baseline"][j]).max() <= 1e-5
             assert np.abs(d.excess.to_numpy() - e["excess"]).max() <= 2e-5
             # the matched neuron is the argmax wherever the top two are clearly apart
             srt = np.sort(e["rho"], axis=1)
@@ -180,8 +183,9 @@ def test_universal_sets_and_table1(chain, expected):
     doc = json.loads((rd / "universal" / "sets.json").read_text())
     got = {(r["other"], r["checkpoint"], r["threshold"]): set(r["neurons"])
            for r in doc["sets"] if r["draw"] in (0, None)}
-    t1 = {(e["threshold"], e["checkpoint"]): e
-          for e in json.loads((rd / "universal" / "table1.json").read_text())["table1"]}
+    t1 = {(e["threshold"], e["checkpoint"], e["layer"]): e
+          for e in json.loads((rd / "universal" / "table1.json").read_text())["rows"]
+          if e["aggregation"] == "mean_over_pairs"}
     for s in STEPS:
         for tau in TAUS:
             pct = []
@@ -189,19 +193,20 @@ def test_universal_sets_and_table1(chain, expected):
                 want = _sets(expected, o, s, tau)
                 assert got[(o, s, tau)] == want
                 pct.append(100.0 * len(want) / (N_LAYERS * D_MLP))
-            assert t1[(tau, s)]["percent"] == pytest.approx(np.mean(pct), abs=1e-9)
+            assert t1[(tau, s, None)]["pct_universal"] == pytest.approx(np.mean(pct), abs=1e-9)
             per_layer = [np.mean([100.0 * sum(1 for k in _sets(expected, o, s, tau)
                                                if k // D_MLP == layer) / D_MLP for o in "bc"])
                          for layer in range(N_LAYERS)]
-            assert t1[(tau, s)]["per_layer_percent"] == pytest.approx(per_layer, abs=1e-9)
+            assert [t1[(tau, s, layer)]["pct_universal"] for layer in range(N_LAYERS)] \
+                == pytest.approx(per_layer, abs=1e-9)
     assert "Table 1" in out_u
 
 
 def test_persistence_matches_hand_computation(chain, expected):
     _, rd, _, _, out_p = chain
     doc = json.loads((rd / "persistence" / "persistence.json").read_text())
-    rows = {(r["other"], r["threshold"], str(r["layer"])): r for r in doc["pairs"]
-            if (r["t1"], r["t2"]) == STEPS}
+    rows = {(r["other"], r["threshold"], "all" if r["layer"] is None else str(r["layer"])): r
+            for r in doc["rows"] if r["aggregation"] == "pair" and (r["t1"], r["t2"]) == STEPS}
     for o in "bc":
         for tau in TAUS:
             u1, u2 = _sets(expected, o, STEPS[0], tau), _sets(expected, o, STEPS[1], tau)
@@ -213,7 +218,7 @@ def test_persistence_matches_hand_computation(chain, expected):
                 assert r["p_persist"] is None and r["undefined"]
             if u1 | u2:
                 assert r["jaccard"] == pytest.approx(len(u1 & u2) / len(u1 | u2), abs=1e-12)
-            assert r["emerged"] == len(u2 - u1)
+            assert r["n_emerged"] == len(u2 - u1)
             for layer in range(N_LAYERS):
                 l1 = {k for k in u1 if k // D_MLP == layer}
                 l2 = {k for k in u2 if k // D_MLP == layer}

@@ -23,7 +23,6 @@ from tests.tiny import make_hub_cache, save_tiny_family, tiny_family_model, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_FAMILIES = ("gpt-neox", "olmo", "olmo2", "llama")
-ALL = frozenset(FAMILIES)
 torch.set_num_threads(1)
 
 
@@ -193,16 +192,120 @@ def test_two_folders_of_one_step_are_ambiguous(tmp_path):
     assert parse_model_spec(f"{tmp_path / 'm'}@step20").revision == "step20"
 
 
+def test_user_checkpoint_pattern_as_argument_and_in_the_spec(tmp_path):
+    for step in (10, 20):
+        (tmp_path / "m1" / f"ckpt_{step}").mkdir(parents=True)
+        (tmp_path / "m1" / "run" / f"it{step}" / "hf").mkdir(parents=True)
+    by_arg = parse_model_spec(f"{tmp_path / 'm1'}@20", checkpoint_pattern="ckpt_{step}")
+    by_spec = parse_model_spec(f"{tmp_path / 'm1'}/ckpt_{{step}}@20")
+    assert by_arg == by_spec
+    assert (by_spec.step, by_spec.revision, by_spec.label, by_spec.local_dir) == (
+        20, "ckpt_20", "m1@20", str(tmp_path / "m1" / "ckpt_20"))
+    assert parse_model_spec(by_spec.text) == by_spec and by_spec.root == str(tmp_path / "m1")
+    # the folder itself, with the pattern, is the same model and step
+    assert parse_model_spec(str(tmp_path / "m1" / "ckpt_20"), "ckpt_{step}") == by_spec
+    # the pattern starts at the folder holding {step}: what is above it names the model
+    deep = parse_model_spec(f"{tmp_path / 'm1'}/run/it{{step}}/hf@10")
+    assert (deep.step, deep.revision, deep.label) == (10, "it10/hf", "run@10")
+    assert parse_model_spec(f"{tmp_path / 'm1' / 'run'}@10", "it{step}/hf") == deep
+    assert parse_model_spec(deep.text) == deep
+    with pytest.raises(OocError, match="its first folder has no {step}; put 'run' into"):
+        parse_model_spec(f"{tmp_path / 'm1'}@10", checkpoint_pattern="run/it{step}/hf")
+    with pytest.raises(OocError, match=r"revision '30' not found \(no ckpt_30 folder.*"
+                                       r"available: ckpt_10, ckpt_20$"):
+        parse_model_spec(f"{tmp_path / 'm1'}/ckpt_{{step}}@30")
+    with pytest.raises(OocError, match="a checkpoint pattern needs the step"):
+        parse_model_spec(f"{tmp_path / 'm1'}/ckpt_{{step}}")
+    for bad in ("ckpt", "{step}_{step}", "/abs/{step}", "../{step}", "ck{pt}_{step}"):
+        with pytest.raises(OocError, match="checkpoint pattern .* is invalid"):
+            parse_model_spec(f"{tmp_path / 'm1'}@20", checkpoint_pattern=bad)
+    with pytest.raises(OocError, match=r"folders named otherwise need a pattern, e\.g\. "
+                                       r"DIR/ckpt_\{step\}@N"):
+        parse_model_spec(f"{tmp_path / 'm1'}@20")  # the usual names find nothing here
+
+
+def test_labels_from_the_path_when_names_collide(tmp_path):
+    for run in ("s1", "s2"):
+        for step in (100, 200):
+            (tmp_path / "runs" / run / "model" / f"checkpoint-{step}").mkdir(parents=True)
+    (tmp_path / "other" / "solo").mkdir(parents=True)
+    specs = [f"{tmp_path / 'runs' / r / 'model'}@{s}" for s in (100, 200) for r in ("s1", "s2")]
+    labels = [s.label for s in models.unique_labels(specs + [str(tmp_path / "other" / "solo"),
+                                                             "a@100000"])]
+    assert labels == ["s1--model@100", "s2--model@100", "s1--model@200", "s2--model@200",
+                      "solo", "alias-gpt2-small-x21@100000"]
+    # a local folder named like a hub run is told apart by its parent and the org
+    (tmp_path / "mine" / "alias-gpt2-small-x21").mkdir(parents=True)
+    both = models.unique_labels(["a", str(tmp_path / "mine" / "alias-gpt2-small-x21")])
+    assert [s.label for s in both] == ["stanford-crfm--alias-gpt2-small-x21",
+                                       "mine--alias-gpt2-small-x21"]
+    assert models.unique_labels(["a", "b"]) == [parse_model_spec("a"), parse_model_spec("b")]
+
+
+def test_mixed_families_are_refused_unless_allowed(tmp_path):
+    save_tiny_family(tmp_path / "neox", "gpt-neox")
+    tiny_model().save_pretrained(tmp_path / "g")
+    assert models.check_same_family(["a@100000", str(tmp_path / "g")]) == "gpt2"
+    assert models.check_same_family(["EleutherAI/pythia-70m@1000", str(tmp_path / "neox"),
+                                     "EleutherAI/pythia-70m-seed2"]) == "gpt-neox"
+    assert models.check_same_family(["org/unknown"]) is None
+    with pytest.raises(OocError, match=r"the run mixes model families \(gpt2: "
+                                       r"alias-gpt2-small-x21@100000; gpt-neox: neox\).*"
+                                       r"--allow-mixed-families"):
+        models.check_same_family(["a@100000", str(tmp_path / "neox")])
+    assert models.check_same_family(["a", str(tmp_path / "neox")], allow_mixed=True) is None
+
+
+def test_shapes_and_context_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert models.model_shape("a@100000") == (12, 3072, 124_439_808)
+    assert models.model_shape("EleutherAI/pythia-160m-seed3@36000") == (12, 3072, 162_322_944)
+    assert models.model_shape("EleutherAI/pythia-1.4b-deduped") == (24, 8192, 1_414_647_808)
+    assert models.context_of("EleutherAI/pythia-410m") == 2048
+    assert models.context_of("a") == 1024 and models.context_of("org/unknown") is None
+    path = save_tiny_family(tmp_path / "llama", "llama")
+    n_params = sum(p.numel() for p in tiny_family_model("llama").parameters())
+    assert models.model_shape(str(path)) == (2, 64, n_params)
+    assert models.family_of_spec(str(path)).name == "llama"
+    with pytest.raises(OocError, match=r"org/unknown.*not known offline.*hf download "
+                                       r"org/unknown config.json --revision main"):
+        models.model_shape("org/unknown")
+
+
+def test_pythia_preset():
+    from ooc_universal.config import load_config
+    cfg = load_config(preset="pythia")
+    specs = [parse_model_spec(cfg.spec(m, c)) for m in cfg.models for c in cfg.checkpoints]
+    assert cfg.models == polypythia_runs("160m")[:5] and cfg.reference == cfg.models[0]
+    assert {s.revision for s in specs} == {"step1000", "step36000", "step143000"}
+    assert models.check_same_family(specs) == "gpt-neox"
+    assert models.model_shape(specs[0]) == (12, 3072, 162_322_944)
+    assert cfg.tokens.window <= models.context_of(specs[0])
+
+
+def test_walking_helpers_of_each_family():
+    for family in ("gpt2",) + OTHER_FAMILIES:
+        model = tiny_model() if family == "gpt2" else tiny_family_model(family)
+        norm, axis = models.final_norm(model), models.out_proj_neuron_axis(model)
+        assert mlp_out_proj(model, 0).weight.shape[axis] == models.mlp_shape(model.config)[1]
+        h = torch.zeros(1, 3, model.config.hidden_size)
+        assert norm(h).shape == h.shape
+        assert norm is getattr(models.base_model(model), models.FAMILIES[
+            "gpt2" if family == "gpt2" else family_of_config(model.config).name].final_norm)
+
+
 # ------------------------------------------------------------------------------ loading
 
 @pytest.mark.parametrize("family", OTHER_FAMILIES)
 def test_load_local_model_of_each_family(tmp_path, family):
     path = save_tiny_family(tmp_path / family / "ckpt-7", family, seed=2)
-    with pytest.raises(OocError, match="not yet enabled in the steps"):
-        load_model(str(path))  # the steps accept GPT-2 only, for now
-    lm = load_model(f"{tmp_path / family}@7", families=ALL)
+    with pytest.raises(OocError, match="not of a supported family: gpt2 "):
+        load_model(str(path), families=frozenset({"gpt2"}))  # a caller's narrower set
+    lm = load_model(f"{tmp_path / family}@7")
     assert (lm.n_layers, lm.d_mlp, lm.vocab_size, lm.bos_token_id) == (2, 64, 257, 256)
     assert lm.tokenizer_name == "bytes" and lm.spec.label == f"{family}@7"
+    assert lm.family is family_of_config(lm.model.config)
     ref = tiny_family_model(family, seed=2)
     torch.testing.assert_close(mlp_out_proj(lm.model, 1).weight, mlp_out_proj(ref, 1).weight)
 
@@ -210,13 +313,13 @@ def test_load_local_model_of_each_family(tmp_path, family):
 OFFLINE_SCRIPT = textwrap.dedent("""
     import json
     from ooc_universal.errors import OocError
-    from ooc_universal.models import FAMILIES, load_model
+    from ooc_universal.models import load_model
     out = {}
-    lm = load_model("EleutherAI/pythia-160m@143000", families=frozenset(FAMILIES))
+    lm = load_model("EleutherAI/pythia-160m@143000")
     out["label"], out["revision"], out["commit"] = lm.spec.label, lm.revision, lm.commit
     out["d_mlp"], out["family"] = lm.d_mlp, type(lm.model).__name__
     try:
-        load_model("EleutherAI/pythia-160m@142000", families=frozenset(FAMILIES))
+        load_model("EleutherAI/pythia-160m@142000")
     except OocError as exc:
         out["missing"] = str(exc)
     print("RESULT " + json.dumps(out))
@@ -243,3 +346,193 @@ def test_offline_pythia_cache(tmp_path):
                  "hf download EleutherAI/pythia-160m --revision step142000",
                  "cached revisions: step143000"):
         assert part in out["missing"], out["missing"]
+
+
+# ------------------------------------------- one whole pipeline on a GPT-NeoX zoo
+
+ZOO_STEP, ZOO_WINDOW, ZOO_TOKENS = 40, 32, 1200
+
+
+def _permuted(model, seed: int):
+    """The same function with each layer's neurons permuted (rows of dense_h_to_4h, columns
+    of dense_4h_to_h): every neuron has an exact partner in the original."""
+    g = torch.Generator().manual_seed(seed)
+    perms = []
+    with torch.no_grad():
+        for block in decoder_layers(model):
+            perm = torch.randperm(block.mlp.dense_h_to_4h.out_features, generator=g)
+            block.mlp.dense_h_to_4h.weight.copy_(block.mlp.dense_h_to_4h.weight[perm])
+            block.mlp.dense_h_to_4h.bias.copy_(block.mlp.dense_h_to_4h.bias[perm])
+            block.mlp.dense_4h_to_h.weight.copy_(block.mlp.dense_4h_to_h.weight[:, perm])
+            perms.append(perm.numpy())
+    return perms
+
+
+@pytest.fixture(scope="module")
+def neox_zoo(tmp_path_factory):
+    """Three Pythia-style byte models of 256 ids and no BOS, saved as mK/ckpt-N (how a new
+    user saves them): m2 is m1 with its neurons permuted, m3 an independent seed. The
+    pipeline runs from the CLI: tokens (the model as --tokenizer), extract, reduce,
+    universal, ablate."""
+    from click.testing import CliRunner
+    from ooc_universal.cli.main import cli
+    root = tmp_path_factory.mktemp("neox")
+    kw = dict(vocab_size=256, bos_token_id=None, n_layer=2, d_model=32, d_mlp=64)
+    m1 = tiny_family_model("gpt-neox", seed=1, **kw)
+    m1.save_pretrained(root / "m1" / f"ckpt-{ZOO_STEP}")
+    m2 = tiny_family_model("gpt-neox", seed=1, **kw)
+    perms = _permuted(m2, seed=7)
+    m2.save_pretrained(root / "m2" / f"ckpt-{ZOO_STEP}")
+    tiny_family_model("gpt-neox", seed=2, **kw).save_pretrained(root / "m3" / f"ckpt-{ZOO_STEP}")
+    text = root / "text.txt"
+    text.write_bytes(Path(json.__file__).read_bytes() * 2)
+    run = root / "run"
+    runner = CliRunner()
+
+    def cli_run(*args, ok=True):
+        res = runner.invoke(cli, [str(a) for a in args])
+        assert (res.exit_code == 0) == ok, res.output + repr(res.exception)
+        return res.output + ("" if ok else str(res.exception))
+
+    specs = [f"{root / m}@{ZOO_STEP}" for m in ("m1", "m2", "m3")]
+    tokens = ["tokens", "--run-dir", run, "--source", text, "--n-tokens", ZOO_TOKENS,
+              "--n-eval-tokens", 300, "--tokenizer", specs[0], "--no-progress"]
+    too_long = cli_run(*tokens, "--window", 128, ok=False)
+    cli_run(*tokens, "--window", ZOO_WINDOW)
+    cli_run("extract", "--run-dir", run, *specs, "--device", "cpu", "--no-progress")
+    cli_run("reduce", "--run-dir", run, "-r", specs[0], *specs[1:], "--baseline-draws", 1,
+            "--device", "cpu", "--memory", "1GB", "--no-progress")
+    cli_run("universal", "--run-dir", run, "--thresholds", "0.2,0.5", "--no-progress")
+    ablate = runner.invoke(cli, ["ablate", "--run-dir", str(run), "--control-draws", "0",
+                                 "--device", "cpu", "--no-progress"])
+    return dict(root=root, run=run, specs=specs, perms=perms, too_long=too_long, ablate=ablate)
+
+
+def test_pipeline_tokens_have_no_bos_and_fit_the_context(neox_zoo):
+    from ooc_universal.formats.tokens import load_token_set
+    ts = load_token_set(neox_zoo["run"])
+    assert (ts.tokenizer, ts.has_bos, ts.bos_token_id, ts.meta["vocab_size"]) == (
+        "bytes256", False, None, 256)
+    assert int(ts.input_ids.max()) < 256 and ts.n_tokens == ZOO_TOKENS
+    assert "--window 128 is longer than the 64 positions" in neox_zoo["too_long"]
+
+
+def test_pipeline_stores_hold_the_hooked_neurons(neox_zoo):
+    """Each store's rows are the input of dense_4h_to_h at the valid positions, from a
+    forward pass of our own (fp16 as stored)."""
+    from ooc_universal.formats.store import open_store
+    from ooc_universal.formats.tokens import load_token_set
+    from transformers import GPTNeoXForCausalLM
+    ts = load_token_set(neox_zoo["run"])
+    ids = torch.from_numpy(ts.input_ids.astype(np.int64))
+    for name in ("m1", "m3"):
+        model = GPTNeoXForCausalLM.from_pretrained(
+            neox_zoo["root"] / name / f"ckpt-{ZOO_STEP}", dtype=torch.float32).eval()
+        got = []
+        hooks = [blk.mlp.dense_4h_to_h.register_forward_pre_hook(
+            lambda m, a: got.append(a[0].reshape(-1, 64).numpy().copy()))
+            for blk in model.gpt_neox.layers]
+        with torch.no_grad():
+            model(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        want = np.concatenate(got, axis=1)[ts.valid.reshape(-1)].astype(np.float16)
+        with open_store(neox_zoo["run"] / "stores" / f"{name}@{ZOO_STEP}.h5") as s:
+            assert s.attrs["family"] == "gpt-neox" and s.shape == (ZOO_TOKENS, 128)
+            np.testing.assert_allclose(np.asarray(s[:]), want, rtol=2e-3, atol=2e-3)
+
+
+def test_pipeline_finds_the_permuted_partners(neox_zoo):
+    import pandas as pd
+    neurons = pd.read_parquet(neox_zoo["run"] / "universal" / "neurons.parquet")
+    assert len(neurons) == 2 * 128
+    twin = neurons[neurons.other.astype(str).str.startswith("m2")].sort_values("flat_index")
+    alone = neurons[neurons.other.astype(str).str.startswith("m3")]
+    assert len(twin) == 128 and twin.max_corr.min() > 0.999
+    # neuron k of m1 is neuron inverse-perm(k) of m2, in the same layer
+    for layer, perm in enumerate(neox_zoo["perms"]):
+        rows = twin[twin.flat_index // 64 == layer]
+        want = np.argsort(perm)[rows.flat_index.to_numpy() % 64]
+        assert (rows.match_layer == layer).all()
+        np.testing.assert_array_equal(rows.match_neuron.to_numpy(), want)
+    assert alone.max_corr.median() < twin.max_corr.median() - 0.05
+
+
+def test_pipeline_ablate(neox_zoo):
+    res = neox_zoo["ablate"]
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    import pandas as pd
+    table = pd.read_csv(neox_zoo["run"] / "ablate" / "ablation.csv")
+    assert len(table) > 0 and np.isfinite(table.kl).all() and (table.kl >= 0).all()
+    assert table[table.other.astype(str).str.startswith("m2")].kl.max() > 1e-6
+
+
+@pytest.mark.parametrize("family", ("llama", "olmo", "olmo2"))
+def test_extract_stores_the_gated_neurons(tmp_path, family):
+    """extract on a gated-MLP family: the store's rows are the input of down_proj at the
+    valid positions (BOS windows of the 257-id bytes), from a forward pass of our own."""
+    from ooc_universal.config import ComputeConfig
+    from ooc_universal.formats.store import open_store
+    from ooc_universal.formats.tokens import load_token_set
+    from ooc_universal.steps.extract import extract
+    from tests.test_extract import make_tokens
+    model_dir = save_tiny_family(tmp_path / family, family, seed=6)
+    make_tokens(tmp_path / "run", n_windows=6, n_tokens=200)
+    path = extract(tmp_path / "run", str(model_dir), compute=ComputeConfig(device="cpu"),
+                   progress=False)
+    ts = load_token_set(tmp_path / "run")
+    model = tiny_family_model(family, seed=6)
+    got = []
+    hooks = [mlp_out_proj(model, i).register_forward_pre_hook(
+        lambda m, a: got.append(a[0].reshape(-1, 64).numpy().copy())) for i in range(2)]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(ts.input_ids.astype(np.int64)))
+    for h in hooks:
+        h.remove()
+    want = np.concatenate(got, axis=1)[ts.valid.reshape(-1)].astype(np.float16)
+    with open_store(path) as s:
+        assert s.attrs["family"] == ("olmo" if family.startswith("olmo") else family)
+        np.testing.assert_allclose(np.asarray(s[:]), want, rtol=2e-3, atol=2e-3)
+
+
+def test_extract_cli_labels_from_paths_and_refuses_mixed_families(tmp_path):
+    from click.testing import CliRunner
+    from ooc_universal.cli.main import cli
+    from tests.test_extract import make_tokens
+    for run, seed in (("s1", 1), ("s2", 2)):
+        tiny_model(seed=seed).save_pretrained(tmp_path / run / "model" / "step-5")
+    save_tiny_family(tmp_path / "neox" / "ckpt-5", "gpt-neox")
+    make_tokens(tmp_path / "run", n_windows=4, n_tokens=100)
+    runner = CliRunner()
+    args = ["extract", "--run-dir", str(tmp_path / "run"), "--device", "cpu", "--no-progress"]
+    res = runner.invoke(cli, args + [f"{tmp_path / r / 'model'}@5" for r in ("s1", "s2")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    stores = sorted(p.name for p in (tmp_path / "run" / "stores").glob("*.h5"))
+    assert stores == ["s1--model@5.h5", "s2--model@5.h5"]
+    res = runner.invoke(cli, args + [f"{tmp_path / 's1' / 'model'}@5", f"{tmp_path / 'neox'}@5"])
+    assert res.exit_code != 0 and "the run mixes model families" in str(res.exception)
+    res = runner.invoke(cli, args + ["--allow-mixed-families", f"{tmp_path / 'neox'}@5"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+
+def test_negative_overflow_of_a_gated_mlp_is_counted(tmp_path):
+    """act(gate) * up can overflow float16 downwards (GELU cannot): counted and warned."""
+    from ooc_universal.config import ComputeConfig
+    from ooc_universal.formats.store import open_store
+    from ooc_universal.steps.extract import extract
+    from tests.test_extract import make_tokens
+    model = tiny_family_model("llama", seed=3)
+    with torch.no_grad():
+        mlp = decoder_layers(model)[0].mlp
+        mlp.gate_proj.weight.mul_(1e3)  # silu(g) * up with up = -g: -g^2 where g > 0,
+        mlp.up_proj.weight.copy_(-mlp.gate_proj.weight)  # ~0 where g < 0: only downwards
+    model.save_pretrained(tmp_path / "big")
+    make_tokens(tmp_path / "run", n_windows=4, n_tokens=100)
+    stats = {}
+    with pytest.warns(RuntimeWarning, match="exceed the float16 range"):
+        path = extract(tmp_path / "run", str(tmp_path / "big"),
+                       compute=ComputeConfig(device="cpu"), progress=False, stats=stats)
+    with open_store(path) as s:
+        rows = np.asarray(s[:])
+    assert stats["fp16_overflow"] == int(np.isinf(rows).sum()) > 0
+    assert (rows[np.isinf(rows)] < 0).all()

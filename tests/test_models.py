@@ -146,12 +146,13 @@ def test_local_checkpoint_step(tmp_path):
                        ref.transformer.h[1].mlp.c_fc.weight)
 
 
-def test_not_gpt2_family(tmp_path):
-    from transformers import LlamaConfig
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=257).save_pretrained(tmp_path / "llama")
-    with pytest.raises(OocError, match="'llama' model; only GPT-2-family"):
-        load_model(str(tmp_path / "llama"))
+def test_unsupported_family(tmp_path):
+    from transformers import BertConfig
+    BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               vocab_size=257).save_pretrained(tmp_path / "bert")
+    with pytest.raises(OocError, match="'bert' model, not of a supported family: gpt2 "
+                                       r"\(model_type gpt2\); gpt-neox"):
+        load_model(str(tmp_path / "bert"))
     with pytest.raises(OocError, match="no transformer.h"):
         mlp_out_proj(torch.nn.Linear(2, 2), 0)
     with pytest.raises(ValueError, match="layer 5 out of range"):

@@ -88,6 +88,32 @@ def _write_ablation(run_dir):
                         else r[c] for c in ABL_COLUMNS])
 
 
+def _write_cards(run_dir):
+    """A hand-built cards.json (the cards step needs model weights; tests/test_cards.py
+    runs it on real ones): two cards of reference a at step 300."""
+    from ooc_universal.formats.cards import CONTEXTS_NOTE, CardsFile, write_cards
+
+    def token(i, logit):
+        return {"token_id": i, "token": " x" if i == 0 else chr(97 + i), "logit": logit}
+
+    def card(flat, rank, role):
+        matches = [{"other": o, "excess": 0.61 - 0.2 * k, "max_corr": 0.9 - 0.1 * k,
+                    "baseline_max": 0.29, "match_layer": 1, "match_neuron": flat % D_MLP,
+                    "is_universal": {f"{t:g}": 0.61 - 0.2 * k > t for t in TAUS}}
+                   for k, o in enumerate(OTHERS)]
+        return {"reference": "a", "checkpoint": 300, "layer": flat // D_MLP,
+                "neuron": flat % D_MLP, "flat_index": flat, "model": "a@300",
+                "selected_by": [{"other": "b", "rank": rank}], "matches": matches,
+                "vocab": {"kurtosis": 12.5, "skew": -2.0 if role == "suppression" else 1.5,
+                          "role": role, "promoted": [token(i, 1.0 - 0.1 * i) for i in range(8)],
+                          "suppressed": [token(i + 8, -1.0 + 0.1 * i) for i in range(8)]},
+                "contexts": None, "contexts_note": CONTEXTS_NOTE}
+
+    write_cards(run_dir, CardsFile([card(20, 1, "prediction"), card(7, 2, "suppression")],
+                                   {"top_n": 8, "n_tokens": 8, "kurtosis_cut": 10.0},
+                                   toolkit_version="test"))
+
+
 def _write_zoo(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     models = [{"name": f"tiny-{x}", "seed": i, "dir": f"tiny-{x}", "checkpoints": {
@@ -113,6 +139,7 @@ def base_run(tmp_path_factory):
     universal(rd, UniversalConfig(thresholds=list(TAUS)), progress=False)
     persistence(rd, progress=False)
     _write_ablation(rd)
+    _write_cards(rd)
     (rd / "tokens").mkdir()
     (rd / "tokens" / "meta.json").write_text(json.dumps({"hash": "tok0",
                                                          "toolkit_version": "0.1.0"}))
@@ -180,18 +207,24 @@ def _md_row(cells) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
+def _summary(rows, layer=None):
+    """{(threshold, checkpoint): row} of the mean-over-pairs rows of one scope."""
+    return {(r["threshold"], r["checkpoint"]): r for r in rows
+            if r["aggregation"] == "mean_over_pairs" and r["layer"] == layer}
+
+
 def test_table1_numbers_equal_sources(full):
     rd, paths, data = full
-    src = json.loads((rd / "universal" / "table1.json").read_text())["table1"]
-    by = {(e["threshold"], e["checkpoint"]): e for e in src}
+    src = json.loads((rd / "universal" / "table1.json").read_text())["rows"]
+    by = _summary(src)
     md_rows = _md_rows(paths["md"].read_text())
     t = data["tables"]["table1"]
     assert t["rounding"] == "2 decimals"
     assert len(t["records"]) == len(TAUS) * len(CKPTS)
     for rec in t["records"]:
-        assert rec["percent"] == by[(rec["threshold"], rec["checkpoint"])]["percent"]
+        assert rec["pct_universal"] == by[(rec["threshold"], rec["checkpoint"])]["pct_universal"]
     for i, tau in enumerate(TAUS):
-        row = [f"{tau:g}"] + [f"{by[(tau, c)]['percent']:.2f}" for c in CKPTS]
+        row = [f"{tau:g}"] + [f"{by[(tau, c)]['pct_universal']:.2f}" for c in CKPTS]
         assert t["rows"][i] == row and _md_row(row) in md_rows
     # independently: 100 * count(excess_0 > tau) / N from the arrays written, mean of pairs
     for tau in TAUS:
@@ -204,18 +237,20 @@ def test_table1_numbers_equal_sources(full):
             assert float(t["rows"][TAUS.index(tau)][1 + ci]) == pytest.approx(
                 np.mean(pct), abs=0.00501)      # shown to 2 decimals
     # per pair + spread over the 2 baseline draws
+    cells = {(r["aggregation"], r["other"], r["threshold"], r["checkpoint"]): r
+             for r in src if r["scope"] == "all"}
     pairs = data["tables"]["table1_pairs"]
     for rec, row in zip(pairs["records"], pairs["rows"]):
-        e = by[(rec["threshold"], rec["checkpoint"])]
-        p = next((p for p in e["pairs"] if p["other"] == rec["other"]), None)
-        src_rec = e if p is None else p
-        assert rec["percent"] == src_rec["percent"]
-        d = src_rec["draws"]
-        assert rec["draws"]["std"] == d["std"] and rec["draws"]["n_draws"] == 2
-        assert row[3] == f"{src_rec['percent']:.2f}"
-        assert row[5] == (f"{d['mean']:.2f} ± {d['std']:.2f} [{d['min']:.2f}, "
-                          f"{d['max']:.2f}]")
-        assert row[4] == ("–" if p is None else str(p["count"]))
+        s = cells[(rec["aggregation"], rec["other"], rec["threshold"], rec["checkpoint"])]
+        assert rec["pct_universal"] == s["pct_universal"]
+        assert rec["pct_universal_draws_std"] == s["pct_universal_draws_std"]
+        assert rec["n_draws"] == 2
+        assert row[3] == f"{s['pct_universal']:.2f}"
+        assert row[5] == (f"{s['pct_universal_draws_mean']:.2f} ± "
+                          f"{s['pct_universal_draws_std']:.2f} "
+                          f"[{s['pct_universal_draws_min']:.2f}, "
+                          f"{s['pct_universal_draws_max']:.2f}]")
+        assert row[4] == ("–" if s["aggregation"] != "pair" else str(s["n_universal"]))
         assert _md_row(row) in md_rows
     assert {r[2] for r in pairs["rows"]} == {"mean over pairs", *OTHERS}
     # per layer, against table1.csv (an independent file)
@@ -224,31 +259,36 @@ def test_table1_numbers_equal_sources(full):
     layers = data["tables"]["table1_layers"]
     for rec in layers["records"]:
         m = t1csv[(t1csv.threshold == rec["threshold"]) & (t1csv.checkpoint == rec["checkpoint"])
-                  & (t1csv.other == "mean over pairs") & (t1csv.layer == str(rec["layer"]))]
-        assert len(m) == 1 and rec["percent"] == pytest.approx(m.percent.iloc[0], rel=1e-12)
+                  & (t1csv.aggregation == "mean_over_pairs") & (t1csv.layer == rec["layer"])]
+        assert len(m) == 1
+        assert rec["pct_universal"] == pytest.approx(m.pct_universal.iloc[0], rel=1e-12)
     col = layers["columns"].index("tau 0.5, step 200")
     for layer in range(N_LAYERS):
-        assert layers["rows"][layer][col] == f"{by[(0.5, 200)]['per_layer_percent'][layer]:.2f}"
+        assert layers["rows"][layer][col] == \
+            f"{_summary(src, layer)[(0.5, 200)]['pct_universal']:.2f}"
+
+
+def _label(row) -> str:
+    return row["other"] or row["aggregation"].replace("_", " ")
 
 
 def test_persistence_numbers_equal_sources(full):
     rd, paths, data = full
     doc = json.loads((rd / "persistence" / "persistence.json").read_text())
-    src = {(r["other"], r["threshold"], r["t1"], r["t2"], str(r["layer"])): r
-           for k in ("pairs", "mean_over_pairs", "pooled_over_pairs") for r in doc[k]}
+    src = {(_label(r), r["threshold"], r["t1"], r["t2"], r["layer"]): r for r in doc["rows"]}
     md_rows = _md_rows(paths["md"].read_text())
     t = data["tables"]["persistence"]
     assert t["columns"] == ["threshold", "model pair", "100 -> 200", "200 -> 300", "100 -> 300"]
     n_undefined = 0
     for rec in t["records"]:
-        s = src[(rec["other"], rec["threshold"], rec["t1"], rec["t2"], str(rec["layer"]))]
+        s = src[(_label(rec), rec["threshold"], rec["t1"], rec["t2"], rec["layer"])]
         assert rec["p_persist"] == s["p_persist"] and rec["n_t1"] == s["n_t1"]
         assert rec["n_both"] == s["n_both"]
     for row in t["rows"]:
         assert _md_row(row) in md_rows
         tau, other = float(row[0]), row[1]
         for cell, (a, b) in zip(row[2:], [(100, 200), (200, 300), (100, 300)]):
-            s = src[(other, tau, a, b, "all")]
+            s = src[(other, tau, a, b, None)]
             if s["p_persist"] is None:
                 assert cell.startswith("undefined")
             elif other == "mean over pairs":
@@ -258,15 +298,22 @@ def test_persistence_numbers_equal_sources(full):
     # layer tables: pair c at 100 has no universal neuron in layer 0 -> undefined there
     lt = data["tables"]["persistence_layers_t05"]
     for rec in lt["records"]:
-        s = src[(rec["other"], rec["threshold"], rec["t1"], rec["t2"], str(rec["layer"]))]
+        s = src[(_label(rec), rec["threshold"], rec["t1"], rec["t2"], rec["layer"])]
         assert rec["p_persist"] == s["p_persist"]
         n_undefined += rec["p_persist"] is None
-    pair_rows = [r for r in doc["pairs"] if r["other"] == "c" and r["t1"] == 100
+    pair_rows = [r for r in doc["rows"] if r["other"] == "c" and r["t1"] == 100
                  and r["layer"] == 0]
     assert pair_rows and all(r["p_persist"] is None for r in pair_rows)
     fig = data["figures"]["persistence_layers_by_pair_t05"]["data"]["series"]
     c100 = [s for s in fig if s["other"] == "c" and s["interval"][0] == 100]
-    assert all(s["p_percent"][0] is None and s["n_t1"][0] == 0 for s in c100)
+    assert all(s["p_persist"][0] is None and s["n_t1"][0] == 0 for s in c100)
+    # one convention: p_persist is a fraction in the tables, the series and the figures
+    for fid, figure in data["figures"].items():
+        if fid.startswith("persistence"):
+            values = [v for s in figure["data"]["series"] for v in s["p_persist"]
+                      if v is not None]
+            assert values and all(0.0 <= v <= 1.0 for v in values), fid
+            assert "fraction" in figure["caption"], fid
 
 
 def test_ablation_numbers_equal_sources(full):
@@ -301,6 +348,31 @@ def test_ablation_numbers_equal_sources(full):
     s = src[("b", 200, 0.6, "control", "all")]
     assert ctrl["y"][1] == float(s["kl"])
     assert ctrl["err_low"][1] == pytest.approx(float(s["kl"]) - float(s["kl_ci_low"]))
+
+
+def test_cards_table_equals_cards_json(full):
+    rd, paths, data = full
+    doc = json.loads((rd / "cards" / "cards.json").read_text())
+    t = data["tables"]["cards_a_300"]
+    md_rows = _md_rows(paths["md"].read_text())
+    assert t["columns"][:3] == ["neuron (layer.index)", "vs b", "vs c"]
+    assert [r[0] for r in t["rows"]] == ["L1.4", "L0.7"]        # rank 1 first
+    by_flat = {c["flat_index"]: c for c in doc["cards"]}
+    for rec, row in zip(t["records"], t["rows"]):
+        card = by_flat[rec["flat_index"]]
+        assert rec == card and _md_row(row) in md_rows
+        b = card["matches"][0]
+        rank = card["selected_by"][0]["rank"]
+        assert row[1] == (f"{b['excess']:.3f}* #{rank} → L1.{b['match_neuron']} "
+                          f"ρ {b['max_corr']:.2f}")
+        assert row[2].startswith(f"{card['matches'][1]['excess']:.3f} → ")  # 0.41: not > 0.5
+        assert row[3:6] == [f"{card['vocab']['kurtosis']:.2f}", f"{card['vocab']['skew']:.2f}",
+                            card["vocab"]["role"]]
+        assert row[6].split(" · ")[:2] == ["␣x", "b"]            # a space made visible
+        assert len(row[6].split(" · ")) == 6
+    section = data["sections"]["cards"]
+    assert section["status"] == "ok"
+    assert "not recorded by this reduce" in paths["md"].read_text()
 
 
 def test_zoo_and_footer(full):

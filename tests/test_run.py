@@ -80,12 +80,13 @@ def test_demo_run_produces_every_table_and_figure(demo_run):
 def test_report_numbers_equal_their_sources(demo_run):
     rd, _ = demo_run
     data = json.loads((rd / "report" / "report_data.json").read_text())
-    t1 = json.loads((rd / "universal" / "table1.json").read_text())["table1"]
+    t1 = [e for e in json.loads((rd / "universal" / "table1.json").read_text())["rows"]
+          if e["aggregation"] == "mean_over_pairs" and e["scope"] == "all"]
     by = {(e["threshold"], e["checkpoint"]): e for e in t1}
     recs = data["tables"]["table1"]["records"]
     assert len(recs) == 3 * 3
     for rec in recs:
-        assert rec["percent"] == by[(rec["threshold"], rec["checkpoint"])]["percent"]
+        assert rec["pct_universal"] == by[(rec["threshold"], rec["checkpoint"])]["pct_universal"]
     # Table 1 against the per-neuron table, recomputed here: mean over pairs of
     # 100 * count(excess > tau) / n_neurons (draw 0)
     import pandas as pd
@@ -93,7 +94,7 @@ def test_report_numbers_equal_their_sources(demo_run):
     for (tau, ck), e in by.items():
         sub = neurons[neurons.checkpoint == ck]
         pct = [100.0 * float((g.excess > tau).mean()) for _, g in sub.groupby("other")]
-        assert e["percent"] == pytest.approx(np.mean(pct), abs=1e-9)
+        assert e["pct_universal"] == pytest.approx(np.mean(pct), abs=1e-9)
     with open(rd / "ablate" / "ablation.csv") as f:
         abl = {(r["other"], int(r["checkpoint"]), float(r["threshold"]), r["set"]): r
                for r in csv.DictReader(f) if r["layer"] == "all"}
@@ -101,8 +102,8 @@ def test_report_numbers_equal_their_sources(demo_run):
         src = abl[(rec["other"], rec["checkpoint"], rec["threshold"], rec["set"])]
         assert rec["kl"] == float(src["kl"]) and rec["delta_loss"] == float(src["delta_loss"])
     pers = json.loads((rd / "persistence" / "persistence.json").read_text())
-    src = {(r["other"], r["threshold"], r["t1"], r["t2"]): r for r in pers["pairs"]
-           if r["layer"] == "all"}
+    src = {(r["other"], r["threshold"], r["t1"], r["t2"]): r for r in pers["rows"]
+           if r["aggregation"] == "pair" and r["scope"] == "all"}
     for rec in data["tables"]["persistence"]["records"]:
         if rec["other"] in {r[0] for r in src}:
             s = src[(rec["other"], rec["threshold"], rec["t1"], rec["t2"])]
@@ -169,8 +170,8 @@ def test_scheduler_runs_the_same_study_on_a_cluster(demo_run, tmp_path):
         with h5py.File(red) as a, h5py.File(rd / "reduce" / red.name) as b:
             for k in ("row_max", "col_max", "baseline/row_max", "ref/mean", "other/var"):
                 assert np.abs(a[k][()] - b[k][()]).max() <= 1e-6, (red.name, k)
-    t_local = json.loads((local / "universal" / "table1.json").read_text())["table1"]
-    t_cluster = json.loads((rd / "universal" / "table1.json").read_text())["table1"]
+    t_local = json.loads((local / "universal" / "table1.json").read_text())["rows"]
+    t_cluster = json.loads((rd / "universal" / "table1.json").read_text())["rows"]
     # equal, up to a neuron whose excess lies within 1e-6 of a threshold (none here)
-    assert [e["percent"] for e in t_cluster] == pytest.approx(
-        [e["percent"] for e in t_local], abs=100.0 / 1024 + 1e-9)
+    assert [e["pct_universal"] for e in t_cluster] == pytest.approx(
+        [e["pct_universal"] for e in t_local], abs=100.0 / 1024 + 1e-9)

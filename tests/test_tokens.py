@@ -364,3 +364,88 @@ def test_step_takes_its_section(tmp_path):
     with pytest.raises(StaleInputError, match="--force"):
         make_tokens(tmp_path / "run", settings.model_copy(update={"n_tokens": 21}),
                     progress=False)
+
+
+# ------------------------------------------------- windows without BOS, 256-id bytes
+
+def test_windows_without_bos(tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT * 3)
+    ts = build_token_set(tmp_path / "t.txt", 10, window=8, bos=False)
+    # stream: a b \n c d \n \n e | f g ' ' h i j \n a ... (separator 256 between documents)
+    np.testing.assert_array_equal(ts.input_ids, [
+        [97, 98, 10, 99, 100, 10, 10, 101],
+        [102, 103, 32, 104, 105, 106, 10, 97]])
+    np.testing.assert_array_equal(ts.valid.astype(int), [
+        [1, 1, 0, 1, 1, 0, 0, 1],
+        [1, 1, 1, 1, 1, 0, 0, 0]])  # 5 + 5 = 10: column 0 is a valid text position
+    m = ts.meta
+    assert (m["bos"], m["bos_token_id"], m["pad_token_id"]) == (False, None, 256)
+    assert ts.bos_token_id is None and not ts.has_bos and ts.pad_token_id == 256
+    save_token_set(ts, tmp_path / "run")
+    back = load_token_set(tmp_path / "run")
+    assert back.hash == ts.hash and back.bos_token_id is None
+    with_bos = build_token_set(tmp_path / "t.txt", 10, window=8)
+    assert with_bos.hash != ts.hash and with_bos.has_bos and with_bos.bos_token_id == 256
+
+
+def test_bytes256_has_no_bos_and_no_separator(tmp_path):
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "docs").mkdir(exist_ok=True)
+        (tmp_path / "docs" / name).write_text("xy\nz")
+    ts = build_token_set(tmp_path / "docs", 6, tokenizer="bytes256", window=4)
+    # documents simply concatenated: x y \n z x y \n z
+    np.testing.assert_array_equal(ts.input_ids, [[120, 121, 10, 122], [120, 121, 10, 122]])
+    assert int(ts.input_ids.max()) < 256 and ts.valid.sum() == 6
+    m = ts.meta
+    assert (m["tokenizer"], m["vocab_size"], m["bos"], m["bos_token_id"],
+            m["sep_token_id"]) == ("bytes256", 256, False, None, None)
+    # bos=True cannot give a BOS the tokenizer does not have
+    assert build_token_set(tmp_path / "docs", 6, tokenizer="bytes256", window=4,
+                           bos=True).hash == ts.hash
+
+
+def test_byte_model_of_256_ids(tmp_path):
+    """A zoo of byte models with 256 ids and no BOS, saved as mK/ckpt-N: the model spec
+    as --tokenizer gives windows of plain bytes, which the model takes."""
+    path = save_tiny(tmp_path / "m1" / "ckpt-40", vocab_size=256, bos_token_id=None)
+    info = resolve_tokenizer(f"{tmp_path / 'm1'}@40")
+    assert (info.name, info.vocab_size, info.bos_token_id, info.context) == (
+        "bytes256", 256, None, 64)
+    (tmp_path / "t.txt").write_text(TEXT * 5)
+    ts = build_token_set(tmp_path / "t.txt", 20, tokenizer=info, window=8)
+    assert ts.bos_token_id is None and int(ts.input_ids.max()) < 256
+    lm = load_model(str(path))
+    assert (lm.tokenizer_name, lm.vocab_size, lm.bos_token_id) == ("bytes256", 256, None)
+    check_tokenizer_matches(ts, lm)
+    old_style = build_token_set(tmp_path / "t.txt", 20, tokenizer="bytes", window=8)
+    with pytest.raises(OocError, match="token id 256 but model m1@40 has a vocabulary of "
+                                       "256; build the token set with --tokenizer bytes256"):
+        check_tokenizer_matches(old_style, lm)
+
+
+def test_window_is_checked_against_the_models_context(tmp_path):
+    save_tiny(tmp_path / "m1", n_positions=16)
+    save_tiny(tmp_path / "m2", n_positions=64)
+    (tmp_path / "t.txt").write_text(TEXT * 20)
+    with pytest.raises(OocError, match=r"--window 32 is longer than the 16 positions of the "
+                                       r"tokenizer's model bytes; use --window 16 or less"):
+        build_token_set(tmp_path / "t.txt", 20, tokenizer=str(tmp_path / "m1"), window=32)
+    build_token_set(tmp_path / "t.txt", 20, tokenizer=str(tmp_path / "m2"), window=32)
+    with pytest.raises(OocError, match="longer than the 16 positions of model m1"):
+        build_token_set(tmp_path / "t.txt", 20, window=32,
+                        models=[str(tmp_path / "m2"), str(tmp_path / "m1")])
+    with pytest.raises(OocError, match="longer than the 1024 positions of model "
+                                       "alias-gpt2-small-x21@100000"):
+        build_token_set(tmp_path / "t.txt", 20, window=2048, models=["a@100000"])
+
+
+def test_cli_no_bos_and_model_context(tmp_path, capsys):
+    save_tiny(tmp_path / "m1", n_positions=16)
+    (tmp_path / "t.txt").write_text(TEXT * 20)
+    base = ["tokens", "--run-dir", str(tmp_path / "run"), "--source", str(tmp_path / "t.txt"),
+            "--n-tokens", "20", "--tokenizer", "bytes", "--no-progress"]
+    code, out, err = _run(base + ["--window", "32", "--model", str(tmp_path / "m1")], capsys)
+    assert code == 2 and "16 positions of model m1" in err and err.count("\n") == 1
+    code, out, err = _run(base + ["--window", "8", "--no-bos"], capsys)
+    assert code == 0 and "no BOS" in out
+    assert load_token_set(tmp_path / "run").meta["bos"] is False

@@ -103,45 +103,79 @@ def test_known_answers_sets_and_neuron_table(one_pair):
 
     df = pd.read_csv(paths["neurons_csv"])
     pq = pd.read_parquet(paths["neurons_parquet"])
+    draws = pd.read_parquet(paths["neuron_draws"])
     assert len(df) == 8 and list(df.columns) == list(pq.columns)
     np.testing.assert_array_equal(df["excess"].to_numpy(), pq["excess"].to_numpy())
     exc0 = np.float64(np.float32(ROW_MAX)) - np.float64(np.float32(BASE0))
     np.testing.assert_array_equal(df["excess"].to_numpy(), exc0)
-    np.testing.assert_array_equal(df["excess_0"].to_numpy(), exc0)
-    np.testing.assert_array_equal(df["baseline_max_1"].to_numpy(),
+    draw = {j: d.sort_values("flat_index") for j, d in draws.groupby("draw")}
+    np.testing.assert_array_equal(draw[0]["excess"].to_numpy(), exc0)
+    np.testing.assert_array_equal(draw[1]["baseline_max"].to_numpy(),
                                   np.float64(np.float32(BASE1)))
+    assert draw[1]["seed"].tolist() == [12] * 8 and len(draws) == 2 * 8
     assert df["excess"][3] == 0.5  # exactly at the boundary
     assert df["layer"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert df["neuron"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
-    assert df["match_layer"].tolist() == [1, 0, -1, 0, 1, 1, 0, 1]
-    assert df["match_neuron"].tolist() == [1, 1, -1, 3, 0, 2, 0, 3]
+    assert pq["match_layer"].tolist() == [1, 0, pd.NA, 0, 1, 1, 0, 1]
+    assert pq["match_neuron"].tolist() == [1, 1, pd.NA, 3, 0, 2, 0, 3]
     assert df["zero_var"].tolist() == ZERO
+    for tau, (d0, d1) in EXPECTED.items():
+        assert np.flatnonzero(pq[f"is_universal_{tau:g}"]).tolist() == d0
+        assert np.flatnonzero(draw[1][f"is_universal_{tau:g}"]).tolist() == d1
+    assert set(pq["aggregation"]) == {"pair"} and set(pq["other"]) == {"oth"}
+    assert not set(pq.columns) & set(dir(pd.DataFrame))  # no column shadows a method
     import pyarrow.parquet as papq
     meta = json.loads(papq.read_schema(paths["neurons_parquet"]).metadata[b"ooc_universal"])
-    assert meta["token_hash"] == "tok0"
+    assert meta["token_hash"] == "tok0" and meta["table_version"] == 2
+
+
+def _row(rows, **match):
+    """The one row of a table (list of dicts) with the given values."""
+    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, found)
+    return found[0]
 
 
 def test_table1_by_hand(one_pair):
     paths = universal(one_pair, progress=False).paths
-    t1 = json.loads(paths["table1"].read_text())["table1"]
-    assert [e["threshold"] for e in t1] == [0.4, 0.5, 0.6]
-    for e in t1:
-        d0, d1 = EXPECTED[e["threshold"]]
-        assert e["percent"] == pytest.approx(100 * len(d0) / 8)
+    doc = json.loads(paths["table1"].read_text())
+    rows, long = doc["rows"], doc["draws"]
+    assert doc["table_version"] == 2
+    summary = [r for r in rows if r["aggregation"] == "mean_over_pairs" and r["scope"] == "all"]
+    assert [r["threshold"] for r in summary] == [0.4, 0.5, 0.6]
+    for e in summary:
+        tau = e["threshold"]
+        d0, d1 = EXPECTED[tau]
+        assert e["pct_universal"] == pytest.approx(100 * len(d0) / 8)
         layer = [100 * sum(1 for k in d0 if k // 4 == la) / 4 for la in (0, 1)]
-        assert e["per_layer_percent"] == pytest.approx(layer)
-        p = e["pairs"][0]
-        assert p["count"] == len(d0) and p["n_zero_var"] == 1
+        assert [_row(rows, aggregation="mean_over_pairs", threshold=tau, layer=la)
+                ["pct_universal"] for la in (0, 1)] == pytest.approx(layer)
+        p = _row(rows, aggregation="pair", threshold=tau, scope="all")
+        assert p["n_universal"] == len(d0) and p["n_zero_var"] == 1 and p["other"] == "oth"
         draws = [100 * len(d0) / 8, 100 * len(d1) / 8]
-        assert e["draws"]["percent"] == pytest.approx(draws)
-        assert e["draws"]["mean"] == pytest.approx(np.mean(draws))
-        assert e["draws"]["std"] == pytest.approx(np.std(draws, ddof=1))
-        assert (e["draws"]["min"], e["draws"]["max"]) == (min(draws), max(draws))
+        assert [_row(long, aggregation="mean_over_pairs", threshold=tau, scope="all", draw=j)
+                ["pct_universal"] for j in (0, 1)] == pytest.approx(draws)
+        assert e["pct_universal_draws_mean"] == pytest.approx(np.mean(draws))
+        assert e["pct_universal_draws_std"] == pytest.approx(np.std(draws, ddof=1))
+        assert (e["pct_universal_draws_min"], e["pct_universal_draws_max"]) == \
+            (min(draws), max(draws))
     # 0.4: 62.5% overall; layer 0 {0, 3} = 50%, layer 1 {4, 5, 7} = 75%
-    assert t1[0]["percent"] == 62.5 and t1[0]["per_layer_percent"] == [50.0, 75.0]
+    assert summary[0]["pct_universal"] == 62.5
+    assert [_row(rows, aggregation="mean_over_pairs", threshold=0.4, layer=la)["pct_universal"]
+            for la in (0, 1)] == [50.0, 75.0]
     csv = pd.read_csv(paths["table1_csv"])
-    row = csv[(csv.threshold == 0.5) & (csv.other == "mean over pairs") & (csv.layer == "1")]
-    assert row["percent"].item() == 50.0
+    row = csv[(csv.threshold == 0.5) & (csv.aggregation == "mean_over_pairs") & (csv.layer == 1)]
+    assert row["pct_universal"].item() == 50.0
+    assert csv[csv.scope == "all"]["layer"].isna().all()
+    long_csv = pd.read_csv(paths["table1_draws_csv"])
+    assert len(long_csv) == len(long) == 2 * len(rows)  # two draws of every row
+    # the API's views of the same file: draw 0, the mean over draws, the long table
+    from ooc_universal.formats.tables import read_table1
+    t1 = read_table1(one_pair)
+    mean = t1.frame("mean")
+    cell = mean[(mean.aggregation == "pair") & (mean.threshold == 0.4) & (mean.scope == "all")]
+    assert cell["pct_universal"].item() == pytest.approx((62.5 + 37.5) / 2)
+    assert t1.frame(0)["layer"].dtype == "Int64" and len(t1.frame("all")) == len(long)
 
 
 def test_boundary_is_strict(tmp_path):
@@ -167,12 +201,14 @@ def test_pair_averaged_by_hand(tmp_path):
     assert len(avg) == 1
     assert (avg[0]["other"], avg[0]["definition"], avg[0]["neurons"], avg[0]["others"]) == \
         ("pair-averaged", "pair-averaged", [1], ["b", "c"])
-    t1 = json.loads(paths["table1"].read_text())["table1"]
-    assert t1[0]["percent"] == 50.0 and t1[0]["n_pairs"] == 1
+    rows = json.loads(paths["table1"].read_text())["rows"]
+    t1 = _row(rows, scope="all")          # one row per scope: the pair average only
+    assert (t1["aggregation"], t1["other"]) == ("pair_averaged", None)
+    assert t1["pct_universal"] == 50.0 and t1["n_universal"] == 1 and t1["n_pairs"] == 2
     df = pd.read_parquet(paths["neurons_parquet"])
-    pa = df[df.other == "pair-averaged"]
-    assert pa["excess"].tolist() == [0.5, 0.5625]
-    assert pa["match_layer"].tolist() == [-1, -1]
+    pa = df[df.aggregation == "pair_averaged"]
+    assert pa["excess"].tolist() == [0.5, 0.5625] and pa["other"].isna().all()
+    assert pa["match_layer"].tolist() == [pd.NA, pd.NA]
 
 
 def test_mean_over_pairs_and_checkpoints(tmp_path):
@@ -180,12 +216,14 @@ def test_mean_over_pairs_and_checkpoints(tmp_path):
     write_reduced(tmp_path, [0.9, 0.9, 0.9, 0.1], [0.1] * 4, other="b", step=100, **kw)
     write_reduced(tmp_path, [0.9, 0.1, 0.1, 0.1], [0.1] * 4, other="c", step=100, **kw)
     write_reduced(tmp_path, [0.9, 0.9, 0.1, 0.1], [0.1] * 4, other="b", step=200, **kw)
-    t1 = json.loads(universal(tmp_path, UniversalConfig(thresholds=[0.5]),
-                              progress=False).paths["table1"]
-                    .read_text())["table1"]
-    assert [(e["checkpoint"], e["n_pairs"], e["percent"]) for e in t1] == \
+    rows = json.loads(universal(tmp_path, UniversalConfig(thresholds=[0.5]),
+                                progress=False).paths["table1"]
+                      .read_text())["rows"]
+    t1 = [r for r in rows if r["aggregation"] == "mean_over_pairs" and r["scope"] == "all"]
+    assert [(e["checkpoint"], e["n_pairs"], e["pct_universal"]) for e in t1] == \
         [(100, 2, 50.0), (200, 1, 50.0)]
-    assert {p["other"]: p["percent"] for p in t1[0]["pairs"]} == {"b": 75.0, "c": 25.0}
+    assert {p["other"]: p["pct_universal"] for p in rows if p["aggregation"] == "pair"
+            and p["checkpoint"] == 100 and p["scope"] == "all"} == {"b": 75.0, "c": 25.0}
 
 
 def _corr(x, y):
@@ -231,18 +269,22 @@ def test_extra_draws_from_covariance_equal_explicit_rotation(tmp_path):
     paths = universal(tmp_path, UniversalConfig(extra_baseline_draws=3, seed=2),
                       progress=False).paths
     df = pd.read_parquet(paths["neurons_parquet"])
+    draws = pd.read_parquet(paths["neuron_draws"])
+    draw = {j: d.sort_values("flat_index").reset_index(drop=True)
+            for j, d in draws.groupby("draw")}
     sets = json.loads(paths["sets"].read_text())
     assert sets["inputs"][0]["draw_seeds"] == [3, 2, 4, 5]  # 3 is the reduce's: skipped
     for j, s in enumerate([2, 4, 5], start=1):
         expected = np.where(zero, 0.0, explicit_baseline(s))
-        np.testing.assert_allclose(df[f"baseline_max_{j}"].to_numpy(), expected,
+        np.testing.assert_allclose(draw[j]["baseline_max"].to_numpy(), expected,
                                    rtol=0, atol=1e-6)
-        np.testing.assert_allclose(df[f"excess_{j}"].to_numpy(), row_max - expected,
+        np.testing.assert_allclose(draw[j]["excess"].to_numpy(), row_max - expected,
                                    rtol=0, atol=2e-6)
-    assert df["baseline_max_1"][4] == 0.0 and df["excess"][4] == 0.0
-    assert (df["baseline_max_1"] >= 0).all()  # the dead layer's rho 0 is in every max
-    t1 = json.loads(paths["table1"].read_text())["table1"]
-    assert t1[0]["draws"]["n_draws"] == 4
+        assert set(draw[j]["draw_source"]) == {"cross_comoment"} and set(draw[j]["seed"]) == {s}
+    assert draw[1]["baseline_max"][4] == 0.0 and df["excess"][4] == 0.0
+    assert (draw[1]["baseline_max"] >= 0).all()  # the dead layer's rho 0 is in every max
+    rows = json.loads(paths["table1"].read_text())["rows"]
+    assert rows[0]["n_draws"] == 4
 
 
 def test_kernel_rotation_matches_contract():
@@ -347,3 +389,18 @@ def test_cli_prints_table1(one_pair):
     assert "wrote" in res.output
     help_text = CliRunner().invoke(cli, ["universal", "--help"]).output
     assert "strict" in help_text and "draw 0" in help_text
+
+
+def test_files_of_the_old_layout_are_refused_in_one_line(one_pair):
+    from ooc_universal.formats.tables import read_neurons, read_table1
+    paths = universal(one_pair, progress=False).paths
+    doc = json.loads(paths["table1"].read_text())
+    doc.pop("table_version")                       # what the old layout wrote
+    paths["table1"].write_text(json.dumps(doc))
+    with pytest.raises(OocError, match="table_version 1.*ooc-universal universal"):
+        read_table1(one_pair)
+    old = pd.read_parquet(paths["neurons_parquet"]).drop(columns=["aggregation"])
+    paths["neurons_parquet"].unlink()
+    old.to_csv(paths["neurons_csv"], index=False)   # an old CSV, no parquet beside it
+    with pytest.raises(OocError, match="older ooc-universal"):
+        read_neurons(one_pair)

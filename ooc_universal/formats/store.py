@@ -737,9 +737,13 @@ def check_store_matches(path, expected: dict) -> None:
     with open_store(path) as s:
         bad = identity_mismatch(s.attrs, expected)
     if bad:
+        same_label = any(b.startswith("model_id:") for b in bad)
+        hint = ("; if two models share this label (folders of the same name), give them in "
+                "one command or run: their labels are then derived from their paths"
+                if same_label else "")
         raise StaleInputError(
             f"activation store {str(path)!r} was made from other inputs ({'; '.join(bad)}); "
-            "it is never appended to: delete it or use another --run-dir")
+            f"it is never appended to: delete it or use another --run-dir{hint}")
 
 
 def ledger_progress(ledger) -> tuple[int | None, int | None, dict]:

@@ -3,7 +3,9 @@
 On disk:
   RUN/tokens/tokens.npz   input_ids, valid, eval_input_ids, eval_valid
                           (int32 / bool, shape (n_windows, window) each)
-  RUN/tokens/meta.json    hash, eval_hash, n_tokens, window, tokenizer, ... ; written last
+  RUN/tokens/meta.json    hash, eval_hash, n_tokens, window, tokenizer, bos (whether
+                          column 0 is BOS), bos_token_id (null without), pad_token_id,
+                          ... ; written last
 
 The folder is written under a temporary name and renamed into place with meta.json
 already inside, so a half-written token set never looks complete (save_token_set).
@@ -35,7 +37,7 @@ _HASH_TAG = b"ooc-universal token set v1\n"
 
 @dataclass
 class TokenSet:
-    input_ids: np.ndarray       # (n_windows, window) int32, column 0 = BOS
+    input_ids: np.ndarray       # (n_windows, window) int32, column 0 = BOS (meta "bos")
     valid: np.ndarray           # (n_windows, window) bool, exactly n_tokens True
     eval_input_ids: np.ndarray  # (n_eval_windows, window) int32, the windows that follow
     eval_valid: np.ndarray      # (n_eval_windows, window) bool
@@ -58,8 +60,21 @@ class TokenSet:
         return self.meta["tokenizer"]
 
     @property
-    def bos_token_id(self) -> int:
-        return int(self.meta["bos_token_id"])
+    def bos_token_id(self) -> int | None:
+        """The id at column 0 of every window; None for windows without BOS."""
+        bos = self.meta.get("bos_token_id")
+        return None if bos is None or not self.has_bos else int(bos)
+
+    @property
+    def has_bos(self) -> bool:
+        """Whether column 0 is BOS (sets made before BOS-less windows existed: always)."""
+        return bool(self.meta.get("bos", True))
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id that fills a short last window (invalid positions); BOS when there is one."""
+        pad = self.meta.get("pad_token_id", self.meta.get("bos_token_id"))
+        return None if pad is None else int(pad)
 
     @property
     def n_windows(self) -> int:

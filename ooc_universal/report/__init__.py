@@ -103,6 +103,7 @@ def _build(run_dir: Path, settings: ReportConfig, progress: bool):
                  sections.ablation_section(run.ablation, ctx),
                  sections.correlations_section(run.neurons, views.report_thresholds(run), ctx),
                  sections.layer_counts_section(run.table1, ctx),
+                 sections.cards_section(run.cards, ctx),
                  sections.zoo_section(run.zoo_path, run.zoo, ctx)]
     bar.close()
     everything = ([render.overview_section(steps)] + steps

@@ -6,9 +6,11 @@ a Source whose `reason` says why, and its section then says "not run" (or "not s
 instead of the report failing.
 
   RUN/universal/table1.json           formats.tables.read_table1
-  RUN/universal/neurons.parquet|csv   formats.tables.read_neurons; else the reduce files
-                                      (formats.reduced), draw 0 of their baseline
+  RUN/universal/neurons.parquet|csv   formats.tables.read_neurons (the pair rows); else the
+                                      reduce files (formats.reduced), draw 0 of their
+                                      baseline
   RUN/persistence/persistence.json    formats.tables.read_persistence
+  RUN/cards/cards.json                formats.cards.read_cards
   RUN/tokens/meta.json                formats.tokens.read_token_meta (the footer)
   RUN/ablate/ablation.json            formats.ablation.read_ablation
   zoo.json                            read here (the zoo writes it; no reader exists)
@@ -24,20 +26,21 @@ import numpy as np
 from ooc_universal.config import read_config_text
 from ooc_universal.errors import OocError
 from ooc_universal.formats.ablation import ablate_paths, read_ablation
+from ooc_universal.formats.cards import cards_path, read_cards
 from ooc_universal.formats.reduced import list_reduced, open_reduced
-from ooc_universal.formats.tables import (persistence_paths, read_neurons, read_persistence,
-                                          read_table1, universal_paths)
+from ooc_universal.formats.tables import (PAIR, persistence_paths, read_neurons,
+                                          read_persistence, read_table1, universal_paths)
 from ooc_universal.formats.tokens import read_token_meta
 from ooc_universal.rundir import file_sha256
 from ooc_universal.zoo import read_zoo_json
 
-NEURON_COLUMNS = ["reference", "other", "checkpoint", "layer", "max_corr", "baseline_max_0",
-                  "excess", "zero_var"]
+NEURON_COLUMNS = ["reference", "aggregation", "other", "checkpoint", "layer", "max_corr",
+                  "baseline_max", "excess", "zero_var"]
 # the files the footer lists with their size and checksum, relative to RUN
-FOOTER_FILES = ("universal/table1.json", "universal/table1.csv", "universal/sets.json",
-                "persistence/persistence.json", "persistence/persistence.csv",
-                "ablate/ablation.json", "ablate/ablation.csv", "ablate/ablation_draws.csv",
-                "tokens/meta.json")
+FOOTER_FILES = ("universal/table1.json", "universal/table1.csv", "universal/table1_draws.csv",
+                "universal/sets.json", "persistence/persistence.json",
+                "persistence/persistence.csv", "cards/cards.json", "ablate/ablation.json",
+                "ablate/ablation.csv", "ablate/ablation_draws.csv", "tokens/meta.json")
 
 
 @dataclass
@@ -49,7 +52,8 @@ class Source:
 
 @dataclass
 class Neurons:
-    """The per-neuron table (NEURON_COLUMNS) and the file(s) it came from."""
+    """The per-neuron table (NEURON_COLUMNS, the pair rows only: the figures compare a
+    reference with one other model) and the file(s) it came from."""
     table: object = None           # pandas DataFrame, or None when no source has it
     source: str | None = None
 
@@ -71,6 +75,7 @@ class RunData:
     table1: Source                 # formats.tables.Table1File
     persistence: Source            # formats.tables.PersistenceFile
     ablation: Source               # formats.ablation.AblationFile
+    cards: Source                  # formats.cards.CardsFile
     neurons: Neurons
     config: dict | None            # RUN/config.toml parsed (None: absent or unparsable)
     zoo_path: Path | None
@@ -86,7 +91,8 @@ def load_run(run_dir, zoo_json=None) -> RunData:
         "table1": _read_output(universal_paths(run_dir)["table1"], read_table1, run_dir),
         "persistence": _read_output(persistence_paths(run_dir)["json"], read_persistence,
                                     run_dir),
-        "ablation": _read_output(ablate_paths(run_dir)["json"], read_ablation, run_dir)}
+        "ablation": _read_output(ablate_paths(run_dir)["json"], read_ablation, run_dir),
+        "cards": _read_output(cards_path(run_dir), read_cards, run_dir)}
     token_meta = read_token_meta(run_dir)
     zoo_path = find_zoo_json(run_dir, zoo_json, config)
     provenance = Provenance(config_text, token_hash(sources, token_meta),
@@ -127,7 +133,8 @@ def load_neurons(run_dir: Path) -> Neurons:
     files (so the scatter and histogram show before `universal` has run)."""
     try:
         found = read_neurons(run_dir, columns=NEURON_COLUMNS)
-        return Neurons(found.frame, f"universal/{found.path.name}")
+        pairs = found.frame[found.frame["aggregation"] == PAIR].reset_index(drop=True)
+        return Neurons(pairs, f"universal/{found.path.name}")
     except OocError:
         pass
     frames = [f for f in map(_neurons_of_pair, list_reduced(run_dir)) if f is not None]
@@ -150,11 +157,11 @@ def _neurons_of_pair(path: Path):
             baseline = baselines[0].astype(np.float64)
             d_mlp = int(stats.attrs["d_mlp_ref"])
             return pd.DataFrame({
-                "reference": str(stats.attrs["ref_name"]),
+                "reference": str(stats.attrs["ref_name"]), "aggregation": PAIR,
                 "other": str(stats.attrs["other_name"]),
                 "checkpoint": int(stats.attrs["ref_step"]),
                 "layer": np.arange(row_max.size) // d_mlp, "max_corr": row_max,
-                "baseline_max_0": baseline, "excess": row_max - baseline,
+                "baseline_max": baseline, "excess": row_max - baseline,
                 "zero_var": stats.ref_zero_var.astype(bool)})
     except (OSError, KeyError, OocError):
         return None
@@ -229,8 +236,10 @@ def input_versions(sources: dict, token_meta: dict | None) -> dict:
     """step -> the toolkit version that wrote its output."""
     table1, persistence = sources["table1"].content, sources["persistence"].content
     ablation = sources["ablation"].content
+    cards = sources["cards"].content
     versions = {"universal": table1.provenance.toolkit_version if table1 else None,
                 "persistence": persistence.toolkit_version if persistence else None,
+                "cards": cards.toolkit_version if cards else None,
                 "ablate": ablation.toolkit_version if ablation else None,
                 "tokens": (token_meta or {}).get("toolkit_version")}
     return {step: version for step, version in versions.items() if version}

@@ -100,7 +100,7 @@ def universal_percent_figure(view, series) -> Figure:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    caption = (f"Percent of the reference's {view.first['n_neurons']} neurons whose excess "
+    caption = (f"Percent of the reference's {view.n_neurons} neurons whose excess "
                f"correlation exceeds each threshold (draw 0), {view.summary} over "
                f"{view.n_pairs} pair(s) (thick lines; error bars: std over baseline draws, "
                "clipped at 0, none with one draw); thin lines: single pairs. Same numbers "
@@ -113,7 +113,7 @@ def universal_percent_figure(view, series) -> Figure:
 def layer_counts_figure(view, series) -> Figure:
     """Universal neurons per layer over training, one panel per threshold (viridis
     stops short of its yellow end, which is hard to see on white)."""
-    n_layers = view.first["n_layers"]
+    n_layers = view.n_layers
     fig = new_figure(max(7.0, 3.5 * len(view.thresholds) + 1.5), 4.2)
     axes = fig.subplots(1, len(view.thresholds), squeeze=False, sharey=True)[0]
     x = np.arange(len(view.checkpoints))
@@ -126,14 +126,15 @@ def layer_counts_figure(view, series) -> Figure:
         _checkpoint_axis(ax, view.checkpoints)
         ax.set_title(f"tau = {tau_text(tau)}", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"universal neurons in the layer (of {view.first['d_mlp']}),\n"
+    axes[0].set_ylabel(f"universal neurons in the layer (of {view.d_mlp}),\n"
                        "mean over pairs")
     axes[-1].legend(fontsize=7, ncols=2 if n_layers > 6 else 1, loc="upper left",
                     bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Universal neurons per layer of {short_name(view.reference)} over training")
     caption = (f"Number of universal neurons in each layer of {view.reference} (excess > "
                f"threshold, draw 0), mean over {view.n_pairs} model pair(s) of the per-pair "
-               "counts (`per_layer_count` in universal/table1.json), one panel per threshold.")
+               "counts (`n_universal` of the rows with scope layer in universal/table1.json), "
+               "one panel per threshold.")
     return finish(fig, f"universal_layer_counts{view.suffix}",
                   f"Universal neurons per layer over training, {view.reference}", caption,
                   "universal/table1.json", {"series": series})
@@ -141,12 +142,16 @@ def layer_counts_figure(view, series) -> Figure:
 
 # ---------------------------------------------------------------------------- persistence
 
+P_AXIS_TOP = 1.18      # p_persist is a fraction: the axis runs 0..1, room for the labels
+P_AXIS_LABEL = "p_persist = P(universal at t2 | universal at t1) (fraction)"
+
+
 def _bar_label(ax, x, height, text, undefined, fontsize=7, rotation=90) -> None:
     if undefined:
-        ax.text(x, 1.5, "undef.", ha="center", va="bottom", fontsize=fontsize,
+        ax.text(x, 0.015, "undef.", ha="center", va="bottom", fontsize=fontsize,
                 rotation=rotation, color="0.35")
     else:
-        ax.text(x, height + 1.0, text, ha="center", va="bottom", fontsize=fontsize,
+        ax.text(x, height + 0.01, text, ha="center", va="bottom", fontsize=fontsize,
                 rotation=rotation)
 
 
@@ -159,7 +164,7 @@ def _interval_bars(ax, series, n_groups: int, prefix: str, label_size: int) -> N
     rotation = 0 if n_groups * len(series) <= 16 else 90
     for j, bars in enumerate(series):
         xs = np.arange(n_groups) - 0.4 + width * (j + 0.5)
-        ys = np.asarray(bars["p_percent"], dtype=float)
+        ys = np.asarray(bars["p_persist"], dtype=float)
         ax.bar(xs, np.nan_to_num(ys), width * 0.95, color=cmap(j),
                label=interval_text(bars["interval"]))
         for x, y, n in zip(xs, ys, bars["n_t1"]):
@@ -169,8 +174,9 @@ def _interval_bars(ax, series, n_groups: int, prefix: str, label_size: int) -> N
 
 
 def _persistence_axes(fig, ax, title: str, n_intervals: int) -> None:
-    ax.set_ylim(0, 118)
-    ax.set_ylabel("P(universal at t2 | universal at t1) (%)")
+    ax.set_ylim(0, P_AXIS_TOP)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel(P_AXIS_LABEL, fontsize=8)
     ax.set_title(title)
     # below the axes: at the upper right it covered the end of the title (the tau)
     fig.legend(title="checkpoint interval", fontsize=8, loc="outside lower center",
@@ -188,8 +194,9 @@ def persistence_pairs_figure(view, tau, series) -> Figure:
     ax.set_xlabel("model pair (reference vs other)")
     _persistence_axes(fig, ax, "Persistence of universal neurons, all layers "
                                f"(tau = {tau_text(tau)})", len(view.intervals))
-    caption = (f"Share of the neurons of {view.reference} universal at the earlier checkpoint "
-               "that are still universal at the later one (all layers, threshold "
+    caption = (f"p_persist, the fraction (0 to 1) of the neurons of {view.reference} "
+               "universal at the earlier checkpoint that are still universal at the later "
+               "one (all layers, threshold "
                f"{tau_text(tau)}), for {len(view.pairs)} model pair(s)"
                + (" and their averages" if view.summaries else "")
                + ". n = |U(t1)|, the number of neurons it is computed from (summed over pairs "
@@ -209,11 +216,12 @@ def persistence_layers_figure(view, tau, series) -> Figure:
     ax.set_xlabel("layer of the reference model")
     _persistence_axes(fig, ax, "Persistence of universal neurons by layer "
                                f"({group}, tau = {tau_text(tau)})", len(view.intervals))
-    caption = (f"Persistence by layer of {view.reference} at threshold {tau_text(tau)}, "
-               f"{group} ({len(view.pairs)} pair(s)); one bar per checkpoint interval. The "
+    caption = (f"Persistence by layer of {view.reference} at threshold {tau_text(tau)} "
+               f"(p_persist, a fraction), {group} ({len(view.pairs)} pair(s)); one bar per "
+               "checkpoint interval. The "
                "number above a bar is |U(t1)| in that layer (summed over pairs); 'undef.' "
                "marks a layer with no universal neuron at t1. Paper Figure 1 (its y axis "
-               "starts at 60%; this one at 0).")
+               "starts at 60% = 0.6; this one at 0).")
     return finish(fig, f"persistence_layers{view.suffix}_t{tau_id(tau)}",
                   f"Persistence by layer, tau = {tau_text(tau)}", caption,
                   "persistence/persistence.json", {"series": series})
@@ -224,15 +232,15 @@ def _pair_bars(ax, bars, j, n_pairs, palette, annotate, small) -> None:
     layers = bars["layers"]
     width = 0.8 / n_pairs
     xs = np.arange(len(layers)) - 0.4 + width * (j + 0.5)
-    ys = np.asarray(bars["p_percent"], dtype=float)
+    ys = np.asarray(bars["p_persist"], dtype=float)
     colour = palette(bars["other"])
     ax.bar(xs, np.nan_to_num(ys), width * 0.95, color=colour)
     undefined = [x for x, y, n in zip(xs, ys, bars["n_t1"]) if np.isnan(y) and n is not None]
-    ax.plot(undefined, [2.0] * len(undefined), "x", color=colour, ms=4)
+    ax.plot(undefined, [0.02] * len(undefined), "x", color=colour, ms=4)
     if annotate:
         for x, y, n in zip(xs, ys, bars["n_t1"]):
             if not np.isnan(y):
-                ax.text(x, y + 1.0, str(n), ha="center", va="bottom",
+                ax.text(x, y + 0.01, str(n), ha="center", va="bottom",
                         fontsize=6 if small else 5, rotation=0 if small else 90)
 
 
@@ -260,16 +268,18 @@ def persistence_layers_by_pair_figure(view, tau, series, palette) -> Figure:
         _pair_bars(panel_of[tuple(bars["interval"])], bars, pairs.index(bars["other"]),
                    len(pairs), palette, annotate, small=n_bars <= 24)
     for ax, interval in zip(axes, view.intervals):
-        ax.set_ylim(0, 118)
-        ax.set_ylabel("P persist (%)")
+        ax.set_ylim(0, P_AXIS_TOP)
+        ax.set_yticks(np.linspace(0, 1, 6))
+        ax.set_ylabel("p_persist (fraction)")
         ax.set_title(f"{interval_text(interval)}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(np.arange(len(layers)), [str(layer) for layer in layers])
     axes[-1].set_xlabel("layer of the reference model")
     _pair_legend(fig, pairs, palette)
     fig.suptitle(f"Layer-wise persistence per model pair (tau = {tau_text(tau)})")
-    caption = (f"Persistence by layer for each of the {len(pairs)} pair(s) of "
-               f"{view.reference}, one panel per checkpoint interval, threshold "
+    caption = (f"Persistence by layer (p_persist, a fraction) for each of the "
+               f"{len(pairs)} pair(s) of {view.reference}, one panel per checkpoint "
+               "interval, threshold "
                f"{tau_text(tau)}. " + ("The number above a bar is |U(t1)|; " if annotate else "")
                + "a cross on the axis marks a layer whose U(t1) is empty (undefined). "
                "Paper Figures 4-6.")

@@ -49,8 +49,8 @@ def table1_section(source, ctx: Context) -> Section:
     section.blocks.append(TABLE1_INTRO + source.content.definition + ".")
     for view in views.table1_views(source.content):
         section.blocks += [
-            f"Reference model: {view.reference} ({view.first['n_neurons']} MLP neurons, "
-            f"{view.first['n_layers']} layers x {view.first['d_mlp']}; {view.n_pairs} model "
+            f"Reference model: {view.reference} ({view.n_neurons} MLP neurons, "
+            f"{view.n_layers} layers x {view.d_mlp}; {view.n_pairs} model "
             "pair(s)).",
             tables.table1_table(view), tables.table1_pairs_table(view),
             tables.table1_layers_table(view),
@@ -75,11 +75,11 @@ def layer_counts_section(source, ctx: Context) -> Section:
 # ---------------------------------------------------------------------------- persistence
 
 PERSISTENCE_INTRO = (
-    "P(universal at t2 | universal at t1) = |U(t1) & U(t2)| / |U(t1)|, the share of the "
-    "neurons universal at the earlier checkpoint that are still universal at the later "
-    "one, per model pair; undefined when U(t1) is empty (never shown as 0). "
-    "'mean over pairs' averages the defined per-pair values; 'pooled over pairs' divides "
-    "the summed counts.")
+    "p_persist = P(universal at t2 | universal at t1) = |U(t1) & U(t2)| / |U(t1)|, the "
+    "fraction (0 to 1, in tables and figures alike) of the neurons universal at the earlier "
+    "checkpoint that are still universal at the later one, per model pair; undefined when "
+    "U(t1) is empty (never shown as 0). 'mean over pairs' averages the defined per-pair "
+    "values; 'pooled over pairs' divides the summed counts.")
 
 
 def persistence_section(source, ctx: Context) -> Section:
@@ -180,6 +180,39 @@ def correlations_section(neurons, thresholds, ctx: Context) -> Section:
                                              neurons.source, thresholds)),
             ctx.drawn(figures.excess_figure(ref, suffix, series.excess_grid(mine),
                                             neurons.source, thresholds, ctx.palette))]
+    return section
+
+
+# ---------------------------------------------------------------------------- cards
+
+def _cards_intro(cards) -> str:
+    config = cards.config or {}
+    return (f"For each model pair, the top {config.get('top_n', '?')} neurons of the "
+            "reference by excess correlation (draw 0) get a card; a neuron chosen by "
+            "several pairs has one card. For each other model it shows the matched neuron "
+            "(its most correlated neuron, from the reduce file) and the correlation. The "
+            "vocabulary columns describe the neuron's direct effect on the logits, "
+            "W_out[n]·W_U with the final norm's gain folded in (as TransformerLens's "
+            "processed weights, which Gurnee et al. 2024 use): its skew and plain "
+            "kurtosis over the vocabulary, and the tokens it promotes and suppresses most. "
+            f"Role: prediction (kurtosis > {config.get('kurtosis_cut', 10):g}, skew > 0) or "
+            "suppression (kurtosis above the cut, skew < 0), as Gurnee et al. name them.")
+
+
+def cards_section(source, ctx: Context) -> Section:
+    section = Section("cards", "Beyond the paper: neuron cards of the top universal neurons")
+    if source.content is None:
+        return _not_run(section, "neuron cards", "cards/cards.json",
+                        "ooc-universal cards --run-dir RUN", source.reason)
+    section.blocks.append(_cards_intro(source.content))
+    notes = {c.get("contexts_note") for c in source.content.cards if c.get("contexts_note")}
+    if notes:
+        section.blocks.append("Contexts (where each neuron fires most): "
+                              + "; ".join(sorted(notes)) + ".")
+    by_checkpoint = views.cards_views(source.content)
+    if not by_checkpoint:
+        section.blocks.append("cards.json holds no cards.")
+    section.blocks += [tables.cards_table(view) for view in by_checkpoint]
     return section
 
 

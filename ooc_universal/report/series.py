@@ -23,38 +23,38 @@ NON_NEGATIVE = {"kl"}     # delta loss may fall below 0 (ablating can help), KL 
 
 def universal_percent_series(view: Table1View) -> list[dict]:
     """Per threshold: the summary over pairs (with the std over baseline draws), then
-    each single pair when there are several. NaN where a checkpoint has no entry."""
+    each single pair when there are several. NaN where a checkpoint has no row."""
     series = []
     for tau in view.thresholds:
-        entries = [view.entry(tau, c) for c in view.checkpoints]
+        rows = [view.entry(tau, c) for c in view.checkpoints]
         series.append({
             "threshold": tau, "other": view.summary, "x": view.checkpoints,
-            "y": [e["percent"] if e else np.nan for e in entries],
-            "yerr_std_over_draws": [(e["draws"].get("std") or 0.0) if e else 0.0
-                                    for e in entries]})
-        others = sorted({p["other"] for e in entries if e for p in e["pairs"]})
-        if len(others) > 1:
+            "y": [r["pct_universal"] if r else np.nan for r in rows],
+            "yerr_std_over_draws": [(r["pct_universal_draws_std"] or 0.0) if r else 0.0
+                                    for r in rows]})
+        if len(view.others) > 1:
             series += [{"threshold": tau, "other": other, "x": view.checkpoints,
-                        "y": [_pair_percent(e, other) for e in entries]} for other in others]
+                        "y": [_pct(view.row(other, tau, c)) for c in view.checkpoints]}
+                       for other in view.others]
     return series
 
 
-def _pair_percent(entry, other):
-    if entry is None:
-        return np.nan
-    return next((p["percent"] for p in entry["pairs"] if p["other"] == other), np.nan)
+def _pct(row):
+    return np.nan if row is None else row["pct_universal"]
 
 
 def layer_count_series(view: Table1View) -> list[dict]:
-    """Per threshold and layer: the universal neurons in that layer, mean over pairs."""
+    """Per threshold and layer: the universal neurons in that layer, mean over the pairs
+    (the pair-averaged set's own count under that definition)."""
+    names = view.others or [view.summary]
     series = []
     for tau in view.thresholds:
-        for layer in range(view.first["n_layers"]):
+        for layer in range(view.n_layers):
             counts = []
             for ckpt in view.checkpoints:
-                entry = view.entry(tau, ckpt)
-                counts.append(float(np.mean([p["per_layer_count"][layer]
-                                             for p in entry["pairs"]])) if entry else np.nan)
+                found = [view.row(n, tau, ckpt, layer) for n in names]
+                found = [r["n_universal"] for r in found if r is not None]
+                counts.append(float(np.mean(found)) if found else np.nan)
             series.append({"threshold": tau, "layer": layer, "checkpoints": view.checkpoints,
                            "mean_count": counts})
     return series
@@ -64,14 +64,15 @@ def layer_count_series(view: Table1View) -> list[dict]:
 
 
 def _persistence_bars(view, other, tau, interval, layers) -> tuple[list, list]:
-    """(P in percent, NaN when undefined or absent; |U(t1)|, None when absent)."""
-    percents, n_t1 = [], []
+    """(p_persist as a fraction, NaN when undefined or absent; |U(t1)|, None when
+    absent)."""
+    values, n_t1 = [], []
     for layer in layers:
         row = view.row(other, tau, interval, layer)
         p = None if row is None else row["p_persist"]
-        percents.append(np.nan if p is None else 100.0 * p)
+        values.append(np.nan if p is None else float(p))
         n_t1.append(None if row is None else row["n_t1"])
-    return percents, n_t1
+    return values, n_t1
 
 
 def persistence_pair_series(view: PersistenceView, tau: float) -> list[dict]:
@@ -79,12 +80,12 @@ def persistence_pair_series(view: PersistenceView, tau: float) -> list[dict]:
     groups = view.pairs + view.summaries
     series = []
     for interval in view.intervals:
-        percents, n_t1 = [], []
+        values, n_t1 = [], []
         for group in groups:
-            p, n = _persistence_bars(view, group, tau, interval, ["all"])
-            percents += p
+            p, n = _persistence_bars(view, group, tau, interval, [None])
+            values += p
             n_t1 += n
-        series.append({"interval": list(interval), "groups": groups, "p_percent": percents,
+        series.append({"interval": list(interval), "groups": groups, "p_persist": values,
                        "n_t1": n_t1})
     return series
 
@@ -94,9 +95,9 @@ def persistence_layer_series(view: PersistenceView, tau: float) -> list[dict]:
     group = view.layer_groups[0]
     series = []
     for interval in view.intervals:
-        percents, n_t1 = _persistence_bars(view, group, tau, interval, view.layers)
+        values, n_t1 = _persistence_bars(view, group, tau, interval, view.layers)
         series.append({"interval": list(interval), "layers": view.layers,
-                       "p_percent": percents, "n_t1": n_t1, "other": group})
+                       "p_persist": values, "n_t1": n_t1, "other": group})
     return series
 
 
@@ -105,9 +106,9 @@ def persistence_layer_pair_series(view: PersistenceView, tau: float) -> list[dic
     series = []
     for interval in view.intervals:
         for other in view.pairs:
-            percents, n_t1 = _persistence_bars(view, other, tau, interval, view.layers)
+            values, n_t1 = _persistence_bars(view, other, tau, interval, view.layers)
             series.append({"interval": list(interval), "other": other,
-                           "layers": view.layers, "p_percent": percents, "n_t1": n_t1})
+                           "layers": view.layers, "p_persist": values, "n_t1": n_t1})
     return series
 
 
@@ -267,14 +268,14 @@ def _cell(neurons, checkpoint, other):
 def scatter_grid(neurons) -> NeuronGrid:
     """One panel per (checkpoint, other model); zero-variance neurons left out."""
     grid = _neuron_grid(neurons)
-    grid.lowest = float(min(0.0, np.nanmin(neurons["baseline_max_0"]),
+    grid.lowest = float(min(0.0, np.nanmin(neurons["baseline_max"]),
                             np.nanmin(neurons["max_corr"])))
     for ckpt in grid.checkpoints:
         for other in grid.others:
             group = _cell(neurons, ckpt, other)
             live = group[~group["zero_var"].astype(bool)]
             grid.panels.append(ScatterPanel(
-                ckpt, other, live["baseline_max_0"].to_numpy(), live["max_corr"].to_numpy(),
+                ckpt, other, live["baseline_max"].to_numpy(), live["max_corr"].to_numpy(),
                 live["layer"].to_numpy(), int(len(group) - len(live))))
     return grid
 

@@ -2,17 +2,20 @@
 source numbers behind every cell.
 
 Numbers are never recomputed: each cell is a source value rounded as its table states
-(Table 1 and percentages: 2 decimals; persistence P: 3 decimals; ablation: 4
-significant digits; losses: 4 decimals).
+(Table 1 and percentages: 2 decimals; persistence p_persist, a fraction: 3 decimals;
+ablation: 4 significant digits; losses: 4 decimals). A record carries the source row's
+own column names (formats/tables.py).
 """
 from __future__ import annotations
 
+from ooc_universal.formats.tables import MEAN_OVER_PAIRS, SPREAD_COLUMNS
 from ooc_universal.report.document import Table
 from ooc_universal.report.text import (MISSING, checkpoint_number, ci_text, fixed,
                                        interval_text, sig4, spread_text, step_text, tau_id,
                                        tau_text)
-from ooc_universal.report.views import (PAIR_MEAN, AblationView, PersistenceView, Table1View,
-                                        heldout_loss, set_rank, zoo_steps, zoo_units)
+from ooc_universal.report.views import (AblationView, PersistenceView, Table1View,
+                                        heldout_loss, row_label, set_rank, zoo_steps,
+                                        zoo_units)
 
 EMPTY_SET_NOTE = ("A row with 0 neurons is an empty set (no universal neuron there): nothing "
                   "was ablated, so its 0 is no effect; the figures leave it out.")
@@ -20,14 +23,22 @@ ABLATION_FIELDS = ("reference", "other", "checkpoint", "threshold", "definition"
                    "set", "layer", "draw", "n_draws", "n_neurons", "n_positions", "kl",
                    "kl_se", "kl_ci_low", "kl_ci_high", "delta_loss", "delta_loss_se",
                    "delta_loss_ci_low", "delta_loss_ci_high")
-PERSISTENCE_FIELDS = ("definition", "reference", "other", "kind", "threshold", "t1", "t2",
-                      "layer", "n_t1", "n_t2", "n_both", "p_persist", "undefined",
-                      "emerged", "n_pairs")
+PERSISTENCE_FIELDS = ("definition", "reference", "aggregation", "other", "threshold", "t1",
+                      "t2", "scope", "layer", "n_t1", "n_t2", "n_both", "p_persist",
+                      "undefined", "n_emerged", "n_pairs")
+TABLE1_FIELDS = ("reference", "aggregation", "other", "threshold", "checkpoint", "scope",
+                 "layer", "n_universal", "n_neurons", "pct_universal", "n_pairs")
 ZOO_RECIPE_KEYS = ("n_layer", "n_embd", "d_mlp", "context", "batch_size", "steps", "lr",
                    "corpus")
 
 
 # ---------------------------------------------------------------------------- Table 1
+
+
+def table1_record(row: dict, spread: bool = False) -> dict:
+    """The source numbers behind a Table 1 cell (table1.json's row, its names)."""
+    fields = TABLE1_FIELDS + (tuple(SPREAD_COLUMNS) if spread else ())
+    return {k: row.get(k) for k in fields}
 
 
 def table1_table(view: Table1View) -> Table:
@@ -37,54 +48,46 @@ def table1_table(view: Table1View) -> Table:
         row = [tau_text(tau)]
         for ckpt in view.checkpoints:
             entry = view.entry(tau, ckpt)
-            row.append(fixed(entry["percent"], 2) if entry else MISSING)
+            row.append(fixed(entry["pct_universal"], 2) if entry else MISSING)
             if entry:
-                records.append({"reference": view.reference, "threshold": tau,
-                                "checkpoint": ckpt, "other": view.summary,
-                                "percent": entry["percent"]})
+                records.append(table1_record(entry))
         rows.append(row)
     return Table(
         f"table1{view.suffix}", f"Table 1: % universal neurons of {view.reference} "
         f"({view.summary})", ["threshold"] + [f"step {step_text(c)}" for c in view.checkpoints],
         rows, "universal/table1.json", "2 decimals", records,
-        note=f"Percent of the reference's {view.first['n_neurons']} neurons with excess > "
-             f"threshold (draw 0), {view.summary} ({view.n_pairs} pair(s)); source field "
-             "`percent`.")
+        note=f"Percent of the reference's {view.n_neurons} neurons with excess > "
+             f"threshold (draw 0), {view.summary} ({view.n_pairs} pair(s)); source column "
+             "`pct_universal` of the rows with scope all.")
 
 
-def _pair_items(view: Table1View, entry: dict) -> list:
-    """(other, percent, count, draws) of the summary row and each pair of one entry; the
-    summary alone is dropped when the only pair is the summary itself (pair-averaged)."""
-    items = [(view.summary, entry["percent"], None, entry["draws"])]
-    items += [(p["other"], p["percent"], p["count"], p["draws"])
-              for p in sorted(entry["pairs"], key=lambda p: p["other"])]
-    if len(entry["pairs"]) == 1 and entry["pairs"][0]["other"] == view.summary:
-        items = items[1:]
-    return items
+def _pair_rows(view: Table1View, tau, ckpt) -> list:
+    """The summary row and each pair's row of one cell (the pair-averaged summary is
+    the only row there is)."""
+    found = [view.entry(tau, ckpt)] + [view.row(o, tau, ckpt) for o in view.others]
+    return [r for r in found if r is not None]
 
 
 def table1_pairs_table(view: Table1View) -> Table:
     """Table 1 per model pair, with the spread over baseline draws beside each value."""
     rows, records = [], []
     for tau, ckpt in view.present_keys():
-        for other, percent, count, draws in _pair_items(view, view.entry(tau, ckpt)):
-            rows.append([tau_text(tau), step_text(ckpt), other, fixed(percent, 2),
-                         MISSING if count is None else str(count), spread_text(draws)])
-            records.append({"reference": view.reference, "threshold": tau,
-                            "checkpoint": ckpt, "other": other, "percent": percent,
-                            "count": count,
-                            "draws": {k: draws.get(k) for k in
-                                      ("n_draws", "mean", "std", "min", "max")}})
-    n_draws = max(e["draws"]["n_draws"] for e in view.entries)
+        for r in _pair_rows(view, tau, ckpt):
+            rows.append([tau_text(tau), step_text(ckpt), row_label(r),
+                         fixed(r["pct_universal"], 2),
+                         MISSING if r["n_universal"] is None else str(r["n_universal"]),
+                         spread_text(r)])
+            records.append(table1_record(r, spread=True))
     return Table(
         f"table1_pairs{view.suffix}", f"Table 1 per model pair, with the spread over "
-        f"{n_draws} baseline draw(s)",
+        f"{view.n_draws} baseline draw(s)",
         ["threshold", "checkpoint", "other model", "% universal (draw 0)",
          "universal neurons (draw 0)", "% over baseline draws: mean ± std [min, max]"],
         rows, "universal/table1.json", "2 decimals (counts exact)", records,
         note="Each baseline draw is a different random rotation of the other model; "
              "draw 0 is the paper's single rotation and defines the universal sets. "
-             "The spread column summarises the percent over all draws (std with ddof=1).")
+             "The spread column summarises the percent over all draws (std with ddof=1); "
+             "one row per draw: universal/table1_draws.csv.")
 
 
 def table1_layers_table(view: Table1View) -> Table:
@@ -92,33 +95,34 @@ def table1_layers_table(view: Table1View) -> Table:
     keys = view.present_keys()
     columns = ["layer"] + [f"tau {tau_text(t)}, step {step_text(c)}" for t, c in keys]
     rows, records = [], []
-    for layer in range(view.first["n_layers"]):
+    for layer in range(view.n_layers):
         row = [str(layer)]
         for tau, ckpt in keys:
-            value = view.entry(tau, ckpt)["per_layer_percent"][layer]
-            row.append(fixed(value, 2))
-            records.append({"reference": view.reference, "threshold": tau,
-                            "checkpoint": ckpt, "layer": layer, "other": view.summary,
-                            "percent": value})
+            found = view.entry(tau, ckpt, layer)
+            row.append(MISSING if found is None else fixed(found["pct_universal"], 2))
+            if found is not None:
+                records.append(table1_record(found))
         rows.append(row)
     return Table(
         f"table1_layers{view.suffix}", f"% universal neurons per layer of {view.reference} "
         f"({view.summary})", columns, rows, "universal/table1.json", "2 decimals", records,
-        note=f"Percent of each layer's {view.first['d_mlp']} neurons with excess > threshold "
-             "(draw 0); source field `per_layer_percent`. Per pair: universal/table1.csv.")
+        note=f"Percent of each layer's {view.d_mlp} neurons with excess > threshold "
+             "(draw 0); source column `pct_universal` of the rows with scope layer. Per "
+             "pair: universal/table1.csv.")
 
 
 # ---------------------------------------------------------------------------- persistence
 
 
 def persistence_cell(row) -> str:
-    """P_persist to 3 decimals with what it is computed from; never 0 for undefined."""
+    """p_persist (a fraction) to 3 decimals with what it is computed from; never 0 for
+    undefined."""
     if row is None:
         return MISSING
     if row["p_persist"] is None:
-        return ("undefined (U(t1) empty in every pair)" if row.get("kind") == PAIR_MEAN
-                else "undefined (U(t1) empty)")
-    if row.get("kind") == PAIR_MEAN:
+        return ("undefined (U(t1) empty in every pair)"
+                if row["aggregation"] == MEAN_OVER_PAIRS else "undefined (U(t1) empty)")
+    if row["aggregation"] == MEAN_OVER_PAIRS:
         return f"{fixed(row['p_persist'], 3)} (mean of {row['n_pairs']} pair(s))"
     return f"{fixed(row['p_persist'], 3)} ({row['n_both']}/{row['n_t1']})"
 
@@ -140,8 +144,8 @@ def persistence_table(view: PersistenceView) -> Table:
         f"({view.definition}), all layers",
         ["threshold", "model pair"] + [interval_text(i) for i in view.intervals], rows,
         "persistence/persistence.json", "3 decimals (counts exact)", records,
-        note="Cells: P_persist (|U(t1) & U(t2)| / |U(t1)|); for a pair and the pooled "
-             "row the counts |U(t1) & U(t2)|/|U(t1)| follow in brackets.")
+        note="Cells: p_persist = |U(t1) & U(t2)| / |U(t1)|, a fraction (0 to 1); for a pair "
+             "and the pooled row the counts |U(t1) & U(t2)|/|U(t1)| follow in brackets.")
 
 
 def persistence_layer_table(view: PersistenceView, tau: float) -> Table:
@@ -163,7 +167,7 @@ def persistence_layer_table(view: PersistenceView, tau: float) -> Table:
         f"Persistence by layer of {view.reference}, threshold {tau_text(tau)} "
         f"({view.definition})", columns, rows, "persistence/persistence.json",
         "3 decimals (counts exact)", records,
-        note="Per-pair values by layer: persistence/persistence.csv.")
+        note="p_persist as a fraction. Per-pair values by layer: persistence/persistence.csv.")
 
 
 # ---------------------------------------------------------------------------- ablation
@@ -222,6 +226,83 @@ def ablation_layer_table(view: AblationView, tau: float, rows: list) -> Table:
 
 def _value(row, metric) -> str:
     return MISSING if row is None else sig4(row[metric])
+
+
+# ---------------------------------------------------------------------------- cards
+
+CARD_TOKENS = 6            # tokens shown per list (cards.json holds n_tokens of them)
+
+
+def token_shown(text: str) -> str:
+    """A token as a table shows it: spaces and line breaks made visible."""
+    return str(text).replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t") or "''"
+
+
+def _tokens_cell(tokens: list) -> str:
+    return " · ".join(token_shown(t["token"]) for t in tokens[:CARD_TOKENS])
+
+
+def _match_cell(match: dict | None, rank, tau) -> str:
+    """excess (draw 0), * when universal at tau, #rank in that pair's top N, and the
+    matched neuron with its correlation."""
+    if match is None:
+        return MISSING
+    star = "*" if match["is_universal"].get(f"{float(tau):g}") else ""
+    where = (MISSING if match["match_layer"] is None
+             else f"L{match['match_layer']}.{match['match_neuron']}")
+    ranked = f" #{rank}" if rank is not None else ""
+    return f"{fixed(match['excess'], 3)}{star}{ranked} → {where} ρ {fixed(match['max_corr'], 2)}"
+
+
+def _role_text(role) -> str:
+    return role if role else "–"
+
+
+def cards_table(view) -> Table:
+    """One row per card of a (reference, checkpoint): the neuron, its excess and match in
+    each other model, its vocabulary moments and the tokens it promotes and suppresses."""
+    tau = view.main_threshold
+    rows = []
+    for card in view.cards:
+        ranks = {s["other"]: s["rank"] for s in card["selected_by"]}
+        by_other = {m["other"]: m for m in card["matches"]}
+        vocab = card["vocab"]
+        rows.append([f"L{card['layer']}.{card['neuron']}"]
+                    + [_match_cell(by_other.get(o), ranks.get(o), tau) for o in view.others]
+                    + [fixed(vocab["kurtosis"], 2), fixed(vocab["skew"], 2),
+                       _role_text(vocab["role"]), _tokens_cell(vocab["promoted"]),
+                       _tokens_cell(vocab["suppressed"])]
+                    + ([_contexts_cell(card)] if _has_contexts(view) else []))
+    columns = (["neuron (layer.index)"] + [f"vs {o}" for o in view.others]
+               + ["kurtosis", "skew", "role", "promotes most", "suppresses most"]
+               + (["top contexts"] if _has_contexts(view) else []))
+    return Table(
+        f"cards{view.suffix}", f"Neuron cards of {view.reference} at step "
+        f"{step_text(view.checkpoint)} ({len(view.cards)} neurons)", columns, rows,
+        "cards/cards.json", "excess 3 decimals, ρ and moments 2", view.cards,
+        note=f"A 'vs' cell: the neuron's excess correlation with that model (draw 0), * when "
+             f"universal at tau {tau_text(tau)}, #k its rank in that pair's top neurons by "
+             "excess, then the other model's neuron it correlates with most (layer.index) "
+             "and that correlation ρ. Kurtosis and skew: the moments of the neuron's logit "
+             "effect W_out·W_U over the vocabulary (plain kurtosis, 3 for a Gaussian); the "
+             "tokens "
+             f"are its {CARD_TOKENS} largest and smallest entries (␣ is a space).")
+
+
+def _has_contexts(view) -> bool:
+    return any(card.get("contexts") for card in view.cards)
+
+
+def _contexts_cell(card: dict) -> str:
+    """The top two contexts, the neuron's token in brackets, with its activation."""
+    shown = []
+    for ctx in (card.get("contexts") or [])[:2]:
+        tokens = [token_shown(t) for t in ctx["tokens"]]
+        focus = ctx.get("focus")
+        if focus is not None and 0 <= focus < len(tokens):
+            tokens[focus] = f"[{tokens[focus]}]"
+        shown.append(f"{''.join(tokens)} ({fixed(ctx['activation'], 2)})")
+    return " / ".join(shown) or MISSING
 
 
 # ---------------------------------------------------------------------------- zoo

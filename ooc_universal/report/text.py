@@ -71,14 +71,16 @@ def short_name(name) -> str:
     return name
 
 
-def spread_text(draws) -> str:
-    """mean ± std [min, max] of a table1.json draws record (2 decimals)."""
-    if not draws:
+def spread_text(row) -> str:
+    """mean ± std [min, max] over the baseline draws of a table1.json row (2 decimals)."""
+    if not row or row.get("pct_universal_draws_mean") is None:
         return MISSING
-    if draws.get("n_draws", 1) < 2 or draws.get("std") is None:
-        return f"{fixed(draws['mean'], 2)} (1 draw, no spread)"
-    return (f"{fixed(draws['mean'], 2)} ± {fixed(draws['std'], 2)} "
-            f"[{fixed(draws['min'], 2)}, {fixed(draws['max'], 2)}]")
+    mean = fixed(row["pct_universal_draws_mean"], 2)
+    if row.get("n_draws", 1) < 2 or row.get("pct_universal_draws_std") is None:
+        return f"{mean} (1 draw, no spread)"
+    return (f"{mean} ± {fixed(row['pct_universal_draws_std'], 2)} "
+            f"[{fixed(row['pct_universal_draws_min'], 2)}, "
+            f"{fixed(row['pct_universal_draws_max'], 2)}]")
 
 
 def ci_text(low, high) -> str:

@@ -1,30 +1,34 @@
 """Views: the records of each step output indexed the way the report walks them
 (one view per reference model, per (definition, reference), per (reference, mode)), and
-the names and thresholds the whole report shares. No formatting, no matplotlib.
+the names and thresholds the whole report shares. Rows are keyed by their label (the
+other model, or the aggregation's name: "mean over pairs", ...) and their layer (None
+for the whole model). No formatting, no matplotlib.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ooc_universal.formats.tables import (AGGREGATE_LABELS, MEAN_OVER_PAIRS, PAIR,
+                                          PAIR_AVERAGED, POOLED_OVER_PAIRS, SCOPE_ALL,
+                                          SCOPE_LAYER, aggregate_label)
 from ooc_universal.report.text import main_threshold, slug
 
-PAIR_MEAN = "mean over pairs"      # the summary rows of table1.json and persistence.json
-PAIR_POOLED = "pooled over pairs"
-SUMMARY_NAMES = {PAIR_MEAN, PAIR_POOLED, "pair-averaged"}
+SUMMARY_NAMES = set(AGGREGATE_LABELS.values())   # the aggregation rows' labels
+PAIR_MEAN = AGGREGATE_LABELS[MEAN_OVER_PAIRS]
 SET_ORDER = ("universal", "control", "all-non-universal")   # ablation sets, as shown
 
 
-def _entries(run) -> list:
-    return run.table1.content.entries if run.table1.content else []
+def _rows(run) -> list:
+    return run.table1.content.rows if run.table1.content else []
 
 
 def model_names(run) -> set:
     """Every model any source names, the references and the zoo's models included, so
-    the palette gives each model one colour in every figure; the summaries over pairs
-    are not models and get none."""
+    the palette gives each model one colour in every figure; the aggregations over
+    pairs are not models and get none."""
     names = set()
-    for entry in _entries(run):
-        names |= {entry["reference"]} | {p["other"] for p in entry["pairs"]}
+    for row in _rows(run):
+        names |= {row["reference"], row["other"]}
     persistence = run.persistence.content
     for row in (persistence.rows if persistence else []):
         names |= {row["reference"], row["other"]}
@@ -33,14 +37,17 @@ def model_names(run) -> set:
         names |= {str(row["reference"]), str(row["other"])}
     if run.neurons.table is not None:
         for column in ("reference", "other"):
-            names |= set(run.neurons.table[column].astype(str).unique())
+            names |= set(run.neurons.table[column].dropna().astype(str).unique())
+    cards = run.cards.content
+    for card in (cards.cards if cards else []):
+        names |= {card["reference"]} | {m["other"] for m in card["matches"]}
     names |= {str(m["name"]) for m in (run.zoo.content or {}).get("models", [])}
-    return names - SUMMARY_NAMES
+    return {str(n) for n in names if n is not None} - SUMMARY_NAMES - {"pair-averaged"}
 
 
 def report_thresholds(run) -> list[float]:
     """The thresholds of Table 1, else those of RUN/config.toml, else the paper's 0.5."""
-    taus = {float(e["threshold"]) for e in _entries(run)}
+    taus = {float(r["threshold"]) for r in _rows(run)}
     if taus:
         return sorted(taus)
     config = run.config or {}
@@ -48,49 +55,69 @@ def report_thresholds(run) -> list[float]:
     return sorted(float(t) for t in (listed or [0.5]))
 
 
+def row_label(row) -> str:
+    """A table row's name in the report: the other model, or its aggregation."""
+    return aggregate_label(row["aggregation"], row["other"])
+
+
 # ---------------------------------------------------------------------------- Table 1
 
 
 @dataclass
-
 class Table1View:
-    """One reference model's entries of universal/table1.json."""
+    """One reference model's rows of universal/table1.json (the draw-0 view)."""
     reference: str
     suffix: str                    # id suffix: "" with one reference, else "_<slug>"
-    entries: list
+    rows: list
     thresholds: list
     checkpoints: list
-    by_key: dict                   # (threshold, checkpoint) -> entry
-    summary: str                   # the label of the pair-summary row
+    summary: str                   # the label of the summary row (mean over pairs, ...)
+    others: list                   # the other models with rows of their own
     n_pairs: int
+    n_layers: int
+    d_mlp: int
+    by_key: dict = field(repr=False)   # (label, threshold, checkpoint, layer|None) -> row
 
     @property
-    def first(self) -> dict:
-        return self.entries[0]
+    def n_neurons(self) -> int:
+        return self.n_layers * self.d_mlp
 
-    def entry(self, threshold, checkpoint):
-        return self.by_key.get((threshold, checkpoint))
+    def row(self, label, threshold, checkpoint, layer=None):
+        return self.by_key.get((label, threshold, checkpoint, layer))
+
+    def entry(self, threshold, checkpoint, layer=None):
+        """The summary row of one cell (whole model, or one layer)."""
+        return self.row(self.summary, threshold, checkpoint, layer)
 
     def present_keys(self) -> list:
-        """(threshold, checkpoint) of every entry, thresholds first."""
+        """(threshold, checkpoint) of every summary row, thresholds first."""
         return [(t, c) for t in self.thresholds for c in self.checkpoints
-                if (t, c) in self.by_key]
+                if self.entry(t, c) is not None]
+
+    @property
+    def n_draws(self) -> int:
+        return max((r["n_draws"] for r in self.rows), default=0)
 
 
 def table1_views(table1) -> list[Table1View]:
     """One view per reference model of a formats.tables.Table1File."""
-    entries = table1.entries
-    summary = PAIR_MEAN if table1.definition == "per-pair" else "pair-averaged"
-    references = sorted({e["reference"] for e in entries})
+    references = sorted({r["reference"] for r in table1.rows})
     views = []
     for ref in references:
-        mine = [e for e in entries if e["reference"] == ref]
+        mine = [r for r in table1.rows if r["reference"] == ref]
+        kinds = {r["aggregation"] for r in mine}
+        summary = AGGREGATE_LABELS[PAIR_AVERAGED if PAIR_AVERAGED in kinds else MEAN_OVER_PAIRS]
+        top = [r for r in mine if row_label(r) == summary and r["scope"] == SCOPE_ALL]
         views.append(Table1View(
-            reference=ref, suffix="" if len(references) == 1 else f"_{slug(ref)}",
-            entries=mine, thresholds=sorted({float(e["threshold"]) for e in mine}),
-            checkpoints=sorted({int(e["checkpoint"]) for e in mine}),
-            by_key={(float(e["threshold"]), int(e["checkpoint"])): e for e in mine},
-            summary=summary, n_pairs=max(e["n_pairs"] for e in mine)))
+            reference=ref, suffix="" if len(references) == 1 else f"_{slug(ref)}", rows=mine,
+            thresholds=sorted({float(r["threshold"]) for r in mine}),
+            checkpoints=sorted({int(r["checkpoint"]) for r in mine}), summary=summary,
+            others=sorted({r["other"] for r in mine if r["aggregation"] == PAIR}),
+            n_pairs=max(r["n_pairs"] for r in top),
+            n_layers=len({r["layer"] for r in mine if r["scope"] == SCOPE_LAYER}),
+            d_mlp=int(next(r["n_neurons"] for r in mine if r["scope"] == SCOPE_LAYER)),
+            by_key={(row_label(r), float(r["threshold"]), int(r["checkpoint"]), r["layer"]): r
+                    for r in mine}))
     return views
 
 
@@ -98,7 +125,6 @@ def table1_views(table1) -> list[Table1View]:
 
 
 @dataclass
-
 class PersistenceView:
     """The persistence rows of one (definition, reference)."""
     definition: str
@@ -108,12 +134,12 @@ class PersistenceView:
     thresholds: list
     intervals: list                # (t1, t2), shortest first
     pairs: list                    # other models with per-pair rows
-    summaries: list                # PAIR_MEAN / PAIR_POOLED where present
+    summaries: list                # labels of the aggregation rows present
     layers: list
-    by_key: dict = field(repr=False)   # (other, threshold, t1, t2, layer text) -> row
+    by_key: dict = field(repr=False)   # (label, threshold, t1, t2, layer|None) -> row
 
-    def row(self, other, threshold, interval, layer="all"):
-        return self.by_key.get((other, threshold, interval[0], interval[1], str(layer)))
+    def row(self, label, threshold, interval, layer=None):
+        return self.by_key.get((label, threshold, interval[0], interval[1], layer))
 
     @property
     def layer_groups(self) -> list:
@@ -128,18 +154,19 @@ def persistence_views(persistence) -> list[PersistenceView]:
     views = []
     for definition, ref in keys:
         mine = [r for r in rows if (r["definition"], r["reference"]) == (definition, ref)]
+        kinds = {r["aggregation"] for r in mine}
         views.append(PersistenceView(
             definition=definition, reference=ref,
             suffix="" if len(keys) == 1 else f"_{slug(ref)}_{slug(definition)}", rows=mine,
             thresholds=sorted({float(r["threshold"]) for r in mine}),
             intervals=sorted({(int(r["t1"]), int(r["t2"])) for r in mine},
                              key=lambda t: (t[1] - t[0], t)),
-            pairs=sorted({r["other"] for r in mine if r["kind"] == "pair"}),
-            summaries=[k for k in (PAIR_MEAN, PAIR_POOLED)
-                       if any(r["other"] == k for r in mine)],
-            layers=sorted({int(r["layer"]) for r in mine if str(r["layer"]) != "all"}),
-            by_key={(r["other"], float(r["threshold"]), int(r["t1"]), int(r["t2"]),
-                     str(r["layer"])): r for r in mine}))
+            pairs=sorted({r["other"] for r in mine if r["aggregation"] == PAIR}),
+            summaries=[AGGREGATE_LABELS[k] for k in (PAIR_AVERAGED, MEAN_OVER_PAIRS,
+                                                     POOLED_OVER_PAIRS) if k in kinds],
+            layers=sorted({int(r["layer"]) for r in mine if r["scope"] == SCOPE_LAYER}),
+            by_key={(row_label(r), float(r["threshold"]), int(r["t1"]), int(r["t2"]),
+                     r["layer"]): r for r in mine}))
     return views
 
 
@@ -198,6 +225,46 @@ def neuron_references(table) -> list:
 
 def neurons_of(table, reference: str):
     return table[table["reference"].astype(str) == reference]
+
+
+# ---------------------------------------------------------------------------- cards
+
+
+@dataclass
+class CardsView:
+    """The cards of one (reference, checkpoint), best first."""
+    reference: str
+    checkpoint: int
+    suffix: str
+    cards: list
+    others: list                   # the other models the cards have matches in
+    thresholds: list
+
+    @property
+    def main_threshold(self):
+        return main_threshold(self.thresholds)
+
+
+def _card_order(card) -> tuple:
+    """Best rank over the pairs that chose it, then the larger mean excess."""
+    best = min(s["rank"] for s in card["selected_by"])
+    mean = sum(m["excess"] for m in card["matches"]) / max(1, len(card["matches"]))
+    return best, -mean, card["flat_index"]
+
+
+def cards_views(cards) -> list[CardsView]:
+    """One view per (reference, checkpoint) of a formats.cards.CardsFile, the latest
+    checkpoint first (the trained model is what a reader looks at first)."""
+    keys = sorted({(c["reference"], int(c["checkpoint"])) for c in cards.cards},
+                  key=lambda k: (k[0], -k[1]))
+    views = []
+    for ref, ckpt in keys:
+        mine = sorted((c for c in cards.cards
+                       if (c["reference"], int(c["checkpoint"])) == (ref, ckpt)), key=_card_order)
+        views.append(CardsView(ref, ckpt, f"_{slug(ref)}_{ckpt}", mine,
+                               sorted({m["other"] for c in mine for m in c["matches"]}),
+                               cards.thresholds))
+    return views
 
 
 # ---------------------------------------------------------------------------- zoo

@@ -269,9 +269,10 @@ class _Runner:
 
 
 def _tile(value, batch, copies, memo):
-    """`value` (a layer argument) with every tensor of leading size `batch` repeated
-    `copies` times along dim 0; broadcast tensors (leading size 1) stay as they are.
-    `memo` keeps one copy of a tensor that several layers share (the mask)."""
+    """`value` (a layer argument) with every tensor of two or more dims and leading size
+    `batch` repeated `copies` times along dim 0; the others (broadcast over the batch,
+    position ids, rotary tables) stay as they are. `memo` keeps one copy of a tensor
+    that several layers share (the mask)."""
     if copies == 1:
         return value
     if isinstance(value, torch.Tensor):
@@ -380,7 +381,7 @@ def auto_batch_size(window, vocab, n_layers, d_model, d_mlp, device, sets_per_pa
         budget = free // 4
     else:
         budget = 1 << 30
-    # float64 log P and float32 logits at every position, the cached residual of every
+    # float64 P and float32 logits at every position, the cached residual of every
     # block, and per stacked set its residual, one block's MLP activations and attention
     # scores, with room for temporaries.
     per_set = window * (4 * d_model * 4 + 2 * d_mlp * 4) + 4 * window * window * 4
@@ -396,8 +397,8 @@ def evaluate_ablations(model, sets, input_ids, valid, batch_size=None, mode="zer
     `input_ids`, `valid`: (n_windows, window) arrays (the token set's eval split); T as
     in `target_mask`. `device="auto"` keeps the model where it is; another device moves
     it there. Memory is bounded by `batch_size` windows (default: `auto_batch_size`).
-    Per batch the original runs once (its log-probabilities and the residual entering
-    every layer where some set starts are kept); each set restarts from the residual
+    Per batch the original runs once (its float64 probabilities at T and the residual
+    entering every layer where some set starts are kept); each set restarts from the residual
     at its lowest ablated layer. `sets_per_pass` sets with the same lowest layer run
     stacked along the batch dimension in one restart (1: one set per restart, the
     faster on a CPU, bench/bench_ablate.py). Results come back in the order of `sets`.
@@ -416,7 +417,8 @@ def evaluate_ablations(model, sets, input_ids, valid, batch_size=None, mode="zer
     input_ids = np.asarray(input_ids)
     tmask = target_mask(valid)
     if input_ids.shape != tmask.shape:
-        raise ValueError(f"input_ids {input_ids.shape} and valid {tmask.shape} differ in shape")
+        raise ValueError(f"input_ids {input_ids.shape} and valid {tmask.shape} differ in "
+                         "shape")
     n_win, window = input_ids.shape
     if batch_size is None:
         batch_size = auto_batch_size(window, int(model.config.vocab_size), n_layers,
@@ -644,19 +646,19 @@ def describe_ablation_plan(plan: dict) -> str:
 
 
 def measure_kl_rate(device="cpu", vocab=50257, rows=256, seconds=0.3) -> float:
-    """Elements/s of the per-set float64 work (log_softmax of Q, KL(P || Q), CE) on
-    `device`, timed through the step's own code on random logits."""
+    """Elements (rows x vocab) per second of the per-set float64 work (log-sum-exp of Q,
+    KL(P || Q), CE) on `device`, timed through the step's own code on random logits."""
     import time
     dev = resolve_device(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     logits = torch.randn(2, rows, vocab, generator=gen).to(dev)
-    ids = torch.arange(rows, device=dev)
+    every_row = torch.arange(rows, device=dev)
     targets = torch.zeros(rows, dtype=torch.long, device=dev)
     head = _Identity()
-    orig = _original_terms(head, logits[0], ids, targets, vocab)
+    orig = _original_terms(head, logits[0], every_row, targets, vocab)
     n, t0 = 0, time.perf_counter()
     while n == 0 or time.perf_counter() - t0 < seconds:
-        _kl_ce(head, logits[1], ids, orig, targets)   # returns numpy: synchronised
+        _kl_ce(head, logits[1], every_row, orig, targets)   # returns numpy: synchronised
         n += rows * vocab
     return n / (time.perf_counter() - t0)
 
@@ -762,7 +764,8 @@ def _config_record(settings: AblateConfig, n_eval_tokens, reference, thresholds)
                 thresholds=None if thresholds is None else [float(t) for t in thresholds])
 
 
-def _model_part(recs: list[UniversalSet], inputs: _EvalInputs) -> tuple[AblationPart, dict, bool]:
+def _model_part(recs: list[UniversalSet],
+                inputs: _EvalInputs) -> tuple[AblationPart, dict, bool]:
     """One reference model's rows: from RUN/ablate/parts when already done, else computed
     and saved there. Returns (part, its ablation.json "models" entry, resumed)."""
     spec, label = _model_spec(recs[0], inputs.overrides, inputs.reduce_index)

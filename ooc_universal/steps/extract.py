@@ -54,7 +54,8 @@ def extract(run_dir, model_spec, settings: ExtractConfig = ExtractConfig(),
             compute: ComputeConfig = ComputeConfig(), *, dtype: str = "float32",
             block_tokens: int | None = None, progress: bool = True,
             stats: dict | None = None, **legacy) -> Path:
-    """Write RUN/stores/<label>.h5 for `model_spec`; return its path.
+    """Write RUN/stores/<label>.h5 for `model_spec` (a spec string, or a models.ModelSpec
+    such as models.unique_labels gives); return its path.
 
     settings: compression and batch size (0 = the most windows that fit in
     compute.memory); compute: device and memory budget. dtype is the forward pass's
@@ -232,6 +233,7 @@ def _store_attrs(loaded, token_set, dtype: str) -> dict:
     spec = loaded.spec
     return {"model_id": loaded.model_id, "revision": loaded.revision or "",
             "commit": loaded.commit or "", "label": spec.label, "name": spec.name,
+            "spec": spec.text, "family": loaded.family.name if loaded.family else "",
             "step": -1 if spec.step is None else int(spec.step),
             "n_layers": int(loaded.n_layers), "d_mlp": int(loaded.d_mlp),
             "n_tokens": int(token_set.n_tokens), "token_hash": token_set.hash,
@@ -327,6 +329,9 @@ class _BlockWriter:
         self.todo: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.written = 0
+        self.busy = 0.0     # seconds the writer spent hashing, writing, syncing
+        self.waited = 0.0   # seconds the main thread waited for a free buffer
+        self.drained = 0.0  # seconds close() waited for the last blocks
         self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self.thread.start()
 
@@ -338,7 +343,9 @@ class _BlockWriter:
             i, buf, rows = item
             try:
                 if self.error is None:
+                    t0 = time.perf_counter()
                     self.partial.write_block(i, buf[:rows])
+                    self.busy += time.perf_counter() - t0
                     self.written += 1
                     if self.sleep:
                         time.sleep(self.sleep)
@@ -348,7 +355,9 @@ class _BlockWriter:
                 self.free.put(buf)
 
     def buffer(self) -> np.ndarray:
+        t0 = time.perf_counter()
         buf = self.free.get()
+        self.waited += time.perf_counter() - t0
         self._raise()
         return buf
 
@@ -356,8 +365,10 @@ class _BlockWriter:
         self.todo.put((i, buf, rows))
 
     def close(self) -> None:
+        t0 = time.perf_counter()
         self.todo.put(None)
         self.thread.join()
+        self.drained += time.perf_counter() - t0
         self._raise()
 
     def _raise(self) -> None:
@@ -365,52 +376,83 @@ class _BlockWriter:
             raise self.error
 
 
-def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, progress: bool,
-                 stats: dict) -> int:
-    """Forward the windows that hold rows of missing blocks; return rows written.
+class _Capture:
+    """Forward pre-hooks on every layer's MLP output projection: each copies its whole
+    (B*T, d_mlp) input into its columns of one fp16 capture buffer (a strided
+    fp32->fp16 copy, the cheapest pass) and records its range (overflow, NaN); the last
+    layer's hook stops the forward."""
 
-    Each layer's hook copies its whole (B*T, d_mlp) input into its columns of one fp16
-    capture buffer (a strided fp32->fp16 copy, the cheapest pass); the valid rows are
-    then gathered once per batch, on the GPU before the transfer, on a CPU straight
-    into the block buffers (gather_rows: one memcpy per run of valid positions).
-    """
-    import torch
-    from tqdm import tqdm
+    def __init__(self, loaded, rows: int, dev):
+        import torch
+        self.d, self.n_layers = loaded.d_mlp, loaded.n_layers
+        self.cap = torch.empty((rows, loaded.n_layers * loaded.d_mlp), dtype=torch.float16,
+                               device=dev)
+        self.host = (torch.empty_like(self.cap, device="cpu").pin_memory()
+                     if dev.type == "cuda" else None)
+        self.n, self.ranges = 0, []
+        self.handles = [models.mlp_out_proj(loaded.model, layer).register_forward_pre_hook(
+            self._hook(layer)) for layer in range(loaded.n_layers)]
 
-    model = loaded.model
-    base = models.base_model(model)  # the decoder stack, without the LM head
-    n_layers, d = loaded.n_layers, loaded.d_mlp
-    n_neurons = n_layers * d
-    input_ids, valid = token_set.input_ids, token_set.valid
-    n_windows, window = input_ids.shape
-    row_start = np.concatenate([[0], np.cumsum(valid.sum(axis=1, dtype=np.int64))])
-    bt, n_tokens, done = partial.block_tokens, partial.n_tokens, set(partial.done)
-    on_cuda = dev.type == "cuda"
-
-    cap = torch.empty((batch * window, n_neurons), dtype=torch.float16, device=dev)
-    host = (torch.empty_like(cap, device="cpu").pin_memory() if on_cuda else None)
-    state = {"n": 0, "maxes": []}
-
-    def make_hook(layer):
-        cols = slice(layer * d, (layer + 1) * d)
-        last = layer == n_layers - 1
+    def _hook(self, layer: int):
+        import torch
+        cols = slice(layer * self.d, (layer + 1) * self.d)
+        last = layer == self.n_layers - 1
 
         def hook(module, args):
-            x = args[0].reshape(-1, d)                                # (B*T, d_mlp)
-            cap[: state["n"], cols].copy_(x)
-            state["maxes"].append(x.amax())  # GELU >= -0.17: only the top can overflow
+            x = args[0].reshape(-1, self.d)                          # (B*T, d_mlp)
+            self.cap[: self.n, cols].copy_(x)
+            # both ends: act(gate) * up (OLMo, Llama) overflows either way; NaN propagates
+            self.ranges.append(torch.stack(torch.aminmax(x)))
             if last:
                 raise _StopForward
         return hook
 
-    handles = [models.mlp_out_proj(model, layer).register_forward_pre_hook(make_hook(layer))
-               for layer in range(n_layers)]
+    def forward(self, base, ids) -> float:
+        """Run a batch; the largest |activation| (NaN when any is NaN)."""
+        import torch
+        self.n, self.ranges = ids.numel(), []
+        _forward_to_last_hook(base, ids)
+        return float(torch.stack(self.ranges).abs().max())  # (waits for a GPU)
+
+    def valid_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(src, sel): the batch's valid row k is src[sel[k]], on the host. On a GPU the
+        rows are gathered there first, so only valid rows cross to the host."""
+        import torch
+        if self.host is None:
+            return self.cap.numpy(), idx
+        nv = len(idx)
+        self.host[:nv].copy_(self.cap.index_select(0, torch.from_numpy(idx).to(self.cap.device)))
+        return self.host[:nv].numpy(), np.arange(nv)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, progress: bool,
+                 stats: dict) -> int:
+    """Forward the windows that hold rows of missing blocks; return rows written.
+
+    The hooks (_Capture) fill an fp16 capture buffer; the valid rows are then gathered
+    once per batch, on the GPU before the transfer, on a CPU straight into the block
+    buffers (gather_rows: one memcpy per run of valid positions).
+    """
+    import torch
+    from tqdm import tqdm
+
+    base = models.base_model(loaded.model)  # the decoder stack, without the LM head
+    input_ids, valid = token_set.input_ids, token_set.valid
+    n_windows, window = input_ids.shape
+    row_start = np.concatenate([[0], np.cumsum(valid.sum(axis=1, dtype=np.int64))])
+    bt, n_tokens, done = partial.block_tokens, partial.n_tokens, set(partial.done)
+    capture = _Capture(loaded, batch * window, dev)
     writer = _BlockWriter(partial)
     bar = tqdm(total=n_tokens, initial=sum(min(n_tokens, (i + 1) * bt) - i * bt for i in done),
                unit="tok", unit_scale=True, disable=not progress,
                desc=f"extract {loaded.spec.label}")
     cur = {"block": None, "buf": None}
     rows_written = windows = overflow = 0
+    clock = {"forward": 0.0, "copy": 0.0}  # where the time goes (stats, the bench)
     try:
         with torch.inference_mode():
             for w0 in range(0, n_windows, batch):
@@ -418,38 +460,23 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
                 r0, r1 = int(row_start[w0]), int(row_start[w1])
                 if r1 == r0 or all(b in done for b in range(r0 // bt, (r1 - 1) // bt + 1)):
                     continue
-                idx = np.flatnonzero(valid[w0:w1].reshape(-1))  # valid rows of cap
-                state["n"] = (w1 - w0) * window
-                state["maxes"].clear()
                 ids = torch.from_numpy(np.ascontiguousarray(input_ids[w0:w1])).to(dev).long()
-                try:
-                    base(input_ids=ids, use_cache=False)
-                except _StopForward:
-                    pass
-                else:
-                    raise RuntimeError("the last layer's hook did not run")
-                top = float(torch.stack(state["maxes"]).max())
-                if math.isnan(top):
-                    raise OocError(
-                        f"model {loaded.spec.label} produced NaN activations (windows "
-                        f"{w0}..{w1 - 1}); its weights are broken (NaN or overflowing): check "
-                        "the checkpoint, then run the same command again")
-                if on_cuda:  # gather on the GPU, move only the valid rows
-                    nv = len(idx)
-                    host[:nv].copy_(cap.index_select(0, torch.from_numpy(idx).to(dev)))
-                    src, sel = host[:nv].numpy(), np.arange(nv)
-                else:
-                    src, sel = cap.numpy(), idx
+                t0 = time.perf_counter()
+                top = capture.forward(base, ids)
+                t1 = time.perf_counter()
+                _check_not_nan(top, loaded, w0, w1)
+                src, sel = capture.valid_rows(np.flatnonzero(valid[w0:w1].reshape(-1)))
                 if top > FP16_MAX:
                     overflow += int(np.isinf(src[sel]).sum())
                 rows_written += _route(src, sel, r0, r1 - r0, bt, n_tokens, done, cur,
                                        writer, bar)
+                clock["forward"] += t1 - t0
+                clock["copy"] += time.perf_counter() - t1
                 windows += w1 - w0
                 faults.point("extract.batch")
         writer.close()
     finally:
-        for h in handles:
-            h.remove()
+        capture.remove()
         bar.close()
         if writer.thread.is_alive():
             writer.todo.put(None)
@@ -461,8 +488,28 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
         warnings.warn(f"{overflow} activations of {loaded.spec.label} exceed the float16 range "
                       "and were stored as +-inf", RuntimeWarning, stacklevel=3)
     stats.update(blocks_written=writer.written, windows_forwarded=windows,
-                 fp16_overflow=overflow)
+                 fp16_overflow=overflow, seconds_forward=clock["forward"],
+                 seconds_copy=clock["copy"] - writer.waited,
+                 seconds_writer_wait=writer.waited + writer.drained,
+                 seconds_writer_busy=writer.busy)
     return rows_written
+
+
+def _check_not_nan(top: float, loaded, w0: int, w1: int) -> None:
+    if math.isnan(top):
+        raise OocError(
+            f"model {loaded.spec.label} produced NaN activations (windows {w0}..{w1 - 1}); "
+            "its weights are broken (NaN or overflowing): check the checkpoint, then run "
+            "the same command again")
+
+
+def _forward_to_last_hook(base, ids) -> None:
+    """base(ids), stopped by the last layer's hook (nothing after it is computed)."""
+    try:
+        base(input_ids=ids, use_cache=False)
+    except _StopForward:
+        return
+    raise RuntimeError("the last layer's hook did not run")
 
 
 def _route(src: np.ndarray, sel: np.ndarray, r0: int, n: int, bt: int, n_tokens: int,

@@ -3,21 +3,25 @@
 For every ordered pair of checkpoints t1 < t2 (adjacent and skipping: 100k->200k,
 200k->300k and 100k->300k) and every (reference, other, threshold) with a set at both:
 
-  P_persist = |U1 & U2| / |U1|        (the paper; "undefined" when U1 is empty:
-                                       JSON null and undefined=true, never 0 or NaN)
-  emerged   = |U2 - U1|               neurons universal at t2 but not at t1
+  p_persist = |U1 & U2| / |U1|        a fraction in [0, 1] (the paper; "undefined" when
+                                       U1 is empty: JSON null and undefined=true, never
+                                       0 or NaN)
+  n_emerged = |U2 - U1|               neurons universal at t2 but not at t1
   jaccard   = |U1 & U2| / |U1 | U2|   (null when both sets are empty)
 
-overall (layer "all") and per layer of the reference model. Over a reference's pairs
-(per-pair sets only) two averages, named apart:
+for the whole model (scope "all", layer null) and per layer of the reference model
+(scope "layer"). Over a reference's pairs (per-pair sets only) two aggregations, each
+in its own rows (column `aggregation`, `other` null):
 
-  mean over pairs    the mean of the per-pair P (and Jaccard) over the pairs where it is
-                     defined; n_pairs says how many
-  pooled over pairs  sum of n_both / sum of n_t1 over the pairs (likewise Jaccard);
+  mean_over_pairs    the mean of the per-pair p_persist (and Jaccard) over the pairs
+                     where it is defined; n_pairs says how many
+  pooled_over_pairs  sum of n_both / sum of n_t1 over the pairs (likewise Jaccard);
                      the counts are the sums
+A pair-averaged set (Gurnee et al.) gives rows of aggregation "pair_averaged".
 
-Writes RUN/persistence/persistence.json and persistence.csv (long format) through
-formats/tables.py; reads the sets through formats/sets.py.
+Writes RUN/persistence/persistence.json and persistence.csv (one long table,
+formats.tables.PERSISTENCE_COLUMNS) through formats/tables.py; reads the sets through
+formats/sets.py.
 """
 from __future__ import annotations
 
@@ -30,13 +34,16 @@ import numpy as np
 from ooc_universal import __version__
 from ooc_universal.errors import OocError
 from ooc_universal.formats.sets import UniversalSet, read_sets
-from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, POOLED_OVER_PAIRS, PersistenceFile,
+from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, PAIR, PAIR_AVERAGED,
+                                          PERSISTENCE_COLUMNS, POOLED_OVER_PAIRS,
+                                          SCOPE_ALL, SCOPE_LAYER, PersistenceFile,
                                           write_persistence)
 from ooc_universal.rundir import config_hash, recorded_sha256, step_dir
 
 MEASURES = {
-    "p_persist": "|U(t1) & U(t2)| / |U(t1)|; null with undefined=true when U(t1) is empty",
-    "emerged": "|U(t2) - U(t1)|",
+    "p_persist": "|U(t1) & U(t2)| / |U(t1)|, a fraction in [0, 1]; null with "
+                 "undefined=true when U(t1) is empty",
+    "n_emerged": "|U(t2) - U(t1)|",
     "jaccard": "|U(t1) & U(t2)| / |U(t1) | U(t2)|; null when both are empty",
     MEAN_OVER_PAIRS: "mean of the per-pair values over pairs where defined (n_pairs of "
                      "them); counts are sums",
@@ -56,10 +63,11 @@ def compare(u1, u2, n_layers: int, d_mlp: int) -> list[dict]:
 
     def row(layer, a, b, ab, aub):
         p = _ratio(ab, a)
-        return {"layer": layer, "n_t1": a, "n_t2": b, "n_both": ab, "p_persist": p,
-                "undefined": p is None, "emerged": b - ab, "jaccard": _ratio(ab, aub)}
+        return {"scope": SCOPE_ALL if layer is None else SCOPE_LAYER, "layer": layer,
+                "n_t1": a, "n_t2": b, "n_both": ab, "n_emerged": b - ab, "p_persist": p,
+                "undefined": p is None, "jaccard": _ratio(ab, aub)}
 
-    rows = [row("all", u1.size, u2.size, both.size, union.size)]
+    rows = [row(None, u1.size, u2.size, both.size, union.size)]
     per = [np.bincount(x // d_mlp, minlength=n_layers)[:n_layers]
            for x in (u1, u2, both, union)]
     for layer in range(n_layers):
@@ -95,39 +103,50 @@ def _pair_rows(sets: list[UniversalSet], progress: bool = False) -> list[dict]:
                 raise OocError(f"{ref} has {shape[0]}x{shape[1]} neurons at {t1} but "
                                f"{s2.n_layers}x{s2.d_mlp} at {t2}; flat indices do "
                                "not match: re-run reduce and universal")
-            for r in compare(s1.neurons, s2.neurons, *shape):
-                rows.append({"definition": definition, "reference": ref, "other": other,
-                             "kind": "pair", "threshold": tau, "t1": t1, "t2": t2,
-                             **r, "n_pairs": 1})
+            averaged = definition == "pair-averaged"
+            ident = {"definition": definition, "reference": ref,
+                     "aggregation": PAIR_AVERAGED if averaged else PAIR,
+                     "other": None if averaged else other, "threshold": tau, "t1": t1,
+                     "t2": t2}
+            n_pairs = len(s1.others or ()) if averaged else 1
+            rows += [_ordered({**ident, **r, "n_pairs": n_pairs})
+                     for r in compare(s1.neurons, s2.neurons, *shape)]
     return rows
 
 
+def _ordered(row: dict) -> dict:
+    """A row with its keys in the table's column order (persistence.json reads so)."""
+    return {k: row.get(k) for k in PERSISTENCE_COLUMNS}
+
+
 def _averaged(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(mean_over_pairs rows, pooled_over_pairs rows) of the per-pair rows."""
     groups: dict = {}
     for r in rows:
-        if r["definition"] != "per-pair":  # pair-averaged sets: one per reference already
+        if r["aggregation"] != PAIR:  # pair-averaged sets: one per reference already
             continue
         key = (r["definition"], r["reference"], r["threshold"], r["t1"], r["t2"],
-               str(r["layer"]))
+               r["scope"], r["layer"])
         groups.setdefault(key, []).append(r)
     mean_rows, pooled_rows = [], []
     for key, group in groups.items():
-        sums = {k: sum(r[k] for r in group) for k in ("n_t1", "n_t2", "n_both", "emerged")}
+        sums = {k: sum(r[k] for r in group) for k in ("n_t1", "n_t2", "n_both", "n_emerged")}
         union = sum(r["n_t1"] + r["n_t2"] - r["n_both"] for r in group)
-        base = {"definition": key[0], "reference": key[1], "threshold": key[2],
-                "t1": key[3], "t2": key[4], "layer": group[0]["layer"], **sums}
+        base = {"definition": key[0], "reference": key[1], "other": None,
+                "threshold": key[2], "t1": key[3], "t2": key[4], "scope": key[5],
+                "layer": key[6], **sums}
         ps = [r["p_persist"] for r in group if r["p_persist"] is not None]
         js = [r["jaccard"] for r in group if r["jaccard"] is not None]
         p_mean = float(np.mean(ps)) if ps else None
-        mean_rows.append({**base, "other": MEAN_OVER_PAIRS, "kind": MEAN_OVER_PAIRS,
-                          "p_persist": p_mean, "undefined": p_mean is None,
-                          "jaccard": float(np.mean(js)) if js else None,
-                          "n_pairs": len(ps)})
+        mean_rows.append(_ordered({
+            **base, "aggregation": MEAN_OVER_PAIRS, "p_persist": p_mean,
+            "undefined": p_mean is None, "jaccard": float(np.mean(js)) if js else None,
+            "n_pairs": len(ps)}))
         p_pool = _ratio(sums["n_both"], sums["n_t1"])
-        pooled_rows.append({**base, "other": POOLED_OVER_PAIRS, "kind": POOLED_OVER_PAIRS,
-                            "p_persist": p_pool, "undefined": p_pool is None,
-                            "jaccard": _ratio(sums["n_both"], union),
-                            "n_pairs": len(group)})
+        pooled_rows.append(_ordered({
+            **base, "aggregation": POOLED_OVER_PAIRS, "p_persist": p_pool,
+            "undefined": p_pool is None, "jaccard": _ratio(sums["n_both"], union),
+            "n_pairs": len(group)}))
     return mean_rows, pooled_rows
 
 
@@ -153,8 +172,8 @@ def persistence(run_dir, *, progress: bool = True) -> PersistenceOutput:
               "toolkit_version": p.toolkit_version, "config": p.config}
     result = PersistenceFile(
         config={"definitions": MEASURES, "checkpoints": ckpts}, source=source,
-        token_hash=p.token_hash, toolkit_version=__version__, pairs=rows,
-        mean_over_pairs=mean_rows, pooled_over_pairs=pooled_rows)
+        token_hash=p.token_hash, toolkit_version=__version__,
+        rows=rows + mean_rows + pooled_rows)
     step_dir(run_dir, "persistence")
     record = {"step": "persistence", "token_hash": p.token_hash,
               "config_hash": config_hash(result.config),

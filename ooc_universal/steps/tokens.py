@@ -2,13 +2,18 @@
 
 Conventions (the original authors' code, Gurnee et al.):
 - Documents are tokenized and concatenated into one stream, a separator token between
-  documents (the tokenizer's EOS, as GPT-2 does; BOS = 256 for bytes). A .npy source is
-  taken as that stream, as is.
+  documents (the tokenizer's EOS, as GPT-2 does; BOS = 256 for bytes; none for a
+  tokenizer without EOS, e.g. the 256-id bytes). A .npy source is taken as that stream.
 - Window r is [BOS] + the next window-1 tokens of the stream: column 0 is always BOS, and
   windows never overlap. The stream is cut into windows in order, nothing is shuffled.
+  Models trained without BOS (Pythia, OLMo, byte models of 256 ids) may take windows of
+  `window` stream tokens instead (bos=False, and always when the tokenizer has no BOS
+  or EOS); meta.json records which ("bos", "bos_token_id" null without).
 - The validity mask is False at BOS/EOS/pad positions and at every newline token (the
   ids whose decoded text is exactly "\\n": 198 for GPT-2, byte 10 for bytes), and after
-  the n_tokens-th valid position: exactly n_tokens positions are valid.
+  the n_tokens-th valid position: exactly n_tokens positions are valid. Without BOS,
+  column 0 is a stream token like any other (the position a model trained on cut
+  windows starts from).
 - The eval split (for ablation) is n_eval_tokens valid positions in the windows that
   follow, disjoint from the main windows.
 - A folder source is read as one document per file, all regular files below it whose
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,9 @@ from ooc_universal.formats.tokens import TokenSet, save_token_set, token_hash
 # status.py, ablate.py, some tests, bench) should import ooc_universal.formats.tokens.
 from ooc_universal.formats.tokens import existing_hash, load_token_set  # noqa: F401
 
-BYTES = "bytes"
+BYTES = "bytes"          # ids 0..255 = bytes, 256 = BOS and document separator
+BYTES256 = "bytes256"    # ids 0..255 = bytes, nothing else: no BOS, no separator
+BYTE_TOKENIZERS = (BYTES, BYTES256)
 BYTE_BOS = 256
 BYTE_VOCAB = 257
 BYTE_NEWLINE = 10
@@ -50,13 +57,14 @@ _ENCODE_BATCH = 64  # documents per tokenizer call
 @dataclass
 class TokenizerInfo:
     """What a token set needs to know about its tokenizer."""
-    name: str                  # "bytes", or the HF tokenizer's name / repo / path
+    name: str                  # "bytes", "bytes256", or the HF tokenizer's name / path
     hf: object | None          # the HF tokenizer, None for bytes
-    bos_token_id: int
-    sep_token_id: int          # between documents (EOS; = BOS for GPT-2 and bytes)
+    bos_token_id: int | None   # column 0 (BOS; else EOS); None: the tokenizer has neither
+    sep_token_id: int | None   # between documents (EOS; = BOS for GPT-2 and bytes)
     vocab_size: int
     newline_token_ids: tuple[int, ...]
     fingerprint: str           # sha256 of the id -> token mapping
+    context: int | None = None  # the model's context, when resolved from a model spec
 
     def encode_batch(self, docs: list) -> list[np.ndarray]:
         """Token ids (int32) of each document: bytes for the byte tokenizer, str for BPE."""
@@ -69,11 +77,14 @@ class TokenizerInfo:
         return [np.asarray(ids, dtype=np.int32) for ids in out]
 
 
-def byte_tokenizer() -> TokenizerInfo:
-    """The toolkit's byte tokenizer: id = byte value, BOS/EOS = 256, vocabulary 257."""
-    return TokenizerInfo(name=BYTES, hf=None, bos_token_id=BYTE_BOS, sep_token_id=BYTE_BOS,
-                         vocab_size=BYTE_VOCAB, newline_token_ids=(BYTE_NEWLINE,),
-                         fingerprint=hashlib.sha256(b"bytes-257").hexdigest())
+def byte_tokenizer(name: str = BYTES) -> TokenizerInfo:
+    """The toolkit's byte tokenizer: id = byte value, BOS/EOS = 256, vocabulary 257;
+    or "bytes256": the bytes alone (256 ids, no BOS, documents simply concatenated)."""
+    bos = BYTE_BOS if name == BYTES else None
+    vocab = BYTE_VOCAB if name == BYTES else 256
+    return TokenizerInfo(name=name, hf=None, bos_token_id=bos, sep_token_id=bos,
+                         vocab_size=vocab, newline_token_ids=(BYTE_NEWLINE,),
+                         fingerprint=hashlib.sha256(f"bytes-{vocab}".encode()).hexdigest())
 
 
 def tokenizer_fingerprint(hf_tokenizer) -> str:
@@ -85,37 +96,47 @@ def tokenizer_fingerprint(hf_tokenizer) -> str:
 def hf_tokenizer_info(hf_tokenizer, name: str) -> TokenizerInfo:
     n = len(hf_tokenizer)
     bos = hf_tokenizer.bos_token_id
-    bos = hf_tokenizer.eos_token_id if bos is None else bos
-    if bos is None:
-        raise OocError(f"tokenizer {name!r} has neither a BOS nor an EOS token; "
-                       "a token set needs one for column 0")
+    bos = hf_tokenizer.eos_token_id if bos is None else bos  # None: windows without BOS
     sep = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else bos
     decoded = hf_tokenizer.batch_decode([[i] for i in range(n)])
     newlines = tuple(i for i, s in enumerate(decoded) if s == "\n")
-    return TokenizerInfo(name=name, hf=hf_tokenizer, bos_token_id=int(bos), sep_token_id=int(sep),
-                         vocab_size=n, newline_token_ids=newlines,
+    return TokenizerInfo(name=name, hf=hf_tokenizer, bos_token_id=_id_or_none(bos),
+                         sep_token_id=_id_or_none(sep), vocab_size=n,
+                         newline_token_ids=newlines,
                          fingerprint=tokenizer_fingerprint(hf_tokenizer))
 
 
+def _id_or_none(token_id) -> int | None:
+    return None if token_id is None else int(token_id)
+
+
 def resolve_tokenizer(name) -> TokenizerInfo:
-    """"bytes", a model spec (a@100000, org/name, a local model dir: the model's own
-    tokenizer, or bytes for a byte-vocabulary model), or an HF tokenizer name ("gpt2")."""
-    from ooc_universal.models import STANFORD_RUNS, load_tokenizer, parse_model_spec
+    """"bytes", "bytes256", a model spec (a@100000, org/name, a local model dir, or
+    dir/ckpt_{step}@N: the model's own tokenizer, or the bytes of a byte-vocabulary
+    model, with the model's context), or an HF tokenizer name ("gpt2")."""
+    from ooc_universal.models import STANFORD_RUNS, STEP_FIELD, load_tokenizer, parse_model_spec
     if isinstance(name, TokenizerInfo):
         return name
     name = str(name).strip()
-    if name == BYTES:
-        return byte_tokenizer()
+    if name in BYTE_TOKENIZERS:
+        return byte_tokenizer(name)
     base = name.rpartition("@")[0] or name
     if (Path(name).expanduser().is_dir() or Path(base).expanduser().is_dir()
+            or STEP_FIELD in base
             or base in STANFORD_RUNS or base.split("/")[-1] in STANFORD_RUNS.values()):
         spec = parse_model_spec(name)
         if spec.local_dir is not None and not (Path(spec.local_dir) / "config.json").is_file():
             return _auto_tokenizer(spec.local_dir, None, spec.local_dir)  # a tokenizer-only dir
         hf, tok_name = load_tokenizer(spec)
-        return byte_tokenizer() if hf is None else hf_tokenizer_info(hf, tok_name)
+        info = byte_tokenizer(tok_name) if hf is None else hf_tokenizer_info(hf, tok_name)
+        return replace(info, context=_context(spec))
     repo, _, rev = name.partition("@")
     return _auto_tokenizer(repo, rev or None, repo)
+
+
+def _context(spec) -> int | None:
+    from ooc_universal.models import context_of
+    return context_of(spec)
 
 
 def _auto_tokenizer(source: str, revision: str | None, tok_name: str) -> TokenizerInfo:
@@ -241,7 +262,7 @@ def _id_chunks(ids: np.ndarray, step: int = 1 << 20):
 
 
 def _encode_stream(docs, tok: TokenizerInfo):
-    sep = np.array([tok.sep_token_id], dtype=np.int32)
+    sep = np.array([] if tok.sep_token_id is None else [tok.sep_token_id], dtype=np.int32)
     first = True
     batch = []
     for doc in docs:
@@ -280,19 +301,22 @@ class _Reader:
         return joined[:n]
 
 
-def _take_windows(reader: _Reader, n_valid: int, window: int, tok: TokenizerInfo, bar):
-    """Windows holding exactly n_valid valid positions; (ids, valid, n_found)."""
-    drop = np.array(sorted({tok.bos_token_id, tok.sep_token_id, *tok.newline_token_ids}),
-                    dtype=np.int32)
+def _take_windows(reader: _Reader, n_valid: int, window: int, tok: TokenizerInfo, bar,
+                  bos: bool = True):
+    """Windows holding exactly n_valid valid positions; (ids, valid, n_found). With bos,
+    column 0 is BOS and window-1 stream tokens follow; without, window stream tokens."""
+    drop = np.array(sorted({t for t in (tok.bos_token_id, tok.sep_token_id) if t is not None}
+                           | set(tok.newline_token_ids)), dtype=np.int32)
+    first = 1 if bos else 0
     rows, masks, found = [], [], 0
     while found < n_valid:
-        text = reader.read(window - 1)
+        text = reader.read(window - first)
         if text.size == 0:
             break
-        row = np.full(window, tok.bos_token_id, dtype=np.int32)  # BOS, then pad = BOS
-        row[1:1 + text.size] = text
+        row = np.full(window, pad_id(tok, bos), dtype=np.int32)  # then pad
+        row[first:first + text.size] = text
         mask = np.zeros(window, dtype=bool)
-        mask[1:1 + text.size] = ~np.isin(text, drop)
+        mask[first:first + text.size] = ~np.isin(text, drop)
         need = n_valid - found
         if mask.sum() > need:  # cut after the need-th valid position
             mask[np.flatnonzero(mask)[need]:] = False
@@ -305,21 +329,36 @@ def _take_windows(reader: _Reader, n_valid: int, window: int, tok: TokenizerInfo
     return ids, valid, found
 
 
+def pad_id(tok: TokenizerInfo, bos: bool) -> int:
+    """What fills a short last window: BOS (the original code's choice), else the
+    separator, else id 0 (those positions are never valid)."""
+    for token_id in ((tok.bos_token_id,) if bos else ()) + (tok.sep_token_id, 0):
+        if token_id is not None:
+            return int(token_id)
+
+
 # ------------------------------------------------------------------------------ token set
 
 def build_token_set(source, n_tokens: int, *, tokenizer="bytes", window: int = 512,
-                    n_eval_tokens: int = 0, progress: bool = False) -> TokenSet:
+                    n_eval_tokens: int = 0, bos: bool = True, models=(),
+                    progress: bool = False) -> TokenSet:
     """Tokenize `source` into windows with exactly n_tokens valid positions (+ eval split).
 
     source: a text file, a folder of text files, a .npy of token ids (or a 1-D int array),
-    "pile" or "pile:<split>". tokenizer: "bytes", an HF tokenizer name or path, a model
-    spec, or a TokenizerInfo. Nothing is shuffled: the result depends only on the inputs.
+    "pile" or "pile:<split>". tokenizer: "bytes", "bytes256", an HF tokenizer name or
+    path, a model spec, or a TokenizerInfo. bos: column 0 is the tokenizer's BOS (its EOS
+    when it has no BOS; no BOS at all when it has neither); False: windows of stream
+    tokens only. The window must fit the context of the tokenizer's model and of
+    `models` (specs, read offline; unknown contexts are not checked). Nothing is
+    shuffled: the result depends only on the inputs.
     """
     n_tokens, n_eval_tokens, window = _checked_sizes(n_tokens, n_eval_tokens, window)
     tok = resolve_tokenizer(tokenizer)
+    check_window_fits(window, tok, models)
+    bos = bool(bos) and tok.bos_token_id is not None
     chunks, desc = _token_chunks(source, tok)
     main, held_out = _both_splits(_Reader(chunks), n_tokens, n_eval_tokens, window, tok,
-                                  progress)
+                                  progress, bos)
     found, efound = int(main[1].sum()), int(held_out[1].sum())
     if found < n_tokens or efound < n_eval_tokens:
         raise OocError(
@@ -327,7 +366,21 @@ def build_token_set(source, n_tokens: int, *, tokenizer="bytes", window: int = 5
             f"({main[0].shape[0] + held_out[0].shape[0]} windows of {window}), but "
             f"{n_tokens} + {n_eval_tokens} eval were requested; give more text or lower "
             "--n-tokens / --n-eval-tokens")
-    return TokenSet(*main, *held_out, meta=_token_meta(main, held_out, window, tok, desc))
+    return TokenSet(*main, *held_out, meta=_token_meta(main, held_out, window, tok, desc, bos))
+
+
+def check_window_fits(window: int, tok: TokenizerInfo, models=()) -> None:
+    """One line when `window` is longer than the context of the tokenizer's model or of
+    one of `models` (specs whose context is read offline; unknown ones pass)."""
+    from ooc_universal.models import context_of, parse_model_spec
+    limits = [(tok.context, f"the tokenizer's model {tok.name}")] if tok.context else []
+    for spec in models:
+        spec = parse_model_spec(spec)
+        limits.append((context_of(spec), f"model {spec.label}"))
+    for context, what in limits:
+        if context is not None and window > context:
+            raise OocError(f"--window {window} is longer than the {context} positions of "
+                           f"{what}; use --window {context} or less")
 
 
 def _checked_sizes(n_tokens, n_eval_tokens, window) -> tuple[int, int, int]:
@@ -341,17 +394,18 @@ def _checked_sizes(n_tokens, n_eval_tokens, window) -> tuple[int, int, int]:
 
 
 def _both_splits(reader: _Reader, n_tokens: int, n_eval_tokens: int, window: int,
-                 tok: TokenizerInfo, progress: bool):
+                 tok: TokenizerInfo, progress: bool, bos: bool = True):
     """((ids, valid), (eval_ids, eval_valid)): the main windows, then the ones after."""
     from tqdm.auto import tqdm
     with tqdm(total=n_tokens + n_eval_tokens, unit="tok", desc="tokens",
               disable=not progress) as bar:
-        ids, valid, _ = _take_windows(reader, n_tokens, window, tok, bar)
-        eids, evalid, _ = _take_windows(reader, n_eval_tokens, window, tok, bar)
+        ids, valid, _ = _take_windows(reader, n_tokens, window, tok, bar, bos)
+        eids, evalid, _ = _take_windows(reader, n_eval_tokens, window, tok, bar, bos)
     return (ids, valid), (eids, evalid)
 
 
-def _token_meta(main, held_out, window: int, tok: TokenizerInfo, desc: str) -> dict:
+def _token_meta(main, held_out, window: int, tok: TokenizerInfo, desc: str,
+                bos: bool = True) -> dict:
     (ids, valid), (eids, evalid) = main, held_out
     return {
         "hash": token_hash(ids, valid, window, tok.name),
@@ -361,7 +415,9 @@ def _token_meta(main, held_out, window: int, tok: TokenizerInfo, desc: str) -> d
         "tokenizer": tok.name,
         "tokenizer_fingerprint": tok.fingerprint,
         "vocab_size": tok.vocab_size,
-        "bos_token_id": tok.bos_token_id,
+        "bos": bos,
+        "bos_token_id": tok.bos_token_id if bos else None,
+        "pad_token_id": pad_id(tok, bos),
         "sep_token_id": tok.sep_token_id,
         "newline_token_ids": list(tok.newline_token_ids),
         "source": desc,
@@ -381,16 +437,21 @@ class TokensResult:
     written: bool     # False: the same set (same hash) was there already
 
 
-def tokens(run_dir, settings: TokensConfig = TokensConfig(), *, source=None,
-           force: bool = False, progress: bool = True) -> TokensResult:
+def tokens(run_dir, settings: TokensConfig = TokensConfig(), *, source=None, models=(),
+           bos: bool | None = None, force: bool = False, progress: bool = True) -> TokensResult:
     """The tokens step: build the token set `settings` describe and save it to RUN/tokens.
 
     `source` replaces settings.source with what it names already resolved (a 1-D id
-    array: `run` resolves "zoo-heldout" to the zoo's held-out bytes). The caller holds
-    the run lock. A different set already there is refused unless `force`."""
+    array: `run` resolves "zoo-heldout" to the zoo's held-out bytes). `models`: the run's
+    model specs, whose context the window must fit (read offline). `bos` (None: the
+    section's `bos`, True when it has none) is transitional until TokensConfig carries
+    the field. The caller holds the run lock. A different set already there is refused
+    unless `force`."""
+    bos = getattr(settings, "bos", True) if bos is None else bos
     ts = build_token_set(settings.source if source is None else source, settings.n_tokens,
                          tokenizer=settings.tokenizer, window=settings.window,
-                         n_eval_tokens=settings.n_eval_tokens, progress=progress)
+                         n_eval_tokens=settings.n_eval_tokens, bos=bos, models=models,
+                         progress=progress)
     folder, written = save_token_set(ts, run_dir, force=force)
     return TokensResult(ts, folder, written)
 
@@ -398,28 +459,35 @@ def tokens(run_dir, settings: TokensConfig = TokensConfig(), *, source=None,
 def check_tokenizer_matches(token_set: TokenSet, loaded_model) -> None:
     """Refuse a token set whose tokenizer or ids do not fit `loaded_model` (models.LoadedModel)."""
     label, tok_name = loaded_model.spec.label, token_set.tokenizer
-    model_bytes = loaded_model.tokenizer is None
-    if tok_name == BYTES and not model_bytes:
+    set_bytes, model_bytes = tok_name in BYTE_TOKENIZERS, loaded_model.tokenizer is None
+    if set_bytes and not model_bytes:
         raise OocError(f"token set uses the byte tokenizer but model {label} has its own "
                        f"tokenizer ({loaded_model.tokenizer_name}); build the token set with "
                        f"--tokenizer {loaded_model.model_id} in a new --run-dir")
-    if tok_name != BYTES and model_bytes and loaded_model.tokenizer_name == BYTES:
+    if not set_bytes and model_bytes and loaded_model.tokenizer_name in BYTE_TOKENIZERS:
         raise OocError(f"token set uses tokenizer {tok_name!r} but model {label} is a "
-                       "byte-vocabulary model; build the token set with --tokenizer bytes "
-                       "in a new --run-dir")
-    if tok_name != BYTES and not model_bytes:
+                       f"byte-vocabulary model; build the token set with --tokenizer "
+                       f"{loaded_model.tokenizer_name} in a new --run-dir")
+    if not set_bytes and not model_bytes:
         fp = tokenizer_fingerprint(loaded_model.tokenizer)
         if fp != token_set.meta.get("tokenizer_fingerprint"):
             raise OocError(f"token set tokenizer {tok_name!r} differs from model {label}'s "
                            f"tokenizer ({loaded_model.tokenizer_name}): their vocabularies "
                            "differ; build the token set with the model's tokenizer")
+    _check_ids_fit(token_set, loaded_model)
+    bos, model_bos = token_set.bos_token_id, loaded_model.bos_token_id
+    if bos is not None and model_bos is not None and bos != model_bos:
+        raise OocError(f"token set uses BOS id {bos} but model {label} "
+                       f"has bos_token_id {model_bos}; build the token set "
+                       "with that model's tokenizer (--tokenizer MODEL) in a new --run-dir")
+
+
+def _check_ids_fit(token_set: TokenSet, loaded_model) -> None:
     hi = max((int(a.max()) for a in (token_set.input_ids, token_set.eval_input_ids) if a.size),
              default=-1)
-    if hi >= loaded_model.vocab_size:
-        raise OocError(f"token set has token id {hi} but model {label} has a vocabulary of "
-                       f"{loaded_model.vocab_size}; build the token set with that model's "
-                       "tokenizer")
-    if token_set.bos_token_id != loaded_model.bos_token_id:
-        raise OocError(f"token set uses BOS id {token_set.bos_token_id} but model {label} "
-                       f"has bos_token_id {loaded_model.bos_token_id}; build the token set "
-                       "with that model's tokenizer (--tokenizer MODEL) in a new --run-dir")
+    if hi < loaded_model.vocab_size:
+        return
+    fix = (f"--tokenizer {loaded_model.tokenizer_name}"
+           if loaded_model.tokenizer_name in BYTE_TOKENIZERS else "that model's tokenizer")
+    raise OocError(f"token set has token id {hi} but model {loaded_model.spec.label} has a "
+                   f"vocabulary of {loaded_model.vocab_size}; build the token set with {fix}")

@@ -4,10 +4,15 @@ Reads RUN/reduce/<ref_label>__<other_label>.h5 through formats/reduced.py (attri
 a few (N,) arrays; the (Na, Nb) cross co-moment only when more baseline draws are asked
 for) and writes RUN/universal/ through formats/tables.py and formats/sets.py:
 
-  neurons.parquet, neurons.csv  one row per (reference, other, checkpoint, ref neuron)
-  table1.json, table1.csv       % universal per threshold x checkpoint, per pair, per
-                                layer, with the spread over baseline draws
+  neurons.parquet, neurons.csv  one row per (reference, aggregation, other, checkpoint,
+                                ref neuron): max corr, match, baseline and excess of draw 0,
+                                is_universal_<tau>
+  neuron_draws.parquet          the same, one row per baseline draw
+  table1.json, table1.csv,      % universal per threshold x checkpoint, per pair (and
+  table1_draws.csv              their mean), whole model and per layer: the draw-0 view
+                                with the spread over draws, and one row per draw
   sets.json                     the universal sets (draw 0), read by persistence/ablate
+(formats/tables.py documents the columns and their conventions.)
 
 Definitions (the paper, after Gurnee et al. 2024):
 
@@ -21,10 +26,12 @@ Definitions (the paper, after Gurnee et al. 2024):
   per-pair (default, the paper): one set per (reference, other, checkpoint).
   pair-averaged (Gurnee et al.): row_max and baseline averaged over the reference's
       pairs at a checkpoint before subtracting; one set per (reference, checkpoint),
-      written with other = "pair-averaged".
+      written to sets.json with other = "pair-averaged" and to the tables as rows of
+      aggregation "pair_averaged".
 
 A zero-variance reference neuron has row_max 0 and baseline 0, so excess 0: it is
-never universal but counts in every denominator (percent = 100 * count / n_neurons).
+never universal but counts in every denominator
+(pct_universal = 100 * n_universal / n_neurons).
 """
 from __future__ import annotations
 
@@ -38,12 +45,15 @@ from ooc_universal.config import UniversalConfig
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.formats.reduced import ReducedStats, list_reduced, open_reduced
 from ooc_universal.formats.sets import Provenance, SetsFile, UniversalSet
-from ooc_universal.formats.tables import Table1File, write_universal
+from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, PAIR, SCOPE_ALL, SCOPE_LAYER,
+                                          Table1File, table1_view, universal_column,
+                                          write_universal)
+from ooc_universal.formats.tables import PAIR_AVERAGED as AVERAGED_ROWS  # "pair_averaged"
 from ooc_universal.formats.tokens import existing_hash, meta_path
 from ooc_universal.rundir import check_free_space, config_hash, recorded_sha256, step_dir
 
 DEFINITIONS = ("per-pair", "pair-averaged")
-PAIR_AVERAGED = "pair-averaged"  # the `other` of a pair-averaged set
+PAIR_AVERAGED = "pair-averaged"  # the definition, and the `other` of its sets in sets.json
 
 
 # ---------------------------------------------------------------- reading reduce files
@@ -325,106 +335,134 @@ def _extra_draws(stats: ReducedStats, seeds, progress: bool) -> np.ndarray:
 
 @dataclass
 class Unit:
-    """What one universal set is made from: a pair, or a reference's pair average."""
+    """One block of per-neuron numbers: a pair, or a reference's pair average (its
+    aggregation "pair_averaged", no other model and no matched neuron)."""
     reference: str
-    other: str
+    aggregation: str  # formats.tables PAIR | PAIR_AVERAGED
+    other: str | None  # the other model of a pair
     checkpoint: int
     n_layers: int
     d_mlp: int
-    excess: np.ndarray  # (D, Na)
+    row_max: np.ndarray  # (Na,)
+    baseline: np.ndarray  # (D, Na), draw 0 first
     zero_var: np.ndarray  # (Na,)
-    others: tuple  # the pairs behind it (one for per-pair)
+    others: tuple  # the pairs behind it (one for a pair)
+    match: np.ndarray | None = None  # (Na,) flat index into the other model, -1: none
+    d_other: int = 1
+    seeds: tuple | None = None  # (D,) rotation seed of each draw (pairs only)
+    sources: tuple | None = None  # (D,) "reduce" | "cross_comoment" (pairs only)
+
+    @property
+    def excess(self) -> np.ndarray:
+        """(D, Na) excess correlation per draw; row 0 is the canonical one."""
+        return self.row_max[None, :] - self.baseline
+
+    @property
+    def set_other(self) -> str:
+        """The `other` of this unit's universal sets (sets.json keeps "pair-averaged")."""
+        return self.other if self.aggregation == PAIR else PAIR_AVERAGED
 
 
-def _units(stats: list[PairStats], definition: str) -> list[Unit]:
-    if definition == "per-pair":
-        return [Unit(s.record.ref_name, s.record.other_name, s.record.checkpoint,
-                     s.record.n_layers_ref, s.record.d_mlp_ref, s.excess, s.zero_var,
-                     (s.record.other_name,)) for s in stats]
-    return [Unit(a.reference, PAIR_AVERAGED, a.checkpoint, a.record.n_layers_ref,
-                 a.record.d_mlp_ref, a.row_max[None, :] - a.baseline, a.zero_var, a.others)
-            for a in _pair_averages(stats)]
+def pair_units(stats: list[PairStats]) -> list[Unit]:
+    return [Unit(s.record.ref_name, PAIR, s.record.other_name, s.record.checkpoint,
+                 s.record.n_layers_ref, s.record.d_mlp_ref, s.row_max, s.baseline, s.zero_var,
+                 (s.record.other_name,), s.row_argmax, s.record.d_mlp_other, s.seeds,
+                 s.sources) for s in stats]
 
 
-@dataclass
-class PairAverage:
-    """A reference's pairs at one checkpoint, averaged (Gurnee et al.)."""
-    reference: str
-    checkpoint: int
-    record: ReducedPair  # the first pair's (shapes of the reference)
-    row_max: np.ndarray  # (Na,) mean over the pairs
-    baseline: np.ndarray  # (D, Na) mean over the pairs, D = the fewest draws of any
-    zero_var: np.ndarray  # (Na,) zero variance in any pair
-    others: tuple  # the pairs averaged over
-
-
-def _pair_averages(stats: list[PairStats]) -> list[PairAverage]:
+def averaged_units(stats: list[PairStats]) -> list[Unit]:
+    """A reference's pairs at one checkpoint averaged (Gurnee et al.): the mean row_max
+    and baseline (over the fewest draws of any pair), zero variance in any pair."""
     groups: dict = {}
     for s in stats:
         groups.setdefault((s.record.ref_name, s.record.checkpoint), []).append(s)
     out = []
     for (ref, ckpt), group in groups.items():
         n_draws = min(s.baseline.shape[0] for s in group)
-        out.append(PairAverage(ref, ckpt, group[0].record,
-                               np.mean([s.row_max for s in group], axis=0),
-                               np.mean([s.baseline[:n_draws] for s in group], axis=0),
-                               np.any([s.zero_var for s in group], axis=0),
-                               tuple(s.record.other_name for s in group)))
+        first = group[0].record
+        out.append(Unit(ref, AVERAGED_ROWS, None, ckpt, first.n_layers_ref, first.d_mlp_ref,
+                        np.mean([s.row_max for s in group], axis=0),
+                        np.mean([s.baseline[:n_draws] for s in group], axis=0),
+                        np.any([s.zero_var for s in group], axis=0),
+                        tuple(s.record.other_name for s in group)))
     return out
 
 
-# ---------------------------------------------------------------- tables
+def set_units(stats: list[PairStats], definition: str) -> list[Unit]:
+    """What the universal sets and Table 1 are made from under `definition`."""
+    return pair_units(stats) if definition == "per-pair" else averaged_units(stats)
 
-def neuron_table(stats: list[PairStats], definition: str = "per-pair"):
-    """The per-neuron DataFrame (per-pair rows; pair-averaged rows added on request)."""
+
+# ---------------------------------------------------------------- per-neuron tables
+
+def _neuron_keys(u: Unit) -> dict:
+    """The identity columns of a unit's rows (formats.tables.NEURON_KEYS)."""
     import pandas as pd
-    n_draws = max(s.baseline.shape[0] for s in stats)
-    frames = []
-
-    def frame(ref, other, ckpt, n_layers, d_mlp, row_max, match, d_other, baseline, zero):
-        n = row_max.size
-        flat = np.arange(n, dtype=np.int64)
-        cols = {
-            "reference": ref, "other": other, "checkpoint": np.full(n, ckpt, np.int64),
-            "layer": flat // d_mlp, "neuron": flat % d_mlp, "flat_index": flat,
-            "max_corr": row_max,
-            "match_layer": np.where(match >= 0, match // d_other, -1),
-            "match_neuron": np.where(match >= 0, match % d_other, -1),
-        }
-        padded = np.full((n_draws, n), np.nan)
-        padded[:baseline.shape[0]] = baseline
-        for j in range(n_draws):
-            cols[f"baseline_max_{j}"] = padded[j]
-        for j in range(n_draws):
-            cols[f"excess_{j}"] = row_max - padded[j]
-        cols["excess"] = row_max - padded[0]
-        cols["zero_var"] = zero
-        return pd.DataFrame(cols)
-
-    for s in stats:
-        r = s.record
-        frames.append(frame(r.ref_name, r.other_name, r.checkpoint, r.n_layers_ref,
-                            r.d_mlp_ref, s.row_max, s.row_argmax, r.d_mlp_other,
-                            s.baseline, s.zero_var))
-    if definition == PAIR_AVERAGED:
-        for a in _pair_averages(stats):
-            none = np.full(a.row_max.size, -1, np.int64)
-            frames.append(frame(a.reference, PAIR_AVERAGED, a.checkpoint,
-                                a.record.n_layers_ref, a.record.d_mlp_ref, a.row_max, none,
-                                1, a.baseline, a.zero_var))
-    df = pd.concat(frames, ignore_index=True)
-    for col in ("reference", "other"):
-        df[col] = df[col].astype(str)
-    return df
+    n = u.row_max.size
+    flat = np.arange(n, dtype=np.int64)
+    return {"reference": pd.array([u.reference] * n, dtype="str"),
+            "aggregation": pd.array([u.aggregation] * n, dtype="str"),
+            "other": pd.array([u.other] * n, dtype="str"),
+            "checkpoint": np.full(n, u.checkpoint, np.int64),
+            "layer": pd.array(flat // u.d_mlp, dtype="Int64"), "neuron": flat % u.d_mlp,
+            "flat_index": flat}
 
 
-def _spread(values) -> dict:
-    """mean, std (ddof=1; null for one draw), min, max of a list of percentages."""
-    v = np.asarray(values, dtype=np.float64)
-    return {"n_draws": int(v.size), "percent": v.tolist(), "mean": float(v.mean()),
-            "std": float(v.std(ddof=1)) if v.size > 1 else None,
-            "min": float(v.min()), "max": float(v.max())}
+def _matches(u: Unit) -> tuple:
+    """(match_layer, match_neuron) as nullable integers, <NA> where there is no match."""
+    import pandas as pd
+    if u.match is None:
+        none = pd.array([None] * u.row_max.size, dtype="Int64")
+        return none, none.copy()
+    found = u.match >= 0
+    layer = pd.array(np.where(found, u.match // u.d_other, 0), dtype="Int64")
+    neuron = pd.array(np.where(found, u.match % u.d_other, 0), dtype="Int64")
+    layer[~found] = pd.NA
+    neuron[~found] = pd.NA
+    return layer, neuron
 
+
+def _neurons_of(u: Unit, thresholds):
+    """The draw-0 view of one unit (formats.tables.NEURON_COLUMNS + is_universal_*)."""
+    import pandas as pd
+    match_layer, match_neuron = _matches(u)
+    excess = u.excess[0]
+    cols = {**_neuron_keys(u), "max_corr": u.row_max, "match_layer": match_layer,
+            "match_neuron": match_neuron, "baseline_max": u.baseline[0], "excess": excess,
+            "n_draws": np.full(u.row_max.size, u.baseline.shape[0], np.int64),
+            "zero_var": u.zero_var.astype(bool)}
+    cols.update({universal_column(tau): excess > tau for tau in thresholds})
+    return pd.DataFrame(cols)
+
+
+def _draws_of(u: Unit, thresholds):
+    """One unit's rows of the long table, one per (neuron, draw), draw-major."""
+    import pandas as pd
+    n_draws, n = u.baseline.shape
+    rows = np.tile(np.arange(n), n_draws)       # row j * n + k is neuron k at draw j
+    excess = u.excess.reshape(-1)
+    seeds = (pd.array([None] * rows.size, dtype="Int64") if u.seeds is None else
+             pd.array(np.repeat(np.asarray(u.seeds, np.int64), n), dtype="Int64"))
+    sources = ["pair_average"] * n_draws if u.sources is None else list(u.sources)
+    cols = {k: v.take(rows) for k, v in _neuron_keys(u).items()}
+    cols.update({
+        "draw": np.repeat(np.arange(n_draws, dtype=np.int64), n), "seed": seeds,
+        "draw_source": pd.array(np.repeat(np.asarray(sources), n), dtype="str"),
+        "max_corr": u.row_max[rows], "baseline_max": u.baseline.reshape(-1),
+        "excess": excess})
+    cols.update({universal_column(tau): excess > tau for tau in thresholds})
+    return pd.DataFrame(cols)
+
+
+def neuron_tables(units: list[Unit], thresholds) -> tuple:
+    """(draw-0 view, long table) of every unit's neurons (formats.tables)."""
+    import pandas as pd
+    neurons = pd.concat([_neurons_of(u, thresholds) for u in units], ignore_index=True)
+    draws = pd.concat([_draws_of(u, thresholds) for u in units], ignore_index=True)
+    return neurons, draws
+
+
+# ---------------------------------------------------------------- Table 1
 
 def _counts(unit: Unit, tau: float) -> np.ndarray:
     """(D, L) universal counts per draw and layer (strict excess > tau)."""
@@ -432,54 +470,67 @@ def _counts(unit: Unit, tau: float) -> np.ndarray:
     return (unit.excess > tau).reshape(d_draws, unit.n_layers, unit.d_mlp).sum(-1)
 
 
-def table1(units: list[Unit], thresholds) -> list[dict]:
-    """Table 1 entries: one per (reference, checkpoint, threshold)."""
+def _scopes(n_layers: int) -> list:
+    """(scope, layer) of the rows of one cell: the whole model, then each layer."""
+    return [(SCOPE_ALL, None)] + [(SCOPE_LAYER, layer) for layer in range(n_layers)]
+
+
+def _unit_draw_rows(u: Unit, tau: float, definition: str) -> list[dict]:
+    """Table 1's long rows of one unit at one threshold: per draw, per scope."""
+    counts = _counts(u, tau)  # (D, L)
+    zero = u.zero_var.reshape(u.n_layers, u.d_mlp).sum(-1)
+    rows = []
+    for j in range(counts.shape[0]):
+        for scope, layer in _scopes(u.n_layers):
+            n_univ = int(counts[j].sum() if layer is None else counts[j, layer])
+            n = u.n_layers * u.d_mlp if layer is None else u.d_mlp
+            rows.append({"reference": u.reference, "definition": definition,
+                         "aggregation": u.aggregation, "other": u.other,
+                         "checkpoint": u.checkpoint, "threshold": tau, "scope": scope,
+                         "layer": layer, "draw": j, "n_universal": n_univ, "n_neurons": n,
+                         "pct_universal": 100.0 * n_univ / n,
+                         "n_zero_var": int(zero.sum() if layer is None else zero[layer]),
+                         "n_pairs": len(u.others)})
+    return rows
+
+
+def _mean_rows(pair_rows: list[dict], n_pairs: int, common: int) -> list[dict]:
+    """mean_over_pairs rows: per draw below `common` (every pair has it) and scope, the
+    mean of the pairs' percent; no count (a mean of counts is not a count)."""
+    groups: dict = {}
+    for r in pair_rows:
+        if r["draw"] < common:
+            groups.setdefault((r["draw"], r["scope"], r["layer"]), []).append(r)
+    return [{**group[0], "aggregation": MEAN_OVER_PAIRS, "other": None, "n_universal": None,
+             "pct_universal": float(np.mean([r["pct_universal"] for r in group])),
+             "n_zero_var": None, "n_pairs": n_pairs} for group in groups.values()]
+
+
+def table1_draws(units: list[Unit], thresholds, definition: str) -> list[dict]:
+    """Table 1 in long format (formats.tables.TABLE1_DRAW_COLUMNS): per (reference,
+    checkpoint, threshold) every unit's rows, then (per-pair) their mean over pairs."""
     groups: dict = {}
     for u in units:
         groups.setdefault((u.reference, u.checkpoint), []).append(u)
-    entries = []
-    for (ref, ckpt) in sorted(groups):
-        group = sorted(groups[(ref, ckpt)], key=lambda u: u.other)
-        n_layers, d_mlp = group[0].n_layers, group[0].d_mlp
-        n = n_layers * d_mlp
-        common = min(u.excess.shape[0] for u in group)
+    rows = []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=lambda u: str(u.other))
+        common = min(u.baseline.shape[0] for u in group)
         for tau in thresholds:
-            pairs, pct_layer, pct_draw = [], [], []
-            for u in group:
-                counts = _counts(u, tau)  # (D, L)
-                total = counts.sum(1)
-                pairs.append({
-                    "other": u.other, "others": list(u.others),
-                    "count": int(total[0]), "percent": 100.0 * total[0] / n,
-                    "n_zero_var": int(u.zero_var.sum()),
-                    "per_layer_count": counts[0].tolist(),
-                    "per_layer_percent": (100.0 * counts[0] / d_mlp).tolist(),
-                    "draws": _spread(100.0 * total / n),
-                    "per_layer_draws": [_spread(100.0 * counts[:, layer] / d_mlp)
-                                        for layer in range(n_layers)],
-                })
-                pct_layer.append(100.0 * counts[:common] / d_mlp)  # (common, L)
-                pct_draw.append(100.0 * total[:common] / n)  # (common,)
-            pct_layer, pct_draw = np.mean(pct_layer, 0), np.mean(pct_draw, 0)
-            entries.append({
-                "reference": ref, "checkpoint": ckpt, "threshold": tau,
-                "n_pairs": len(group), "n_neurons": n, "n_layers": n_layers,
-                "d_mlp": d_mlp, "percent": float(pct_draw[0]),
-                "per_layer_percent": pct_layer[0].tolist(),
-                "draws": _spread(pct_draw),
-                "per_layer_draws": [_spread(pct_layer[:, layer]) for layer in range(n_layers)],
-                "pairs": pairs,
-            })
-    return entries
+            mine = [r for u in group for r in _unit_draw_rows(u, tau, definition)]
+            if definition == "per-pair":
+                mine = _mean_rows(mine, len(group), common) + mine
+            rows += mine
+    return rows
 
 
 def universal_sets(units: list[Unit], thresholds, definition: str) -> list[UniversalSet]:
     """The draw-0 universal sets, one per (unit, threshold)."""
     sets = []
-    for u in sorted(units, key=lambda u: (u.reference, u.checkpoint, u.other)):
+    for u in sorted(units, key=lambda u: (u.reference, u.checkpoint, u.set_other)):
         for tau in thresholds:
             sets.append(UniversalSet(
-                reference=u.reference, other=u.other, checkpoint=u.checkpoint,
+                reference=u.reference, other=u.set_other, checkpoint=u.checkpoint,
                 threshold=tau, definition=definition, draw=0, n_layers=u.n_layers,
                 d_mlp=u.d_mlp, neurons=np.flatnonzero(u.excess[0] > tau),
                 others=tuple(u.others) if definition == PAIR_AVERAGED else None))
@@ -490,8 +541,9 @@ def universal_sets(units: list[Unit], thresholds, definition: str) -> list[Unive
 
 @dataclass
 class UniversalOutput:
-    """What the step wrote: the paths (neurons_parquet, neurons_csv, table1_csv, table1,
-    sets) and Table 1 itself (formats.tables.format_table1 prints it)."""
+    """What the step wrote: the paths (formats.tables.universal_paths: neurons_parquet,
+    neurons_csv, neuron_draws, table1_csv, table1_draws_csv, table1, sets) and Table 1
+    itself (formats.tables.format_table1 prints it)."""
     paths: dict[str, Path]
     table1: Table1File
 
@@ -514,19 +566,23 @@ def universal(run_dir, settings: UniversalConfig = UniversalConfig(), *, referen
     _check_selection(records)
 
     stats = _load_pairs(records, settings, progress)
-    units = _units(stats, settings.definition)
-    neurons = neuron_table(stats, settings.definition)
+    units = set_units(stats, settings.definition)
+    shown = pair_units(stats) + (units if settings.definition == PAIR_AVERAGED else [])
+    neurons, neuron_draws = neuron_tables(shown, thresholds)
     provenance = _provenance(stats, settings, thresholds, refs, reference, all_references,
                              token_hash)
-    table = Table1File(table1(units, thresholds), provenance)
+    draw_rows = table1_draws(units, thresholds, settings.definition)
+    table = Table1File(table1_view(draw_rows, 0), draw_rows, provenance)
     sets = SetsFile(universal_sets(units, thresholds, settings.definition), provenance)
 
     out = step_dir(run_dir, "universal")
-    check_free_space(out, int(neurons.memory_usage(deep=True).sum() * 3), "universal tables")
+    size = sum(int(df.memory_usage(deep=True).sum()) for df in (neurons, neuron_draws))
+    check_free_space(out, 2 * size, "universal tables")
     record = {"step": "universal", "token_hash": token_hash,
               "config_hash": config_hash(provenance.config),
               "inputs": {f"reduce/{r.path.name}": recorded_sha256(r.path) for r in records}}
-    return UniversalOutput(write_universal(run_dir, neurons, table, sets, record), table)
+    paths = write_universal(run_dir, neurons, neuron_draws, table, sets, record)
+    return UniversalOutput(paths, table)
 
 
 def _load_pairs(records, settings: UniversalConfig, progress: bool) -> list[PairStats]:

@@ -1,0 +1,110 @@
+"""The notebook API (ooc_universal.open_run) against the files it reads, read here
+independently with h5py, pyarrow and json."""
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import ooc_universal as ou
+from ooc_universal.errors import OocError
+from tests.test_run import demo_run  # noqa: F401  (the module-scoped demo run fixture)
+
+
+def test_tables_are_the_files(demo_run):  # noqa: F811
+    rd, _ = demo_run
+    run = ou.open_run(rd)
+    neurons = run.neurons()
+    raw = pq.read_table(rd / "universal" / "neurons.parquet").to_pandas()
+    assert neurons.shape == raw.shape and (neurons["excess"].to_numpy()
+                                           == raw["excess"].to_numpy()).all()
+    t1 = run.table1()
+    doc = json.loads((rd / "universal" / "table1.json").read_text())
+    assert len(t1) == len(doc["rows"]) and len(run.table1("all")) == len(doc["draws"])
+    assert sorted(t1["threshold"].unique()) == [0.4, 0.5, 0.6]
+    assert len(run.neurons(draw="all")) == len(
+        pq.read_table(rd / "universal" / "neuron_draws.parquet"))
+    abl = run.ablation()
+    assert len(abl) == len(json.loads((rd / "ablate" / "ablation.json").read_text())["rows"])
+    assert len(run.persistence()) > 0 and len(run.sets()) > 0
+    st = run.status()
+    assert set(st["state"]) == {"complete"}, st[st["state"] != "complete"]
+
+
+def test_reduced_is_an_xarray_dataset_with_named_dims(demo_run):  # noqa: F811
+    rd, _ = demo_run
+    run = ou.open_run(rd)
+    ref, other = run.reduced_pairs()[0]
+    ds = run.reduced(ref, other)
+    with h5py.File(rd / "reduce" / f"{ref}__{other}.h5", "r") as f:
+        row_max, base = f["row_max"][:], f["baseline/row_max"][:]
+        d = int(f.attrs["d_mlp_ref"])
+    assert set(ds.sizes) == {"ref_neuron", "other_neuron", "draw"}
+    np.testing.assert_array_equal(ds["row_max"].values, row_max)
+    np.testing.assert_array_equal(ds["baseline_row_max"].values, base)
+    layer1 = ds["row_max"].where(ds.ref_layer == 1, drop=True)
+    np.testing.assert_array_equal(layer1.values, row_max[d:2 * d])
+    with pytest.raises(OocError, match="no reduce output"):
+        run.reduced(ref, "nope")
+
+
+def test_store_is_lazy_with_token_coordinates(demo_run):  # noqa: F811
+    rd, _ = demo_run
+    run = ou.open_run(rd)
+    label = sorted(p.stem for p in (rd / "stores").glob("*.h5"))[0]
+    arr = run.store(label)
+    assert arr.dims == ("token", "neuron") and arr.chunks is not None  # dask-backed
+    with h5py.File(rd / "stores" / f"{label}.h5", "r") as f:
+        ds = f[list(f.keys())[0]]
+        raw = ds[:50]
+        d = int(ds.attrs["d_mlp"])
+    np.testing.assert_array_equal(arr[:50].values, raw)
+    np.testing.assert_array_equal(arr.sel(neuron=arr.layer == 1)[:50].values, raw[:, d:2 * d])
+    with np.load(rd / "tokens" / "tokens.npz") as z:
+        valid = z["valid"]
+    w, p = np.nonzero(valid)
+    np.testing.assert_array_equal(arr.window.values, w)
+    np.testing.assert_array_equal(arr.position.values, p)
+
+
+def test_tidy_views_on_a_hand_built_run(tmp_path):
+    """table1 / neurons / persistence in their draw-0, per-draw and mean views, against
+    the arrays written (no demo run needed)."""
+    from ooc_universal.config import UniversalConfig
+    from ooc_universal.steps.persistence import persistence
+    from ooc_universal.steps.universal import universal
+    from tests.test_universal import BASE0, BASE1, ROW_MAX, write_reduced
+    for step in (100, 200):
+        write_reduced(tmp_path, ROW_MAX, [BASE0, BASE1], other="b", step=step)
+    universal(tmp_path, UniversalConfig(thresholds=[0.5]), progress=False)
+    persistence(tmp_path, progress=False)
+    run = ou.open_run(tmp_path)
+    row_max, b0, b1 = (np.float64(np.float32(x)) for x in (ROW_MAX, BASE0, BASE1))
+    n0 = run.neurons()
+    assert n0["layer"].dtype == "Int64" and len(n0[n0.layer == 0]) == 2 * 4
+    d1 = run.neurons(draw=1)
+    np.testing.assert_array_equal(d1[d1.checkpoint == 100]["excess"], row_max - b1)
+    mean = run.neurons(draw="mean")
+    np.testing.assert_allclose(mean[mean.checkpoint == 100]["excess"],
+                               row_max - (b0 + b1) / 2, rtol=0, atol=1e-15)
+    both = ((row_max - b0) > 0.5).astype(float) + ((row_max - b1) > 0.5)
+    np.testing.assert_array_equal(mean[mean.checkpoint == 100]["p_universal_0.5"], both / 2)
+    t1 = run.table1()
+    cell = t1[(t1.aggregation == "pair") & (t1.scope == "all") & (t1.checkpoint == 100)]
+    assert cell["pct_universal"].item() == 100 * ((row_max - b0) > 0.5).mean()
+    assert t1[t1.scope == "all"]["layer"].isna().all()
+    t1m = run.table1("mean")
+    cell = t1m[(t1m.aggregation == "pair") & (t1m.scope == "all") & (t1m.checkpoint == 100)]
+    assert cell["pct_universal"].item() == pytest.approx(100 * both.mean() / 2)
+    per = run.persistence()
+    assert per[(per.aggregation == "pair") & (per.scope == "all")]["p_persist"].item() == 1.0
+    with pytest.raises(OocError, match="not a draw"):
+        run.neurons(draw=-1)
+
+
+def test_missing_run_is_one_line(tmp_path):
+    with pytest.raises(OocError, match="does not exist"):
+        ou.open_run(tmp_path / "nope")

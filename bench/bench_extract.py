@@ -9,8 +9,12 @@ byte token set in a temporary run directory, then alternates, each in a fresh pr
             hooks, no writes: the ceiling;
   extract   ooc_universal.steps.extract.extract with --memory (hooks, fp16 gather, block
             writes + fsync, ledger);
-each `--repeats` times, and reports the best valid tokens/s of each, their ratio, and
-extract's peak RSS against --memory. JSON to stdout (or --out). Default run under a minute.
+each `--repeats` times, and reports the best valid tokens/s of each, their ratio,
+extract's peak RSS against --memory, and where extract's time went (its own stats: the
+hooked forward passes, gathering rows into blocks, waiting for the writer thread, and
+the writer's wall and CPU seconds of hashing and writing, which overlap the forwards).
+JSON to stdout (or --out). Default run under a minute. On a shared machine, compare
+runs only with the machine idle (the JSON records the load average).
 In-process: run(argv) -> dict (the children are still separate processes).
 """
 from __future__ import annotations
@@ -100,7 +104,7 @@ def child_extract(run_dir: str, model_dir: str, memory: str, threads: int,
                                  "batch_size", "block_tokens", "blocks_total",
                                  "peak_rss_bytes", "memory_bytes", "seconds_forward",
                                  "seconds_copy", "seconds_writer_wait",
-                                 "seconds_writer_busy")}
+                                 "seconds_writer_busy", "cpu_seconds_writer")}
     out["tokens_per_cpu_s"] = stats["tokens_written"] / stats["cpu_seconds"]
     return out
 
@@ -201,6 +205,7 @@ def run(argv=None) -> dict:
                 "total": best_ex["seconds"], "forward": best_ex["seconds_forward"],
                 "copy": best_ex["seconds_copy"], "writer_wait": best_ex["seconds_writer_wait"],
                 "writer_busy": best_ex["seconds_writer_busy"],
+                "writer_cpu": best_ex["cpu_seconds_writer"],
                 "bare_forward": best_fw["seconds"]},
             "runs": {"extract": ex, "forward": fw},
             "wall_s": time.perf_counter() - t_start,

@@ -10,12 +10,14 @@ In-process: run(argv) -> dict.
 Builds two fp16 activation stores (reference + one other model) with planted
 correlations in a temporary run directory, then measures, each in the same run:
   ours        ooc_universal.steps.reduce.reduce, fp32 and bf16: useful FLOP/s (plan.flops: the
-              cross GEMM, the self co-moments and the baseline GEMMs) over the torch.matmul
+              cross GEMM, the self co-moments, the baseline GEMMs and rotated scales) over
+              the torch.matmul
               peak on the reduce's own GEMM shapes (block_tokens x Na)^T (block_tokens x Nb)
               and dtype, measured in the same process right before and right after; peak
               RSS of the reduce (VmHWM, reset before it) against --memory; a time breakdown
-              by phase (reads, centring, cross GEMM, self co-moments, checkpoints, tile
-              max, baseline, assembly, the rest) as the step's tasks record it;
+              by phase (reads, centring, cross GEMM, the self co-moment pass, checkpoints,
+              rotations and scales, tile max, baseline, assembly, the rest) as the step's
+              tasks record it;
   accuracy    bf16 and fp32 row maxima against each other and against a float64 two-pass
               reference (exact means) on a subset of reference neurons;
   read path   every block through open_store(...).read_block (memmap) + fp32 conversion
@@ -251,7 +253,8 @@ def _sync(device):
 
 def gemm_peak(rows: int, na: int, nb: int, precision: str, device: str, seconds: float,
               tf32: bool | None = None) -> float:
-    """torch.matmul FLOP/s of (rows x na)^T (rows x nb) in the reduce's dtype, here, now."""
+    """torch.matmul FLOP/s of (rows x na)^T (rows x nb) in the reduce's dtype, here, now
+    (operands row-major: the fastest layout)."""
     import torch
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
     old = torch.backends.cuda.matmul.allow_tf32
@@ -259,13 +262,14 @@ def gemm_peak(rows: int, na: int, nb: int, precision: str, device: str, seconds:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        a = torch.randn(rows, na, generator=g).to(device=device, dtype=dtype)
+        # row-major operands: matmul's fastest layout (bf16 on a CPU: twice a^T b)
+        a = torch.randn(na, rows, generator=g).to(device=device, dtype=dtype)
         b = torch.randn(rows, nb, generator=g).to(device=device, dtype=dtype)
-        torch.matmul(a.T, b)
+        torch.matmul(a, b)
         _sync(device)
         reps, t0 = 0, time.perf_counter()
         while True:
-            torch.matmul(a.T, b)
+            torch.matmul(a, b)
             reps += 1
             if device == "cuda" and reps % 8:
                 continue
@@ -279,8 +283,11 @@ def gemm_peak(rows: int, na: int, nb: int, precision: str, device: str, seconds:
 
 
 # the step's own phases (graph.TIMINGS, recorded by its tasks on the real call path)
-FOLD_PHASES = ("read", "centre", "cross_gemm", "self_comoments", "release", "checkpoint")
-FINAL_PHASES = ("chan_merge", "tile_max", "baseline", "finalize_save", "assemble")
+FOLD_PHASES = ("read", "centre", "cross_gemm", "moments", "release", "checkpoint")
+SELF_PHASES = ("self_read", "self_centre", "self_comoments", "self_release",
+               "self_checkpoint")
+FINAL_PHASES = ("rotations", "scales", "chan_merge", "tile_max", "baseline",
+                "finalize_save", "assemble")
 
 
 def breakdown(timings: dict, wall: float) -> dict:
@@ -288,11 +295,12 @@ def breakdown(timings: dict, wall: float) -> dict:
     (result["timings"]: {phase: seconds}); what no phase covers (planning, the graph,
     Dask, opening files, the loop's own bookkeeping) is graph_dask_planning_other."""
     out = {"wall": wall}
-    for name in FOLD_PHASES + FINAL_PHASES:
+    for name in FOLD_PHASES + SELF_PHASES + FINAL_PHASES:
         out[name] = float(timings.get(name, 0.0))
     out.update({k: float(v) for k, v in timings.items() if k not in out})
     covered = sum(v for k, v in out.items() if k != "wall")
     out["fold_total"] = sum(out[k] for k in FOLD_PHASES)
+    out["self_total"] = sum(out[k] for k in SELF_PHASES)
     out["graph_dask_planning_other"] = wall - covered
     out["fractions"] = {k: v / wall for k, v in out.items()
                         if k != "wall" and isinstance(v, float) and wall > 0}

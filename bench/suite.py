@@ -11,12 +11,17 @@ Parts (each a script beside this file, called in this process through its run(ar
            stores fit a quarter of RAM in float64 (else it is reported as skipped)
   extract  tokens/s against a bare forward pass of the same model
   ablate   ablated passes/s against plain and naive hooked forward passes
+  width    (only when named: --only width) the reduce at the paper's width on random
+           GPT-2-small-shaped models at two budgets: peak RSS against --memory, useful
+           FLOPs per CPU-second against torch.matmul's, the plan's time against the
+           measured, row max and baseline against float64 (bench_width.py)
 and a projection of the paper's full experiment on this device from the measured rates
 and a stated disk bandwidth. Every figure is a ratio against a baseline measured in the
 same run on the same data; goals are printed beside the figures, never asserted.
 
 Results: OUT/<machine>.json (all parts' documents, machine, toolkit version, timestamp,
-the table's rows, the projection) and OUT/<machine>.md (the table).
+the table's rows, the projection) and OUT/<machine>.md (the table); a run of other parts
+than the default ones is named <machine>-<parts> (e.g. cpu-2c-xeon-width).
 """
 from __future__ import annotations
 
@@ -31,9 +36,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ooc_universal.errors import OocError
+from ooc_universal.errors import OocError, UsageError
 
-PARTS = ("kernels", "reduce", "extract", "ablate")
+PARTS = ("kernels", "reduce", "extract", "ablate")  # what a plain `bench` runs
+EXTRA_PARTS = ("width",)                          # run only when named (long)
 SIZES = ("tiny", "quick", "default")
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
@@ -48,9 +54,11 @@ PAPER = dict(models=5, checkpoints=3, n_tokens=5_000_000, n_layers=12, d_mlp=307
 ARGS = {
     "kernels": {
         "tiny": ["--n", "512", "--na", "128", "--nb", "128", "--tile-rows", "256",
-                 "--tile-cols", "256", "--repeats", "2"],
+                 "--tile-cols", "256", "--repeats", "2", "--baseline-rows", "128",
+                 "--baseline-d", "64"],
         "quick": ["--n", "2048", "--na", "1024", "--nb", "1024", "--tile-rows", "2048",
-                  "--tile-cols", "2048", "--repeats", "3"],
+                  "--tile-cols", "2048", "--repeats", "3", "--baseline-rows", "1024",
+                  "--baseline-d", "512"],
         "default": [],
     },
     "reduce": {"tiny": ["--tiny"], "quick": ["--quick"], "default": []},
@@ -67,6 +75,7 @@ ARGS = {
         "quick": ["--batches", "2"],
         "default": [],
     },
+    "width": {"tiny": ["--tiny"], "quick": ["--quick"], "default": []},
 }
 EXTRACT_WINDOWS = {"tiny": 8, "quick": 32, "default": 64}
 
@@ -96,12 +105,13 @@ def parse_parts(text: str | None) -> tuple:
     """'reduce,kernels' -> ('kernels', 'reduce') (always in suite order)."""
     if not text:
         return PARTS
+    known = PARTS + EXTRA_PARTS
     want = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in want if p not in PARTS]
+    bad = [p for p in want if p not in known]
     if bad or not want:
-        raise OocError(f"unknown part(s) {', '.join(bad) or repr(text)}; "
-                         f"choose from {','.join(PARTS)}")
-    return tuple(p for p in PARTS if p in want)
+        raise UsageError(f"unknown part(s) {', '.join(bad) or repr(text)}; "
+                         f"choose from {','.join(known)}")
+    return tuple(p for p in known if p in want)
 
 
 def default_out_dir() -> Path:
@@ -219,6 +229,8 @@ def part_argv(part: str, cfg: SuiteConfig) -> list:
             argv = _set(argv, "--windows", str(windows))
     elif part == "ablate":
         argv += ["--device", cfg.device, "--threads", threads]
+    elif part == "width" and cfg.scale != 1:  # CPU only: the workstation case
+        argv += ["--scale", repr(cfg.scale)]
     return argv
 
 
@@ -248,7 +260,7 @@ def run_part(part: str, argv: list, quiet: bool = False) -> dict:
     import numba
     import torch
     mod = importlib.import_module(f"ooc_universal.bench.bench_{part}")
-    if part == "reduce" and quiet:
+    if part in ("reduce", "width") and quiet:
         argv = argv + ["--quiet"]
     threads, nthreads = torch.get_num_threads(), numba.get_num_threads()
     try:
@@ -258,12 +270,18 @@ def run_part(part: str, argv: list, quiet: bool = False) -> dict:
         numba.set_num_threads(nthreads)
 
 
+def _result_name(slug: str, parts: tuple) -> str:
+    """<machine> for the default parts, <machine>-<parts> otherwise: a run of some parts
+    (say --only width) never overwrites the whole suite's results."""
+    return slug if tuple(parts) == PARTS else f"{slug}-{'-'.join(parts)}"
+
+
 def run_suite(cfg: SuiteConfig, quiet: bool = False) -> dict:
     """Run the chosen parts; return the suite document (see the module docstring)."""
     from ooc_universal import __version__
     t_start = time.perf_counter()
     info = machine_info(cfg.device)
-    slug = cfg.machine or info["slug"]
+    slug = cfg.machine or _result_name(info["slug"], cfg.parts)
     doc = {"bench": "suite", "toolkit_version": __version__,
            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "machine": dict(info, name=slug, load_average_start=_load_average()),
@@ -298,7 +316,8 @@ def kernel_figures(k: dict) -> list:
     goal = GOALS["kernel_vs_matmul"]
     for prec in ("fp32", "bf16"):
         mine = {r["kernel"]: r for r in k["comoment"] if r["precision"] == prec}
-        mm, upd = mine["matmul"], mine["comoment_update_+workspace"]
+        mm, upd = mine["matmul"], mine.get("strips+spare row (the reduce's fold)",
+                                          mine["comoment_update_+workspace"])
         rows.append(_row("kernels", f"{prec} co-moment block kernel / torch.matmul "
                          f"({k['args']['n']} x {k['args']['na']} x {k['args']['nb']})",
                          upd["gflops"], mm["gflops"], upd["ratio_to_matmul"], f">= {goal}",
@@ -315,6 +334,17 @@ def kernel_figures(k: dict) -> list:
     for prec in ("fp32", "bf16"):
         rows.append(_row("kernels", f"{prec} max |rho - float64 rho|, blocks of 512",
                          acc[f"{prec}_max_abs_err_blocks_of_512"]))
+    if "baseline" in k:
+        b = k["baseline"]
+        rows_, layers, d = b["shape"]
+        rows.append(_row("kernels", f"fp32 baseline max |row max - float64 baseline| "
+                         f"(same C, {rows_} rows x {layers} layers of {d})",
+                         b["fp32_max_abs_diff_from_float64"], None, None, "<= 1e-06",
+                         b["fp32_max_abs_diff_from_float64"] <= 1e-6))
+        rows.append(_row("kernels", "fp32 baseline speed-up over the float64 one",
+                         b["seconds"]["fp32 (rotation_baseline_scaled)"],
+                         b["seconds"]["float64 (rotation_baseline)"],
+                         b["speedup_fp32_over_float64"], None, None, "s"))
     return rows
 
 
@@ -359,6 +389,8 @@ def figures(doc: dict) -> list:
         rows += extract_figures(p["extract"])
     if "ablate" in p:
         rows += ablate_figures(p["ablate"])
+    if "width" in p:
+        rows += [dict(r, part="width") for r in p["width"]["figures"]]
     return rows
 
 

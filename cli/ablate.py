@@ -5,7 +5,7 @@ from typing import get_args
 
 import click
 
-from ooc_universal.cli.options import device_option, parse_list
+from ooc_universal.cli.options import device_option, parse_list, progress_option
 from ooc_universal.config import AblateConfig, ComputeConfig
 from ooc_universal.errors import OocError
 
@@ -60,10 +60,9 @@ def _overrides(items) -> dict:
                    "rebuilt from the reduce files' attributes. Repeatable.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="Seed of the control draws.")
-@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
-              help="No progress bars (--no-progress, as in the other steps).")
+@progress_option()
 def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universal,
-           no_layerwise, n_eval_tokens, batch_size, device, models, seed, quiet):
+           no_layerwise, n_eval_tokens, batch_size, device, models, seed, no_progress):
     """Ablate universal vs control neurons; report KL and delta loss.
 
     Zero-ablation sets a neuron (an input of the MLP output projection: the post-GELU
@@ -75,6 +74,12 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
     (float64); delta_loss = CE(ablated) - CE(original) on the true next tokens; *_se
     is the standard error over sequences. Control rows give the mean over draws and a
     95% interval over draws (ablation_draws.csv has every draw).
+
+    \b
+    Examples:
+      ooc-universal ablate --run-dir runs/demo
+      ooc-universal ablate --run-dir runs/demo --thresholds 0.5 --control-draws 10
+      ooc-universal ablate --run-dir runs/demo --mode mean --device cuda:1
     """
     from ooc_universal.config import validated
     from ooc_universal.formats.ablation import format_ablation
@@ -91,7 +96,7 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
     with run_lock(run_dir):
         out = run_ablate(run_dir, settings, compute, reference=reference, thresholds=taus,
                          n_eval_tokens=n_eval_tokens, model_overrides=overrides,
-                         progress=not quiet)
+                         progress=not no_progress)
     click.echo(format_ablation(out.rows))
     if out.n_resumed:
         click.echo(f"reused {out.n_resumed} of {out.n_models} model(s) from RUN/ablate/parts")

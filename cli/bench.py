@@ -7,7 +7,9 @@ from click.core import ParameterSource
 
 @click.command("bench")
 @click.option("--only", default=None, metavar="PARTS",
-              help="Comma-separated parts to run: kernels,reduce,extract,ablate [all].")
+              help="Comma-separated parts to run: kernels,reduce,extract,ablate [all of "
+                   "these]; width (the reduce at the paper's width, ~25 min on 2 cores) "
+                   "runs only when named.")
 @click.option("--quick", is_flag=True,
               help="Smoke run with small shapes (about 1-2 minutes on 2 CPU cores).")
 @click.option("--tiny", is_flag=True,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from ooc_universal.cli.options import progress_option
+
 from ooc_universal.config import CardsConfig
 
 DEFAULTS = CardsConfig()
@@ -15,9 +17,8 @@ DEFAULTS = CardsConfig()
               help="Cards per model pair: its top neurons by excess correlation (draw 0).")
 @click.option("--n-tokens", type=int, default=DEFAULTS.n_tokens, show_default=True,
               help="Tokens a card lists as promoted and as suppressed most.")
-@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
-              help="No progress bars (--no-progress, as in the other steps).")
-def cards(run_dir, top_n, n_tokens, quiet):
+@progress_option()
+def cards(run_dir, top_n, n_tokens, no_progress):
     """Neuron cards: per pair, the top neurons by excess, their matched neurons and the
     tokens their output weights promote and suppress most.
 
@@ -29,12 +30,17 @@ def cards(run_dir, top_n, n_tokens, quiet):
     checkpoint's weights on the CPU.
 
     Example: ooc-universal cards --run-dir runs/demo --top-n 8
+
+    \b
+    Examples:
+      ooc-universal cards --run-dir runs/demo
+      ooc-universal cards --run-dir runs/demo --top-n 16
     """
     from ooc_universal.config import validated
     from ooc_universal.steps.cards import cards as run_cards
 
     settings = validated(CardsConfig, {"top_n": top_n, "n_tokens": n_tokens}, "command line")
-    out = run_cards(run_dir, settings, progress=not quiet)
+    out = run_cards(run_dir, settings, progress=not no_progress)
     for card in out.cards.cards:
         vocab = card["vocab"]
         chosen = ", ".join(f"{s['other']} #{s['rank']}" for s in card["selected_by"])

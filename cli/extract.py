@@ -44,7 +44,9 @@ SETTINGS, COMPUTE = ExtractConfig(), ComputeConfig()
               help="Show a progress bar over tokens.")
 def extract(run_dir, models, memory, device, dtype, batch_size, compression, block_tokens,
             checkpoint_pattern, allow_mixed_families, progress):
-    """Store each MODEL's post-GELU MLP activations at the token set's valid positions.
+    """Store each MODEL's MLP neurons (the input of every layer's MLP output projection:
+    post-GELU in GPT-2 and Pythia, act(gate) * up in OLMo and Llama) at the token set's
+    valid positions.
 
     MODEL is a spec: a letter a..e (the stanford-crfm GPT-2 small runs) with an optional
     @STEP (a@100000 = checkpoint-100000), a hub id org/name[@rev] (@STEP maps to the

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ooc_universal import __version__
-from ooc_universal.errors import OocError
+from ooc_universal.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, OocError, UsageError
 
 # name -> module (under ooc_universal.cli) that defines a click command of that name;
 # the order is the data flow.
@@ -36,11 +36,15 @@ class OrderedGroup(click.Group):
 @click.group(cls=OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ooc-universal")
 def cli():
-    """Find universal neurons in independently trained GPT-2 models, out of core.
+    """Find universal neurons in independently trained language models, out of core.
 
     Steps, in data-flow order: tokens -> extract -> reduce -> universal -> cards ->
     persistence -> ablate -> report. Each reads and writes files in one run
     directory, can be re-run, and resumes where it stopped.
+
+    Exit status: 0 done; 1 a run-time failure (missing or damaged input, stale output, no
+    room, a task that kept failing); 2 a usage error (the command line or the config is
+    wrong); 130 interrupted (run the same command again to resume).
     """
 
 
@@ -64,17 +68,22 @@ def _one_line(text) -> str:
 
 
 def main(argv=None):
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: every error is one line on stderr. Exit status 2: a usage error (the
+    command line or config is wrong); 1: a run-time failure (missing or damaged input,
+    stale output, no room, a task that kept failing); 130: interrupted (resumable)."""
     try:
         rv = cli.main(args=argv, prog_name="ooc-universal", standalone_mode=False)
         if isinstance(rv, int) and rv:
             sys.exit(rv)
+    except UsageError as exc:
+        click.echo(f"error: {_one_line(exc)}", err=True)
+        sys.exit(EXIT_USAGE)
     except OocError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_FAILURE)
     except click.exceptions.Abort:
         click.echo("error: interrupted; run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -88,7 +97,7 @@ def main(argv=None):
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("error: interrupted; run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except OSError as exc:
         from ooc_universal.rundir import is_disk_full
         if not is_disk_full(exc):
@@ -96,7 +105,7 @@ def main(argv=None):
         where = f" ({exc.filename})" if exc.filename else ""
         click.echo(f"error: disk full{where}: {exc.strerror}; free some space and run the "
                    "same command again (finished work is kept)", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_FAILURE)
 
 
 if __name__ == "__main__":

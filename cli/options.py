@@ -28,3 +28,9 @@ def parse_list(text, kind=str, name: str = "value", example: str = "a,b"):
 def device_option(default: str = "auto"):
     return click.option("--device", default=default, show_default=True,
                         help=f"Where to compute: {DEVICE_HELP}.")
+
+
+def progress_option():
+    """The one progress switch of every command: --no-progress turns the bars off."""
+    return click.option("--no-progress", "no_progress", is_flag=True,
+                        help="No progress bars (for logs and scripts).")

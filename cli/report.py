@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from ooc_universal.cli.options import progress_option
+
 from ooc_universal.config import ReportConfig
 from ooc_universal.errors import OocError
 
@@ -17,9 +19,8 @@ DEFAULTS = ReportConfig()
 @click.option("--zoo-json", default=DEFAULTS.zoo_json, type=click.Path(dir_okay=False),
               help="A zoo's zoo.json, for the models' held-out loss. Default: zoo_json in "
                    "RUN/config.toml, or the zoo.json beside a local model of the run.")
-@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
-              help="No progress bars (--no-progress, as in the other steps).")
-def report(run_dir_arg, run_dir, zoo_json, quiet):
+@progress_option()
+def report(run_dir_arg, run_dir, zoo_json, no_progress):
     """Write RUN/report/: index.html (one self-contained page) and index.md with PNGs.
 
     Table 1 (percent universal by threshold and checkpoint, per pair, per layer, with
@@ -29,6 +30,11 @@ def report(run_dir_arg, run_dir, zoo_json, quiet):
     cards (RUN/cards, `ooc-universal cards`) and the models' held-out loss. A step that
     has not run gets a "not run" section.
     report_data.json holds every number the tables show.
+
+    \b
+    Examples:
+      ooc-universal report --run-dir runs/demo
+      ooc-universal report --run-dir runs/demo --zoo-json my-zoo/zoo.json
     """
     from ooc_universal.config import validated
     from ooc_universal.report import report as run_report
@@ -40,6 +46,6 @@ def report(run_dir_arg, run_dir, zoo_json, quiet):
     if not target:
         raise click.UsageError("give the run directory: `ooc-universal report RUN_DIR`")
     settings = validated(ReportConfig, {"zoo_json": zoo_json or ""}, "command line")
-    paths = run_report(target, settings, progress=not quiet)
+    paths = run_report(target, settings, progress=not no_progress)
     click.echo(f"wrote {paths['html']}")
     click.echo(f"wrote {paths['md']}")

@@ -5,7 +5,7 @@ from typing import get_args
 
 import click
 
-from ooc_universal.cli.options import parse_list
+from ooc_universal.cli.options import parse_list, progress_option
 from ooc_universal.config import UniversalConfig
 
 DEFAULTS = UniversalConfig()
@@ -35,10 +35,9 @@ DEFINITIONS = get_args(UniversalConfig.model_fields["definition"].annotation)
                    "`reduce --keep-covariance`); they add spread, never change draw 0.")
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="First seed for the extra draws (seeds already used by reduce are skipped).")
-@click.option("--quiet", "--no-progress", "quiet", is_flag=True,
-              help="No progress bars (--no-progress, as in the other steps).")
+@progress_option()
 def universal(run_dir, reference, all_references, thresholds, definition,
-              extra_baseline_draws, seed, quiet):
+              extra_baseline_draws, seed, no_progress):
     """Universal neurons and Table 1 from the reduced statistics.
 
     excess_j[k] = max_l rho(a_k, b_l) - max_m rho(a_k, (R_j b)_m): the best
@@ -47,6 +46,12 @@ def universal(run_dir, reference, all_references, thresholds, definition,
     draw 0, the paper's single rotation; further draws only report the spread. A
     neuron is universal when excess > tau (strict: excess == tau is not). Percentages
     count zero-variance neurons (never universal) in the denominator.
+
+    \b
+    Examples:
+      ooc-universal universal --run-dir runs/demo
+      ooc-universal universal --run-dir runs/demo --thresholds 0.3,0.5
+      ooc-universal universal --run-dir runs/demo --definition pair-averaged
     """
     from ooc_universal.config import validated
     from ooc_universal.formats.tables import format_table1
@@ -58,7 +63,7 @@ def universal(run_dir, reference, all_references, thresholds, definition,
         "thresholds": list(taus), "definition": definition,
         "extra_baseline_draws": extra_baseline_draws, "seed": seed}, "command line")
     out = run_universal(run_dir, settings, reference=reference,
-                        all_references=all_references, progress=not quiet)
+                        all_references=all_references, progress=not no_progress)
     click.echo(format_table1(out.table1))
     for key in ("sets", "table1", "table1_csv", "table1_draws_csv", "neurons_parquet",
                 "neurons_csv", "neuron_draws"):

@@ -69,7 +69,13 @@ def zoo():
 @click.option("--keep-train-state", is_flag=True, help="keep train_state.pt after completion")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def train(preset, out_dir, device, threads, only, keep_train_state, no_progress, **fields):
-    """Train (or resume) a zoo; prints each model's directory and held-out loss."""
+    """Train (or resume) a zoo; prints each model's directory and held-out loss.
+
+    \b
+    Examples:
+      ooc-universal zoo train --preset demo --out my-zoo --threads 1
+      ooc-universal zoo train --preset demo --out my-zoo --only 0,1   # split over processes
+    """
     from ooc_universal.zoo import PRESETS, train_zoo
 
     if preset not in PRESETS:

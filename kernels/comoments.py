@@ -85,32 +85,51 @@ _NUMBA_INPUTS = (torch.float16, torch.float32, torch.float64)
 
 
 def centre_block(x: torch.Tensor, compute_dtype=torch.float32, *, workspace=None,
-                 role: str = "x", impl: str = "auto"):
+                 role: str = "x", impl: str = "auto", spare_row: bool = False):
     """Centre a token block for the GEMM.
 
-    x: (n, N) any float dtype, n >= 1. Returns (mean (N,) f64, m2 (N,) f64,
-    xg (n, N) compute dtype), xg = x - mu with mu the block mean rounded to the working
-    precision (f64 for float64, else fp32). `role` keys the workspace buffer (two
-    blocks centred for one GEMM need different roles). `impl`: "numba" (two fused
-    passes, kernels/centring.py; the CPU default for fp16/fp32/fp64 input), "torch"
-    (chunked torch ops; any device, the CUDA path) or "auto".
+    x: (n, N) any float dtype, n >= 1 (a column slice of a larger array is fine).
+    Returns (mean (N,) f64, m2 (N,) f64, xg (n, N) compute dtype), xg = x - mu with mu
+    the block mean rounded to the working precision (f64 for float64, else fp32).
+    `role` keys the workspace buffer (two blocks centred for one GEMM need different
+    roles). `impl`: "numba" (two fused passes, kernels/centring.py; the CPU default for
+    fp16/fp32/fp64 input), "torch" (chunked torch ops; any device, the CUDA path) or
+    "auto". With `spare_row`, xg has n + 1 rows: the last (zeros here) is where
+    comoment_strip_update_ puts the Chan merge term (mean and m2 are of the n rows).
     """
     compute = _compute_dtype(compute_dtype)
     work = torch.float64 if compute == torch.float64 else torch.float32
     n, cols = x.shape
     dev = x.device
-    if impl == "numba" or (impl == "auto" and dev.type == "cpu" and x.dtype in _NUMBA_INPUTS):
-        from .centring import centre_numpy
-        xg = _buffer(workspace, role, n, cols, compute, dev)
-        out = xg.view(torch.int16).numpy().view("uint16") if compute == torch.bfloat16 \
-            else xg.numpy()
-        mean, m2 = centre_numpy(x.numpy(), out, "float64" if work == torch.float64
-                                else "float32")
-        return torch.from_numpy(mean), torch.from_numpy(m2), xg
+    full = _buffer(workspace, role, n + 1 if spare_row else n, cols, compute, dev)
+    if spare_row:
+        full[n].zero_()
+    mean, m2 = _centre_into(x, full[:n], compute, work, workspace, impl)
+    return mean, m2, full
+
+
+def _centre_into(x, xg, compute, work, workspace, impl) -> tuple:
+    """Write x - mu into xg (n, N); returns (mean, m2) f64."""
+    if impl == "numba" or (impl == "auto" and x.device.type == "cpu"
+                           and x.dtype in _NUMBA_INPUTS):
+        return _centre_numba(x, xg, compute, work)
+    return _centre_torch(x, xg, compute, work, workspace)
+
+
+def _centre_numba(x, xg, compute, work) -> tuple:
+    from .centring import centre_numpy
+    out = xg.view(torch.int16).numpy().view("uint16") if compute == torch.bfloat16 \
+        else xg.numpy()
+    mean, m2 = centre_numpy(x.numpy(), out, "float64" if work == torch.float64 else "float32")
+    return torch.from_numpy(mean), torch.from_numpy(m2)
+
+
+def _centre_torch(x, xg, compute, work, workspace) -> tuple:
+    n, cols = x.shape
+    dev = x.device
     k = _chunk_rows(n, cols, dev)
     tmp = _buffer(workspace, "tmp", k, cols, work, dev)
     sq = _buffer(workspace, "sq", k, cols, work, dev)
-    xg = _buffer(workspace, role, n, cols, compute, dev)
 
     x0 = x[0].to(work)  # shift: a constant column centres to exact zeros
     s = torch.zeros(cols, dtype=torch.float64, device=dev)
@@ -135,7 +154,7 @@ def centre_block(x: torch.Tensor, compute_dtype=torch.float32, *, workspace=None
             xg[a:b].copy_(t)  # the single rounding to bf16
     mean = mu.double() + r / n
     m2 = (q - r * r / n).clamp_min_(0.0)
-    return mean, m2, xg
+    return mean, m2
 
 
 def _gemm_tn(a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
@@ -150,16 +169,20 @@ def _gemm_tn(a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
     return torch.mm(a.T, b)
 
 
-def empty_comoments(na: int, nb: int, precision=torch.float32, device="cpu") -> dict:
-    """The n = 0 record (identity of the merge) with an allocated, zeroed c.
+def empty_comoments(na: int, nb: int, precision=torch.float32, device="cpu", *,
+                    zeroed: bool = True) -> dict:
+    """The n = 0 record (identity of the merge) with an allocated c, zeroed unless
+    `zeroed=False`: then c holds garbage until the first block's strips
+    (comoment_strip_update_, which overwrites at n = 0) have covered every column; a
+    (Na, Nb) accumulator is then written once instead of twice.
 
     precision: a compute dtype or "fp32" | "bf16" | "fp64"; c gets its accumulator dtype.
     """
     acc = _COMPUTE[_compute_dtype(precision)]
     f64 = dict(dtype=torch.float64, device=device)
+    c = (torch.zeros if zeroed else torch.empty)(na, nb, dtype=acc, device=device)
     return {"n": 0, "mean_x": torch.zeros(na, **f64), "mean_y": torch.zeros(nb, **f64),
-            "m2_x": torch.zeros(na, **f64), "m2_y": torch.zeros(nb, **f64),
-            "c": torch.zeros(na, nb, dtype=acc, device=device)}
+            "m2_x": torch.zeros(na, **f64), "m2_y": torch.zeros(nb, **f64), "c": c}
 
 
 @torch.no_grad()
@@ -228,8 +251,140 @@ def comoment_update_centred_(acc: dict, cx: tuple, cy: tuple) -> dict:
     return acc
 
 
-def _merge_moments_(acc: dict, b: dict, c_of_b):
-    """Chan merge of b into acc in place; c_of_b (or None if already added) is b's c."""
+# ------------------------------------------------------------- column strips, spare row
+# The reduce folds a block strip by strip (one layer of the other model at a time, so
+# the centred block of that model is (n, d), not (n, N)). The Chan merge term
+# f dx dy^T (f = n_acc n / (n_acc + n), dx = block mean - running mean) rides along in
+# the strip's GEMM as one extra row of each centred operand, sqrt(f) dx and sqrt(f) dy:
+# no separate pass over the accumulator per block. The running moments are merged once
+# per block, after its last strip (comoment_moments_update_).
+
+def _chan_scale(n_acc: int, n: int) -> float:
+    """sqrt(n_acc n / (n_acc + n)): 0 for the first block."""
+    return (n_acc * n / (n_acc + n)) ** 0.5 if n_acc else 0.0
+
+
+def _set_spare_row_(g: torch.Tensor, mean_block, mean_acc, scale: float) -> None:
+    g[-1].copy_((mean_block - mean_acc).mul_(scale))
+
+
+def _add_product_(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                  overwrite: bool = False, workspace=None) -> None:
+    """out += left @ right, or out = left @ right (out fp32/fp64; left, right of out's
+    dtype or bf16; left may be a transposed view). A CPU bf16 product goes through one
+    reused workspace buffer."""
+    if left.dtype == out.dtype:
+        out.addmm_(left, right, beta=0.0 if overwrite else 1.0)  # beta 0: out is not read
+        return
+    if left.device.type == "cpu":
+        prod = torch.mm(left, right, out=_buffer(workspace, "product", left.shape[0],
+                                                 right.shape[1], left.dtype, left.device))
+    else:
+        prod = _gemm_tn(left.T, right, out.dtype)
+    if overwrite:
+        out.copy_(prod)
+    else:  # a CPU bf16 product is added as it is (add_ promotes in place)
+        out.add_(prod)
+
+
+def transpose_block(cx: tuple, workspace=None) -> torch.Tensor:
+    """xt (N, n + 1) row-major: a spare-row centred block (centre_block's cx) copied
+    transposed, once per block. For the CPU bf16 GEMM, whose kernels run at about twice
+    the rate with their first operand row-major (854 against 436 GFLOP per CPU-second
+    measured at 12,288 x 4,032 x 3,072); pass it to comoment_strip_update_(xt=...)."""
+    xg = cx[2]
+    xt = _buffer(workspace, "xt", xg.shape[1], xg.shape[0], xg.dtype, xg.device)
+    return xt.copy_(xg.T)
+
+
+@torch.no_grad()
+def comoment_strip_update_(acc: dict, cx: tuple, cy: tuple, col0: int, *,
+                           xt: torch.Tensor | None = None, workspace=None) -> dict:
+    """acc["c"][:, col0:col0 + w] += Xg^T Yg + f dx dy^T for one column strip of y (at
+    n = 0, c's columns are overwritten: an unzeroed accumulator is fine).
+
+    cx = (mean_x, m2_x, xg (n + 1, Na)) and cy = (mean_y, m2_y, yg (n + 1, w)) from
+    centre_block(..., spare_row=True); their spare rows (xt's last column, when the
+    transposed block is given) are overwritten here. acc's moments are left as they
+    were (the next strip needs them): call comoment_moments_update_ once the block's
+    last strip is in. `workspace`: where a bf16 product's buffer is kept."""
+    mean_x, _, xg = cx
+    mean_y, _, yg = cy
+    w = yg.shape[1]
+    scale = _chan_scale(acc["n"], xg.shape[0] - 1)
+    left = xg.T if xt is None else xt
+    left[:, -1].copy_((mean_x - acc["mean_x"]).mul_(scale))
+    _set_spare_row_(yg, mean_y, acc["mean_y"][col0:col0 + w], scale)
+    _add_product_(acc["c"][:, col0:col0 + w], left, yg, overwrite=acc["n"] == 0,
+                  workspace=workspace)
+    return acc
+
+
+@torch.no_grad()
+def comoment_moments_update_(acc: dict, n: int, mean_x, m2_x, mean_y, m2_y) -> dict:
+    """Chan merge of a block's moments into acc; acc["c"] is not touched (its strips,
+    merge term included, were added by comoment_strip_update_)."""
+    block = {"n": n, "mean_x": mean_x, "mean_y": mean_y, "m2_x": m2_x, "m2_y": m2_y}
+    return _merge_moments_(acc, block, c_of_b=None, outer=False)
+
+
+def empty_self_comoments(n_neurons: int, d: int, device="cpu") -> dict:
+    """The n = 0 self co-moment record: {"n", "mean", "m2" (N,) f64, "s" (L, d, d) f64}."""
+    if d <= 0 or n_neurons % d:
+        raise ValueError(f"{n_neurons} neurons are not a whole number of layers of d={d}")
+    f64 = dict(dtype=torch.float64, device=device)
+    return {"n": 0, "mean": torch.zeros(n_neurons, **f64), "m2": torch.zeros(n_neurons, **f64),
+            "s": torch.zeros(n_neurons // d, d, d, **f64)}
+
+
+@torch.no_grad()
+def self_comoment_strip_update_(acc: dict, cy: tuple, layer: int, *, workspace=None) -> dict:
+    """acc["s"][layer] += Yg^T Yg + f dy dy^T for layer `layer`'s strip of a block.
+
+    cy = (mean, m2, yg (n + 1, d)) from centre_block(..., spare_row=True). The float64
+    accumulator is preallocated (empty_self_comoments); an fp32/bf16 block product goes
+    through one reused (d, d) fp32 buffer. Moments: self_moments_update_ after the last
+    layer of the block."""
+    mean, _, yg = cy
+    d = yg.shape[1]
+    cols = slice(layer * d, (layer + 1) * d)
+    _set_spare_row_(yg, mean, acc["mean"][cols], _chan_scale(acc["n"], yg.shape[0] - 1))
+    s = acc["s"][layer]
+    if yg.dtype == torch.float64:
+        s.addmm_(yg.T, yg)
+        return acc
+    prod = _buffer(workspace, "self_product", d, d, torch.float32, yg.device)
+    if yg.dtype == torch.float32:
+        torch.mm(yg.T, yg, out=prod)
+    elif yg.device.type == "cpu":  # bf16: row-major first operand (transpose_block)
+        prod.copy_(torch.mm(yg.T.contiguous(), yg))
+    else:
+        prod.copy_(_gemm_tn(yg, yg, torch.float32))
+    s.add_(prod)
+    return acc
+
+
+@torch.no_grad()
+def self_moments_update_(acc: dict, n: int, mean, m2) -> dict:
+    """Chan merge of a block's (N,) moments into a self co-moment record (s untouched)."""
+    na = acc["n"]
+    if n == 0:
+        return acc
+    if na == 0:
+        acc["mean"].copy_(mean)
+        acc["m2"].copy_(m2)
+    else:
+        dy = mean - acc["mean"]
+        f = na * n / (na + n)
+        acc["mean"].add_(dy, alpha=n / (na + n))
+        acc["m2"].add_(m2).addcmul_(dy, dy, value=f)
+    acc["n"] = na + n
+    return acc
+
+
+def _merge_moments_(acc: dict, b: dict, c_of_b, outer: bool = True):
+    """Chan merge of b into acc in place; c_of_b (or None if already added) is b's c;
+    outer=False when the f dx dy^T term is in acc["c"] already (a spare row)."""
     na, nb = acc["n"], b["n"]
     if nb == 0:
         return acc
@@ -247,7 +402,8 @@ def _merge_moments_(acc: dict, b: dict, c_of_b):
     c = acc["c"]
     if c_of_b is not None:
         c.add_(c_of_b)
-    c.addr_(dx.to(c.dtype), dy.to(c.dtype), alpha=f)
+    if outer:
+        c.addr_(dx.to(c.dtype), dy.to(c.dtype), alpha=f)
     acc["mean_x"].add_(dx, alpha=nb / n)
     acc["mean_y"].add_(dy, alpha=nb / n)
     acc["m2_x"].add_(b["m2_x"]).addcmul_(dx, dx, value=f)

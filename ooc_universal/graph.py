@@ -18,9 +18,15 @@ Every task runs under run_task: retried TASK_RETRIES times when it raises (a tas
 from its own checkpoint), then one line naming it; user-fixable errors (OocError) and a
 full disk are not retried. Tasks record where their time goes in TIMINGS (local runs),
 which the caller reads after execute (the bench's breakdown comes from there).
+
+Memory: tasks are planned to fit a budget one at a time, so what a finished task freed
+must leave the process. With glibc, execute fixes malloc's mmap threshold at 1 MiB
+(by default it grows to 32 MiB after a large free, and freed heap blocks below it stay
+resident) and every task ends with malloc_trim (trim_heap).
 """
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -72,37 +78,47 @@ PROGRESS = ProgressHook()
 
 class Timings:
     """Seconds per named phase, summed over the tasks of this process (thread-safe).
-    Tasks wrap their phases in `with TIMINGS.phase("read"):`; the cost is two clock
-    reads per phase. On a GPU the phases are not synchronised: times are launch times
-    except where a phase waits for its result."""
+    Tasks wrap their phases in `with TIMINGS.phase("read"):`; the cost is four clock
+    reads per phase. Wall seconds, and the process's CPU-seconds (all its threads: a
+    local graph runs one task at a time, so they are the phase's; on a busy machine the
+    CPU-seconds are what a phase cost). On a GPU the phases are not synchronised: times
+    are launch times except where a phase waits for its result."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._seconds: dict = {}
+        self._cpu: dict = {}
         self._calls: dict = {}
 
     def reset(self) -> None:
         with self._lock:
             self._seconds.clear()
+            self._cpu.clear()
             self._calls.clear()
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, cpu_seconds: float = 0.0) -> None:
         with self._lock:
             self._seconds[name] = self._seconds.get(name, 0.0) + seconds
+            self._cpu[name] = self._cpu.get(name, 0.0) + cpu_seconds
             self._calls[name] = self._calls.get(name, 0) + 1
 
     @contextmanager
     def phase(self, name: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - t0)
+            self.add(name, time.perf_counter() - t0, time.process_time() - c0)
 
     def snapshot(self) -> dict:
         """{phase: seconds} so far."""
         with self._lock:
             return dict(self._seconds)
+
+    def cpu_snapshot(self) -> dict:
+        """{phase: CPU-seconds of the process} so far."""
+        with self._lock:
+            return dict(self._cpu)
 
     def calls(self) -> dict:
         with self._lock:
@@ -131,9 +147,47 @@ class TaskGraph:
         return [k for k in self.tasks if k[0] == f"{kind}-{self.tag}"]
 
 
+_MMAP_THRESHOLD = 1 << 20   # allocations of this size or more are mapped on their own
+_M_MMAP_THRESHOLD = -3      # glibc's mallopt parameter number
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def fix_mmap_threshold() -> None:
+    """glibc: map allocations of >= 1 MiB on their own, returned to the OS when freed
+    (no effect elsewhere)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+
+def trim_heap() -> None:
+    """glibc: give the heap's free memory back to the OS (no effect elsewhere)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def run_task(what: str, name: str, fn, *args):
     """Run one task: retried TASK_RETRIES times when it raises; then one line naming the
-    task. A full disk and user-fixable errors are not retried."""
+    task. A full disk and user-fixable errors are not retried. The heap is trimmed after
+    each (the next task's budget starts from what is really held)."""
+    fix_mmap_threshold()  # here too: on a cluster, tasks run in the workers
+    try:
+        return _run_with_retries(what, name, fn, *args)
+    finally:
+        trim_heap()
+
+
+def _run_with_retries(what: str, name: str, fn, *args):
     for attempt in range(TASK_RETRIES + 1):
         try:
             return fn(*args)
@@ -175,6 +229,8 @@ def execute(graph: TaskGraph, outputs: list, *, total: int, done_before: int,
         bar.update(done_before)
     PROGRESS.reset()
     TIMINGS.reset()
+    fix_mmap_threshold()
+    trim_heap()
     try:
         if scheduler:
             _run_on_cluster(graph, outputs, scheduler, progress)

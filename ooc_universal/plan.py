@@ -3,21 +3,40 @@
 The reduce keeps one co-moment accumulator (rows of the reference x all neurons of the
 other model) per pair. A *group* is a set of pairs reduced in one pass over the token
 blocks (the reference block is read and converted once for all of them); a *panel* is a
-range of reference rows (used only when a full-width accumulator does not fit). Total
-bytes read = passes * (reference panel + the group's other stores), so the planner picks
-the (group size, panel count) with the fewest bytes read that fits the budget.
+range of reference rows (used only when a full-width accumulator does not fit). The
+planner picks the (group size, panel count, block size) that fits the budget at the
+least estimated time (expected_seconds with default rates; on a GPU, the fewest bytes
+read first).
+
+Memory: every task of the reduce (steps/reduce.py) is counted buffer by buffer
+(task_bytes: blocks, memory-mapped store pages, centred strips, accumulators, the self
+co-moments, the baseline's rotations and strips, kernel scratch), on top of
+OVERHEAD_BYTES for the interpreter and libraries; the budget must hold the largest task
+plus the safety margin: required = (OVERHEAD + task) * (1 + SAFETY_FRACTION) +
+SCRATCH_BYTES. `--dry-run` prints the peak, the work directory's disk, the FLOPs of
+every kind and the expected time from rates measured at the plan's own shapes.
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ooc_universal.errors import OocError
 
-OVERHEAD_BYTES = 600 * 10**6  # interpreter, torch, numba, dask: measured RSS before work
+# RSS of a CPU reduce process before its first block: 384 MB measured (python 3.11,
+# torch 2.13, numba kernels loaded from their cache, dask, h5py, one GEMM run), + 15%
+# (the pair file's HDF5 chunk caches, a few MB, included): every task's constant part
+OVERHEAD_BYTES = 450 * 10**6
+SAFETY_FRACTION = 0.05         # on top of every counted buffer: allocator slack
+SCRATCH_BYTES = 64 * 10**6     # BLAS packing buffers, numba and torch per-thread scratch
+PAGE_BYTES = 4096
+FAULT_AROUND_BYTES = 64 * 1024  # Linux maps up to 64 KiB of cached file pages per fault
+THREADS_ALLOWANCE = 64         # per-thread partial sums (centring, tile max) for <= 64 threads
+BASELINE_ROW_STRIP = 4096      # reference rows per baseline GEMM (C strip R'^T)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp64": 8}
 
 
 def parse_bytes(text) -> int:
@@ -53,9 +72,14 @@ class ReducePlan:
     blocks_per_segment: int     # blocks between on-disk checkpoints of an accumulator
     baseline_draws: int
     keep_covariance: bool
-    peak_bytes: int = 0
+    peak_bytes: int = 0         # expected peak RSS of a worker (the largest task)
+    required_bytes: int = 0     # peak_bytes with the safety margin: what the budget holds
+    task_peaks: dict = field(default_factory=dict)   # {task kind: expected peak bytes}
     bytes_read: int = 0
-    flops: float = 0.0
+    work_disk_bytes: int = 0    # peak disk of the work directory (checkpoints)
+    output_bytes: int = 0       # the pair files
+    flops: float = 0.0          # every useful FLOP (the sum of flops_by_kind)
+    flops_by_kind: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
     @property
@@ -74,10 +98,16 @@ class ReducePlan:
     def n_fold_tasks(self) -> int:
         return len(self.groups) * len(self.panels) * self.n_chains
 
+    @property
+    def panel_rows(self) -> int:
+        return max(b - a for a, b in self.panels)
+
     def passes(self) -> dict:
-        """Passes over each store (a panel pass over the reference counts its fraction)."""
+        """Passes over each store (a panel pass over the reference counts its fraction;
+        the others' self co-moment pass counts 1)."""
         ref = sum((b - a) / self.n_ref for a, b in self.panels) * len(self.groups)
-        other = {self.pairs[i].other_label: len(self.panels) for g in self.groups for i in g}
+        other = {self.pairs[i].other_label: len(self.panels) + 1
+                 for g in self.groups for i in g}
         return {"reference": ref, "others": other}
 
     def to_dict(self) -> dict:
@@ -88,24 +118,149 @@ class ReducePlan:
         return d
 
 
-def _acc_bytes(precision: str) -> int:
-    return 8 if precision == "fp64" else 4
+# --------------------------------------------------------------------------- memory
+# Bytes of each task beyond the process overhead; shapes in the comments. cb: bytes of a
+# compute element (fp32 4, bf16 2, fp64 8); ab: of an accumulator element (4 or 8).
+
+@dataclass(frozen=True)
+class _Cut:
+    """What the memory of one (group, panel) depends on."""
+    rows: int            # reference rows of the panel
+    others: tuple        # ((n_other, d_other), ...) of the group
+    n_ref: int
+    block: int           # token rows per block
+    chunk: int           # store chunk rows (a block of more rows is gathered)
+    precision: str
+    device: str
+    draws: int
+    chains: int
+    keep_covariance: bool
+
+    @property
+    def cb(self) -> int:
+        return _COMPUTE_BYTES[self.precision]
+
+    @property
+    def ab(self) -> int:
+        return 8 if self.precision == "fp64" else 4
+
+    @property
+    def gathers(self) -> bool:
+        """Blocks copied into host buffers (a GPU, or blocks of several chunks)."""
+        return self.device.startswith("cuda") or self.block > self.chunk
+
+    @property
+    def d_max(self) -> int:
+        return max(d for _, d in self.others)
+
+    @property
+    def nb_max(self) -> int:
+        return max(nb for nb, _ in self.others)
 
 
-def _peak(rows, n_others, n_ref, block, precision, d_others, draws, n_chains) -> int:
-    """Peak bytes of one (group, panel) fold on one worker."""
-    acc = _acc_bytes(precision)
-    accum = sum(rows * nb * acc for nb in n_others) * (2 if n_chains > 1 else 1)
-    if precision == "bf16":  # the CPU bf16 GEMM has no fp32 output: one block product
-        accum += rows * max(n_others) * 4
-    # fp32 block buffers (+ centred copies, + bf16 copies) for the panel and each other.
-    # fp32 load buffers (panel + each other) and the kernels' centring workspace.
-    buffers = 4 * block * (2 * rows + (len(n_others) + 2) * max(n_others))
-    # self co-moments (f64): accumulator, block record and the merge's temporaries
-    selfm = sum((nb // d) * d * d * 8 * 3 for nb, d in zip(n_others, d_others))
-    finalize = min(rows, 4096) * max(d_others) * 8 * 3 + draws * n_ref * 4
-    return OVERHEAD_BYTES + accum + buffers + selfm + finalize
+def _mapped_ref(cut: _Cut) -> int:
+    """Pages of the reference block a panel maps: its columns of every token row, and
+    the fault-around window on either side (measured at 12 x 3072: a panel of 12,288
+    columns maps whole rows)."""
+    return cut.block * min(cut.n_ref * 2, cut.rows * 2 + 2 * FAULT_AROUND_BYTES)
 
+
+def _acc_bytes(cut: _Cut, nb: int) -> int:
+    """One pair's accumulator: c (rows, Nb) and its moment vectors."""
+    return cut.rows * nb * cut.ab + 48 * nb + 48 * cut.rows
+
+
+def _fold_bytes(cut: _Cut) -> int:
+    """The group's accumulators, and either the block buffers or (a single chain
+    finalizes from memory once they are freed) the finalize's own buffers."""
+    acc = sum(_acc_bytes(cut, nb) for nb, _ in cut.others)
+    centred = (cut.block + 1) * (cut.rows + cut.d_max) * cut.cb  # x block, one y strip
+    # bf16 strip GEMM: its product, the row-major copy of the x block and oneDNN's
+    # reordered operands
+    product = (cut.rows * cut.d_max * 4 + 2 * (cut.block + 1) * (2 * cut.rows + cut.d_max)
+               if cut.precision == "bf16" else 0)
+    staging = 2 if cut.device.startswith("cuda") else 1  # double-buffered uploads
+    gather = staging * cut.block * (cut.rows + cut.d_max) * 2 if cut.gathers else 0
+    mapped = _mapped_ref(cut) + cut.block * cut.nb_max * 2  # one other block at a time
+    partials = THREADS_ALLOWANCE * (cut.rows + cut.d_max) * 24
+    buffers = centred + product + gather + mapped + partials
+    return acc + max(buffers, _finalize_extra(cut) if cut.chains == 1 else 0)
+
+
+def _merge_bytes(cut: _Cut) -> int:
+    """Chan merge of the chains, one pair at a time: two of its accumulators."""
+    if cut.chains < 2:
+        return 0
+    return max(2 * _acc_bytes(cut, nb) for nb, _ in cut.others)
+
+
+def _finalize_bytes(cut: _Cut) -> int:
+    """One pair's accumulator (loaded from its checkpoint) and the finalize's buffers."""
+    return max(_acc_bytes(cut, nb) for nb, _ in cut.others) + _finalize_extra(cut)
+
+
+def _finalize_extra(cut: _Cut) -> int:
+    """Beyond the accumulators: the tile max's column partials, the baseline's rotation
+    (loaded and scaled) and strip product, a float32 copy of an fp64 c to keep, and
+    the panel's results."""
+    eb = 8 if cut.precision == "fp64" else 4
+    strip = min(BASELINE_ROW_STRIP, cut.rows)
+    per_pair = max(THREADS_ALLOWANCE * nb * 16 + 2 * d * d * eb + strip * d * eb
+                   + (cut.rows * nb * 4 if cut.keep_covariance and cut.ab == 8 else 0)
+                   for nb, d in cut.others)
+    return per_pair + len(cut.others) * cut.rows * (64 + 16 * cut.draws)
+
+
+def _self_bytes(cut: _Cut) -> int:
+    """One other model's self co-moment pass: the (L, d, d) f64 accumulator, the fp32
+    block product, one centred strip, the mapped block."""
+    out = 0
+    for nb, d in cut.others:
+        gather = cut.block * d * 2 * (2 if cut.device.startswith("cuda") else 1) \
+            if cut.gathers else 0
+        out = max(out, (nb // d) * d * d * 8 + d * d * 4 + (cut.block + 1) * d * cut.cb
+                  + cut.block * nb * 2 + gather + 48 * nb + THREADS_ALLOWANCE * d * 24)
+    return out
+
+
+def _rotation_bytes(cut: _Cut) -> int:
+    """Drawing one rotation (f64, its squares for the norms, the fp32 copy), or the
+    rotated scales of one layer (S in f64 and fp32, R, R S, its product with R)."""
+    d = cut.d_max
+    return max(d * d * (8 * 3 + 4), d * d * (8 + 4 * 4))
+
+
+def _assemble_bytes(cut: _Cut) -> int:
+    """One panel's results, one self co-moment layer, the column maxima."""
+    nb, d = max(cut.others)
+    cov = cut.rows * nb * 4 if cut.keep_covariance else 0
+    return cut.rows * (64 + 16 * cut.draws) + d * d * 8 + nb * 48 + cov
+
+
+TASK_BYTES = {"fold": _fold_bytes, "merge": _merge_bytes, "finalize": _finalize_bytes,
+              "self": _self_bytes, "rotations": _rotation_bytes, "assemble": _assemble_bytes}
+
+
+def task_bytes(cut: _Cut) -> dict:
+    """{task kind: expected peak RSS of a worker running it}, overhead included."""
+    return {kind: OVERHEAD_BYTES + fn(cut) for kind, fn in TASK_BYTES.items()}
+
+
+def with_margin(peak: int) -> int:
+    """The budget a peak needs: the safety margin on top."""
+    return int(peak * (1 + SAFETY_FRACTION)) + SCRATCH_BYTES
+
+
+def _peak(rows, n_others, n_ref, block, precision, d_others, draws, n_chains, *,
+          chunk: int | None = None, device: str = "cpu", keep_covariance: bool = False) -> int:
+    """The budget one (group, panel) needs: its largest task, margin included."""
+    cut = _Cut(int(rows), tuple(zip(n_others, d_others)), int(n_ref), int(block),
+               int(chunk or block), precision, str(device), int(draws), int(n_chains),
+               bool(keep_covariance))
+    return with_margin(max(task_bytes(cut).values()))
+
+
+# --------------------------------------------------------------------------- the plan
 
 def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="cpu",
               precision="fp32", n_workers: int = 1, store_chunk_rows: int = 64,
@@ -116,88 +271,151 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
 
     `n_workers` > 1 (a cluster) splits the tokens into that many chains per
     (group, panel), each on its own worker, merged at the end (Chan merge).
-    `max_panels` forces more panels (tests, and 'memory halved' in the bench).
+    `max_panels` forces that many panels (tests, and 'memory halved' in the bench).
     """
     if n_tokens < 2:
         raise OocError(f"need at least 2 token positions to correlate, got {n_tokens}")
-    if precision not in ("fp32", "bf16", "fp64"):
+    if precision not in _COMPUTE_BYTES:
         raise OocError(f"unknown precision {precision!r}; expected fp32, bf16 or fp64")
     memory_bytes = parse_bytes(memory)
-    n_others = [p.n_other for p in pairs]
-    d_others = [p.d_other for p in pairs]
     chunk = max(1, int(store_chunk_rows))
-    n_chains = max(1, int(n_workers))
+    shape = dict(n_ref=n_ref, chunk=chunk, precision=precision, device=str(device),
+                 draws=baseline_draws, chains=max(1, int(n_workers)),
+                 keep_covariance=keep_covariance)
+    best = None
+    for groups in _group_options(len(pairs)):
+        for block in _block_options(n_tokens, chunk, device, block_tokens):
+            cand = _fit(groups, pairs, block, memory_bytes, max_panels, shape)
+            if cand is None:
+                continue
+            key = _candidate_key(cand, pairs, n_tokens, device)
+            if best is None or key < best[0]:
+                best = (key, cand)
+    if best is None:
+        raise OocError(_too_small(memory, pairs, n_tokens, chunk, shape))
+    return _build(best[1], pairs, n_tokens, memory_bytes, shape, blocks_per_segment)
 
+
+def _group_options(n_pairs: int):
+    """Pairs per pass, largest first: [[0..g-1], [g..2g-1], ...] for g = n_pairs .. 1."""
+    for g in range(n_pairs, 0, -1):
+        yield [list(range(i, min(n_pairs, i + g))) for i in range(0, n_pairs, g)]
+
+
+def _block_options(n_tokens: int, chunk: int, device, block_tokens) -> list:
+    """Token rows per block: multiples of the store's chunk rows, largest first."""
     if block_tokens is not None:
         blocks = [max(chunk, (int(block_tokens) // chunk) * chunk)]
     else:
-        # Big blocks keep the GEMM efficient; smaller ones leave room for accumulators.
+        # big blocks keep the GEMM efficient; smaller ones leave room for accumulators
         top = 8192 if str(device).startswith("cuda") else 4096
-        blocks = sorted({max(chunk, (b // chunk) * chunk) for b in (top, top // 2, top // 4,
-                                                                    top // 8)}, reverse=True)
+        blocks = sorted({max(chunk, (b // chunk) * chunk)
+                         for b in (top, top // 2, top // 4, top // 8)}, reverse=True)
     cap = math.ceil(n_tokens / chunk) * chunk
-    blocks = [min(b, cap) for b in blocks]
+    return sorted({min(b, cap) for b in blocks}, reverse=True)
 
-    best = None
-    n_pairs = len(pairs)
-    panel_options = [max_panels] if max_panels else _panel_counts(n_ref)
-    for n_panels in panel_options:
-        rows = math.ceil(n_ref / n_panels)
-        found = None
-        for g in range(n_pairs, 0, -1):
-            groups = [list(range(i, min(n_pairs, i + g))) for i in range(0, n_pairs, g)]
-            for block in blocks:
-                peak = max(_peak(rows, [n_others[i] for i in grp], n_ref, block, precision,
-                                 [d_others[i] for i in grp], baseline_draws, n_chains)
-                           for grp in groups)
-                if peak <= memory_bytes:
-                    found = (groups, block, peak)
-                    break
-            if found:
-                break  # the largest group that fits is always best at this panel count
-        if found is None:
-            continue
-        groups, block, peak = found
-        reads = len(groups) + n_panels * n_pairs  # in store passes
-        key = (reads, n_panels, -block)
-        if best is None or key < best[0]:
-            best = (key, groups, n_panels, peak, block)
-        if n_panels == 1:
-            break
-    if best is None:
-        min_peak = _peak(1, [max(n_others)], n_ref, chunk, precision, d_others,
-                         baseline_draws, n_chains)
-        raise OocError(
-            f"memory budget {memory} is too small for one block of the reduce "
-            f"(needs at least {min_peak / 1e9:.2f} GB); raise --memory")
-    _, groups, n_panels, peak, block_tokens = best
+
+def _cut(rows: int, grp: list, pairs: list, block: int, shape: dict) -> _Cut:
+    return _Cut(rows, tuple((pairs[i].n_other, pairs[i].d_other) for i in grp),
+                shape["n_ref"], block, shape["chunk"], shape["precision"], shape["device"],
+                shape["draws"], shape["chains"], shape["keep_covariance"])
+
+
+def _required(rows: int, groups: list, pairs: list, block: int, shape: dict) -> int:
+    return max(with_margin(max(task_bytes(_cut(rows, g, pairs, block, shape)).values()))
+               for g in groups)
+
+
+def _fit(groups, pairs, block, memory_bytes, max_panels, shape) -> dict | None:
+    """The fewest equal panels (or max_panels) whose every task fits; None if none."""
+    n_ref = shape["n_ref"]
+    if max_panels:
+        n_panels = min(int(max_panels), n_ref)
+    else:
+        rows = _max_rows(groups, pairs, block, memory_bytes, shape)
+        if rows == 0:
+            return None
+        n_panels = math.ceil(n_ref / rows)
     rows = math.ceil(n_ref / n_panels)
-    panels = [(s, min(n_ref, s + rows)) for s in range(0, n_ref, rows)]
+    if _required(rows, groups, pairs, block, shape) > memory_bytes:
+        return None
+    return {"groups": groups, "block": block, "n_panels": n_panels, "rows": rows,
+            "n_ref": n_ref}
 
+
+def _max_rows(groups, pairs, block, memory_bytes, shape) -> int:
+    """The most reference rows per panel that fit (0: not even one); the need grows
+    with the rows, so bisect."""
+    lo, hi = 0, shape["n_ref"]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _required(mid, groups, pairs, block, shape) <= memory_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _candidate_key(cand: dict, pairs: list, n_tokens: int, device) -> tuple:
+    """GPU: fewest bytes read, then fewest panels (it is IO-bound). CPU: least estimated
+    time at default rates (a small block costs GEMM efficiency, a panel more centring
+    and reads); ties to fewer panels, larger blocks."""
+    reads = len(cand["groups"]) + cand["n_panels"] * len(pairs)  # in store passes
+    if str(device).startswith("cuda"):
+        return (reads, cand["n_panels"], -cand["block"])
+    secs = _rough_seconds(cand, pairs, n_tokens)
+    return (round(secs, 6), cand["n_panels"], -cand["block"])
+
+
+def _rough_seconds(cand: dict, pairs: list, n_tokens: int) -> float:
+    """Time of a candidate cut at DEFAULT_RATES, the GEMM slowed by a short block."""
+    r = DEFAULT_RATES
+    eff = cand["block"] / (cand["block"] + GEMM_HALF_EFFICIENCY_ROWS)
+    na, nb = cand["n_ref"], sum(p.n_other for p in pairs)
+    gemm = 2.0 * n_tokens * na * nb / (r.gemm_flops_per_s * eff)
+    elements = n_tokens * (na * len(cand["groups"]) + nb * cand["n_panels"])
+    return gemm + elements / r.centre_elements_per_s + 2.0 * elements / r.read_bytes_per_s
+
+
+def _too_small(memory, pairs, n_tokens, chunk, shape) -> str:
+    """The error for a budget that holds no plan, with the smallest that does."""
+    cap = math.ceil(n_tokens / chunk) * chunk
+    block = min(chunk, cap)
+    need = _required(1, [[i] for i in range(len(pairs))], pairs, block, shape)
+    return (f"memory budget {memory} is too small for the reduce (needs at least "
+            f"{need / 1e9:.2f} GB: one reference row against the widest other model, "
+            f"its self co-moments and the overhead); raise --memory")
+
+
+def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> ReducePlan:
+    n_ref, rows = shape["n_ref"], cand["rows"]
+    panels = [(s, min(n_ref, s + rows)) for s in range(0, n_ref, rows)]
     plan = ReducePlan(
-        n_tokens=n_tokens, n_ref=n_ref, pairs=pairs, device=device, precision=precision,
-        memory_bytes=memory_bytes, block_tokens=block_tokens, store_chunk_rows=chunk,
-        groups=groups, panels=panels, n_chains=n_chains, blocks_per_segment=1,
-        baseline_draws=baseline_draws, keep_covariance=keep_covariance, peak_bytes=peak)
+        n_tokens=n_tokens, n_ref=n_ref, pairs=pairs, device=shape["device"],
+        precision=shape["precision"], memory_bytes=memory_bytes, block_tokens=cand["block"],
+        store_chunk_rows=shape["chunk"], groups=cand["groups"], panels=panels,
+        n_chains=shape["chains"], blocks_per_segment=1, baseline_draws=shape["draws"],
+        keep_covariance=shape["keep_covariance"])
     plan.blocks_per_segment = blocks_per_segment or _segment_blocks(plan)
+    peaks = {}
+    for grp in plan.groups:
+        for kind, b in task_bytes(_cut(rows, grp, pairs, plan.block_tokens, shape)).items():
+            peaks[kind] = max(peaks.get(kind, 0), b)
+    plan.task_peaks = peaks
+    plan.peak_bytes = max(peaks.values())
+    plan.required_bytes = with_margin(plan.peak_bytes)
     plan.bytes_read = _bytes_read(plan)
-    plan.flops = _flops(plan)
-    if len(groups) > 1:
-        plan.notes.append(f"{len(groups)} passes over the reference: not all pairs' "
+    plan.flops_by_kind = _flops_by_kind(plan)
+    plan.flops = sum(plan.flops_by_kind.values())
+    plan.work_disk_bytes = _work_disk_bytes(plan)
+    plan.output_bytes = _output_bytes(plan)
+    if len(plan.groups) > 1:
+        plan.notes.append(f"{len(plan.groups)} passes over the reference: not all pairs' "
                           "accumulators fit at once")
-    if n_panels > 1:
-        plan.notes.append(f"{n_panels} row panels: a full-width accumulator does not fit; "
+    if len(panels) > 1:
+        plan.notes.append(f"{len(panels)} row panels: a full-width accumulator does not fit; "
                           "each other store is read once per panel")
     return plan
-
-
-def _panel_counts(n_ref: int):
-    """Panel counts to try, in order: 1, 2, 3, 4, 6, 8, ... (bounded list)."""
-    seen, k = [], 1
-    while k <= n_ref:
-        seen.append(k)
-        k = k + 1 if k < 4 else int(k * 1.5)
-    return seen
 
 
 def _segment_blocks(plan: ReducePlan) -> int:
@@ -209,49 +427,181 @@ def _segment_blocks(plan: ReducePlan) -> int:
 
 
 def _bytes_read(plan: ReducePlan) -> int:
-    row_bytes_ref = plan.n_ref * 2
+    """Store bytes read: the reference's panels once per group, each other store once
+    per panel and once more for its self co-moments."""
     total = 0
     for grp in plan.groups:
         for a, b in plan.panels:
             total += plan.n_tokens * (b - a) * 2
             total += sum(plan.n_tokens * plan.pairs[i].n_other * 2 for i in grp)
-    del row_bytes_ref
+    total += sum(plan.n_tokens * p.n_other * 2 for p in plan.pairs)
     return total
 
 
-def _flops(plan: ReducePlan) -> float:
-    """Useful FLOPs: 2 n Na Nb per pair, the self co-moments and the baseline GEMMs."""
-    n, na = plan.n_tokens, plan.n_ref
-    f = 0.0
+def _flops_by_kind(plan: ReducePlan) -> dict:
+    """Useful FLOPs: the cross GEMMs 2 n Na Nb, the self co-moments 2 n Nb d, the
+    baseline's C_l R_l'^T 2 Na Nb d per draw, and its rotated scales R S R^T 2 Nb d^2 per
+    draw (once per draw and layer for the whole reduce)."""
+    n, na, k = plan.n_tokens, plan.n_ref, plan.baseline_draws
+    out = {"cross": 0.0, "self": 0.0, "baseline": 0.0, "scales": 0.0}
     for p in plan.pairs:
-        f += 2.0 * n * na * p.n_other
-        f += 2.0 * n * p.n_other * p.d_other                  # within-layer self co-moments
-        f += plan.baseline_draws * 2.0 * na * p.n_other * p.d_other  # C_l R_l^T per draw
-    return f
+        out["cross"] += 2.0 * n * na * p.n_other
+        out["self"] += 2.0 * n * p.n_other * p.d_other
+        out["baseline"] += k * 2.0 * na * p.n_other * p.d_other
+        out["scales"] += k * 2.0 * p.n_other * p.d_other ** 2
+    return out
 
 
-def describe(plan: ReducePlan, gemm_flops_per_s: float | None = None) -> str:
-    """Human-readable plan for --dry-run."""
+def _acc_file_bytes(plan: ReducePlan, grp: list, rows: int) -> int:
+    ab = 8 if plan.precision == "fp64" else 4
+    return sum(rows * plan.pairs[i].n_other * ab + 32 * plan.pairs[i].n_other
+               for i in grp) + 32 * rows
+
+
+def _work_disk_bytes(plan: ReducePlan) -> int:
+    """Peak bytes of the work directory: every other model's self co-moments and scales,
+    the rotations, every panel's final file (kept for the assembly), and the fold
+    checkpoints in flight. One chain: a panel's checkpoint (rewritten beside its old
+    copy) only when it has more than one segment (its last is finalized from memory),
+    and a finished panel's checkpoints are removed. Several chains (a cluster): every
+    panel's chain checkpoints and merged file may coexist."""
+    rows = plan.panel_rows
+    k = plan.baseline_draws
+    selfs = sum((p.n_other // p.d_other) * p.d_other ** 2 * 8 + 16 * p.n_other
+                for p in plan.pairs)
+    biggest_self = max((p.n_other // p.d_other) * p.d_other ** 2 * 8 for p in plan.pairs)
+    widths = {p.d_other: p.n_other // p.d_other for p in plan.pairs}
+    rotations = sum(k * layers * d * d * 4 for d, layers in widths.items())
+    scales = sum(k * p.n_other * 8 for p in plan.pairs)
+    finals = sum(plan.n_ref * (64 + 8 * k) + 16 * p.n_other * len(plan.panels)
+                 + (plan.n_ref * p.n_other * 4 if plan.keep_covariance else 0)
+                 for p in plan.pairs)
+    fold = max(_acc_file_bytes(plan, grp, rows) for grp in plan.groups)
+    if plan.n_chains == 1:
+        in_flight = 2 * fold if _segments(plan) > 1 else 0
+    else:
+        in_flight = len(plan.panels) * (plan.n_chains + 1) * fold + fold
+    return selfs + biggest_self + rotations + scales + finals + in_flight
+
+
+def _segments(plan: ReducePlan) -> int:
+    """Checkpoint segments of one chain."""
+    return math.ceil(math.ceil(plan.n_blocks / plan.n_chains) / plan.blocks_per_segment)
+
+
+def _output_bytes(plan: ReducePlan) -> int:
+    """Bytes of the pair files."""
+    out = 0
+    for p in plan.pairs:
+        out += (p.n_other // p.d_other) * p.d_other ** 2 * 8 + 24 * (plan.n_ref + p.n_other)
+        out += plan.baseline_draws * plan.n_ref * 4 + 12 * (plan.n_ref + p.n_other)
+        if plan.keep_covariance:
+            out += plan.n_ref * p.n_other * 4
+    return out
+
+
+# --------------------------------------------------------------------------- time
+
+GEMM_HALF_EFFICIENCY_ROWS = 256  # a GEMM of k inner rows runs at k / (k + 256) of peak
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The machine's rates the time model uses (measure_rates measures them)."""
+    gemm_flops_per_s: float = 1e11       # the fold's strip update at the plan's shape
+    baseline_flops_per_s: float = 0.0    # the baseline's GEMMs (C's dtype: fp32 unless
+                                         # fp64); 0: the same as gemm_flops_per_s
+    centre_elements_per_s: float = 4e8   # fp16 -> centred compute dtype (two passes)
+    tile_elements_per_s: float = 8e8     # normalise + row/col max over a co-moment tile
+    disk_bytes_per_s: float = 1e9        # checkpoints written (fsynced) and read back
+    read_bytes_per_s: float = 2e9        # store pages read (page cache or disk)
+    normals_per_s: float = 1e8           # numpy standard normals (the rotations)
+    measured: tuple = ()                 # which of the above were measured now
+    per_cpu_s: dict = field(default_factory=dict)  # the same per CPU-second of the process
+
+
+DEFAULT_RATES = Rates()
+
+
+def expected_seconds(plan: ReducePlan, rates: Rates | None = None,
+                     per_cpu: bool = False) -> dict:
+    """{phase: seconds} the reduce is expected to take at `rates` (one worker; chains
+    on a cluster divide the fold phases), and "total". With `per_cpu`, CPU-seconds of
+    the process, from rates.per_cpu_s where measured (disk and reads stay wall time)."""
+    rates = rates or DEFAULT_RATES
+    if per_cpu:
+        rates = replace(rates, **{k: v for k, v in rates.per_cpu_s.items()})
+    n, k = plan.n_tokens, plan.baseline_draws
+    nb_all = sum(p.n_other for p in plan.pairs)
+    chains = max(1, plan.n_chains)
+    kinds = plan.flops_by_kind
+    base_rate = rates.baseline_flops_per_s or rates.gemm_flops_per_s
+    out = {"gemm": (kinds.get("cross", 0.0) / chains + kinds.get("self", 0.0))
+           / rates.gemm_flops_per_s,
+           "baseline_gemm": (kinds.get("baseline", 0.0) + kinds.get("scales", 0.0))
+           / base_rate}
+    centred = n * (plan.n_ref * len(plan.groups) + nb_all * (len(plan.panels) + 1))
+    out["centre"] = centred / rates.centre_elements_per_s / chains
+    out["read"] = plan.bytes_read / rates.read_bytes_per_s / chains
+    out["tile_max"] = plan.n_ref * nb_all / rates.tile_elements_per_s
+    out["checkpoints"] = _checkpoint_bytes(plan) / rates.disk_bytes_per_s
+    widths = {p.d_other: p.n_other // p.d_other for p in plan.pairs}
+    out["rotations"] = sum(k * layers * d * d for d, layers in widths.items()) / \
+        rates.normals_per_s
+    out["total"] = sum(out.values())
+    return out
+
+
+def _checkpoint_bytes(plan: ReducePlan) -> int:
+    """Bytes written and read back through the work dir: each fold segment's
+    accumulators (a single chain's last is finalized from memory; several chains are
+    written, merged, written and read back), the self co-moments (each segment, and
+    read by the scales and the assembly)."""
+    rows = plan.panel_rows
+    segments = _segments(plan)
+    folds = sum(_acc_file_bytes(plan, grp, rows) for grp in plan.groups) * len(plan.panels)
+    folds *= segments - 1 if plan.n_chains == 1 else plan.n_chains * (segments + 1) + 2
+    self_segments = math.ceil(plan.n_blocks / plan.blocks_per_segment)
+    selfs = sum((p.n_other // p.d_other) * p.d_other ** 2 * 8 for p in plan.pairs)
+    return folds + selfs * (self_segments + 2)
+
+
+def describe(plan: ReducePlan, rates: "Rates | float | None" = None) -> str:
+    """Human-readable plan for --dry-run. `rates`: measured Rates, or a GEMM rate in
+    FLOP/s (the other rates then default), or None (no time estimate)."""
     from ooc_universal.rundir import human_bytes
+    kinds = ", ".join(f"{k} {v:.3g}" for k, v in plan.flops_by_kind.items())
+    peaks = ", ".join(f"{k} {human_bytes(v)}" for k, v in
+                      sorted(plan.task_peaks.items(), key=lambda kv: -kv[1]))
     lines = [
         f"reduce plan: {plan.n_tokens:,} tokens x {plan.n_ref:,} reference neurons, "
         f"{len(plan.pairs)} pair(s), device {plan.device}, precision {plan.precision}",
         f"  token block   {plan.block_tokens:,} rows ({plan.n_blocks:,} blocks; "
         f"checkpoint every {plan.blocks_per_segment} blocks)",
         f"  groups        {len(plan.groups)} pass(es): {plan.groups}",
-        f"  panels        {len(plan.panels)} of ~{plan.panels[0][1] - plan.panels[0][0]:,} rows",
+        f"  panels        {len(plan.panels)} of ~{plan.panel_rows:,} rows",
         f"  chains        {plan.n_chains} per (group, panel); fold tasks {plan.n_fold_tasks}",
         f"  passes        reference {plan.passes()['reference']:.2f}, others "
         + ", ".join(f"{k}: {v}" for k, v in plan.passes()["others"].items()),
         f"  bytes read    {human_bytes(plan.bytes_read)}",
-        f"  FLOPs         {plan.flops:.3g}",
-        f"  peak memory   {human_bytes(plan.peak_bytes)} per worker "
-        f"(budget {human_bytes(plan.memory_bytes)})",
+        f"  FLOPs         {plan.flops:.3g} ({kinds})",
+        f"  peak memory   {human_bytes(plan.peak_bytes)} per worker, "
+        f"{human_bytes(plan.required_bytes)} with the {100 * SAFETY_FRACTION:.0f}% + "
+        f"{human_bytes(SCRATCH_BYTES)} margin (budget {human_bytes(plan.memory_bytes)}); "
+        f"by task: {peaks}",
+        f"  disk          work directory up to {human_bytes(plan.work_disk_bytes)}, "
+        f"outputs {human_bytes(plan.output_bytes)}",
     ]
-    if gemm_flops_per_s:
-        secs = plan.flops / gemm_flops_per_s / max(1, plan.n_chains)
-        lines.append(f"  expected time {_hms(secs)} at the measured GEMM rate "
-                     f"{gemm_flops_per_s / 1e9:.0f} GFLOP/s"
+    if rates:
+        rates = rates if isinstance(rates, Rates) else Rates(gemm_flops_per_s=float(rates),
+                                                             measured=("gemm",))
+        secs = expected_seconds(plan, rates)
+        parts = ", ".join(f"{k} {_hms(v)}" for k, v in secs.items() if k != "total" and v)
+        measured = ", ".join(rates.measured) or "none"
+        base = rates.baseline_flops_per_s or rates.gemm_flops_per_s
+        lines.append(f"  expected time {_hms(secs['total'])} at "
+                     f"{rates.gemm_flops_per_s / 1e9:.0f} GFLOP/s ({base / 1e9:.0f} for the "
+                     f"baseline; {parts}; measured now: {measured})"
                      + (f" per worker x {plan.n_chains}" if plan.n_chains > 1 else ""))
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
@@ -267,21 +617,171 @@ def _hms(secs: float) -> str:
     return f"{secs / 86400:.1f} days"
 
 
-def measure_gemm_rate(device="cpu", precision="fp32", size=1024, seconds=0.5) -> float:
-    """torch.matmul FLOP/s on this machine, now, for the reduce's dtype (the peak)."""
+# --------------------------------------------------------------------------- rates
+
+def gemm_shape(plan: ReducePlan, cap: int = 2048) -> tuple[int, int, int]:
+    """(inner, rows, cols) of the reduce's strip GEMM: (block x panel rows)^T (block x d),
+    the rows capped so a measurement takes a fraction of a second."""
+    d = max(p.d_other for p in plan.pairs)
+    return plan.block_tokens, min(plan.panel_rows, cap), min(d, cap)
+
+
+def baseline_shape(plan: ReducePlan, cap: int = 2048) -> tuple[int, int, int]:
+    """(inner, rows, cols) of the baseline's strip GEMM C_strip R'^T: (d, strip, d)."""
+    d = max(p.d_other for p in plan.pairs)
+    return d, min(BASELINE_ROW_STRIP, plan.panel_rows, cap), d
+
+
+def measure_gemm_rate(device="cpu", precision="fp32", size=1024, seconds=0.5, *,
+                      shape: tuple | None = None) -> float:
+    """torch.matmul FLOP/s on this machine, now, for the reduce's dtype, of the product
+    (k x m)^T (k x n), shape = (k, m, n) (default (2 size, size, size))."""
+    return measure_gemm(device, precision, shape or (2 * size, size, size), seconds)["wall"]
+
+
+def measure_gemm(device, precision, shape: tuple, seconds: float = 0.5) -> dict:
+    """{"wall": FLOP/s, "cpu": FLOP per CPU-second of this process} of torch.matmul(a,
+    b), a (m, k), b (k, n) row-major with (k, m, n) = shape (the reduce's (k x m)^T
+    (k x n)), in the reduce's dtype, here, now."""
     import time
 
     import torch
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
-    a = torch.randn(size * 2, size, device=device).to(dtype)
-    b = torch.randn(size * 2, size, device=device).to(dtype)
-    torch.matmul(a.T, b)
-    reps, t0 = 0, time.perf_counter()
+    k, m, n = (int(v) for v in shape)
+    a = torch.randn(m, k, device=device).to(dtype)  # row-major operands: the fastest
+    b = torch.randn(k, n, device=device).to(dtype)  # layout (bf16 on a CPU: 2x a^T b)
+    torch.matmul(a, b)
+    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
-        torch.matmul(a.T, b)
+        torch.matmul(a, b)
         reps += 1
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
-        if time.perf_counter() - t0 > seconds:
+        if time.perf_counter() - t0 > seconds and reps >= 2:
             break
-    return reps * 2.0 * (2 * size) * size * size / (time.perf_counter() - t0)
+    flops = reps * 2.0 * k * m * n
+    return {"wall": flops / max(time.perf_counter() - t0, 1e-9),
+            "cpu": flops / max(time.process_time() - c0, 1e-9)}
+
+
+def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rates:
+    """The rates of expected_seconds, measured now at the plan's own shapes: the fold's
+    strip update (its GEMM, as the reduce runs it), the baseline's strip GEMM, centring a
+    block strip, the tile max, drawing normals, and (given a directory) writing and
+    fsyncing a checkpoint-sized file there."""
+    import time
+
+    import numpy as np
+    gemm = measure_strip_update(plan, seconds)
+    base = measure_gemm(plan.device, "fp64" if plan.precision == "fp64" else "fp32",
+                        baseline_shape(plan), seconds)
+    wall = {"gemm_flops_per_s": gemm["wall"], "baseline_flops_per_s": base["wall"]}
+    cpu = {"gemm_flops_per_s": gemm["cpu"], "baseline_flops_per_s": base["cpu"]}
+    measured = ["strip update", "baseline gemm"]
+    try:
+        for key, (w, c) in _kernel_rates(plan).items():
+            wall[key], cpu[key] = w, c
+        measured += ["centring", "tile max", "normals"]
+    except Exception:  # noqa: BLE001 - a rate that cannot be measured keeps its default
+        pass
+    if work_dir is not None:
+        disk = _disk_rate(work_dir)
+        if disk:
+            wall["disk_bytes_per_s"] = disk
+            measured.append("disk")
+    return Rates(**wall, measured=tuple(measured), per_cpu_s=cpu)
+
+
+def measure_strip_update(plan: ReducePlan, seconds: float = 1.0) -> dict:
+    """{"wall", "cpu"} FLOP/s of the fold's own inner step at the plan's strip shape
+    (kernels.comoments.comoment_strip_update_: the GEMM, its Chan row and, in bf16, the
+    product's addition to the fp32 accumulator), repeated for `seconds`."""
+    import time
+
+    import torch
+
+    from ooc_universal.kernels.comoments import (centre_block, comoment_strip_update_,
+                                                 empty_comoments, transpose_block)
+    k, rows, d = gemm_shape(plan)
+    dev, prec = plan.device, plan.precision
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[prec]
+    ws = {}
+    cx = centre_block(torch.randn(k, rows, device=dev).half(), dtype, workspace=ws,
+                      role="x", spare_row=True)
+    cy = centre_block(torch.randn(k, d, device=dev).half(), dtype, workspace=ws,
+                      role="y", spare_row=True)
+    xt = transpose_block(cx, ws) if prec == "bf16" and dev == "cpu" else None
+    acc = empty_comoments(rows, d, prec, dev)
+    acc["n"] = k  # merge as a later block does
+
+    def step():
+        comoment_strip_update_(acc, cx, cy, 0, xt=xt, workspace=ws)
+    step()
+    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while True:
+        step()
+        reps += 1
+        if str(dev).startswith("cuda"):
+            torch.cuda.synchronize()
+        if time.perf_counter() - t0 > seconds and reps >= 2:
+            break
+    flops = reps * 2.0 * k * rows * d
+    return {"wall": flops / max(time.perf_counter() - t0, 1e-9),
+            "cpu": flops / max(time.process_time() - c0, 1e-9)}
+
+
+def _timed(fn, work: float) -> tuple[float, float]:
+    """(work per wall second, work per CPU-second of this process) of one call."""
+    import time
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return (work / max(time.perf_counter() - t0, 1e-9),
+            work / max(time.process_time() - c0, 1e-9))
+
+
+def _kernel_rates(plan: ReducePlan) -> dict:
+    """{rate name: (per wall second, per CPU-second)} of centring a block strip, the tile
+    max over a co-moment tile and drawing normals, at the plan's shapes (capped)."""
+    import numpy as np
+    import torch
+
+    from ooc_universal.kernels.comoments import centre_block
+    from ooc_universal.kernels.tilemax import tile_max
+    prec = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+    k, rows, d = gemm_shape(plan, cap=1024)
+    x = torch.randn(k, d).half().to(plan.device)
+    ws = {}
+
+    def centre():
+        centre_block(x, prec[plan.precision], workspace=ws, spare_row=True)
+    centre()  # buffers, numba load
+    c = np.random.default_rng(0).standard_normal((rows, 4 * d)).astype(np.float32)
+    ones = np.ones(rows), np.ones(4 * d)
+    tile_max(c[:8, :8], ones[0][:8], ones[1][:8])
+    rng = np.random.default_rng(0)
+    return {"centre_elements_per_s": _timed(centre, x.numel()),
+            "tile_elements_per_s": _timed(lambda: tile_max(c, *ones), c.size),
+            "normals_per_s": _timed(lambda: rng.standard_normal(2_000_000), 2e6)}
+
+
+def _disk_rate(directory, nbytes: int = 64 << 20) -> float | None:
+    """Bytes/s of writing `nbytes` and fsyncing it in `directory` (None if it fails)."""
+    import os
+    import tempfile
+    import time
+    try:
+        fd, path = tempfile.mkstemp(prefix=".disk-rate-", dir=directory)
+    except OSError:
+        return None
+    try:
+        block = os.urandom(1 << 20)
+        t0 = time.perf_counter()
+        for _ in range(nbytes >> 20):
+            os.write(fd, block)
+        os.fsync(fd)
+        return nbytes / max(time.perf_counter() - t0, 1e-9)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        os.unlink(path)

@@ -78,6 +78,23 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def read_json_document(path, step: str) -> dict:
+    """A JSON object that step `step` wrote at `path`, or one OocError line saying to
+    run (or re-run) that step."""
+    path = Path(path)
+    if not path.is_file():
+        raise OocError(f"no {path.name} at {str(path)!r}; run `ooc-universal {step}` first")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OocError(f"{str(path)!r} is unreadable ({exc}); run `ooc-universal {step}` "
+                       "again") from None
+    if not isinstance(doc, dict):
+        raise OocError(f"{str(path)!r} is not a file written by `ooc-universal {step}`; "
+                       "run that step again")
+    return doc
+
+
 def fsync_dir(path) -> None:
     """fsync a directory, so that a rename inside it survives a power cut."""
     fd = os.open(path, os.O_RDONLY)

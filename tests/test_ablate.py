@@ -272,7 +272,7 @@ def test_cli_end_to_end_matches_independent_computation(run):
     from transformers import GPT2LMHeadModel
     rd = run["run_dir"]
     res = CliRunner().invoke(cli, ["ablate", "--run-dir", str(rd), "--control-draws", "3",
-                                   "--all-non-universal", "--quiet"])
+                                   "--all-non-universal", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "delta_loss" in res.output and "all-non-universal" in res.output
     summary, draws = _read_csv(rd / "ablate" / "ablation.csv"), \
@@ -299,7 +299,7 @@ def test_cli_end_to_end_matches_independent_computation(run):
     assert (summary["kl"] >= 0).all()
 
     again = CliRunner().invoke(cli, ["ablate", "--run-dir", str(rd), "--control-draws", "3",
-                                     "--all-non-universal", "--quiet"])
+                                     "--all-non-universal", "--no-progress"])
     assert again.exit_code == 0 and "reused 1 of 1" in again.output
     assert _read_csv(rd / "ablate" / "ablation.csv").equals(summary)
 
@@ -312,7 +312,7 @@ def test_cli_mean_mode_and_model_override(run):
     res = CliRunner().invoke(cli, ["ablate", "--run-dir", str(rd), "--mode", "mean",
                                    "--thresholds", "0.5", "--control-draws", "1",
                                    "--no-layerwise", "--n-eval-tokens", "150",
-                                   "--model", f"{md}={md}", "--quiet"])
+                                   "--model", f"{md}={md}", "--no-progress"])
     assert res.exit_code == 0, res.output
     summary = _read_csv(rd / "ablate" / "ablation.csv")
     assert list(summary["set"]) == ["universal", "control"]
@@ -327,9 +327,9 @@ def test_cli_mean_mode_and_model_override(run):
         assert row[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-10), k
 
 
-def test_cli_errors_are_one_line_exit_2(run, tmp_path):
+def test_cli_errors_are_one_line_exit_1(run, tmp_path):
     res = _cli("--run-dir", str(tmp_path / "empty"))
-    assert res.returncode == 2
+    assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0
     assert "run `ooc-universal universal` first" in res.stderr
 
@@ -342,8 +342,8 @@ def test_cli_errors_are_one_line_exit_2(run, tmp_path):
                neurons=list(range(D_MLP, D_MLP + 70)))                   # 70 of 128 in layer 1
     (rd / "universal" / "sets.json").write_text(json.dumps({"sets": [rec]}))
     md = run["model_dir"]
-    res = _cli("--run-dir", str(rd), "--model", f"{md}={md}", "--quiet")
-    assert res.returncode == 2, res.stderr
+    res = _cli("--run-dir", str(rd), "--model", f"{md}={md}", "--no-progress")
+    assert res.returncode == 1, res.stderr
     assert res.stderr.strip().count("\n") == 0
     assert "layer 1 has 70 universal neurons but only 58 non-universal" in res.stderr
     assert not (rd / "ablate" / "ablation.csv").exists()

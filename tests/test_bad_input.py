@@ -55,13 +55,13 @@ def base(tmp_path_factory):
     save_tiny(m / "ctx32", seed=4, n_positions=32)
     save_tiny(m / "t0x3", seed=5, n_layer=3)
     nan = save_tiny(m / "nanw", seed=6)
-    from transformers import GPT2LMHeadModel, LlamaConfig
+    from transformers import BertConfig, GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(nan)
     with torch.no_grad():
         model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
     model.save_pretrained(nan)
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=2, vocab_size=257).save_pretrained(m / "llama")
+    BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               vocab_size=257).save_pretrained(m / "bert")
     (m / "noconfig").mkdir()
     run = root / "run"
     make_tokens(run, seed=4, n_windows=20)
@@ -262,7 +262,7 @@ CASES = [
      ["alias-gpt2-small-x21", "not in the local HF cache", "--revision checkpoint-100000"]),
     ("hub-unreachable-not-cached", _hub("nobody/no-such-model@main", offline=False),
      ["not in the local HF cache and the hub is unreachable", "hf download"]),
-    ("not-a-gpt2-model", _extract("llama"), ["'llama' model", "only GPT-2-family"]),
+    ("not-a-supported-family", _extract("bert"), ["'bert' model", "not of a supported family"]),
     ("model-dir-without-config", _extract("noconfig"), ["has no config.json", ""]),
     ("model-weights-give-nan", _extract("nanw"), ["produced NaN activations", "check the checkpoint"]),
     # --- tokens vs model
@@ -329,20 +329,20 @@ CASES = [
      ["--memory 50.0 MB is too small", "raise --memory to at least"]),
     # --- universal / persistence
     ("threshold-above-one", _argv("universal", "--run-dir", "{run}", "--thresholds", "0.5,1.5",
-                                  "--quiet"), ["threshold 1.5 is outside (0, 1)", "0 < tau < 1"]),
+                                  "--no-progress"), ["threshold 1.5 is outside (0, 1)", "0 < tau < 1"]),
     ("threshold-zero", _argv("universal", "--run-dir", "{run}", "--thresholds", "0",
-                             "--quiet"), ["threshold 0.0 is outside (0, 1)", "0 < tau < 1"]),
+                             "--no-progress"), ["threshold 0.0 is outside (0, 1)", "0 < tau < 1"]),
     ("threshold-not-a-number", _argv("universal", "--run-dir", "{run}", "--thresholds", "abc",
-                                     "--quiet"), ["threshold 'abc' is not a number", "(0, 1)"]),
+                                     "--no-progress"), ["threshold 'abc' is not a number", "(0, 1)"]),
     ("reduce-file-corrupt", _seq(_scribble("reduce/t0__t1.h5", 0, 512),
-                                 _argv("universal", "--run-dir", "{run}", "--quiet")),
+                                 _argv("universal", "--run-dir", "{run}", "--no-progress")),
      ["cannot read reduce file", "delete it and run `ooc-universal reduce` again"]),
     ("reduce-files-of-another-shape", _seq(_reduced_other_shape,
-                                           _argv("universal", "--run-dir", "{run}", "--quiet")),
+                                           _argv("universal", "--run-dir", "{run}", "--no-progress")),
      ["neurons in", "re-run `ooc-universal reduce` for the stale file"]),
-    ("no-reduce-output", _seq(_drop("reduce"), _argv("universal", "--run-dir", "{run}", "--quiet")),
+    ("no-reduce-output", _seq(_drop("reduce"), _argv("universal", "--run-dir", "{run}", "--no-progress")),
      ["no reduced statistics", "run `ooc-universal reduce` first"]),
-    ("persistence-one-checkpoint", _argv("persistence", "--run-dir", "{run}", "--quiet"),
+    ("persistence-one-checkpoint", _argv("persistence", "--run-dir", "{run}", "--no-progress"),
      ["persistence needs universal sets at two or more checkpoints", "reduce and run"]),
     ("duplicate-checkpoints", _run_with(checkpoints="100,100"),
      ["checkpoints must be sorted and distinct", "use [100]"]),

@@ -152,3 +152,26 @@ def test_from_json_rerenders_without_measuring(tiny_run, tmp_path, capsys):
     assert json.loads((tmp_path / "again" / "test-box.json").read_text()) == doc
     assert "| part | figure |" in readme.read_text() and "old table" not in readme.read_text()
     assert "| part | figure |" in capsys.readouterr().out
+
+
+def test_width_part_runs_only_when_named_and_reports_its_figures(tmp_path):
+    """`bench --only width --tiny`: both budgets (one without panels, one with), every
+    figure finite, peak RSS within --memory, row max and baseline against float64."""
+    assert "width" not in suite.PARTS and suite.parse_parts("width") == ("width",)
+    out = tmp_path / "results"
+    main(["bench", "--only", "width", "--tiny", "--out", str(out), "--machine", "w-box",
+          "--quiet"])
+    doc = json.loads((out / "w-box.json").read_text())
+    width = doc["parts"]["width"]
+    runs = list(width["runs"].values())
+    assert [(r["plan"]["panels"] > 1, r["precision"]) for r in runs] == \
+        [(False, "fp32"), (True, "fp32"), (False, "bf16")]
+    for r in runs:
+        tol = 2e-3 if r["precision"] == "bf16" else 1e-5
+        assert r["peak_rss_bytes"] <= r["memory_bytes"]
+        assert r["row_max_error"] < tol and r["baseline_error"] < tol
+        assert 0 < r["fraction_per_cpu_s"] and 0 < r["plan_over_actual"]
+    rows = [r for r in doc["figures"] if r["part"] == "width"]
+    assert len(rows) == 7 * len(runs)
+    assert all(r["ratio"] is None or math.isfinite(r["ratio"]) for r in rows)
+    assert "| width | width 2 x 128" in (out / "w-box.md").read_text()

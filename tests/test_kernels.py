@@ -236,6 +236,52 @@ def test_self_comoments_match_per_layer_float64(chunking):
     np.testing.assert_allclose(one["s"].numpy(), ref_s, rtol=1e-12, atol=1e-9)
 
 
+def _fold_strips(blocks_x, blocks_y, d, dtype):
+    """The reduce's fold: each block's x centred once with a spare row, y one column
+    strip of d at a time (the Chan term in the spare rows), moments once per block."""
+    acc = cm.empty_comoments(blocks_x[0].shape[1], blocks_y[0].shape[1], dtype, zeroed=False)
+    acc["c"].fill_(float("nan"))  # never read: the first block's strips overwrite it
+    selfs = cm.empty_self_comoments(blocks_y[0].shape[1], d)
+    ws = {}
+    for xb, yb in zip(blocks_x, blocks_y):
+        cx = cm.centre_block(t(xb), dtype, workspace=ws, role="x", spare_row=True)
+        xt = cm.transpose_block(cx, ws) if dtype == BF16 else None  # the CPU bf16 layout
+        mean_y, m2_y = torch.empty(yb.shape[1], dtype=F64), torch.empty(yb.shape[1], dtype=F64)
+        for layer, c0 in enumerate(range(0, yb.shape[1], d)):
+            cy = cm.centre_block(t(yb)[:, c0:c0 + d], dtype, workspace=ws, role="y",
+                                 spare_row=True)
+            assert cy[2].shape == (len(yb) + 1, d)
+            cm.comoment_strip_update_(acc, cx, cy, c0, xt=xt)
+            cm.self_comoment_strip_update_(selfs, cy, layer, workspace=ws)
+            mean_y[c0:c0 + d], m2_y[c0:c0 + d] = cy[0], cy[1]
+        cm.comoment_moments_update_(acc, len(xb), cx[0], cx[1], mean_y, m2_y)
+        cm.self_moments_update_(selfs, len(yb), mean_y, m2_y)
+    return acc, selfs
+
+
+@pytest.mark.parametrize("dtype,tol", [(F32, 1e-5), (F64, 1e-12), (BF16, 1e-2)])
+def test_strip_fold_with_spare_rows_matches_float64(dtype, tol):
+    """Uneven blocks (1 row, then long ones), y strips of one layer each, strided
+    (column-slice) inputs: the same co-moments and self co-moments as float64."""
+    x, y = random_blocks(n=1500, na=20, nb=24)
+    d = 8
+    bounds = [0, 1, 300, 301, 1100, 1500]
+    bx = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    by = [y[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    acc, selfs = _fold_strips(bx, by, d, dtype)
+    ref = ref_moments(x, y)
+    assert_summary_close(acc, ref, tol)
+    y64 = y.astype(np.float64)
+    yc = y64 - y64.mean(0)
+    for layer in range(3):
+        sl = slice(layer * d, (layer + 1) * d)
+        want = yc[:, sl].T @ yc[:, sl]
+        np.testing.assert_allclose(selfs["s"][layer].numpy(), want, rtol=0,
+                                   atol=tol * np.abs(want).max())
+    np.testing.assert_allclose(selfs["m2"].numpy(), (yc ** 2).sum(0), rtol=max(tol, 1e-6))
+    assert selfs["n"] == 1500 and selfs["s"].dtype == F64
+
+
 def test_correlation_zero_variance_is_zero_numpy_and_torch():
     c = np.array([[2.0, 0.0], [1.0, -3.0]])
     m2x, m2y = np.array([4.0, 0.0]), np.array([1.0, 9.0])
@@ -433,6 +479,30 @@ def test_rotated_row_max_row_strips(monkeypatch):
                                   whole)
     with pytest.raises(ValueError, match="s_layer"):
         rot.rotated_row_max(ref["c"], ref["m2_x"], np.eye(d + 1), r)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-6), (np.float64, 1e-12)])
+def test_scaled_baseline_matches_the_float64_baseline(dtype, tol):
+    """rotation_baseline_scaled (precomputed rotated scales folded into R, one GEMM per
+    strip in C's dtype) against rotation_baseline (float64 throughout) on the same C and
+    S, with a zero-variance row, several draws and strips of 4 rows."""
+    x, y, d = rotation_case(seed=3)
+    ref = ref_moments(x, y)
+    yc = y - y.mean(0)
+    layers = y.shape[1] // d
+    s = np.stack([yc[:, l * d:(l + 1) * d].T @ yc[:, l * d:(l + 1) * d] for l in range(layers)])
+    seeds = [5, 6]
+    want = rot.rotation_baseline(ref["c"], ref["m2_x"], s, seeds, d)
+    rots = {(j, l): rot.rotation_matrix(seed, l, d).astype(dtype)
+            for j, seed in enumerate(seeds) for l in range(layers)}
+    iv = {k: rot.rotated_scales_fast(s[k[1]], r) for k, r in rots.items()}
+    np.testing.assert_allclose(iv[(1, 2)], rot.rotated_scales(s[2], rots[(1, 2)]), rtol=1e-5)
+    got = rot.rotation_baseline_scaled(
+        ref["c"].astype(dtype), ref["m2_x"],
+        lambda j, l: rot.scaled_rotation(torch.from_numpy(rots[(j, l)]), iv[(j, l)]),
+        len(seeds), d, row_strip=4)
+    assert got.shape == (2, x.shape[1]) and got[:, 4].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
 # ------------------------------------------------- centring: numba (CPU) vs torch (CUDA)

@@ -149,9 +149,9 @@ def test_cli_prints_table_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["persistence", "--run-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and "ooc-universal universal" in err[0]
+    assert exc.value.code == 1 and len(err) == 1 and "ooc-universal universal" in err[0]
     write_sets(tmp_path)
-    res = CliRunner().invoke(cli, ["persistence", "--run-dir", str(tmp_path), "--quiet"])
+    res = CliRunner().invoke(cli, ["persistence", "--run-dir", str(tmp_path), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "100->200" in res.output and "0.667 (2/3)" in res.output
     assert "undef" in res.output and "pooled over pairs" in res.output

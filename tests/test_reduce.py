@@ -189,6 +189,33 @@ def test_dry_run_paper_scale_plans():
         assert word in text
 
 
+def test_plan_counts_every_task_the_disk_and_every_flop():
+    """Issue 12's shapes: paper width at 4 GB panels and fits with its margin; a 12,288-
+    wide reduce plans at 1.1 GB; the FLOPs include the self co-moments, the baseline and
+    its rotated scales; the dry-run text says peak by task, disk and the time parts."""
+    from ooc_universal.plan import (PairShape, Rates, describe, expected_seconds,
+                                    make_plan, with_margin)
+    paper = make_plan(8192, 36864, [PairShape("b", 36864, 3072)], memory="4GB",
+                      store_chunk_rows=448)
+    assert 1 < len(paper.panels) <= 4
+    assert paper.required_bytes == with_margin(paper.peak_bytes) <= 4e9
+    assert set(paper.task_peaks) == {"fold", "merge", "finalize", "self", "rotations",
+                                     "assemble"}
+    assert set(paper.flops_by_kind) == {"cross", "self", "baseline", "scales"}
+    assert paper.flops == pytest.approx(sum(paper.flops_by_kind.values()))
+    assert paper.flops_by_kind["baseline"] == pytest.approx(2.0 * 36864 ** 2 * 3072)
+    assert paper.work_disk_bytes > 12 * 3072 ** 2 * 8  # the self co-moments at least
+    wide = make_plan(4096, 12288, [PairShape("b", 12288, 1024)], memory="1.1GB",
+                     store_chunk_rows=1024)
+    assert wide.required_bytes <= 1.1e9
+    secs = expected_seconds(paper, Rates(gemm_flops_per_s=1e11))
+    assert secs["total"] == pytest.approx(sum(v for k, v in secs.items() if k != "total"))
+    assert secs["gemm"] + secs["baseline_gemm"] == pytest.approx(paper.flops / 1e11)
+    text = describe(paper, Rates(gemm_flops_per_s=1e11))
+    for word in ("by task: fold", "work directory up to", "scales", "margin"):
+        assert word in text
+
+
 def test_cli_dry_run_and_run(planted, capsys):
     from ooc_universal.cli.main import main
     run, refs = planted
@@ -199,6 +226,16 @@ def test_cli_dry_run_and_run(planted, capsys):
           "--seed", "3", "--baseline-draws", "2"])
     out = capsys.readouterr()
     assert "ref__oth.h5" in out.out and "zero variance" in out.err
+
+
+def test_cli_prints_the_achieved_rate(planted, capsys):
+    """A whole reduce in one process ends with its useful GFLOP/s and the fraction of
+    torch.matmul measured at the plan's shapes (per wall and per CPU-second)."""
+    from ooc_universal.cli.main import main
+    run, _ = planted
+    main(["reduce", "--run-dir", str(run), "-r", "ref", "oth", "--force", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "achieved" in out and "of torch.matmul's" in out and "per CPU-second" in out
 
 
 _KILL_SCRIPT = """

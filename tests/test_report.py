@@ -435,16 +435,16 @@ def test_cli(base_run, tmp_path):
                                                                 "persistence"))
     zoo = json.loads((base_run / "report" / "report_data.json").read_text())["zoo_json"] \
         if (base_run / "report").exists() else None
-    args = ["report", str(rd), "--quiet"] + (["--zoo-json", zoo] if zoo else [])
+    args = ["report", str(rd), "--no-progress"] + (["--zoo-json", zoo] if zoo else [])
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
     assert lines == [f"wrote {rd / 'report' / 'index.html'}", f"wrote {rd / 'report' / 'index.md'}"]
-    res = CliRunner().invoke(cli, ["report", "--run-dir", str(rd), "--quiet"])
+    res = CliRunner().invoke(cli, ["report", "--run-dir", str(rd), "--no-progress"])
     assert res.exit_code == 0, res.output
     with pytest.raises(SystemExit) as exc:
-        main(["report", str(tmp_path / "nope"), "--quiet"])
-    assert exc.value.code == 2
+        main(["report", str(tmp_path / "nope"), "--no-progress"])
+    assert exc.value.code == 1
 
 
 def test_ablation_figures_leave_out_empty_sets_and_keep_kl_above_zero(full):

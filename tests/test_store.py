@@ -325,3 +325,54 @@ def test_block_checksums_and_offsets(tmp_path):
     (tmp_path / "tiny.h5.sha256").unlink()
     with open_store(path) as s:
         assert s.recorded_block_sha256(0) is None
+
+
+# ----------------------------------------------------- writes that skip the page cache
+
+def _write_aligned(tmp_path, data, bt, label="tiny"):
+    """Blocks from aligned buffers, the tail of the last one zeroed (as extract does)."""
+    from ooc_universal.formats.store import aligned_block_buffer
+    paths = StorePaths.of(tmp_path, label)
+    n, m = data.shape
+    ps = PartialStore.create(paths, attrs(label=label, n_layers=2, d_mlp=m // 2), n, m, bt)
+    buf = aligned_block_buffer(bt, m)
+    assert buf.ctypes.data % 4096 == 0 and buf.shape == (bt, m) and buf.dtype == np.float16
+    for i in range(ps.n_blocks):
+        s, e = ps.block_bounds(i)
+        buf[: e - s] = data[s:e]
+        buf[e - s:] = 0
+        ps.write_block(i, buf)
+    return ps.finalize(None)
+
+
+@pytest.mark.parametrize("mode", ["direct", "no-o-direct", "write-refused"])
+def test_aligned_blocks_go_straight_to_disk_or_fall_back(tmp_path, monkeypatch, mode):
+    """A whole page-aligned chunk is written with O_DIRECT (no copy into the page cache);
+    where the filesystem has no O_DIRECT, or refuses the write, through the page cache:
+    the same file either way."""
+    import errno
+    from ooc_universal.formats import store as store_mod
+    direct, calls = [], []
+    real_open, real_pwrite = store_mod._open_direct, store_mod._pwrite_all
+
+    def open_direct(path):
+        fd = None if mode == "no-o-direct" else real_open(path)
+        direct.append(fd)
+        return fd
+
+    def pwrite(fd, buf, off):
+        calls.append("direct" if fd in direct else "cached")
+        if mode == "write-refused" and fd in direct:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_pwrite(fd, buf, off)
+    monkeypatch.setattr(store_mod, "_open_direct", open_direct)
+    monkeypatch.setattr(store_mod, "_pwrite_all", pwrite)
+    data = random_acts(n=1000, m=128)  # chunk 128 x 128 x 2 = 32 KiB: a multiple of 4096
+    path = _write_aligned(tmp_path, data, bt=128)
+    if mode != "no-o-direct" and direct[0] is None:
+        pytest.skip("this filesystem refuses O_DIRECT")
+    with open_store(path) as s:
+        np.testing.assert_array_equal(np.asarray(s[:]), data)
+    want = {"direct": ["direct"] * 16, "no-o-direct": ["cached"] * 16,
+            "write-refused": ["direct"] + ["cached"] * 16}[mode]
+    assert calls == want  # two halves per block, 8 blocks

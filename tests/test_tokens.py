@@ -325,17 +325,17 @@ def test_cli(tmp_path, capsys):
     code, out, err = _run(base + ["--n-tokens", "20", "--n-eval-tokens", "3"], capsys)
     assert code == 0 and "nothing to do" in out
     code, out, err = _run(base + ["--n-tokens", "21"], capsys)
-    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
     assert "--force" in err and "new --run-dir" in err
     assert load_token_set(tmp_path / "run").hash == ts.hash
     code, out, err = _run(base + ["--n-tokens", "21", "--force"], capsys)
     assert code == 0 and load_token_set(tmp_path / "run").n_tokens == 21
     code, out, err = _run(base + ["--n-tokens", "100000"], capsys)
-    assert code == 2 and "ran out" in err and err.count("\n") == 1
+    assert code == 1 and "ran out" in err and err.count("\n") == 1
     code, out, err = _run(["tokens", "--run-dir", str(tmp_path / "r2"), "--source",
                            str(tmp_path / "x.txt"), "--n-tokens", "5", "--tokenizer", "bytes",
                            "--no-progress"], capsys)
-    assert code == 2 and err.startswith("error: source ") and "not found" in err
+    assert code == 1 and err.startswith("error: source ") and "not found" in err
     assert not (tmp_path / "r2" / "tokens").exists()
     code, out, err = _run(["tokens", "--help"], capsys)
     assert code == 0 and "BOS at column 0" in out and "newline" in out and "exactly" in out
@@ -445,7 +445,7 @@ def test_cli_no_bos_and_model_context(tmp_path, capsys):
     base = ["tokens", "--run-dir", str(tmp_path / "run"), "--source", str(tmp_path / "t.txt"),
             "--n-tokens", "20", "--tokenizer", "bytes", "--no-progress"]
     code, out, err = _run(base + ["--window", "32", "--model", str(tmp_path / "m1")], capsys)
-    assert code == 2 and "16 positions of model m1" in err and err.count("\n") == 1
+    assert code == 1 and "16 positions of model m1" in err and err.count("\n") == 1
     code, out, err = _run(base + ["--window", "8", "--no-bos"], capsys)
     assert code == 0 and "no BOS" in out
     assert load_token_set(tmp_path / "run").meta["bos"] is False

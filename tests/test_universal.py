@@ -374,7 +374,7 @@ def test_cli_bad_thresholds_one_line(one_pair, capsys, bad):
 
 def test_cli_no_reduce_files(tmp_path, capsys):
     code, out = _cli(["universal", "--run-dir", str(tmp_path)], capsys)
-    assert code == 2 and "ooc-universal reduce" in out.err
+    assert code == 1 and "ooc-universal reduce" in out.err
     assert len(out.err.strip().splitlines()) == 1
 
 
@@ -382,7 +382,7 @@ def test_cli_prints_table1(one_pair):
     from click.testing import CliRunner
 
     from ooc_universal.cli.main import cli
-    res = CliRunner().invoke(cli, ["universal", "--run-dir", str(one_pair), "--quiet"])
+    res = CliRunner().invoke(cli, ["universal", "--run-dir", str(one_pair), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "Table 1" in res.output and "62.50" in res.output
     assert "spread over 2 baseline draws" in res.output

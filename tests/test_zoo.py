@@ -225,6 +225,6 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["zoo", "train", "--preset", "smoke", "--out", str(tmp_path / "z"),
               "--corpus", str(tmp_path / "nope"), "--no-progress"])
-    assert exc.value.code == 2
+    assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: corpus")

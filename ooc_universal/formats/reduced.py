@@ -417,16 +417,25 @@ def remove_temporaries(path) -> list[Path]:
 # RUN/reduce/.work/<key>/ holds one command's unfinished work (key: a content hash of
 # the inputs, settings and plan, so a changed input never resumes stale work):
 #   manifest.json            what it is for (pairs, outputs, total block folds), for status
+#   self_<I>.npz             other model I's within-layer self co-moments (its own pass,
+#                            checkpointed; one member per layer: s_<layer>)
+#   rotations_d<D>.npy       the baseline draws' rotations of width D (K, L, D, D) float32
+#                            (float64 for fp64 runs), shared by every pair; read one
+#                            (D, D) rotation at a time into a reused buffer
+#   scales_<I>.npz           iv (K, L, D) f64: 1/sqrt(diag(R S R^T)) of other model I
 #   fold_g<G>_p<P>_c<C>.npz  chain C's accumulators of group G, panel P (checkpointed)
 #   merged_g<G>_p<P>.npz     the chains Chan-merged (only with several chains)
-#   final_g<G>_p<P>.npz      the panel's row/col maxima and baseline, ready to assemble
+#   final_g<G>_p<P>.npz      the panel's row/col maxima and baseline, ready to assemble;
+#                            once it exists the panel's fold and merged files are removed
+#                            (it records their block folds: n_blocks_done)
 # Every file is written beside, fsynced and renamed (a kill never leaves half of one);
 # an unreadable one is recomputed, never trusted.
 
 WORK_DIR = ".work"
 MANIFEST = "manifest.json"
 _FOLD_NAME = "fold_g{g}_p{p}_c{c}.npz"
-_FOLD_RE = re.compile(r"fold_g\d+_p\d+_c\d+\.npz")  # not its temporaries
+_FOLD_RE = re.compile(r"fold_g(\d+)_p(\d+)_c\d+\.npz")  # not its temporaries
+_FINAL_RE = re.compile(r"final_g(\d+)_p(\d+)\.npz")
 ACC_KEYS = ("mean_x", "mean_y", "m2_x", "m2_y", "c")   # one pair's co-moment accumulator
 SELF_KEYS = ("mean", "m2", "s")                        # the other model's self co-moments
 
@@ -452,6 +461,23 @@ class WorkDir:
     def final_path(self, g: int, p: int) -> Path:
         return self.path / f"final_g{g}_p{p}.npz"
 
+    def self_path(self, i: int) -> Path:
+        return self.path / f"self_{i}.npz"
+
+    def rotations_path(self, d: int) -> Path:
+        return self.path / f"rotations_d{d}.npy"
+
+    def scales_path(self, i: int) -> Path:
+        return self.path / f"scales_{i}.npz"
+
+    def drop_panel(self, g: int, p: int) -> None:
+        """Remove the fold and merged checkpoints of (g, p): its final file holds all
+        that is left to use (call only once final_path(g, p) is committed)."""
+        for f in self.path.glob(f"fold_g{g}_p{p}_c*.npz"):
+            if _FOLD_RE.fullmatch(f.name):
+                f.unlink(missing_ok=True)
+        self.merged_path(g, p).unlink(missing_ok=True)
+
     # -- lifetime
     def exists(self) -> bool:
         return self.path.is_dir()
@@ -476,11 +502,12 @@ class WorkDir:
         return m if isinstance(m, dict) else None
 
     # -- checkpoints
-    def save(self, path, state: dict, kind: str = "checkpoint") -> None:
-        """Atomic: write beside, fsync, rename. `kind` (checkpoint, merge, final) names
-        the fault-injection points reduce.<kind>.write / mid_write / before_rename /
-        after_rename."""
-        save_state(Path(path), state, kind)
+    def save(self, path, state, kind: str = "checkpoint") -> None:
+        """Atomic: write beside, fsync, rename. `state`: a dict of arrays, or an iterable
+        of (key, array) pairs made one at a time (save_state_iter). `kind` (checkpoint,
+        merge, final, self, rotations, scales) names the fault-injection points
+        reduce.<kind>.write / mid_write / before_rename / after_rename."""
+        save_state_iter(Path(path), state.items() if isinstance(state, dict) else state, kind)
 
     def load(self, path, prefixes: tuple | None = None) -> dict | None:
         """A checkpoint's arrays (only the keys starting with one of `prefixes`, when
@@ -488,17 +515,47 @@ class WorkDir:
         return load_state(Path(path), prefixes)
 
     def blocks_done(self) -> int:
-        """Block folds held by the chain checkpoints (temporaries excluded)."""
-        n = 0
+        """Block folds held by the work dir: a finished panel's final file counts all of
+        its folds, an unfinished one its chain checkpoints (temporaries excluded)."""
+        finished = {}
+        for f in self.path.glob("final_g*_p*.npz"):
+            m = _FINAL_RE.fullmatch(f.name)
+            if m:
+                finished[m.groups()] = _n_blocks_done(f)
+        n = sum(v for v in finished.values() if v is not None)
         for f in self.path.glob("fold_g*_p*_c*.npz"):
-            if not _FOLD_RE.fullmatch(f.name):
-                continue
-            try:
-                with np.load(f) as z:
-                    n += int(z["n_blocks_done"])
-            except Exception:  # noqa: BLE001 - unreadable: recomputed, counts nothing
-                pass
+            m = _FOLD_RE.fullmatch(f.name)
+            if m and finished.get(m.groups()) is None:
+                n += _n_blocks_done(f) or 0
         return n
+
+    def panels_done(self) -> int:
+        """Panels whose row/col maxima and baseline are on disk (final files)."""
+        return sum(1 for f in self.path.glob("final_g*_p*.npz") if _FINAL_RE.fullmatch(f.name))
+
+    def disk_bytes(self) -> int:
+        """Bytes the work dir takes now (its checkpoints, temporaries included)."""
+        return sum(f.stat().st_size for f in self.path.glob("*") if f.is_file())
+
+    def summary(self) -> dict:
+        """What `status` can say about this unfinished reduce: the manifest's pairs and
+        outputs, block folds done of the total, finished panels of the total, and the
+        disk it holds. Finishing it = running the same reduce command again; discarding
+        it = deleting this directory (nothing else refers to it)."""
+        m = self.manifest() or {}
+        return {"path": str(self.path), "reference": m.get("reference"),
+                "others": m.get("others", []), "outputs": m.get("outputs", []),
+                "folds_done": self.blocks_done(), "total_folds": m.get("total_folds"),
+                "panels_done": self.panels_done(), "total_panels": m.get("total_panels"),
+                "disk_bytes": self.disk_bytes(), "command": m.get("command")}
+
+
+def _n_blocks_done(path: Path) -> int | None:
+    try:
+        with np.load(path) as z:
+            return int(z["n_blocks_done"])
+    except Exception:  # noqa: BLE001 - unreadable: recomputed, counts nothing
+        return None
 
 
 def list_work(run_dir) -> list[tuple[WorkDir, dict]]:
@@ -515,11 +572,23 @@ def list_work(run_dir) -> list[tuple[WorkDir, dict]]:
 
 def save_state(path: Path, state: dict, kind: str = "checkpoint") -> None:
     """Write the arrays of `state` to `path` (npz) atomically; see WorkDir.save."""
+    save_state_iter(path, state.items(), kind)
+
+
+def save_state_iter(path: Path, items, kind: str = "checkpoint") -> None:
+    """save_state for (key, array) pairs made one at a time (a generator): each array is
+    written as it comes and can be dropped before the next is made, so a file of many
+    large members never needs them all in memory. The same npz as np.savez."""
+    import zipfile
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_ident()}.npz")
     try:
         faults.point(f"reduce.{kind}.write")
         with open(tmp, "wb") as f:
-            np.savez(f, **state)
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for key, value in items:
+                    with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asarray(value),
+                                                  allow_pickle=False)
             f.flush()
             faults.point(f"reduce.{kind}.mid_write",
                          torn=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
@@ -529,6 +598,50 @@ def save_state(path: Path, state: dict, kind: str = "checkpoint") -> None:
     finally:
         tmp.unlink(missing_ok=True)
     faults.point(f"reduce.{kind}.after_rename")
+
+
+def save_array_stream(path: Path, shape: tuple, dtype, items, kind: str) -> None:
+    """An .npy of `shape` written item by item along its leading axes (items: arrays of
+    shape[-2:], in C order), atomically like save_state (fault points reduce.<kind>.*):
+    no more than one item in memory."""
+    dtype = np.dtype(dtype)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}-{threading.get_ident()}.npy")
+    try:
+        faults.point(f"reduce.{kind}.write")
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                    "shape": tuple(int(v) for v in shape)})
+            for item in items:
+                f.write(np.ascontiguousarray(item, dtype=dtype).data)
+            f.flush()
+            faults.point(f"reduce.{kind}.mid_write",
+                         torn=lambda: os.truncate(tmp, os.path.getsize(tmp) // 2))
+            os.fsync(f.fileno())
+        faults.point(f"reduce.{kind}.before_rename")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    faults.point(f"reduce.{kind}.after_rename")
+
+
+def read_array_item(path: Path, index: tuple, out: np.ndarray) -> np.ndarray:
+    """Item `index` (leading indices) of an .npy written by save_array_stream, read
+    into `out` (shape and dtype of one item): no new allocation, no mapping."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        lead, item = shape[:len(index)], int(np.prod(shape[len(index):]))
+        if out.shape != shape[len(index):] or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{path}: an item is {shape[len(index):]} {dtype}, out is "
+                             f"{out.shape} {out.dtype}")
+        f.seek(f.tell() + int(np.ravel_multi_index(index, lead)) * item * dtype.itemsize)
+        if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise OocError(f"reduce work file {str(path)!r} is truncated; delete the "
+                           "reduce's .work folder and run the same command again")
+    return out
 
 
 def load_state(path: Path, prefixes: tuple | None = None) -> dict | None:
@@ -541,6 +654,15 @@ def load_state(path: Path, prefixes: tuple | None = None) -> dict | None:
             return {k: z[k] for k in z.files if prefixes is None or k.startswith(prefixes)}
     except Exception:  # noqa: BLE001 - an unreadable checkpoint is recomputed, never trusted
         return None
+
+
+def state_keys(path: Path) -> list[str]:
+    """The member names of a checkpoint ([] when missing or unreadable), nothing loaded."""
+    try:
+        with np.load(path) as z:
+            return list(z.files)
+    except Exception:  # noqa: BLE001 - unreadable: recomputed
+        return []
 
 
 def pack_fold_state(accs: list, selfs: list, next_block: int, n_done: int) -> dict:
@@ -556,6 +678,50 @@ def pack_fold_state(accs: list, selfs: list, next_block: int, n_done: int) -> di
         for k in SELF_KEYS:
             st[f"self{i}_{k}"] = np.asarray(s[k])
     return st
+
+
+def self_layer_key(layer: int) -> str:
+    return f"s_{layer:04d}"
+
+
+def pack_self_state(acc: dict, next_block: int, n_done: int) -> dict:
+    """A self co-moment record ({"n", "mean", "m2", "s" (L, d, d)}, numpy arrays) as the
+    flat arrays of its checkpoint: one member per layer, so a reader loads one (d, d)
+    layer at a time (load_state(path, (self_layer_key(l),)))."""
+    st = {"next_block": np.int64(next_block), "n_blocks_done": np.int64(n_done),
+          "n": np.int64(acc["n"]), "mean": np.asarray(acc["mean"]),
+          "m2": np.asarray(acc["m2"])}
+    for layer, s_layer in enumerate(acc["s"]):
+        st[self_layer_key(layer)] = np.asarray(s_layer)
+    return st
+
+
+def read_self_moments(path) -> dict | None:
+    """A self co-moment file's counters and (N,) moments, without its layers:
+    {"next_block", "n_blocks_done", "n", "mean", "m2", "n_layers"}; None when missing or
+    unreadable."""
+    st = load_state(Path(path), ("next_block", "n_blocks_done", "n", "mean", "m2"))
+    if st is None or "m2" not in st:
+        return None
+    try:
+        with np.load(path) as z:
+            n_layers = sum(1 for k in z.files if k.startswith("s_"))
+    except Exception:  # noqa: BLE001 - unreadable: recomputed
+        return None
+    return {"next_block": int(st["next_block"]), "n_blocks_done": int(st["n_blocks_done"]),
+            "n": int(st["n"]), "mean": st["mean"], "m2": st["m2"], "n_layers": n_layers}
+
+
+def iter_self_layers(path, n_layers: int):
+    """Yield (layer, (d, d) float64 array) of a self co-moment file, one layer in memory
+    at a time."""
+    for layer in range(n_layers):
+        key = self_layer_key(layer)
+        st = load_state(Path(path), (key,))
+        if st is None or key not in st:
+            raise OocError(f"reduce work file {str(path)!r} lacks layer {layer}; delete "
+                           "the reduce's .work folder and run the same command again")
+        yield layer, st[key]
 
 
 def unpack_fold_state(st: dict) -> tuple[list, list]:

@@ -50,7 +50,7 @@ import numpy as np
 
 from ooc_universal.errors import OocError
 from ooc_universal.formats.sets import Provenance, SetsFile, sets_path, write_sets
-from ooc_universal.rundir import atomic_path, write_json_atomic
+from ooc_universal.rundir import atomic_path, read_json_document, write_json_atomic
 
 TABLE_VERSION = 2
 NEURONS_PARQUET, NEURONS_CSV = "neurons.parquet", "neurons.csv"
@@ -163,16 +163,7 @@ def persistence_paths(run_dir) -> dict[str, Path]:
 
 
 def _read_json(path: Path, step: str) -> dict:
-    if not path.is_file():
-        raise OocError(f"no {path.name} at {str(path)!r}; run `ooc-universal {step}` first")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise OocError(f"{str(path)!r} is unreadable ({exc}); run `ooc-universal {step}` "
-                       "again") from None
-    if not isinstance(doc, dict):
-        raise OocError(f"{str(path)!r} is not a file written by `ooc-universal {step}`; "
-                       "run that step again")
+    doc = read_json_document(path, step)
     _check_version(path, doc.get("table_version", 1), step)
     return doc
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ooc_universal.config import ReportConfig
 from ooc_universal.errors import OocError
+from ooc_universal.rundir import read_json_document
 from ooc_universal.report import render, sections, views
 from ooc_universal.report.data import find_zoo_json, load_run
 from ooc_universal.report.document import Figure, collect
@@ -125,13 +126,4 @@ def _write(out: Path, everything: list, data: dict, run_name: str) -> None:
 def read_report_data(run_dir) -> dict:
     """RUN/report/report_data.json (this step's own record of every number it shows),
     or one OocError line."""
-    path = Path(run_dir) / "report" / "report_data.json"
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise OocError(f"{str(path)!r} is unreadable ({exc}); run `ooc-universal report` "
-                       "again") from None
-    if not isinstance(doc, dict):
-        raise OocError(f"{str(path)!r} is not a report_data.json; run `ooc-universal "
-                       "report` again")
-    return doc
+    return read_json_document(Path(run_dir) / "report" / "report_data.json", "report")

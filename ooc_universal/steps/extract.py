@@ -1,13 +1,20 @@
-"""Forward passes -> activation store: the post-GELU MLP activations of the valid positions.
+"""Forward passes -> activation store: the MLP neurons of every layer at the valid positions.
 
 For one model: load the run's token set and the model, check they fit, refuse early when
 the disk lacks room, then run batched forward passes with forward PRE-hooks on every
-layer's MLP output projection (its input is the post-GELU activation). The last layer's
-hook stops the forward, so neither the rest of that layer nor the LM head is computed.
+layer's MLP output projection (its input is the neurons: GPT-2 and Pythia's post-GELU
+activation, act(gate) * up in OLMo and Llama; models.FAMILIES). The last layer's hook
+stops the forward, so neither the rest of that layer nor the LM head is computed.
 Only valid positions are kept, as fp16, in token-set order; a block of rows fills one
-chunk of the store, and a writer thread writes and ledgers it while the next forward
-runs (store.py). Memory is bounded by `memory`: the batch (windows per forward) is
-derived from it, and at most two blocks are held, whatever the number of tokens.
+chunk of the store, and a writer thread hashes, writes (O_DIRECT where it can: no copy
+into the page cache) and ledgers it while the next forward runs (store.py). Memory is
+bounded by `memory`: the batch (windows per forward) is derived from it, and at most two
+blocks are held, whatever the number of tokens.
+
+Where the time goes (GPT-2 small, 2 CPU cores; bench/bench_extract.py reports it): the
+hooked forward itself is within a few per cent of a bare forward; the writer's sha256 of
+every block (about 1.5 GB/s here) competes with the forward's threads; gathering the
+valid rows is one memcpy per run of them.
 
 Resuming is by the ledger: blocks already written are not recomputed; a batch of windows
 is forwarded only when it holds rows of a missing block.
@@ -28,14 +35,14 @@ from ooc_universal import faults, models
 from ooc_universal.config import ComputeConfig, ExtractConfig, validated
 from ooc_universal.devices import resolve_device
 from ooc_universal.errors import OocError, StaleInputError
-from ooc_universal.formats.store import (DTYPE, PartialStore, StorePaths, check_store_matches,
-                                         default_block_tokens, expected_store_bytes,
+from ooc_universal.formats.store import (DTYPE, PartialStore, StorePaths, aligned_block_buffer,
+                                         check_store_matches, default_block_tokens,
+                                         expected_store_bytes,
                                          identity_mismatch, parse_compression,
                                          remove_stale_temporaries, store_lock)
-from ooc_universal.formats.tokens import load_token_set
+from ooc_universal.formats.tokens import check_tokenizer_matches, load_token_set
 from ooc_universal.plan import parse_bytes
 from ooc_universal.rundir import check_free_space, disk_full, human_bytes, is_disk_full, step_dir
-from ooc_universal.steps.tokens import check_tokenizer_matches
 
 DTYPES = ("float32", "bfloat16")
 # Tokens per forward beyond which throughput stops rising: on a CPU, bigger batches fall
@@ -325,11 +332,12 @@ class _BlockWriter:
         self.sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         self.free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
-            self.free.put(np.empty((partial.block_tokens, partial.n_neurons), DTYPE))
+            self.free.put(aligned_block_buffer(partial.block_tokens, partial.n_neurons))
         self.todo: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.written = 0
         self.busy = 0.0     # seconds the writer spent hashing, writing, syncing
+        self.busy_cpu = 0.0  # CPU seconds of that (it competes with the forward's threads)
         self.waited = 0.0   # seconds the main thread waited for a free buffer
         self.drained = 0.0  # seconds close() waited for the last blocks
         self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
@@ -343,9 +351,11 @@ class _BlockWriter:
             i, buf, rows = item
             try:
                 if self.error is None:
-                    t0 = time.perf_counter()
-                    self.partial.write_block(i, buf[:rows])
+                    t0, c0 = time.perf_counter(), time.thread_time()
+                    buf[rows:] = 0  # a whole chunk: written without a copy (O_DIRECT)
+                    self.partial.write_block(i, buf)
                     self.busy += time.perf_counter() - t0
+                    self.busy_cpu += time.thread_time() - c0
                     self.written += 1
                     if self.sleep:
                         time.sleep(self.sleep)
@@ -491,7 +501,7 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
                  fp16_overflow=overflow, seconds_forward=clock["forward"],
                  seconds_copy=clock["copy"] - writer.waited,
                  seconds_writer_wait=writer.waited + writer.drained,
-                 seconds_writer_busy=writer.busy)
+                 seconds_writer_busy=writer.busy, cpu_seconds_writer=writer.busy_cpu)
     return rows_written
 
 

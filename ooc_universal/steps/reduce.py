@@ -9,19 +9,29 @@ draws, and on request the cross co-moment matrix.
 The step validates its inputs, asks plan.make_plan how to cut the work within the
 memory budget, builds the task graph below and hands it to graph.execute:
 
+  self(i)            fold other model i's within-layer self co-moments over every token
+                     block, once per command (not per panel or pair): its own pass,
+                     layer by layer into a preallocated (L, d, d) f64 accumulator
+  rotations(d)       draw the baseline's rotations of width d once (fp32, to the work dir)
+  scales(i)          1/sqrt(diag(R S R^T)) of other model i, once per draw and layer
   fold(g, p, c)      fold the token blocks of chain c into the accumulators of group g,
-                     panel p (block reads through the store's API, the kernels of
-                     kernels/comoments.py); checkpoint to the work dir every segment
-  merge(g, p)        Chan-merge the chains (only when there are several)
+                     panel p, one layer of each other model at a time (block reads
+                     through the store's API, kernels/comoments.py); checkpoint to the
+                     work dir every segment
+  merge(g, p)        Chan-merge the chains (only when there are several), pair by pair
   finalize(g, p)     row/col max of the panel (kernels/tilemax.py) and the rotation
-                     baseline (kernels/rotation.rotation_baseline), from the accumulators
-  assemble(pair)     stream the panels into the pair's file (formats/reduced.py)
+                     baseline (kernels/rotation.rotation_baseline_scaled: one GEMM per
+                     strip from the precomputed scales), pair by pair; then the panel's
+                     fold checkpoints go
+  assemble(pair)     stream the panels, and the self co-moments layer by layer, into the
+                     pair's file (formats/reduced.py)
 
 Tasks pass file paths, not arrays: a worker of a cluster opens the stores and the
 checkpoints itself, and a killed run resumes from the last checkpoint on disk. One
 process per output pair (a lock in RUN/reduce/). A re-run after a kill that came between
 two pairs' commits finishes from the whole command's work dir. Fault-injection points
-(faults.point) mark where the tests kill the process.
+(faults.point) mark where the tests kill the process. Memory: every buffer a task
+allocates is one plan.task_bytes counts.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +52,16 @@ from ooc_universal.config import ComputeConfig, ReduceConfig, validated
 from ooc_universal.devices import device_name
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.formats.reduced import (LAYOUT_VERSION, PairHeader, WorkDir, create_reduced,
-                                           open_reduced, pack_fold_state, reduced_path,
-                                           remove_temporaries, unpack_fold_state)
+                                           iter_self_layers, open_reduced, pack_fold_state,
+                                           pack_self_state, read_array_item,
+                                           read_self_moments, reduced_path,
+                                           remove_temporaries, save_array_stream,
+                                           state_keys, unpack_fold_state)
 from ooc_universal.formats.store import open_store
 from ooc_universal.graph import (CANCEL, PROGRESS, TIMINGS, Interrupted, TaskFailedError,
                                  TaskGraph, cluster_workers, execute)
-from ooc_universal.plan import PairShape, ReducePlan, describe, make_plan, measure_gemm_rate
+from ooc_universal.plan import (BASELINE_ROW_STRIP, PairShape, Rates, ReducePlan, describe,
+                                gemm_shape, make_plan, measure_gemm, measure_rates)
 from ooc_universal.rundir import (check_free_space, config_hash, ensure_sidecar, file_lock,
                                   human_bytes, recorded_sha256, step_dir)
 
@@ -78,8 +93,22 @@ class FoldTask:
     blocks_per_segment: int
     precision: str
     device: str
-    with_self: bool        # panel 0 also accumulates the others' self co-moments
     d_others: tuple
+
+
+@dataclass(frozen=True)
+class SelfTask:
+    """One other model's self co-moment pass: paths and numbers only."""
+    work_dir: str
+    other_path: str
+    index: int             # the other model's index among the graph's pairs
+    d: int                 # neurons per layer
+    block_tokens: int
+    n_tokens: int
+    n_blocks: int
+    blocks_per_segment: int
+    precision: str
+    device: str
 
 
 @dataclass(frozen=True)
@@ -118,9 +147,12 @@ def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None 
 
     Returns {"outputs": [paths], "plan": ReducePlan, "blocks_folded": int,
     "blocks_resumed": int, "skipped": [paths already complete], "timings": {phase:
-    seconds} of this process's tasks, "zero_variance": {path: (n_ref, n_other) neurons
-    of zero variance}}; with dry_run the plan text is in "describe" and
-    nothing is computed or written.
+    seconds} of this process's tasks and "cpu_timings" (the same in CPU-seconds),
+    "zero_variance": {path: (n_ref, n_other) neurons
+    of zero variance}, and "rate" (achieved_rate: useful FLOP/s against torch.matmul
+    measured at the end) when the whole reduce ran here}; with dry_run the plan text
+    is in "describe", the rates it used (measured now unless gemm_rate is given) in
+    "rates", and nothing is computed or written.
     """
     settings, compute = _sections(settings, compute, legacy)
     job = _validated_job(run_dir, reference, others, settings, compute)
@@ -210,8 +242,12 @@ def _reduce_locked(job: Job, tuning: dict, gemm_rate, dry_run, force, progress) 
     result = {"outputs": [], "plan": plan, "blocks_folded": 0, "blocks_resumed": 0,
               "skipped": skipped, "timings": {}}
     if dry_run:
-        rate = gemm_rate or measure_gemm_rate(job.device, job.settings.precision)
-        result["describe"] = describe(plan, rate)
+        shown = plan if todo else plan_for(job.others)  # all complete: what --force does
+        rates = Rates(gemm_flops_per_s=gemm_rate, measured=("given",)) if gemm_rate \
+            else measure_rates(shown, step_dir(job.run_dir, "reduce"))
+        head = "" if todo else (f"all {len(skipped)} pair(s) are complete; with --force "
+                                "the reduce would run this plan:\n")
+        result.update(plan=shown, describe=head + describe(shown, rates), rates=rates)
         return result
     if not todo:
         result["outputs"] = skipped
@@ -220,7 +256,7 @@ def _reduce_locked(job: Job, tuning: dict, gemm_rate, dry_run, force, progress) 
         WorkDir.of(job.run_dir, _work_key(job, job.others, plan_for(job.others))).remove()
         return result
 
-    check_free_space(step_dir(job.run_dir, "reduce"), _output_bytes(plan, job.settings) * 2,
+    check_free_space(step_dir(job.run_dir, "reduce"), plan.work_disk_bytes + plan.output_bytes,
                      "the reduce's checkpoints and outputs")
     graph_pairs, work = todo, WorkDir.of(job.run_dir, _work_key(job, todo, plan))
     if skipped:
@@ -231,21 +267,43 @@ def _reduce_locked(job: Job, tuning: dict, gemm_rate, dry_run, force, progress) 
         if work_all.exists():
             graph_pairs, plan, work = job.others, plan_all, work_all
             result["plan"] = plan
-    work.create(_manifest(job, graph_pairs, plan))
+    work.create(_manifest(job, graph_pairs, plan, tuning))
     graph, outputs = build_graph(job, plan, work, graph_pairs)
     todo_labels = {m["label"] for _, m in todo}
     outputs = [k for k, label in outputs if label in todo_labels]
     done_before = work.blocks_done()
+    t0, c0 = time.perf_counter(), time.process_time()
     result["blocks_folded"] = execute(graph, outputs, total=_total_folds(plan),
                                       done_before=done_before,
                                       scheduler=job.compute.scheduler or None,
                                       progress=progress)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     result["blocks_resumed"] = done_before
     result["timings"] = TIMINGS.snapshot()
+    result["cpu_timings"] = TIMINGS.cpu_snapshot()
     result["outputs"] = [job.output(m) for _, m in todo]
     result["zero_variance"] = _zero_variance(result["outputs"])
     work.remove()
+    if not done_before and not job.compute.scheduler:
+        result["rate"] = achieved_rate(plan, wall, cpu)
     return result
+
+
+def achieved_rate(plan: ReducePlan, wall: float, cpu: float) -> dict:
+    """The reduce's useful FLOP/s (plan.flops: cross, self, baseline, scales) against
+    torch.matmul measured now at the plan's strip GEMM shape, per wall and per
+    CPU-second of this process (the latter holds on a busy machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    mm = measure_gemm(plan.device, plan.precision, gemm_shape(plan),
+                      min(1.0, max(0.05, 0.01 * wall)))  # at most 1% of the reduce
+    gflops, per_cpu = plan.flops / max(wall, 1e-9), plan.flops / max(cpu, 1e-9)
+    return {"flops": plan.flops, "seconds": wall, "cpu_seconds": cpu,
+            "flops_per_s": gflops, "flops_per_cpu_s": per_cpu,
+            "matmul_flops_per_s": mm["wall"], "matmul_flops_per_cpu_s": mm["cpu"],
+            "fraction": gflops / mm["wall"], "fraction_per_cpu_s": per_cpu / mm["cpu"],
+            "matmul_shape": list(gemm_shape(plan)),
+            "measure_seconds": time.perf_counter() - t0,
+            "measure_cpu_seconds": time.process_time() - c0}
 
 
 def _pairs_to_do(job: Job, dry_run: bool, force: bool) -> tuple[list, list]:
@@ -283,13 +341,35 @@ def _total_folds(plan: ReducePlan) -> int:
     return plan.n_blocks * len(plan.groups) * len(plan.panels)
 
 
-def _manifest(job: Job, pairs, plan: ReducePlan) -> dict:
-    """What a work dir is for (read by `status`)."""
+def _manifest(job: Job, pairs, plan: ReducePlan, tuning: dict) -> dict:
+    """What a work dir is for (read by `status`): the pairs, the totals its progress is
+    measured against, and the command that finishes it."""
     return {"reference": job.ref["label"], "others": [m["label"] for _, m in pairs],
             "outputs": [job.output(m).name for _, m in pairs],
-            "total_folds": _total_folds(plan), "token_hash": job.ref["token_hash"],
+            "total_folds": _total_folds(plan),
+            "total_panels": len(plan.panels) * len(plan.groups),
+            "token_hash": job.ref["token_hash"],
             "settings": job.settings_dict, "config_hash": config_hash(job.settings_dict),
+            "command": _command(job, pairs, tuning),
             "toolkit_version": __version__}
+
+
+def _command(job: Job, pairs, tuning: dict) -> str:
+    """The `ooc-universal reduce` command line that resumes this work (same plan)."""
+    s = job.settings
+    parts = ["ooc-universal reduce", "--run-dir", str(job.run_dir), "-r", job.ref["label"],
+             *(m["label"] for _, m in pairs), "--memory", job.compute.memory,
+             "--precision", s.precision, "--baseline-draws", str(s.baseline_draws),
+             "--seed", str(s.seed)]
+    if s.keep_covariance:
+        parts.append("--keep-covariance")
+    if tuning.get("block_tokens"):
+        parts += ["--block-tokens", str(tuning["block_tokens"])]
+    if tuning.get("checkpoint_blocks"):
+        parts += ["--checkpoint-every", str(tuning["checkpoint_blocks"])]
+    if job.compute.scheduler:
+        parts += ["--scheduler", job.compute.scheduler]
+    return " ".join(parts)
 
 
 def _provenance(ref_meta: dict, other_meta: dict, settings: dict) -> dict:
@@ -383,27 +463,28 @@ def _work_key(job: Job, pairs, plan: ReducePlan) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _output_bytes(plan: ReducePlan, settings: ReduceConfig) -> int:
-    acc = 8 if plan.precision == "fp64" else 4
-    total = 0
-    for p in plan.pairs:
-        total += plan.n_ref * p.n_other * acc  # accumulator checkpoints
-        if settings.keep_covariance:
-            total += plan.n_ref * p.n_other * 4
-    return total
-
-
 def _blocks_on_disk(work_dir, plan=None) -> int:
     """Block folds held by the chain checkpoints in `work_dir` (see WorkDir.blocks_done)."""
     return WorkDir(work_dir).blocks_done()
 
 
 def summary_line(result: dict) -> str:
+    """What was done, and (a whole reduce in this process) how fast, e.g. "...; achieved
+    141 GFLOP/s, 0.91 of torch.matmul's 155 GFLOP/s on the same shapes (0.93 per
+    CPU-second)"."""
     plan = result["plan"]
-    return (f"reduced {len(result['outputs'])} pair(s): {result['blocks_folded']} block folds "
+    line = (f"reduced {len(result['outputs'])} pair(s): {result['blocks_folded']} block folds "
             f"computed, {result['blocks_resumed']} resumed from checkpoints, "
             f"{len(result['skipped'])} pair(s) already complete; "
             f"peak plan {human_bytes(plan.peak_bytes)}")
+    rate = result.get("rate")
+    if rate:
+        k, m, n = rate["matmul_shape"]
+        line += (f"; achieved {rate['flops_per_s'] / 1e9:.1f} GFLOP/s in "
+                 f"{rate['seconds']:.1f} s, {rate['fraction']:.2f} of torch.matmul's "
+                 f"{rate['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s on the same shapes "
+                 f"({k} x {m} x {n}; {rate['fraction_per_cpu_s']:.2f} per CPU-second)")
+    return line
 
 
 def zero_variance_warnings(result: dict) -> list[str]:
@@ -426,42 +507,85 @@ def _zero_variance(paths) -> dict:
 # --------------------------------------------------------------------------- the graph
 
 def build_graph(job: Job, plan: ReducePlan, work: WorkDir, pairs) -> tuple[TaskGraph, list]:
-    """fold -> merge -> finalize -> assemble tasks; returns the graph and, per pair,
-    (its assemble key, its other label)."""
+    """self, rotations, scales -> fold -> merge -> finalize -> assemble tasks; returns the
+    graph and, per pair, (its assemble key, its other label)."""
     graph = TaskGraph(work.path.name, "reduce")
-    config = {"settings": job.settings_dict, "plan": plan.to_dict()}
+    rotations = _add_rotations(graph, plan, job, work, pairs)
+    selfs, scales = _add_self_tasks(graph, plan, job, work, pairs, rotations)
     outputs = []
     for g, grp in enumerate(plan.groups):
-        gpaths = tuple(str(pairs[i][0]) for i in grp)
-        d_others = tuple(pairs[i][1]["d_mlp"] for i in grp)
-        merged = [_add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others)
-                  for p, rows in enumerate(plan.panels)]
-        finals = [graph.add("finalize", (g, p), f"finalize (group {g}, panel {p})",
-                            finalize_panel, str(work.path), g, p, tuple(rows), merged[p],
-                            merged[0], d_others, job.settings_dict)
-                  for p, rows in enumerate(plan.panels)]
-        for j, i in enumerate(grp):
-            meta = pairs[i][1]
-            out = job.output(meta)
-            key = graph.add("assemble", (i,), f"assemble ({out.name})", assemble_pair,
-                            str(out), j, finals, merged[0], job.ref, meta, config)
-            outputs.append((key, meta["label"]))
+        outputs += _add_group(graph, plan, job, work, pairs, g, grp, selfs, scales, rotations)
     return graph, outputs
 
 
-def _add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others):
+def _add_self_tasks(graph, plan, job, work, pairs, rotations) -> tuple[list, list]:
+    """Per other model, once for the whole command: its self co-moment pass and its
+    rotated scales; returns their keys."""
+    selfs, scales = [], []
+    for i, (path, meta) in enumerate(pairs):
+        task = SelfTask(str(work.path), str(path), i, meta["d_mlp"], plan.block_tokens,
+                        plan.n_tokens, plan.n_blocks, plan.blocks_per_segment,
+                        plan.precision, plan.device)
+        selfs.append(graph.add("self", (i,), f"self co-moments ({meta['label']})",
+                               fold_self, task))
+        scales.append(graph.add("scales", (i,), f"rotated scales ({meta['label']})",
+                                scales_task, str(work.path), i, selfs[i],
+                                rotations[meta["d_mlp"]], job.settings.baseline_draws,
+                                plan.device))
+    return selfs, scales
+
+
+def _add_group(graph, plan, job, work, pairs, g, grp, selfs, scales, rotations) -> list:
+    """The folds, merges and finalizes of group g's panels and its pairs' assembly;
+    returns [(assemble key, other label)]."""
+    config = {"settings": job.settings_dict, "plan": plan.to_dict()}
+    gpaths = tuple(str(pairs[i][0]) for i in grp)
+    d_others = tuple(pairs[i][1]["d_mlp"] for i in grp)
+    baseline = [[scales[i] for i in grp], [rotations[d] for d in d_others], job.settings_dict]
+    merged = [_add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others, baseline)
+              for p, rows in enumerate(plan.panels)]
+    finals = [graph.add("finalize", (g, p), f"finalize (group {g}, panel {p})",
+                        finalize_panel, str(work.path), g, p, tuple(rows), merged[p],
+                        *baseline[:2], d_others, job.settings_dict)
+              for p, rows in enumerate(plan.panels)]
+    outputs = []
+    for j, i in enumerate(grp):
+        meta = pairs[i][1]
+        out = job.output(meta)
+        key = graph.add("assemble", (i,), f"assemble ({out.name})", assemble_pair,
+                        str(out), j, finals, selfs[i], job.ref, meta, config)
+        outputs.append((key, meta["label"]))
+    return outputs
+
+
+def _add_rotations(graph, plan, job, work, pairs) -> dict:
+    """One rotations task per layer width among the other models: {d: its key}."""
+    layers = {}
+    for _, meta in pairs:
+        layers[meta["d_mlp"]] = max(layers.get(meta["d_mlp"], 0), meta["n_layers"])
+    seeds = [job.settings.seed + k for k in range(job.settings.baseline_draws)]
+    dtype = "float64" if plan.precision == "fp64" else "float32"
+    return {d: graph.add("rotations", (d,), f"rotations (d={d})", draw_rotations,
+                         str(work.path), d, n_layers, seeds, dtype)
+            for d, n_layers in sorted(layers.items())}
+
+
+def _add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others, baseline):
     """The fold tasks of (group g, panel p), one per chain, and their merge; returns the
-    merge's key."""
+    merge's key. A single chain finalizes its panel itself (from memory, `baseline`:
+    the scales' and rotations' keys and the settings), so its last segment is never
+    written out and read back."""
     chain_keys = []
+    single = plan.n_chains == 1
     for c in range(plan.n_chains):
         blocks = tuple(plan.chain_blocks(c))
         if not blocks:
             continue
         task = FoldTask(str(work.path), job.ref["path"], gpaths, g, p, c, tuple(rows), blocks,
                         plan.block_tokens, plan.n_tokens, plan.blocks_per_segment,
-                        plan.precision, plan.device, p == 0, d_others)
+                        plan.precision, plan.device, d_others)
         chain_keys.append(graph.add("fold", (g, p, c), f"fold (group {g}, panel {p}, chain {c})",
-                                    fold_chain, task))
+                                    fold_chain, task, *(baseline if single else [])))
     return graph.add("merge", (g, p), f"merge (group {g}, panel {p})", merge_chains,
                      str(work.path), g, p, chain_keys)
 
@@ -497,22 +621,24 @@ def _zero_copy_block(store, i: int):
     return store.read_block(i) if store.memory_mapped else None
 
 
+def _as_tensor(array):
+    import torch
+    with warnings.catch_warnings():  # read-only memmap: the kernels only read it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
 def load_block(store, start: int, stop: int, cols: tuple | None, out, allow_view=False):
     """Rows [start, stop) (columns `cols`) of a store as a torch tensor: with
     `allow_view`, a zero-copy view of the memory map when they lie in one chunk (the CPU
     path; the centring kernel reads fp16 itself), else copied into `out` (converted to
     its dtype in the same pass), chunk by chunk."""
-    import torch
     bt = store.block_tokens
     c0, c1 = store.block_bounds(start // bt)
     view = _zero_copy_block(store, start // bt) if allow_view and stop <= c1 else None
     if view is not None:
         view = view[start - c0:stop - c0]
-        if cols is not None:
-            view = view[:, cols[0]:cols[1]]
-        with warnings.catch_warnings():  # read-only memmap: the kernels only read it
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(view)
+        return _as_tensor(view if cols is None else view[:, cols[0]:cols[1]])
     row = 0
     for ci in range(start // bt, (stop - 1) // bt + 1):
         c0, c1 = store.block_bounds(ci)
@@ -520,112 +646,211 @@ def load_block(store, start: int, stop: int, cols: tuple | None, out, allow_view
         chunk = store.read_block(ci)[a - c0:b - c0]
         if cols is not None:
             chunk = chunk[:, cols[0]:cols[1]]
-        with warnings.catch_warnings():  # read-only memmap: torch only reads it here
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.from_numpy(chunk)
-        out[row:row + (b - a)].copy_(src, non_blocking=True)
+        out[row:row + (b - a)].copy_(_as_tensor(chunk), non_blocking=True)
         row += b - a
     return out[:row]
 
 
-# --------------------------------------------------------------------------- tasks
+class Staging:
+    """Where a task's block strips come from. On a CPU, a zero-copy view of the memory
+    map when the rows lie in one chunk, else a copy into an fp16 host buffer allocated
+    once per (role, width). On a GPU, pinned host buffers, two per role used in turn,
+    each refilled only once its previous upload has finished (an event), then copied
+    to the device without blocking. A compressed store's block is decoded once, whole,
+    and its strips are slices of it (not one decode per strip)."""
+
+    def __init__(self, device: str, block_tokens: int):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self.block_tokens = block_tokens
+        self._buffers: dict = {}
+        self._turn: dict = {}
+        self._decoded: dict = {}  # role -> (store path, start, stop, whole block)
+
+    def load(self, store, start: int, stop: int, cols: tuple | None, role: str):
+        if not store.memory_mapped and cols is not None:
+            whole = self._decoded_block(store, start, stop, role)
+            return self._to_device(whole[:, cols[0]:cols[1]], role, cols[1] - cols[0])
+        if not self.cuda:
+            width = store.n_neurons if cols is None else cols[1] - cols[0]
+            return load_block(store, start, stop, cols, self._host(role, width, 0)[0], True)
+        return self._upload(store, start, stop, cols, role)
+
+    def _decoded_block(self, store, start: int, stop: int, role: str):
+        key = (str(store.path), start, stop)
+        cached = self._decoded.get(role)
+        if cached is None or cached[0] != key:
+            buf = self._host(f"{role}-whole", store.n_neurons, 0, pinned=False)[0]
+            cached = self._decoded[role] = (key, load_block(store, start, stop, None, buf))
+        return cached[1]
+
+    def _to_device(self, strip, role: str, width: int):
+        if not self.cuda:
+            return strip
+        entry = self._next_slot(role, width)
+        entry[0][:strip.shape[0]].copy_(strip)
+        return self._send(entry, entry[0][:strip.shape[0]])
+
+    def _host(self, role: str, width: int, slot: int, pinned: bool | None = None):
+        """[fp16 buffer, its last upload's event or None], allocated on first use."""
+        import torch
+        key = (role, width, slot)
+        if key not in self._buffers:
+            pin = self.cuda if pinned is None else pinned
+            self._buffers[key] = [torch.empty(self.block_tokens, width, dtype=torch.float16,
+                                              pin_memory=pin), None]
+        return self._buffers[key]
+
+    def _next_slot(self, role: str, width: int):
+        """The role's other pinned buffer, once its previous upload is done."""
+        slot = self._turn[role] = 1 - self._turn.get(role, 1)
+        entry = self._host(role, width, slot)
+        if entry[1] is not None:
+            entry[1].synchronize()  # safe to overwrite
+        return entry
+
+    def _send(self, entry, host):
+        import torch
+        dev = host.to(self.device, non_blocking=True)
+        entry[1] = torch.cuda.Event()
+        entry[1].record()
+        return dev
+
+    def _upload(self, store, start, stop, cols, role):
+        width = store.n_neurons if cols is None else cols[1] - cols[0]
+        entry = self._next_slot(role, width)
+        return self._send(entry, load_block(store, start, stop, cols, entry[0]))
+
+
+# --------------------------------------------------------------------------- fold
 
 _COMPUTE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp64": "float64"}
 
 
-def fold_chain(task: FoldTask) -> str:
-    """Fold this chain's token blocks into the group's accumulators; checkpointed."""
+def _compute_dtype(precision: str):
     import torch
+    return getattr(torch, _COMPUTE_DTYPES[precision])
+
+
+def fold_chain(task: FoldTask, scale_paths=None, rotation_paths=None, settings=None) -> str:
+    """Fold this chain's token blocks into the group's accumulators, checkpointed every
+    segment. Given the baseline's inputs (a single chain), the last segment is not
+    checkpointed: the panel is finalized from memory (a kill then loses at most that
+    segment, as between any two checkpoints)."""
     work = WorkDir(task.work_dir)
     path = work.fold_path(task.group, task.panel, task.chain)
+    if work.final_path(task.group, task.panel).exists():
+        return str(path)  # the panel is finished (its checkpoints are gone)
     state = work.load(path)
     if state is not None:
         start_at, n_done = int(state["next_block"]), int(state["n_blocks_done"])
-        accs, selfs = _state_to_torch(state, task.device)
+        accs = _state_to_torch(state, task.device)
+        del state
     else:
-        start_at, n_done, accs, selfs = task.blocks[0], 0, [], []
+        start_at, n_done, accs = task.blocks[0], 0, []
+    finish = (scale_paths, rotation_paths, settings) if settings is not None else None
     if start_at > task.blocks[-1]:
-        return str(path)  # finished on an earlier run
+        if finish:  # killed between the last checkpoint and the final file
+            _finalize_from_memory(task, work, accs, n_done, finish)
+        return str(path)
+    accs = accs or _empty_accumulators(task)
+    n_done = _fold_blocks(task, work, path, accs, start_at, n_done, finish is None)
+    if finish:
+        _finalize_from_memory(task, work, accs, n_done, finish)
+    return str(path)
 
+
+def _empty_accumulators(task: FoldTask) -> list:
+    from ooc_universal.kernels.comoments import empty_comoments
+    r0, r1 = task.rows
+    with TIMINGS.phase("fold_setup"):  # not zeroed: the first block's strips overwrite
+        return [empty_comoments(r1 - r0, _cached_store(p).n_neurons, task.precision,
+                                task.device, zeroed=False) for p in task.other_paths]
+
+
+def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool) -> int:
+    """Fold blocks start_at.. of the chain; checkpoint every segment (and after the last
+    block when `save_last`); returns the blocks folded in all."""
     ref = _cached_store(task.ref_path)
     others = [_cached_store(p) for p in task.other_paths]
-    compute = getattr(torch, _COMPUTE_DTYPES[task.precision])
-    xbuf, ybufs = _block_buffers(task, others)
-    if not accs:
-        from ooc_universal.kernels.comoments import empty_comoments
-        r0, r1 = task.rows
-        accs = [empty_comoments(r1 - r0, o.n_neurons, task.precision, task.device)
-                for o in others]
-    workspace = {}  # the kernels' reusable centring buffers, one set per task
+    staging, workspace = Staging(task.device, task.block_tokens), {}
+    compute = _compute_dtype(task.precision)
     seg = 0
     for b in task.blocks:
         if b < start_at:
             continue
         if CANCEL.is_set():
             if seg:
-                _checkpoint(task, work, path, accs, selfs, b, n_done)
+                _checkpoint(task, work, path, accs, b, n_done)
             raise Interrupted(f"interrupted before block {b}")
-        _fold_block(task, b, ref, others, xbuf, ybufs, accs, selfs, compute, workspace)
+        _fold_block(task, b, ref, others, staging, accs, compute, workspace)
         n_done += 1
         seg += 1
         PROGRESS.update(1)
         faults.point("reduce.fold.block")
         _test_hook("OOC_TEST_SLEEP_PER_BLOCK")
-        if seg >= task.blocks_per_segment or b == task.blocks[-1]:
-            _checkpoint(task, work, path, accs, selfs, b + 1, n_done)
+        last = b == task.blocks[-1]
+        if seg >= task.blocks_per_segment and not last or last and save_last:
+            _checkpoint(task, work, path, accs, b + 1, n_done)
             seg = 0
             _test_hook("OOC_TEST_SLEEP_AFTER_CHECKPOINT")
-    return str(path)
+    if not save_last:
+        with TIMINGS.phase("checkpoint"):
+            _check_finite(task, accs, task.blocks[-1])
+    return n_done
 
 
-def _block_buffers(task: FoldTask, others):
-    """fp16 gather buffers, allocated once per task: blocks go to a GPU through pinned
-    buffers (half the bytes over the bus); on a CPU a block that lies in one chunk is
-    read straight from the memory map (the centring kernel converts), else gathered."""
-    import torch
-    pin = task.device.startswith("cuda")
-    r0, r1 = task.rows
-    xbuf = torch.empty(task.block_tokens, r1 - r0, dtype=torch.float16, pin_memory=pin)
-    ybufs = [torch.empty(task.block_tokens, o.n_neurons, dtype=torch.float16, pin_memory=pin)
-             for o in others]
-    return xbuf, ybufs
-
-
-def _fold_block(task, b, ref, others, xbuf, ybufs, accs, selfs, compute, workspace) -> None:
-    """Fold token block b of the reference panel against every other store of the group."""
-    from ooc_universal.kernels.comoments import (centre_block, comoment_update_centred_,
-                                                 self_comoment_centred, self_comoment_combine)
-    view = not task.device.startswith("cuda")
+def _fold_block(task, b, ref, others, staging, accs, compute, workspace) -> None:
+    """Fold token block b of the reference panel against every other store of the group:
+    the panel's block is centred once for all of them (conversion and centring are
+    memory-bound, the GEMMs are not)."""
+    from ooc_universal.kernels.comoments import centre_block, transpose_block
     s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
     with TIMINGS.phase("read"):
-        x = load_block(ref, s, e, task.rows, xbuf, view).to(task.device, non_blocking=True)
-    # centred once per block, whatever the number of pairs (and reused by the self
-    # co-moments): conversion and centring are memory-bound, the GEMMs are not
+        x = staging.load(ref, s, e, task.rows, "x")
     with TIMINGS.phase("centre"):
-        cx = centre_block(x, compute, workspace=workspace, role="x")
+        cx = centre_block(x, compute, workspace=workspace, role="x", spare_row=True)
+        xt = transpose_block(cx, workspace) if _row_major_left(task, compute) else None
     for i, o in enumerate(others):
-        with TIMINGS.phase("read"):
-            y = load_block(o, s, e, None, ybufs[i], view).to(task.device, non_blocking=True)
-        with TIMINGS.phase("centre"):
-            cy = centre_block(y, compute, workspace=workspace, role="y")
-        with TIMINGS.phase("cross_gemm"):
-            comoment_update_centred_(accs[i], cx, cy)
-        if task.with_self:
-            with TIMINGS.phase("self_comoments"):
-                sc = self_comoment_centred(cy, task.d_others[i])
-                if i < len(selfs):
-                    selfs[i] = self_comoment_combine(selfs[i], sc)
-                else:
-                    selfs.append(sc)
+        _fold_other(o, s, e, task.d_others[i], cx, xt, accs[i], staging, compute, workspace)
     with TIMINGS.phase("release"):
-        for st in (ref, *others):  # done with these rows: keep RSS flat over the pass
-            st.release_rows(s, e)
+        ref.release_rows(s, e)  # done with these rows: keep RSS flat over the pass
 
 
-def _checkpoint(task, work, path, accs, selfs, next_block: int, n_done: int) -> None:
+def _row_major_left(task: FoldTask, compute) -> bool:
+    """The CPU bf16 GEMM wants its first operand row-major (comoments.transpose_block)."""
+    import torch
+    return compute == torch.bfloat16 and not task.device.startswith("cuda")
+
+
+def _fold_other(store, s, e, d, cx, xt, acc, staging, compute, workspace) -> None:
+    """One other model's block, layer by layer: a centred (n, d) strip, its GEMM (Chan
+    term included) into the accumulator's columns; the moments once at the end. Its
+    pages are released before the next model's are read."""
+    import torch
+
+    from ooc_universal.kernels.comoments import (centre_block, comoment_moments_update_,
+                                                 comoment_strip_update_)
+    mean_y, m2_y = (torch.empty(store.n_neurons, dtype=torch.float64, device=cx[0].device)
+                    for _ in range(2))
+    for c0 in range(0, store.n_neurons, d):
+        with TIMINGS.phase("read"):
+            y = staging.load(store, s, e, (c0, c0 + d), "y")
+        with TIMINGS.phase("centre"):
+            cy = centre_block(y, compute, workspace=workspace, role="y", spare_row=True)
+        with TIMINGS.phase("cross_gemm"):
+            comoment_strip_update_(acc, cx, cy, c0, xt=xt, workspace=workspace)
+        mean_y[c0:c0 + d], m2_y[c0:c0 + d] = cy[0], cy[1]
+    with TIMINGS.phase("moments"):
+        comoment_moments_update_(acc, e - s, cx[0], cx[1], mean_y, m2_y)
+    with TIMINGS.phase("release"):
+        store.release_rows(s, e)
+
+
+def _checkpoint(task, work, path, accs, next_block: int, n_done: int) -> None:
     with TIMINGS.phase("checkpoint"):
         _check_finite(task, accs, next_block - 1)
-        work.save(path, pack_fold_state(_numpy(accs), _numpy(selfs), next_block, n_done))
+        work.save(path, pack_fold_state(_numpy(accs), [], next_block, n_done))
 
 
 def _numpy(records: list) -> list:
@@ -633,14 +858,17 @@ def _numpy(records: list) -> list:
              for k, v in r.items()} for r in records]
 
 
-def _state_to_torch(state: dict, device: str) -> tuple[list, list]:
+def _tensors(record: dict, device: str) -> dict:
+    """A record of numpy arrays as torch tensors on `device` (no copy on the CPU: the
+    arrays were just read from a checkpoint and are owned by nobody else)."""
     import torch
-    accs, selfs = unpack_fold_state(state)
+    return {k: (v if k == "n" else torch.from_numpy(np.asarray(v)).to(device))
+            for k, v in record.items()}
 
-    def tensors(r):
-        return {k: (v if k == "n" else torch.from_numpy(np.array(v)).to(device))
-                for k, v in r.items()}
-    return [tensors(a) for a in accs], [tensors(s) for s in selfs]
+
+def _state_to_torch(state: dict, device: str) -> list:
+    accs, _ = unpack_fold_state(state)  # self co-moments of older work dirs: ignored
+    return [_tensors(a, device) for a in accs]
 
 
 def _check_finite(task: FoldTask, accs: list, block: int) -> None:
@@ -665,73 +893,292 @@ def _test_hook(env: str) -> None:
     each block, OOC_TEST_SLEEP_AFTER_CHECKPOINT after each checkpoint (as in extract)."""
     delay = os.environ.get(env)
     if delay:
-        import time
         time.sleep(float(delay))
 
 
+# --------------------------------------------------------------------------- self co-moments
+
+def fold_self(task: SelfTask) -> str:
+    """Other model task.index's within-layer self co-moments over every token block,
+    into one preallocated (L, d, d) float64 accumulator; checkpointed like a fold (fault
+    points reduce.self.*), resumed from its last checkpoint."""
+    from ooc_universal.kernels.comoments import empty_self_comoments
+    work = WorkDir(task.work_dir)
+    path = work.self_path(task.index)
+    meta = read_self_moments(path)
+    if meta is not None and meta["next_block"] >= task.n_blocks:
+        return str(path)
+    store = _cached_store(task.other_path)
+    acc = empty_self_comoments(store.n_neurons, task.d, task.device)
+    start_at, n_done = (0, 0) if meta is None else _restore_self(acc, path, meta)
+    staging, workspace = Staging(task.device, task.block_tokens), {}
+    compute = _compute_dtype(task.precision)
+    seg = 0
+    for b in range(start_at, task.n_blocks):
+        if CANCEL.is_set():
+            if seg:
+                _save_self(work, path, acc, b, n_done)
+            raise Interrupted(f"interrupted before block {b}")
+        _self_block(task, b, store, staging, acc, compute, workspace)
+        n_done += 1
+        seg += 1
+        faults.point("reduce.self.block")
+        if seg >= task.blocks_per_segment or b == task.n_blocks - 1:
+            _save_self(work, path, acc, b + 1, n_done)
+            seg = 0
+    return str(path)
+
+
+def _restore_self(acc: dict, path, meta: dict) -> tuple[int, int]:
+    """Load a self checkpoint into the accumulator, one layer at a time."""
+    import torch
+    acc["n"] = meta["n"]
+    acc["mean"].copy_(torch.from_numpy(meta["mean"]))
+    acc["m2"].copy_(torch.from_numpy(meta["m2"]))
+    for layer, s_layer in iter_self_layers(path, acc["s"].shape[0]):
+        acc["s"][layer].copy_(torch.from_numpy(s_layer))
+    return meta["next_block"], meta["n_blocks_done"]
+
+
+def _self_block(task: SelfTask, b, store, staging, acc, compute, workspace) -> None:
+    import torch
+
+    from ooc_universal.kernels.comoments import (centre_block, self_comoment_strip_update_,
+                                                 self_moments_update_)
+    s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
+    d = task.d
+    mean, m2 = (torch.empty(store.n_neurons, dtype=torch.float64, device=acc["mean"].device)
+                for _ in range(2))
+    for layer in range(store.n_neurons // d):
+        c0 = layer * d
+        with TIMINGS.phase("self_read"):
+            y = staging.load(store, s, e, (c0, c0 + d), "y")
+        with TIMINGS.phase("self_centre"):
+            cy = centre_block(y, compute, workspace=workspace, role="y", spare_row=True)
+        with TIMINGS.phase("self_comoments"):
+            self_comoment_strip_update_(acc, cy, layer, workspace=workspace)
+        mean[c0:c0 + d], m2[c0:c0 + d] = cy[0], cy[1]
+    with TIMINGS.phase("self_comoments"):
+        self_moments_update_(acc, e - s, mean, m2)
+    with TIMINGS.phase("self_release"):
+        store.release_rows(s, e)
+
+
+def _save_self(work: WorkDir, path, acc: dict, next_block: int, n_done: int) -> None:
+    with TIMINGS.phase("self_checkpoint"):
+        record = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+                  for k, v in acc.items()}
+        work.save(path, pack_self_state(record, next_block, n_done), "self")
+
+
+# --------------------------------------------------------------------------- baseline inputs
+
+def draw_rotations(work_dir: str, d: int, n_layers: int, seeds: list, dtype: str) -> str:
+    """The baseline's rotations of width d (rotation_matrix(seed, layer, d) in `dtype`),
+    drawn once for the whole reduce and written one at a time."""
+    from ooc_universal.kernels.rotation import rotation_matrix
+    work = WorkDir(work_dir)
+    path = work.rotations_path(d)
+    if path.exists():
+        return str(path)
+
+    def items():
+        for seed in seeds:
+            for layer in range(n_layers):
+                if CANCEL.is_set():
+                    raise Interrupted("interrupted while drawing the rotations")
+                yield rotation_matrix(seed, layer, d)
+    with TIMINGS.phase("rotations"):
+        save_array_stream(path, (len(seeds), n_layers, d, d), dtype, items(), "rotations")
+    return str(path)
+
+
+class Rotations:
+    """The rotations file of one width, read one (d, d) rotation at a time into one
+    buffer (the tensor returned is that buffer: use it before the next get)."""
+
+    def __init__(self, path: str, d: int, dtype: str):
+        import torch
+        self.path = Path(path)
+        self.buffer = np.empty((d, d), dtype)
+        self.tensor = torch.from_numpy(self.buffer)
+
+    def get(self, j: int, layer: int):
+        read_array_item(self.path, (j, layer), self.buffer)
+        return self.tensor
+
+
+def scales_task(work_dir: str, i: int, self_path: str, rotations_path: str, n_draws: int,
+                device: str) -> str:
+    """iv (K, L, d) = 1/sqrt(diag(R S R^T)) of other model i, once per draw and layer
+    for the whole reduce: one GEMM R S in the rotations' dtype per (draw, layer)."""
+    from ooc_universal.kernels.rotation import rotated_scales_fast
+    work = WorkDir(work_dir)
+    path = work.scales_path(i)
+    if path.exists():
+        return str(path)
+    meta = read_self_moments(self_path)
+    if meta is None:
+        raise OocError(f"reduce work file {self_path!r} is unreadable; run the same "
+                       "command again (it is recomputed)")
+    iv = rotations = None
+    with TIMINGS.phase("scales"):
+        for layer, s_layer in iter_self_layers(self_path, meta["n_layers"]):
+            d = s_layer.shape[0]
+            if iv is None:
+                iv = np.empty((n_draws, meta["n_layers"], d))
+                rotations = Rotations(rotations_path, d, _rotation_dtype(rotations_path))
+            s_dev = _on_device(s_layer, device)
+            for j in range(n_draws):
+                iv[j, layer] = rotated_scales_fast(s_dev, _on_device(rotations.get(j, layer),
+                                                                     device))
+        work.save(path, {"iv": iv}, "scales")
+    return str(path)
+
+
+def _rotation_dtype(path) -> str:
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        return str(np.lib.format.read_array_header_1_0(f)[2])
+
+
+def _on_device(array, device: str):
+    import torch
+    t = torch.as_tensor(array)
+    return t if device == "cpu" else t.to(device)
+
+
+# --------------------------------------------------------------------------- merge, finalize
+
 def merge_chains(work_dir: str, g: int, p: int, chain_paths: list) -> str:
-    """Chan-merge the chains of (g, p) into one file (a no-op for one chain)."""
+    """Chan-merge the chains of (g, p) into one file (a no-op for one chain), one pair at
+    a time: its merged arrays are written before the next pair's are loaded."""
     if len(chain_paths) <= 1:
         return chain_paths[0]
-    from ooc_universal.kernels.comoments import comoment_combine, self_comoment_combine
     work = WorkDir(work_dir)
     out = work.merged_path(g, p)
-    if out.exists():
+    if out.exists() or work.final_path(g, p).exists():
         return str(out)
     with TIMINGS.phase("chan_merge"):
-        states = [work.load(Path(c)) for c in chain_paths]
-        accs, selfs = _state_to_torch(states[0], "cpu")
-        n_done = int(states[0]["n_blocks_done"])
-        for st in states[1:]:
-            a2, s2 = _state_to_torch(st, "cpu")
-            accs = [comoment_combine(a, b) for a, b in zip(accs, a2)]
-            selfs = [self_comoment_combine(a, b) for a, b in zip(selfs, s2)]
-            n_done += int(st["n_blocks_done"])
-        work.save(out, pack_fold_state(_numpy(accs), _numpy(selfs), -1, n_done), "merge")
+        keys = state_keys(Path(chain_paths[0]))
+        n_pairs = sum(1 for k in keys if k.startswith("acc") and k.endswith("_n"))
+        n_done = sum(int(work.load(Path(c), ("n_blocks_done",))["n_blocks_done"])
+                     for c in chain_paths)
+        work.save(out, _merged_items(work, chain_paths, n_pairs, n_done), "merge")
     return str(out)
 
 
-def finalize_panel(work_dir, g, p, rows, state_path, self_state_path, d_others,
+def _merged_items(work: WorkDir, chain_paths: list, n_pairs: int, n_done: int):
+    """(key, array) of the merged checkpoint, pair by pair (two accumulators in memory)."""
+    from ooc_universal.kernels.comoments import comoment_merge_
+    from ooc_universal.formats.reduced import ACC_KEYS
+    yield "next_block", np.int64(-1)
+    yield "n_blocks_done", np.int64(n_done)
+    for i in range(n_pairs):
+        acc = None
+        for c in chain_paths:
+            rec = _pair_record(work.load(Path(c), (f"acc{i}_",)), i)
+            acc = rec if acc is None else comoment_merge_(acc, rec)
+        yield f"acc{i}_n", np.int64(acc["n"])
+        for k in ACC_KEYS:
+            yield f"acc{i}_{k}", acc[k].numpy()
+        del acc
+
+
+def _pair_record(state: dict, i: int) -> dict:
+    """Pair i's accumulator of a checkpoint as a torch record (zero-copy)."""
+    import torch
+    from ooc_universal.formats.reduced import ACC_KEYS
+    return {"n": int(state[f"acc{i}_n"]),
+            **{k: torch.from_numpy(state[f"acc{i}_{k}"]) for k in ACC_KEYS}}
+
+
+def finalize_panel(work_dir, g, p, rows, state_path, scale_paths, rotation_paths, d_others,
                    settings: dict) -> str:
-    """Row/col max and the rotation baseline of one panel, for each pair of the group."""
-    from ooc_universal.kernels.rotation import rotation_baseline
-    from ooc_universal.kernels.tilemax import tile_max
+    """Row/col max and the rotation baseline of one panel, pair by pair (one accumulator
+    in memory at a time); then the panel's fold checkpoints go (the final file records
+    their block folds)."""
     work = WorkDir(work_dir)
     out = work.final_path(g, p)
     if out.exists():
         return str(out)
-    st = work.load(Path(state_path))
-    self_st = work.load(Path(self_state_path), prefixes=("self",))
-    seeds = [settings["seed"] + j for j in range(settings["baseline_draws"])]
-    out_dtype = np.float64 if settings["precision"] == "fp64" else np.float32
-    res = {}
+    counts = work.load(Path(state_path), ("n_blocks_done",))
+    res = {"n_blocks_done": np.int64(counts["n_blocks_done"])}
     for i, d in enumerate(d_others):
-        c = st[f"acc{i}_c"]
-        m2_x = st[f"acc{i}_m2_x"].astype(np.float64)
-        m2_y = st[f"acc{i}_m2_y"].astype(np.float64)
-        with TIMINGS.phase("tile_max"):
-            row_max, row_arg, col_max, col_arg = tile_max(c, m2_x, m2_y)
-        res[f"p{i}_row_max"] = np.asarray(row_max, out_dtype)
-        res[f"p{i}_row_arg"] = np.asarray(row_arg, np.int64)
-        res[f"p{i}_col_max"] = np.asarray(col_max, out_dtype)
-        res[f"p{i}_col_arg"] = np.asarray(col_arg, np.int64) + rows[0]
-        for k in ("n", "mean_x", "mean_y", "m2_x", "m2_y"):
-            res[f"p{i}_{k}"] = st[f"acc{i}_{k}"]
-        with TIMINGS.phase("baseline"):
-            base = rotation_baseline(c, m2_x, self_st[f"self{i}_s"], seeds, d)
-        res[f"p{i}_baseline"] = base.astype(out_dtype)
-        if settings["keep_covariance"]:
-            res[f"p{i}_c"] = c.astype(np.float32, copy=False)
-    with TIMINGS.phase("finalize_save"):
-        work.save(out, res, "final")
+        with TIMINGS.phase("finalize_load"):
+            acc = _pair_numpy(work.load(Path(state_path), (f"acc{i}_",)), i)
+        res.update(_finalize_pair(work, i, rows, acc, scale_paths[i], rotation_paths[i], d,
+                                  settings))
+        del acc
+    _save_final(work, g, p, res)
     return str(out)
 
 
-def assemble_pair(out_path, j, final_paths, self_state_path, ref_meta, other_meta,
+def _finalize_from_memory(task: FoldTask, work: WorkDir, accs: list, n_done: int,
+                          finish: tuple) -> None:
+    """finalize_panel for a single chain, from its accumulators in memory."""
+    scale_paths, rotation_paths, settings = finish
+    res = {"n_blocks_done": np.int64(n_done)}
+    for i, (acc, d) in enumerate(zip(_numpy(accs), task.d_others)):
+        res.update(_finalize_pair(work, i, task.rows, acc, scale_paths[i], rotation_paths[i],
+                                  d, settings))
+    _save_final(work, task.group, task.panel, res)
+
+
+def _save_final(work: WorkDir, g: int, p: int, res: dict) -> None:
+    """Commit the panel's final file; its fold checkpoints are no longer needed."""
+    with TIMINGS.phase("finalize_save"):
+        work.save(work.final_path(g, p), res, "final")
+    work.drop_panel(g, p)
+
+
+def _pair_numpy(state: dict, i: int) -> dict:
+    """Pair i's accumulator of a checkpoint as a record of numpy arrays."""
+    from ooc_universal.formats.reduced import ACC_KEYS
+    return {"n": int(state[f"acc{i}_n"]), **{k: state[f"acc{i}_{k}"] for k in ACC_KEYS}}
+
+
+def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
+                   settings) -> dict:
+    """Row/col max and baseline of pair i of a panel from its accumulator (numpy)."""
+    import torch
+
+    from ooc_universal.kernels.rotation import rotation_baseline_scaled, scaled_rotation
+    from ooc_universal.kernels.tilemax import tile_max
+    out_dtype = np.float64 if settings["precision"] == "fp64" else np.float32
+    c = acc["c"]
+    m2_x = np.asarray(acc["m2_x"], np.float64)
+    m2_y = np.asarray(acc["m2_y"], np.float64)
+    with TIMINGS.phase("tile_max"):
+        row_max, row_arg, col_max, col_arg = tile_max(c, m2_x, m2_y)
+    res = {f"p{i}_row_max": np.asarray(row_max, out_dtype),
+           f"p{i}_row_arg": np.asarray(row_arg, np.int64),
+           f"p{i}_col_max": np.asarray(col_max, out_dtype),
+           f"p{i}_col_arg": np.asarray(col_arg, np.int64) + rows[0]}
+    for k in ("n", "mean_x", "mean_y", "m2_x", "m2_y"):
+        res[f"p{i}_{k}"] = np.asarray(acc[k]) if k != "n" else np.int64(acc[k])
+    iv = work.load(Path(scale_path), ("iv",))["iv"]  # (K, L, d)
+    reader = Rotations(rotation_path, d, _rotation_dtype(rotation_path))
+    scaled = torch.empty_like(reader.tensor)
+
+    def rotations(j, layer):
+        return scaled_rotation(reader.get(j, layer), iv[j, layer], out=scaled)
+    with TIMINGS.phase("baseline"):
+        base = rotation_baseline_scaled(c, m2_x, rotations, settings["baseline_draws"], d,
+                                        row_strip=BASELINE_ROW_STRIP)
+    res[f"p{i}_baseline"] = base.astype(out_dtype)
+    if settings["keep_covariance"]:
+        res[f"p{i}_c"] = c.astype(np.float32, copy=False)
+    return res
+
+
+# --------------------------------------------------------------------------- assemble
+
+def assemble_pair(out_path, j, final_paths, self_path, ref_meta, other_meta,
                   config: dict) -> str:
-    """Stream the panels of pair j of its group into the pair's file: one panel's
-    results in memory at a time, never all of them."""
-    from ooc_universal.kernels.tilemax import merge_max
+    """Stream the panels of pair j of its group, and the other model's self
+    co-moments layer by layer, into the pair's file: one panel's results (or one layer)
+    in memory at a time, never all of them."""
     work = WorkDir(Path(final_paths[0]).parent)
     settings = config["settings"]
     with TIMINGS.phase("assemble"):
@@ -746,20 +1193,27 @@ def assemble_pair(out_path, j, final_paths, self_state_path, ref_meta, other_met
         with create_reduced(out_path, header, keep_cross=settings["keep_covariance"],
                             record=_provenance(ref_meta, other_meta, settings)) as w:
             zero_y = w.write_moments("other", 0, first[f"p{j}_mean_y"], first[f"p{j}_m2_y"], n)
-            w.write_self_comoment(
-                work.load(Path(self_state_path), prefixes=(f"self{j}_s",))[f"self{j}_s"])
-            col_max = col_arg = None
-            start = 0
-            for k, fp in enumerate(final_paths):
-                f = work.load(Path(fp), prefixes=(f"p{j}_",))
-                zero_x = w.write_moments("ref", start, f[f"p{j}_mean_x"], f[f"p{j}_m2_x"], n)
-                w.write_rows(start, f[f"p{j}_row_max"], f[f"p{j}_row_arg"],
-                             f[f"p{j}_baseline"], zero_x)
-                if settings["keep_covariance"]:
-                    w.write_cross_rows(start, f[f"p{j}_c"])
-                cm, ca = f[f"p{j}_col_max"], f[f"p{j}_col_arg"]
-                col_max, col_arg = (cm, ca) if k == 0 else merge_max(col_max, col_arg, cm, ca)
-                start += len(zero_x)
-                del f
+            for layer, s_layer in iter_self_layers(self_path, int(other_meta["n_layers"])):
+                w.write_self_comoment_layer(layer, s_layer)
+            col_max, col_arg = _write_panels(w, work, j, final_paths, n, settings)
             w.write_cols(col_max, col_arg, zero_y)
     return str(out_path)
+
+
+def _write_panels(w, work: WorkDir, j: int, final_paths: list, n: int, settings: dict):
+    """Each panel's rows of pair j into the file; returns the merged column maxima."""
+    from ooc_universal.kernels.tilemax import merge_max
+    col_max = col_arg = None
+    start = 0
+    for k, fp in enumerate(final_paths):
+        f = work.load(Path(fp), prefixes=(f"p{j}_",))
+        zero_x = w.write_moments("ref", start, f[f"p{j}_mean_x"], f[f"p{j}_m2_x"], n)
+        w.write_rows(start, f[f"p{j}_row_max"], f[f"p{j}_row_arg"], f[f"p{j}_baseline"],
+                     zero_x)
+        if settings["keep_covariance"]:
+            w.write_cross_rows(start, f[f"p{j}_c"])
+        cm, ca = f[f"p{j}_col_max"], f[f"p{j}_col_arg"]
+        col_max, col_arg = (cm, ca) if k == 0 else merge_max(col_max, col_arg, cm, ca)
+        start += len(zero_x)
+        del f
+    return col_max, col_arg

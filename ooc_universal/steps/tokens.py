@@ -27,7 +27,6 @@ and hands it to that module.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,14 +35,13 @@ import numpy as np
 from ooc_universal import __version__
 from ooc_universal.config import TokensConfig
 from ooc_universal.errors import OocError
-from ooc_universal.formats.tokens import TokenSet, save_token_set, token_hash
+from ooc_universal.formats.tokens import (BYTE_TOKENIZERS, BYTES, BYTES256, TokenSet,  # noqa: F401
+                                          check_tokenizer_matches, save_token_set, token_hash,
+                                          tokenizer_fingerprint)
 # Transitional re-exports: callers that still import these from the step (run.py,
 # status.py, ablate.py, some tests, bench) should import ooc_universal.formats.tokens.
 from ooc_universal.formats.tokens import existing_hash, load_token_set  # noqa: F401
 
-BYTES = "bytes"          # ids 0..255 = bytes, 256 = BOS and document separator
-BYTES256 = "bytes256"    # ids 0..255 = bytes, nothing else: no BOS, no separator
-BYTE_TOKENIZERS = (BYTES, BYTES256)
 BYTE_BOS = 256
 BYTE_VOCAB = 257
 BYTE_NEWLINE = 10
@@ -85,12 +83,6 @@ def byte_tokenizer(name: str = BYTES) -> TokenizerInfo:
     return TokenizerInfo(name=name, hf=None, bos_token_id=bos, sep_token_id=bos,
                          vocab_size=vocab, newline_token_ids=(BYTE_NEWLINE,),
                          fingerprint=hashlib.sha256(f"bytes-{vocab}".encode()).hexdigest())
-
-
-def tokenizer_fingerprint(hf_tokenizer) -> str:
-    """sha256 of the tokenizer's id -> token mapping (what decides whether ids fit a model)."""
-    vocab = sorted((int(i), str(t)) for t, i in hf_tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def hf_tokenizer_info(hf_tokenizer, name: str) -> TokenizerInfo:
@@ -456,38 +448,3 @@ def tokens(run_dir, settings: TokensConfig = TokensConfig(), *, source=None, mod
     return TokensResult(ts, folder, written)
 
 
-def check_tokenizer_matches(token_set: TokenSet, loaded_model) -> None:
-    """Refuse a token set whose tokenizer or ids do not fit `loaded_model` (models.LoadedModel)."""
-    label, tok_name = loaded_model.spec.label, token_set.tokenizer
-    set_bytes, model_bytes = tok_name in BYTE_TOKENIZERS, loaded_model.tokenizer is None
-    if set_bytes and not model_bytes:
-        raise OocError(f"token set uses the byte tokenizer but model {label} has its own "
-                       f"tokenizer ({loaded_model.tokenizer_name}); build the token set with "
-                       f"--tokenizer {loaded_model.model_id} in a new --run-dir")
-    if not set_bytes and model_bytes and loaded_model.tokenizer_name in BYTE_TOKENIZERS:
-        raise OocError(f"token set uses tokenizer {tok_name!r} but model {label} is a "
-                       f"byte-vocabulary model; build the token set with --tokenizer "
-                       f"{loaded_model.tokenizer_name} in a new --run-dir")
-    if not set_bytes and not model_bytes:
-        fp = tokenizer_fingerprint(loaded_model.tokenizer)
-        if fp != token_set.meta.get("tokenizer_fingerprint"):
-            raise OocError(f"token set tokenizer {tok_name!r} differs from model {label}'s "
-                           f"tokenizer ({loaded_model.tokenizer_name}): their vocabularies "
-                           "differ; build the token set with the model's tokenizer")
-    _check_ids_fit(token_set, loaded_model)
-    bos, model_bos = token_set.bos_token_id, loaded_model.bos_token_id
-    if bos is not None and model_bos is not None and bos != model_bos:
-        raise OocError(f"token set uses BOS id {bos} but model {label} "
-                       f"has bos_token_id {model_bos}; build the token set "
-                       "with that model's tokenizer (--tokenizer MODEL) in a new --run-dir")
-
-
-def _check_ids_fit(token_set: TokenSet, loaded_model) -> None:
-    hi = max((int(a.max()) for a in (token_set.input_ids, token_set.eval_input_ids) if a.size),
-             default=-1)
-    if hi < loaded_model.vocab_size:
-        return
-    fix = (f"--tokenizer {loaded_model.tokenizer_name}"
-           if loaded_model.tokenizer_name in BYTE_TOKENIZERS else "that model's tokenizer")
-    raise OocError(f"token set has token id {hi} but model {loaded_model.spec.label} has a "
-                   f"vocabulary of {loaded_model.vocab_size}; build the token set with {fix}")

@@ -42,7 +42,7 @@ import numpy as np
 
 from ooc_universal import __version__
 from ooc_universal.config import UniversalConfig
-from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.errors import OocError, StaleInputError, UsageError
 from ooc_universal.formats.reduced import ReducedStats, list_reduced, open_reduced
 from ooc_universal.formats.sets import Provenance, SetsFile, UniversalSet
 from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, PAIR, SCOPE_ALL, SCOPE_LAYER,
@@ -143,14 +143,14 @@ def check_thresholds(thresholds) -> tuple[float, ...]:
         try:
             value = float(t)
         except (TypeError, ValueError):
-            raise OocError(f"threshold {t!r} is not a number; give values in (0, 1), "
+            raise UsageError(f"threshold {t!r} is not a number; give values in (0, 1), "
                            "e.g. --thresholds 0.4,0.5,0.6") from None
         if not (0.0 < value < 1.0):  # also rejects NaN
-            raise OocError(f"threshold {t!r} is outside (0, 1); an excess-correlation "
+            raise UsageError(f"threshold {t!r} is outside (0, 1); an excess-correlation "
                            "threshold must satisfy 0 < tau < 1, e.g. --thresholds 0.4,0.5,0.6")
         out.append(value)
     if not out:
-        raise OocError("no thresholds given; give values in (0, 1), e.g. --thresholds 0.4,0.5,0.6")
+        raise UsageError("no thresholds given; give values in (0, 1), e.g. --thresholds 0.4,0.5,0.6")
     return tuple(sorted(set(out)))
 
 

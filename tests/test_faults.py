@@ -391,11 +391,12 @@ def test_task_that_keeps_raising_fails_cleanly_naming_it(reduce_base, monkeypatc
     assert "reduce task fold (group 0, panel 0, chain 0) failed 2 times" in errors[0]
     assert "InjectedFailure" in errors[0] and "run the same command again" in errors[0]
     assert not list((run / "reduce").glob("*.h5"))
-    # the folds are checkpointed: the same command without the fault only finalizes
+    # the folds are checkpointed every segment (2 blocks); the last segment is finalized
+    # from memory, not checkpointed, so the same command redoes at most that segment
     monkeypatch.delenv(faults.FAIL_ENV)
     res = reduce(run, "ref", ["oth", "oth2"], baseline_draws=2, seed=3, block_tokens=64,
                  checkpoint_blocks=2, device="cpu", progress=False)
-    assert res["blocks_folded"] == 0 and res["blocks_resumed"] == 16
+    assert res["blocks_folded"] <= 2 and res["blocks_resumed"] + res["blocks_folded"] == 16
     assert_everything_opens(run)
 
 

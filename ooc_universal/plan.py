@@ -669,9 +669,6 @@ def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rate
     strip update (its GEMM, as the reduce runs it), the baseline's strip GEMM, centring a
     block strip, the tile max, drawing normals, and (given a directory) writing and
     fsyncing a checkpoint-sized file there."""
-    import time
-
-    import numpy as np
     gemm = measure_strip_update(plan, seconds)
     base = measure_gemm(plan.device, "fp64" if plan.precision == "fp64" else "fp32",
                         baseline_shape(plan), seconds)

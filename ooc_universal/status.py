@@ -339,9 +339,13 @@ def _reduce(ctx: _Context) -> list[dict]:
 
 def _partial_reduce_hint(ctx: _Context, left, m: dict) -> str:
     others = " ".join(m.get("others", [])) or "OTHER..."
+    command = m.get("command")  # the exact command (a changed --memory would start over)
+    if isinstance(command, list):
+        command = " ".join(map(str, command))
+    command = command or (f"ooc-universal reduce --run-dir {ctx.run} "
+                          f"-r {m.get('reference', 'REF')} {others}")
     return (f"interrupted or running ({human_bytes(left.size)} of checkpoints in "
-            f"{ctx.rel(left.path)}); finish it: run the same `ooc-universal reduce "
-            f"--run-dir {ctx.run} -r {m.get('reference', 'REF')} {others}` again; discard "
+            f"{ctx.rel(left.path)}); finish it: run the same `{command}` again; discard "
             f"it: `ooc-universal clean --run-dir {ctx.run} --partial`")
 
 

@@ -178,6 +178,7 @@ def test_superseded_reduce_work_is_listed_and_cleaned(run, full, monkeypatch, ca
     row = by_item(status(run))[pair]
     assert row["state"] == "partial" and "finish it: run the same `ooc-universal reduce" \
         in row["detail"] and "--partial" in row["detail"]
+    assert "--memory" in row["detail"] and "--block-tokens 128" in row["detail"]  # exact command
     monkeypatch.delenv(faults.FAIL_ENV)
     reduce(run, ref, others, ReduceConfig(baseline_draws=2), CPU, progress=False,
            block_tokens=128)

@@ -158,10 +158,7 @@ def rotation_baseline(c, m2_x, self_comoment, seeds, d: int, *, row_strip: int =
     on_layer(): called after each (draw, layer), e.g. to advance a progress bar.
     """
     n_rows, n_cols = c.shape
-    n_layers = n_cols // d if d else 0
-    if n_layers * d != n_cols or np.shape(m2_x) != (n_rows,):
-        raise ValueError(f"c has shape {tuple(c.shape)}, m2_x {np.shape(m2_x)}: expected "
-                         f"(I, L * {d}) and (I,)")
+    n_layers = _layer_count(c.shape, m2_x, d)
     ix = inv_sqrt(m2_x, zero_tol)
     acc = baseline_init(len(seeds), n_rows)
     for j, seed in enumerate(seeds):
@@ -224,10 +221,7 @@ def rotation_baseline_scaled(c, m2_x, scaled_rotations, n_draws: int, d: int, *,
     import torch
     c = torch.as_tensor(c)
     n_rows, n_cols = c.shape
-    n_layers = n_cols // d if d else 0
-    if n_layers * d != n_cols or np.shape(m2_x) != (n_rows,):
-        raise ValueError(f"c has shape {tuple(c.shape)}, m2_x {np.shape(m2_x)}: expected "
-                         f"(I, L * {d}) and (I,)")
+    n_layers = _layer_count(c.shape, m2_x, d)
     ix = inv_sqrt(m2_x, zero_tol)
     acc = baseline_init(n_draws, n_rows)
     out = torch.empty(min(row_strip, max(n_rows, 1)), d, dtype=c.dtype, device=c.device)
@@ -255,3 +249,13 @@ def _check(c_shape, m2_shape, s_shape, r_shape):
 
 def _is_torch(a) -> bool:
     return type(a).__module__.startswith("torch")
+
+
+def _layer_count(c_shape, m2_x, d: int) -> int:
+    """L for a C of shape (I, L * d) and an m2_x of shape (I,); ValueError otherwise."""
+    n_rows, n_cols = c_shape
+    n_layers = n_cols // d if d else 0
+    if n_layers * d != n_cols or np.shape(m2_x) != (n_rows,):
+        raise ValueError(f"c has shape {tuple(c_shape)}, m2_x {np.shape(m2_x)}: expected "
+                         f"(I, L * {d}) and (I,)")
+    return n_layers

@@ -5,10 +5,10 @@ TOML layout (the file `run` reads and writes as RUN/config.toml):
 
     models = ["a", "b", "c"]        # the study: which models, which checkpoints
     checkpoints = [100000, 200000]
-    [tokens]   n_tokens, n_eval_tokens, window, source, tokenizer
-    [compute]  device, memory, scheduler      (where and how fast; not in the hash)
+    [tokens]   n_tokens, n_eval_tokens, window, bos, source, tokenizer
+    [compute]  device, memory, scheduler, disk, keep_stores  (where and how fast; not hashed)
     [extract]  compression, batch_size
-    [reduce]   precision, baseline_draws, seed, keep_covariance
+    [reduce]   precision, baseline_draws, seed, keep_covariance, source, disk_gbps
     [universal] thresholds, definition, extra_baseline_draws, seed
     [cards]    top_n, n_tokens
     [ablate]   control_draws, mode, layerwise, all_non_universal, batch_size, seed
@@ -49,12 +49,15 @@ class TokensConfig(Section):
     n_tokens: int = Field(5_000_000, ge=2, le=MAX_TOKENS)   # valid positions correlated
     n_eval_tokens: int = Field(65_536, ge=0, le=MAX_TOKENS)  # held-out positions (ablate)
     window: int = Field(512, ge=2, le=1 << 20)  # tokens per window, BOS at column 0
+    bos: bool = True              # False: windows of text only (models trained without BOS)
 
 
 class ComputeConfig(Section):
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     memory: str = "8GB"           # per-process memory budget (extract, reduce)
     scheduler: str = ""           # tcp://host:port of a dask.distributed cluster
+    disk: str = ""                # disk budget for the run dir ("" = its free space - margin)
+    keep_stores: bool = False     # keep a checkpoint's stores after every reader finished
 
     @field_validator("device")
     @classmethod
@@ -75,6 +78,17 @@ class ComputeConfig(Section):
             raise ValueError("expected a size such as 8GB, 512MB or 1.5GiB") from None
         return v
 
+    @field_validator("disk")
+    @classmethod
+    def _disk(cls, v: str) -> str:
+        if v:
+            from ooc_universal.plan import parse_bytes
+            try:
+                parse_bytes(v)
+            except OocError:
+                raise ValueError("expected a size such as 500GB or 2TB, or empty") from None
+        return v
+
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
@@ -93,6 +107,8 @@ class ReduceConfig(Section):
     baseline_draws: int = Field(3, ge=1, le=1000)  # rotation draws (draw 0 is the paper's)
     seed: int = Field(0, ge=0, le=MAX_SEED)         # draw j uses seed + j
     keep_covariance: bool = False                   # keep the cross co-moments (fp32)
+    source: Literal["store", "stream", "auto"] = "store"  # blocks from stores or forward passes
+    disk_gbps: float = Field(0.0, ge=0.0, le=1000.0)  # stated disk bandwidth (0 = measure)
 
 
 class UniversalConfig(Section):
@@ -155,7 +171,7 @@ FLAT_KEYS = {
 }
 # what results do not depend on: where and how fast they are computed
 NOT_HASHED = {"compute": None, "extract": ("batch_size",), "ablate": ("batch_size",),
-              "report": None}
+              "reduce": ("source", "disk_gbps"), "report": None}
 
 
 class RunConfig(Section):
@@ -164,6 +180,7 @@ class RunConfig(Section):
     checkpoints: list[int] = Field(default_factory=list)  # training steps ("@N"); [] = as given
     reference: str = ""                      # reference model (default: models[0])
     all_references: bool = False             # repeat universal/persistence per reference
+    allow_mixed_families: bool = False       # compare models of different families by layer
     tokens: TokensConfig = Field(default_factory=TokensConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
@@ -240,6 +257,11 @@ class RunConfig(Section):
             else:
                 for k in keys:
                     d[section].pop(k)
+        # defaults of fields added later: older runs keep their hash
+        if d["tokens"]["bos"]:
+            d["tokens"].pop("bos")
+        if not d["allow_mixed_families"]:
+            d.pop("allow_mixed_families")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:

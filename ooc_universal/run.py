@@ -56,6 +56,7 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
 
     run_dir = Path(run_dir)
     timings = {}
+    specs = study_specs(cfg)  # (model, checkpoint) -> ModelSpec with a unique label
     with run_lock(run_dir):
         check_run_dir_config(run_dir, cfg, force=force)
         ref = cfg.reference_model
@@ -73,29 +74,33 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             if existing_hash(run_dir) and not force:
                 echo("  token set complete; skipped")
                 return
+            # the first model's context bounds the window (read offline from its config)
+            first = specs[(cfg.models[0], cfg.checkpoint_list()[0])]
             res = tokens_mod.tokens(run_dir, cfg.tokens, source=_token_source(cfg),
-                                    force=force, progress=progress)
+                                    models=[first], force=force, progress=progress)
             ts = res.token_set
             echo(f"  {ts.n_tokens:,} tokens -> {res.folder} (hash {ts.hash[:12]})")
 
         def do_extract():
-            specs = [cfg.spec(m, c) for c in cfg.checkpoint_list() for m in cfg.models]
+            todo = [specs[m, c] for c in cfg.checkpoint_list() for m in cfg.models]
             if cfg.compute.scheduler:
                 from distributed import Client
                 with Client(cfg.compute.scheduler) as client:
                     futs = [client.submit(extract_mod.extract, str(run_dir), s, cfg.extract,
                                           cfg.compute, progress=False, pure=False)
-                            for s in specs]
+                            for s in todo]
                     for f in futs:
                         echo(f"  {f.result()}")
                 return
-            for s in specs:
+            for s in todo:
                 echo(f"  {extract_mod.extract(run_dir, s, cfg.extract, cfg.compute, progress=progress)}")
 
         def do_reduce():
             for r, c in ((r, c) for r in refs for c in cfg.checkpoint_list()):
                 others = [m for m in cfg.models if m != r]
-                res = reduce_mod.reduce(run_dir, cfg.spec(r, c), [cfg.spec(o, c) for o in others],
+                # stores are found by their run-unique labels
+                res = reduce_mod.reduce(run_dir, specs[r, c].label,
+                                        [specs[o, c].label for o in others],
                                         cfg.reduce, cfg.compute, force=force, progress=progress)
                 echo(f"  {reduce_mod.summary_line(res)}")
 
@@ -136,6 +141,17 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
         step("report", do_report)
         write_json_atomic(run_dir / "run_timings.json", timings)
     return timings
+
+
+def study_specs(cfg: RunConfig) -> dict:
+    """(model, checkpoint) -> its models.ModelSpec, labels unique across the run (folders
+    with the same base name get path-derived labels); one family per run unless
+    cfg.allow_mixed_families. Offline: reads configs only where they are local or cached."""
+    from ooc_universal.models import check_same_family, unique_labels
+    keys = [(m, c) for c in cfg.checkpoint_list() for m in cfg.models]
+    parsed = unique_labels([cfg.spec(m, c) for m, c in keys])
+    check_same_family(parsed, allow_mixed=cfg.allow_mixed_families)
+    return dict(zip(keys, parsed))
 
 
 # ----------------------------------------------------------------------------- dry run

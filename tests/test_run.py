@@ -175,3 +175,41 @@ def test_scheduler_runs_the_same_study_on_a_cluster(demo_run, tmp_path):
     # equal, up to a neuron whose excess lies within 1e-6 of a threshold (none here)
     assert [e["pct_universal"] for e in t_cluster] == pytest.approx(
         [e["pct_universal"] for e in t_local], abs=100.0 / 1024 + 1e-9)
+
+
+def _byte_config(tmp_path, models, **kw) -> RunConfig:
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(range(32, 127)) * 200)
+    return RunConfig(models=models, tokens={"source": str(text), "tokenizer": "bytes",
+                                            "n_tokens": 512, "n_eval_tokens": 0,
+                                            "window": 32}, **kw)
+
+
+def test_run_labels_folders_of_one_name_from_their_paths(tmp_path):
+    from tests.tiny import save_tiny
+    from ooc_universal.run import run
+    from ooc_universal.formats.store import open_store
+    dirs = [save_tiny(tmp_path / "runs" / s / "model", seed=i) for i, s in enumerate(("s1", "s2"))]
+    rd = tmp_path / "run"
+    run(_byte_config(tmp_path, [str(d) for d in dirs]), rd, progress=False,
+        steps=("tokens", "extract"), echo=lambda *a: None)
+    stores = sorted(p.name for p in (rd / "stores").glob("*.h5"))
+    assert stores == ["s1--model.h5", "s2--model.h5"]
+    # each store holds its own model's activations: the two seeds differ
+    with open_store(rd / "stores" / stores[0]) as a, open_store(rd / "stores" / stores[1]) as b:
+        assert not np.array_equal(np.asarray(a[:64]), np.asarray(b[:64]))
+
+
+def test_run_refuses_mixed_families_before_writing_anything(tmp_path):
+    from tests.tiny import save_tiny, save_tiny_family
+    from ooc_universal.errors import OocError
+    from ooc_universal.run import run
+    g, n = save_tiny(tmp_path / "g"), save_tiny_family(tmp_path / "n", "gpt-neox")
+    rd = tmp_path / "run"
+    with pytest.raises(OocError, match=r"^the run mixes model families \(gpt2: g; gpt-neox: n\)"):
+        run(_byte_config(tmp_path, [str(g), str(n)]), rd, progress=False, echo=lambda *a: None)
+    assert not rd.exists() or not any(rd.iterdir())
+    # allowed explicitly, the same study gets its token set and stores
+    run(_byte_config(tmp_path, [str(g), str(n)], allow_mixed_families=True), rd,
+        progress=False, steps=("tokens", "extract"), echo=lambda *a: None)
+    assert sorted(p.name for p in (rd / "stores").glob("*.h5")) == ["g.h5", "n.h5"]

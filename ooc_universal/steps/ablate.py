@@ -63,8 +63,8 @@ from ooc_universal.formats.ablation import (AblationFile, AblationPart, part_pat
 from ooc_universal.formats.reduced import list_reduced, open_reduced, read_attrs
 from ooc_universal.formats.sets import UniversalSet, as_sets, read_sets
 from ooc_universal.formats.tokens import load_token_set
-from ooc_universal.models import (base_model, decoder_layers, family_of_config, mlp_out_proj,
-                                  mlp_shape)
+from ooc_universal.models import base_model, decoder_layers, mlp_out_proj, mlp_shape
+from ooc_universal.models import final_norm as models_final_norm
 from ooc_universal.rundir import config_hash, step_dir
 
 KINDS = ("universal", "control", "all-non-universal")
@@ -195,18 +195,13 @@ def _rng(seed, ident, layer_key, draw) -> np.random.Generator:
 # ---------------------------------------------------------------------------------------
 # Forward passes: original once per batch, ablations restarted from the cached residual
 
-# The norm between the last decoder layer and the LM head, an attribute of the base model
-# (models.FAMILIES names the layers and the output projection; this completes the path).
-_FINAL_NORM = {"gpt2": "ln_f", "gpt-neox": "final_layer_norm", "olmo": "norm",
-               "llama": "norm"}
-
-
 def final_norm(model):
-    """The norm the base model applies after its last layer; None when the family's is
-    not known (then every ablation runs the whole model)."""
-    family = family_of_config(getattr(model, "config", None))
-    name = _FINAL_NORM.get(family.name) if family is not None else None
-    return getattr(base_model(model), name, None) if name else None
+    """The norm the base model applies after its last layer (models.final_norm); None
+    when the model lacks it (then every ablation runs the whole model)."""
+    try:
+        return models_final_norm(model)
+    except OocError:
+        return None
 
 
 class _Runner:
@@ -823,8 +818,8 @@ def _eval_tokens(run_dir, n_eval_tokens):
     ts = load_token_set(run_dir)
     ids, valid = np.asarray(ts.eval_input_ids), np.asarray(ts.eval_valid, dtype=bool)
     meta = dict(getattr(ts, "meta", {}) or {})
-    if ids.size and meta.get("bos_token_id") is not None:
-        valid = valid & ~_before_padding(ids, int(meta["bos_token_id"]))
+    if ids.size and ts.pad_token_id is not None:
+        valid = valid & ~_before_padding(ids, int(ts.pad_token_id))
     tm = target_mask(valid)
     have = int(tm.sum())
     if have == 0:
@@ -847,7 +842,7 @@ def _eval_tokens(run_dir, n_eval_tokens):
 
 def _before_padding(ids, pad_id) -> np.ndarray:
     """True where the NEXT token is trailing padding (the token set pads a short last
-    window with BOS): such a position has no true next token."""
+    window with its pad id: BOS, else EOS): such a position has no true next token."""
     real = ids != pad_id
     last_real = ids.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)   # (n,) last non-pad
     last_real[~real.any(axis=1)] = 0

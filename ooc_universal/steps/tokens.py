@@ -436,10 +436,9 @@ def tokens(run_dir, settings: TokensConfig = TokensConfig(), *, source=None, mod
     `source` replaces settings.source with what it names already resolved (a 1-D id
     array: `run` resolves "zoo-heldout" to the zoo's held-out bytes). `models`: the run's
     model specs, whose context the window must fit (read offline). `bos` (None: the
-    section's `bos`, True when it has none) is transitional until TokensConfig carries
-    the field. The caller holds the run lock. A different set already there is refused
-    unless `force`."""
-    bos = getattr(settings, "bos", True) if bos is None else bos
+    section's `bos`) overrides settings.bos. The caller holds the run lock. A different
+    set already there is refused unless `force`."""
+    bos = settings.bos if bos is None else bos
     ts = build_token_set(settings.source if source is None else source, settings.n_tokens,
                          tokenizer=settings.tokenizer, window=settings.window,
                          n_eval_tokens=settings.n_eval_tokens, bos=bos, models=models,

@@ -14,7 +14,9 @@ from ooc_universal.run import run as run_study
 # Options that override config keys (None = keep the config's value).
 _OVERRIDES = [
     ("--n-tokens", "n_tokens", int), ("--n-eval-tokens", "n_eval_tokens", int),
-    ("--window", "window", int), ("--source", "source", str),
+    ("--window", "window", int), ("--tokens-source", "source", str),
+    ("--source", "reduce_source", str), ("--disk", "disk", str),
+    ("--disk-gbps", "disk_gbps", float),
     ("--tokenizer", "tokenizer", str), ("--device", "device", str),
     ("--memory", "memory", str), ("--precision", "precision", str),
     ("--baseline-draws", "baseline_draws", int), ("--seed", "seed", int),
@@ -24,10 +26,22 @@ _OVERRIDES = [
 ]
 
 
+_HELP = {
+    "source": "Where the tokens come from (the config's [tokens] source: pile, "
+              "zoo-heldout, a text file or folder, a .npy of ids).",
+    "reduce_source": "Where the reduce's token blocks come from: store (extract writes "
+                     "activation stores, the reduce reads them), stream (forward passes "
+                     "feed the reduce; no stores), auto (the plan chooses).",
+    "disk": "Disk budget of the run directory, e.g. 500GB (default: its free space less "
+            "a margin). Stores that do not all fit are made one checkpoint at a time.",
+    "disk_gbps": "Disk bandwidth in GB/s for the plan (default: measured).",
+}
+
+
 def _override_options(f):
     for flag, key, typ in reversed(_OVERRIDES):
         f = click.option(flag, key, type=typ, default=None,
-                         help=f"Override the config's `{key}`.")(f)
+                         help=_HELP.get(key, f"Override the config's `{key}`."))(f)
     return f
 
 
@@ -50,9 +64,15 @@ def _override_options(f):
                    "works offline.")
 @click.option("--force", is_flag=True,
               help="Recompute outputs even when complete, and accept a changed config.")
+@click.option("--keep-stores", is_flag=True, default=None,
+              help="Keep every checkpoint's stores (refused when they do not fit --disk).")
+@click.option("--no-bos", "bos", flag_value=False, default=None,
+              help="Windows of text tokens only (models trained without a BOS token).")
+@click.option("--allow-mixed-families", is_flag=True, default=None,
+              help="Compare models of different families layer by layer (refused otherwise).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
-        force, no_progress, **overrides):
+        force, no_progress, keep_stores, bos, allow_mixed_families, **overrides):
     """Run tokens -> extract -> reduce -> universal -> persistence -> ablate -> report.
 
     CONFIG is a TOML file with RunConfig keys (see README: Configuration); without it
@@ -68,6 +88,7 @@ def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
       ooc-universal run --preset paper --dry-run          # the paper's plan, offline
       ooc-universal run study.toml --run-dir runs/study
       ooc-universal run --n-tokens 16384 --steps tokens,extract,reduce
+      ooc-universal run study.toml --disk 2TB          # stores one checkpoint at a time
     """
     if models:
         overrides["models"] = parse_list(models, str, "--models", "a,b,c")
@@ -76,12 +97,14 @@ def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
                                               "100000,200000")
     if thresholds:
         overrides["thresholds"] = parse_list(thresholds, float, "--thresholds", "0.4,0.5")
+    overrides.update(keep_stores=keep_stores or None, bos=bos,
+                     allow_mixed_families=allow_mixed_families or None)
     cfg = load_config(config, preset, **{k: v for k, v in overrides.items() if v is not None})
-    if dry_run:
-        plan_study(cfg, echo=click.echo)
-        return
     name = preset or (config and Path(config).stem) or "demo"
     run_dir = run_dir or f"runs/{name}"
+    if dry_run:
+        plan_study(cfg, run_dir=run_dir, echo=click.echo)
+        return
     steps = tuple(parse_list(only, str, "--steps", "reduce,universal")) if only else STEP_NAMES
     bad = [s for s in steps if s not in STEP_NAMES]
     if bad:

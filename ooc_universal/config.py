@@ -168,6 +168,10 @@ FLAT_KEYS = {
     "all_non_universal": [("ablate", "all_non_universal")],
     "ablate_batch_size": [("ablate", "batch_size")],
     "zoo_json": [("report", "zoo_json")],
+    # `run` override names of fields added later (also accepted as flat TOML keys)
+    "bos": [("tokens", "bos")], "disk": [("compute", "disk")],
+    "keep_stores": [("compute", "keep_stores")], "reduce_source": [("reduce", "source")],
+    "disk_gbps": [("reduce", "disk_gbps")],
 }
 # what results do not depend on: where and how fast they are computed
 NOT_HASHED = {"compute": None, "extract": ("batch_size",), "ablate": ("batch_size",),

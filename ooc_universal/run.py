@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ooc_universal.config import RunConfig
+from ooc_universal.disk import release_stores
 from ooc_universal.errors import StaleInputError
 from ooc_universal.rundir import human_bytes, run_lock, write_json_atomic
 
@@ -68,7 +69,7 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             echo(f"[{name}]")
             t0 = time.perf_counter()
             fn()
-            timings[name] = time.perf_counter() - t0
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
 
         def do_tokens():
             if existing_hash(run_dir) and not force:
@@ -81,8 +82,15 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             ts = res.token_set
             echo(f"  {ts.n_tokens:,} tokens -> {res.folder} (hash {ts.hash[:12]})")
 
-        def do_extract():
-            todo = [specs[m, c] for c in cfg.checkpoint_list() for m in cfg.models]
+        disk = study_disk_plan(cfg, run_dir, specs) if {"extract", "reduce"} & set(steps) \
+            else None
+        if disk is not None:
+            echo(f"disk: {disk.describe()}")
+        done_before = set() if force else released_checkpoints(cfg, run_dir, specs, refs)
+
+        def do_extract(checkpoints):
+            todo = [specs[m, c] for c in checkpoints if c not in done_before
+                    for m in cfg.models]
             if cfg.compute.scheduler:
                 from distributed import Client
                 with Client(cfg.compute.scheduler) as client:
@@ -95,14 +103,25 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             for s in todo:
                 echo(f"  {extract_mod.extract(run_dir, s, cfg.extract, cfg.compute, progress=progress)}")
 
-        def do_reduce():
-            for r, c in ((r, c) for r in refs for c in cfg.checkpoint_list()):
+        def do_reduce(checkpoints):
+            for r, c in ((r, c) for r in refs for c in checkpoints):
+                if c in done_before:
+                    echo(f"  checkpoint {c}: reduced; its stores were released")
+                    continue
                 others = [m for m in cfg.models if m != r]
                 # stores are found by their run-unique labels
                 res = reduce_mod.reduce(run_dir, specs[r, c].label,
                                         [specs[o, c].label for o in others],
                                         cfg.reduce, cfg.compute, force=force, progress=progress)
                 echo(f"  {reduce_mod.summary_line(res)}")
+
+        def release(c):
+            if c in done_before or not {"extract", "reduce"} <= set(steps):
+                return
+            freed = release_stores(run_dir, [specs[m, c].label for m in cfg.models], c,
+                                   pair_outputs(cfg, run_dir, specs, refs, c))
+            echo(f"  checkpoint {c}: its stores are reduced; deleted them "
+                 f"({human_bytes(freed)} freed; --keep-stores keeps them)")
 
         def do_universal():
             out = universal_mod.universal(run_dir, cfg.universal,
@@ -132,8 +151,14 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             timings["report_paths"] = {k: str(v) for k, v in paths.items()}
 
         step("tokens", do_tokens)
-        step("extract", do_extract)
-        step("reduce", do_reduce)
+        if disk is None or disk.mode == "all" or cfg.compute.keep_stores:
+            step("extract", lambda: do_extract(cfg.checkpoint_list()))
+            step("reduce", lambda: do_reduce(cfg.checkpoint_list()))
+        else:  # one checkpoint's stores on disk at a time
+            for c in cfg.checkpoint_list():
+                step("extract", lambda: do_extract([c]))
+                step("reduce", lambda: do_reduce([c]))
+                release(c)
         step("universal", do_universal)
         step("cards", do_cards)
         step("persistence", do_persistence)
@@ -154,18 +179,72 @@ def study_specs(cfg: RunConfig) -> dict:
     return dict(zip(keys, parsed))
 
 
+def study_disk_plan(cfg: RunConfig, run_dir, specs: dict):
+    """disk.plan_disk for the study's stores (store mode): all at once, or one checkpoint
+    at a time when they do not fit the budget."""
+    from ooc_universal.disk import disk_budget, plan_disk
+    n_layers, d_mlp, _ = _model_shapes(cfg)
+    n_neurons = n_layers * d_mlp
+    plan = _reduce_plan(cfg, n_neurons, d_mlp)
+    budget, where = disk_budget(run_dir, cfg.compute.disk)
+    n_refs = len(cfg.models) if cfg.all_references else 1
+    return plan_disk(len(cfg.models), len(cfg.checkpoint_list()),
+                     store_file_bytes(cfg.tokens.n_tokens, n_neurons),
+                     plan.output_bytes * n_refs, plan.work_disk_bytes, budget, where,
+                     keep_stores=cfg.compute.keep_stores)
+
+
+def store_file_bytes(n_tokens: int, n_neurons: int) -> int:
+    """A store's size on disk: fp16 rows and a few KB of header and ledger."""
+    return n_tokens * n_neurons * 2 + (1 << 16)
+
+
+def _reduce_plan(cfg: RunConfig, n_neurons: int, d_mlp: int):
+    from ooc_universal.plan import PairShape, make_plan
+    pairs = [PairShape(o, n_neurons, d_mlp) for o in cfg.models[1:]]
+    return make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=cfg.compute.memory,
+                     device="cpu", precision=cfg.reduce.precision, store_chunk_rows=64,
+                     baseline_draws=cfg.reduce.baseline_draws)
+
+
+def pair_outputs(cfg: RunConfig, run_dir, specs: dict, refs: list, checkpoint) -> list:
+    """The reduce's pair files of one checkpoint: what its stores are read for."""
+    from ooc_universal.formats.reduced import reduced_path
+    return [reduced_path(run_dir, specs[r, checkpoint].label, specs[o, checkpoint].label)
+            for r in refs for o in cfg.models if o != r]
+
+
+def released_checkpoints(cfg: RunConfig, run_dir, specs: dict, refs: list) -> set:
+    """Checkpoints whose stores an earlier run released after their reduce completed
+    (their pair files are still there): neither extracted nor reduced again."""
+    from ooc_universal.disk import released
+    from ooc_universal.rundir import read_sidecar
+    gone = released(run_dir)
+    out = set()
+    for c in cfg.checkpoint_list():
+        labels = [specs[m, c].label for m in cfg.models]
+        if all(lab in gone for lab in labels) and all(
+                p.exists() and read_sidecar(p) is not None
+                for p in pair_outputs(cfg, run_dir, specs, refs, c)):
+            out.add(c)
+    return out
+
+
 # ----------------------------------------------------------------------------- dry run
 
 def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80.0,
-            disk_gbps: float = 2.0, echo=print) -> dict:
+            disk_gbps: float = 2.0, run_dir=None, echo=print) -> dict:
     """The plan of the whole study, offline: disk, RAM, FLOPs and time, step by step.
 
     Times here use GEMM and forward rates measured now on this machine; GPU times use
     `gpu_tflops` (dense bf16, an H100 SXM is ~990 nominal, ~400-600 sustained) and
-    `disk_gbps` for reading the stores.
+    `disk_gbps` for reading the stores. The reduce's CPU time comes from rates measured
+    at the plan's own shapes (plan.measure_rates); the disk plan from `run_dir`'s free
+    space (or cfg.compute.disk).
     """
     from ooc_universal.models import parse_model_spec
-    from ooc_universal.plan import PairShape, describe, make_plan, measure_gemm_rate
+    from ooc_universal.plan import (PairShape, describe, expected_seconds, make_plan,
+                                    measure_gemm_rate, measure_rates)
     shapes = _model_shapes(cfg)
     n_models, n_ck = len(cfg.models), len(cfg.checkpoint_list())
     n_layers, d_mlp, n_params = shapes
@@ -191,26 +270,45 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
          f"GPU ~{_hms(n_models * n_ck * max(fwd_flops / (gpu_tflops * 1e12 * 0.3), store_bytes / (disk_gbps * 1e9)))}"
          " (disk-bound)")
     pairs = [PairShape(o, n_neurons, d_mlp) for o in cfg.models[1:]]
-    plan = make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=cfg.compute.memory, device="cpu",
-                     precision=cfg.reduce.precision, store_chunk_rows=64,
-                     baseline_draws=cfg.reduce.baseline_draws)
+    plan = _reduce_plan(cfg, n_neurons, d_mlp)
+    rates = measure_rates(plan, seconds=0.5)
     echo(f"[reduce]  per checkpoint ({n_ck} in all):")
-    echo("  " + describe(plan, gemm).replace("\n", "\n  "))
+    echo("  " + describe(plan, rates).replace("\n", "\n  "))
     gpu_plan = make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=f"{gpu_mem_gb}GB",
                          device="cuda", precision="bf16", store_chunk_rows=64,
                          baseline_draws=cfg.reduce.baseline_draws)
     t_gpu = max(gpu_plan.flops / (gpu_tflops * 1e12), gpu_plan.bytes_read / (disk_gbps * 1e9))
     out.update(reduce_flops=plan.flops * n_ck, reduce_peak_bytes=plan.peak_bytes,
-               reduce_seconds_here=plan.flops * n_ck / gemm, reduce_seconds_gpu=t_gpu * n_ck)
+               reduce_seconds_here=expected_seconds(plan, rates)["total"] * n_ck,
+               reduce_seconds_gpu=t_gpu * n_ck)
     echo(f"  all checkpoints: {plan.flops * n_ck:.3g} FLOP, here ~{_hms(out['reduce_seconds_here'])}"
          f"; on a {gpu_mem_gb:.0f} GB GPU ~{_hms(t_gpu * n_ck)} "
          f"({len(gpu_plan.groups)} pass(es), {human_bytes(gpu_plan.bytes_read)} read at "
          f"{disk_gbps} GB/s, {gpu_tflops:.0f} TFLOP/s bf16)")
     out.update(_ablation_dry_run(cfg, shapes, fwd_rate, gpu_tflops, n_ck, echo))
+    out.update(_disk_dry_run(cfg, run_dir, n_neurons, plan, echo))
     echo("[universal, persistence, report] seconds; read only the reduced statistics")
     echo(f"peak RAM per process: reduce {human_bytes(plan.peak_bytes)} "
          f"(budget {cfg.compute.memory}); extract within --memory")
     return out
+
+
+def _disk_dry_run(cfg: RunConfig, run_dir, n_neurons: int, plan, echo) -> dict:
+    """The store mode's disk plan against the budget (disk.plan_disk)."""
+    from ooc_universal.disk import disk_budget, plan_disk
+    from ooc_universal.errors import OocError
+    budget, where = disk_budget(run_dir or Path.cwd(), cfg.compute.disk)
+    n_refs = len(cfg.models) if cfg.all_references else 1
+    try:
+        disk = plan_disk(len(cfg.models), len(cfg.checkpoint_list()),
+                         store_file_bytes(cfg.tokens.n_tokens, n_neurons),
+                         plan.output_bytes * n_refs, plan.work_disk_bytes, budget, where,
+                         keep_stores=cfg.compute.keep_stores)
+    except OocError as exc:
+        echo(f"[disk]    store mode does not fit: {exc}")
+        return {"disk_mode": None, "disk_budget_bytes": budget}
+    echo(f"[disk]    {disk.describe()}")
+    return {"disk_mode": disk.mode, "disk_peak_bytes": disk.peak, "disk_budget_bytes": budget}
 
 
 def _ablation_dry_run(cfg: RunConfig, shapes, fwd_rate, gpu_tflops, n_ck, echo) -> dict:

@@ -213,3 +213,72 @@ def test_run_refuses_mixed_families_before_writing_anything(tmp_path):
     run(_byte_config(tmp_path, [str(g), str(n)], allow_mixed_families=True), rd,
         progress=False, steps=("tokens", "extract"), echo=lambda *a: None)
     assert sorted(p.name for p in (rd / "stores").glob("*.h5")) == ["g.h5", "n.h5"]
+
+
+def _two_checkpoint_zoo(tmp_path, n_models=3):
+    from tests.tiny import save_tiny
+    models = []
+    for i in range(n_models):
+        for step in (10, 20):
+            save_tiny(tmp_path / "zoo" / f"m{i}" / f"checkpoint-{step}", seed=10 * i + step)
+        models.append(str(tmp_path / "zoo" / f"m{i}"))
+    return models
+
+
+def test_disk_budget_makes_stores_one_checkpoint_at_a_time(tmp_path, monkeypatch):
+    from ooc_universal import run as run_mod
+    from ooc_universal.disk import released
+    from ooc_universal.formats.reduced import list_reduced, open_reduced
+    models = _two_checkpoint_zoo(tmp_path)
+    quiet = dict(progress=False, steps=("tokens", "extract", "reduce"), echo=lambda *a: None)
+    base = _byte_config(tmp_path, models, checkpoints=[10, 20],
+                        reduce={"baseline_draws": 1})
+    run_mod.run(base, tmp_path / "all", **quiet)  # plenty of disk: every store at once
+    assert len(list((tmp_path / "all" / "stores").glob("*.h5"))) == 6
+    specs = run_mod.study_specs(base)
+    plan = run_mod.study_disk_plan(base, tmp_path / "all", specs)
+    assert plan.mode == "all" and plan.per_checkpoint < plan.all_at_once
+    # a budget that holds one checkpoint's stores, not both
+    tight = base.replace(disk=f"{(plan.per_checkpoint + plan.all_at_once) // 2}B")
+    seen = []
+    real = run_mod.release_stores
+
+    def spy(run_dir, labels, checkpoint, read_by):
+        stores = sorted(p.name for p in (run_dir / "stores").glob("*.h5"))
+        seen.append((checkpoint, stores, all(p.exists() for p in read_by)))
+        return real(run_dir, labels, checkpoint, read_by)
+    monkeypatch.setattr(run_mod, "release_stores", spy)
+    rd = tmp_path / "tight"
+    run_mod.run(tight, rd, **quiet)
+    # checkpoint 10's stores were deleted after its pair files were complete and before
+    # checkpoint 20's stores existed
+    assert seen == [(10, ["m0@10.h5", "m1@10.h5", "m2@10.h5"], True),
+                    (20, ["m0@20.h5", "m1@20.h5", "m2@20.h5"], True)]
+    assert not list((rd / "stores").glob("*.h5")) and len(released(rd)) == 6
+    # the statistics equal those of the run that kept every store
+    names = [p.name for p in list_reduced(rd)]
+    assert names == [p.name for p in list_reduced(tmp_path / "all")] and len(names) == 4
+    for name in names:
+        a, b = open_reduced(rd / "reduce" / name), open_reduced(tmp_path / "all" / "reduce" / name)
+        np.testing.assert_array_equal(np.asarray(a.row_max), np.asarray(b.row_max))
+    # the same command again extracts nothing: the released checkpoints are complete
+    seen.clear()
+    run_mod.run(tight, rd, **quiet)
+    assert seen == [] and not list((rd / "stores").glob("*.h5"))
+
+
+def test_disk_budget_refusals_are_one_line(tmp_path):
+    from ooc_universal import run as run_mod
+    from ooc_universal.errors import UsageError
+    models = _two_checkpoint_zoo(tmp_path, n_models=2)
+    cfg = _byte_config(tmp_path, models, checkpoints=[10, 20])
+    with pytest.raises(UsageError, match=r"^not enough disk for one checkpoint's 2 stores of "
+                                         r".*; use --source stream"):
+        run_mod.run(cfg.replace(disk="1KB"), tmp_path / "r", progress=False,
+                    echo=lambda *a: None)
+    plan = run_mod.study_disk_plan(cfg, tmp_path, run_mod.study_specs(cfg))
+    half = f"{(plan.per_checkpoint + plan.all_at_once) // 2}B"
+    with pytest.raises(UsageError, match=r"^--keep-stores needs .* more than the disk budget"):
+        run_mod.run(cfg.replace(disk=half, keep_stores=True), tmp_path / "r", progress=False,
+                    echo=lambda *a: None)
+    assert not (tmp_path / "r" / "stores").exists()

@@ -13,6 +13,8 @@
                corrupt   a final name that cannot be read
                leftover  not needed by any output (a superseded reduce work directory,
                          a killed writer's temporary); `ooc-universal clean` removes it
+               released  an activation store `run` deleted once its reduce was complete
+                         (the disk budget; RUN/stores/released.json records it)
   progress     e.g. "5/8 blocks", "12/40 block folds", "3/5 files"
   detail       why stale / corrupt / partial, in words
   token_hash, config_hash, toolkit_version   what produced it (as recorded)
@@ -42,7 +44,7 @@ from ooc_universal.formats.tokens import read_token_meta
 from ooc_universal.rundir import (config_hash, file_sha256, human_bytes, read_sidecar,
                                   recorded_sha256)
 
-STATES = ("missing", "partial", "complete", "stale", "corrupt", "leftover")
+STATES = ("missing", "partial", "complete", "stale", "corrupt", "leftover", "released")
 COLUMNS = ("step", "item", "state", "progress", "detail", "token_hash", "config_hash",
            "toolkit_version", "checksum")
 
@@ -243,8 +245,10 @@ def _tokens(ctx: _Context) -> list[dict]:
 
 
 def _stores(ctx: _Context) -> list[dict]:
+    from ooc_universal.disk import released
     d = ctx.run / "stores"
     labels = list(ctx.expected_stores())
+    gone = released(ctx.run)
     if d.is_dir():
         for p in sorted(d.iterdir()):
             for suffix in (".h5.partial", ".h5"):
@@ -272,6 +276,12 @@ def _stores(ctx: _Context) -> list[dict]:
                              config_hash({k: v for k, v in attrs.items()
                                           if k != "toolkit_version"}) if attrs else "",
                              attrs.get("toolkit_version")))
+        elif label in gone:
+            rec = gone[label]
+            rows.append(_row("extract", item, "released", "",
+                             f"deleted after its reduce ({', '.join(rec.get('read_by', []))}) "
+                             f"at {rec.get('released_at', '?')}; sha256 "
+                             f"{str(rec.get('sha256'))[:12]} in stores/released.json"))
         else:
             rows.append(_row("extract", item, "missing"))
     return rows

@@ -255,6 +255,10 @@ def test_disk_budget_makes_stores_one_checkpoint_at_a_time(tmp_path, monkeypatch
     assert seen == [(10, ["m0@10.h5", "m1@10.h5", "m2@10.h5"], True),
                     (20, ["m0@20.h5", "m1@20.h5", "m2@20.h5"], True)]
     assert not list((rd / "stores").glob("*.h5")) and len(released(rd)) == 6
+    from ooc_universal.status import status
+    rows = status(rd)
+    assert [r["state"] for r in rows if r["step"] == "extract"] == ["released"] * 6
+    assert {r["state"] for r in rows if r["step"] == "reduce"} == {"complete"}
     # the statistics equal those of the run that kept every store
     names = [p.name for p in list_reduced(rd)]
     assert names == [p.name for p in list_reduced(tmp_path / "all")] and len(names) == 4

@@ -28,3 +28,55 @@ def resolve_device(device="auto"):
 def device_name(device="auto") -> str:
     """The resolved device as text ("cpu", "cuda", "cuda:1"), for plans and records."""
     return str(resolve_device(device))
+
+
+# --------------------------------------------------------------- the process's memory
+
+def memory_limits() -> dict:
+    """What caps this process's memory, in bytes: the address-space limit left
+    (RLIMIT_AS, `ulimit -v`, less what is mapped now) and the cgroup's memory.max left
+    (less its current usage); a key is absent where there is no such limit."""
+    import resource
+    out = {}
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        out["address space (ulimit -v)"] = max(0, soft - _mapped_bytes())
+    for base in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(base).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60):
+            used = _cgroup_usage(base)
+            out["cgroup memory limit"] = max(0, int(text) - used)
+        break
+    return out
+
+
+def _mapped_bytes() -> int:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_usage(limit_file: str) -> int:
+    name = "memory.current" if limit_file.endswith("memory.max") else "memory.usage_in_bytes"
+    try:
+        return int(open(limit_file.rsplit("/", 1)[0] + "/" + name).read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def check_memory_limit(need_bytes: int, what: str, limits: dict | None = None) -> None:
+    """One line when `need_bytes` (a plan's peak) exceeds a limit on this process."""
+    from ooc_universal.rundir import human_bytes
+    for name, left in (memory_limits() if limits is None else limits).items():
+        if need_bytes > left:
+            raise UsageError(
+                f"{what} needs {human_bytes(need_bytes)} of memory, but the {name} leaves "
+                f"this process {human_bytes(left)}; raise the limit, or lower --memory so "
+                "the plan fits")

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ooc_universal.config import RunConfig
+from ooc_universal.devices import check_memory_limit
 from ooc_universal.disk import release_stores
 from ooc_universal.errors import StaleInputError
 from ooc_universal.rundir import human_bytes, run_lock, write_json_atomic
@@ -58,6 +59,9 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
     run_dir = Path(run_dir)
     timings = {}
     specs = study_specs(cfg)  # (model, checkpoint) -> ModelSpec with a unique label
+    if "reduce" in steps:  # refused now, not after hours of extract
+        check_memory_limit(_reduce_plan(cfg, *_neurons(cfg)).required_bytes,
+                           f"the reduce's plan (--memory {cfg.compute.memory})")
     with run_lock(run_dir):
         check_run_dir_config(run_dir, cfg, force=force)
         ref = cfg.reference_model
@@ -192,6 +196,11 @@ def study_disk_plan(cfg: RunConfig, run_dir, specs: dict):
                      store_file_bytes(cfg.tokens.n_tokens, n_neurons),
                      plan.output_bytes * n_refs, plan.work_disk_bytes, budget, where,
                      keep_stores=cfg.compute.keep_stores)
+
+
+def _neurons(cfg: RunConfig) -> tuple[int, int]:
+    n_layers, d_mlp, _ = _model_shapes(cfg)
+    return n_layers * d_mlp, d_mlp
 
 
 def store_file_bytes(n_tokens: int, n_neurons: int) -> int:

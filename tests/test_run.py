@@ -286,3 +286,28 @@ def test_disk_budget_refusals_are_one_line(tmp_path):
         run_mod.run(cfg.replace(disk=half, keep_stores=True), tmp_path / "r", progress=False,
                     echo=lambda *a: None)
     assert not (tmp_path / "r" / "stores").exists()
+
+
+def test_memory_limit_below_the_plan_is_one_line(tmp_path):
+    from ooc_universal.devices import check_memory_limit
+    from ooc_universal.errors import UsageError
+    with pytest.raises(UsageError, match=r"^the plan needs 2.1 GB of memory, but the cgroup "
+                                         r"memory limit leaves this process 1.1 GB"):
+        check_memory_limit(2 << 30, "the plan", {"cgroup memory limit": 1 << 30})
+    check_memory_limit(1 << 30, "the plan", {"cgroup memory limit": 2 << 30})
+    # a real `ulimit -v`: 512 MB more than the process maps, far below the paper's plan
+    code = ("import resource, sys\n"
+            "from ooc_universal.cli.main import main\n"
+            "vm = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+            "if l.startswith('VmSize:')][0]\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))\n"
+            f"main(['run', '--preset', 'paper', '--steps', 'reduce', '--run-dir', "
+            f"{str(tmp_path / 'run')!r}, '--no-progress'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the reduce's plan (--memory 16GB) "
+                                                   "needs "), proc.stderr
+    assert "address space (ulimit -v) leaves this process" in lines[0]
+    assert not (tmp_path / "run").exists()

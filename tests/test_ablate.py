@@ -231,6 +231,12 @@ def _write_reduce(run_dir, model_dir, means, token_hash, other="other-model"):
         f["ref/mean"] = means
 
 
+def _write_sets(run_dir, doc):
+    """sets.json as the universal step commits it: the bytes and their checksum sidecar."""
+    from ooc_universal.rundir import write_json_atomic
+    write_json_atomic(Path(run_dir) / "universal" / "sets.json", doc, record={"step": "universal"})
+
+
 def _cli(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "ooc_universal", "ablate", *args],
@@ -255,7 +261,7 @@ def run(tmp_path_factory):
     sets = [dict(reference=str(model_dir), other="other-model", checkpoint=-1,
                  threshold=t, definition="per-pair", draw=0, n_layers=2, d_mlp=D_MLP,
                  neurons=uni[:k]) for t, k in ((0.4, 12), (0.5, 5))]
-    (run_dir / "universal" / "sets.json").write_text(json.dumps({"config": {}, "sets": sets}))
+    _write_sets(run_dir, {"config": {}, "sets": sets})
     means = rng.uniform(-0.1, 0.8, 2 * D_MLP)
     _write_reduce(run_dir, model_dir, means, ts.hash)
     return dict(run_dir=run_dir, model_dir=model_dir, uni=uni, means=means, ts=ts)
@@ -340,7 +346,7 @@ def test_cli_errors_are_one_line_exit_1(run, tmp_path):
     rec = dict(reference=str(run["model_dir"]), other="o", checkpoint=-1, threshold=0.5,
                definition="per-pair", draw=0, n_layers=2, d_mlp=D_MLP,
                neurons=list(range(D_MLP, D_MLP + 70)))                   # 70 of 128 in layer 1
-    (rd / "universal" / "sets.json").write_text(json.dumps({"sets": [rec]}))
+    _write_sets(rd, {"sets": [rec]})
     md = run["model_dir"]
     res = _cli("--run-dir", str(rd), "--model", f"{md}={md}", "--no-progress")
     assert res.returncode == 1, res.stderr
@@ -371,3 +377,81 @@ def test_model_spec_from_reduce_attrs_and_overrides(tmp_path):
     ids = np.array([[256, 1, 2, 3, 256, 256], [256, 1, 256, 3, 4, 5]])
     assert _before_padding(ids, 256).astype(int).tolist() == [[0, 0, 0, 1, 1, 1],
                                                               [0, 0, 0, 0, 0, 1]]
+
+
+def _copy_run(run, tmp_path):
+    import shutil
+    rd = tmp_path / "run"
+    shutil.copytree(run["run_dir"], rd, ignore=shutil.ignore_patterns("ablate"))
+    return rd
+
+
+def _other_token_set(rd):
+    from ooc_universal.steps.tokens import build_token_set, save_token_set
+    stream = np.frombuffer(bytes(range(32, 127)) * 40, dtype=np.uint8).astype(np.int64)
+    save_token_set(build_token_set(stream, 300, tokenizer="bytes", window=48,
+                                   n_eval_tokens=400), rd, force=True)
+
+
+def _reduce_recomputed(rd):
+    from ooc_universal.rundir import ensure_sidecar, read_sidecar, write_json_atomic
+    (red,) = (rd / "reduce").glob("*.h5")
+    ensure_sidecar(red, {"step": "reduce"})
+    sets = rd / "universal" / "sets.json"       # made from the reduce file as it was
+    write_json_atomic(sets, json.loads(sets.read_text()),
+                      record={"step": "universal",
+                              "inputs": {f"reduce/{red.name}": read_sidecar(red)["sha256"]}})
+    return red
+
+
+def _mutate(case, rd):
+    from ooc_universal.rundir import ensure_sidecar, sidecar_path
+    sets = rd / "universal" / "sets.json"
+    if case == "no sidecar":
+        sidecar_path(sets).unlink()
+    elif case == "edited by hand":
+        sets.write_text(sets.read_text().replace('"threshold": 0.5', '"threshold": 0.55'))
+    elif case == "another run's token set":
+        doc = json.loads(sets.read_text())
+        doc["token_hash"] = "0" * 64
+        from ooc_universal.rundir import write_json_atomic
+        write_json_atomic(sets, doc, record={"step": "universal"})
+    elif case == "reduce recomputed since":
+        red = _reduce_recomputed(rd)
+        with h5py.File(red, "a") as f:
+            f.attrs["n_tokens"] = 301
+        sidecar_path(red).unlink()
+        ensure_sidecar(red, {"step": "reduce"})
+    elif case == "reduce gone":
+        red = _reduce_recomputed(rd)
+        red.rename(red.with_name("elsewhere.h5"))
+    return {"no sidecar": "has no readable checksum sidecar",
+            "edited by hand": "does not match its checksum sidecar",
+            "another run's token set": "was made from token set 000000000000",
+            "reduce recomputed since": "which has changed since",
+            "reduce gone": "which is not in this run"}[case]
+
+
+@pytest.mark.parametrize("case", ["no sidecar", "edited by hand", "another run's token set",
+                                  "reduce recomputed since", "reduce gone"])
+def test_foreign_or_damaged_sets_are_refused(run, tmp_path, case):
+    from ooc_universal.steps.ablate import ablate
+    from ooc_universal.config import AblateConfig
+    rd = _copy_run(run, tmp_path)
+    expected = _mutate(case, rd)
+    with pytest.raises(OocError, match=expected + r".*run `ooc-universal universal --run-dir"):
+        ablate(rd, AblateConfig(control_draws=1), progress=False)
+    assert not (rd / "ablate" / "ablation.csv").exists()
+
+
+def test_sets_of_another_run_via_the_cli_is_one_line(run, tmp_path):
+    rd = _copy_run(run, tmp_path)
+    sets = rd / "universal" / "sets.json"
+    doc = {**json.loads(sets.read_text()), "token_hash": run["ts"].hash}  # this run's sets
+    _write_sets(rd, doc)
+    _other_token_set(rd)      # ... now beside another run's token set
+    md = run["model_dir"]
+    res = _cli("--run-dir", str(rd), "--model", f"{md}={md}", "--no-progress")
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "(a sets.json from another run?)" in res.stderr
+    assert not (rd / "ablate" / "ablation.csv").exists()

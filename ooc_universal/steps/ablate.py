@@ -65,7 +65,7 @@ from ooc_universal.formats.sets import UniversalSet, as_sets, read_sets
 from ooc_universal.formats.tokens import load_token_set
 from ooc_universal.models import base_model, decoder_layers, mlp_out_proj, mlp_shape
 from ooc_universal.models import final_norm as models_final_norm
-from ooc_universal.rundir import config_hash, step_dir
+from ooc_universal.rundir import config_hash, read_sidecar, recorded_sha256, step_dir
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
@@ -717,6 +717,7 @@ def ablate(run_dir, settings: AblateConfig = AblateConfig(),
     sets = read_sets(run_dir)
     records = _select(sets.sets, reference, thresholds)
     ids, valid, token_meta = _eval_tokens(run_dir, n_eval_tokens)
+    check_sets_provenance(run_dir, sets, token_meta.get("hash"))
     inputs = _EvalInputs(
         run_dir, settings, _config_record(settings, n_eval_tokens, reference, thresholds),
         ids, valid, _sha(ids.tobytes(), target_mask(valid).tobytes(), str(ids.shape).encode()),
@@ -801,6 +802,31 @@ def _select(sets: list[UniversalSet], reference, thresholds) -> list[UniversalSe
                            f"of {have}")
         recs = [r for r in recs if any(math.isclose(float(r.threshold), t) for t in want)]
     return recs
+
+
+def check_sets_provenance(run_dir, sets, token_hash: str | None) -> None:
+    """The universal sets are this run's, as they were written: their checksum sidecar
+    is there and matches the bytes, they were made from this run's token set, and every
+    reduce file they were made from is here with the checksum it had then. Anything else
+    (a sets.json copied from another run, edited by hand, or made before a reduce file
+    was recomputed) is one line naming the file and the fix."""
+    path = sets.path
+    fix = f"run `ooc-universal universal --run-dir {run_dir}` again"
+    side = read_sidecar(path)
+    if side is None:
+        raise OocError(f"{str(path)!r} has no readable checksum sidecar, so it cannot be told "
+                       f"from a damaged or foreign file (untrusted); {fix}")
+    if side.get("sha256") != sets.sha256:
+        raise OocError(f"{str(path)!r} does not match its checksum sidecar (edited or damaged "
+                       f"since the universal step wrote it); {fix}")
+    if sets.token_hash and token_hash and sets.token_hash != token_hash:
+        raise OocError(f"{str(path)!r} was made from token set {sets.token_hash[:12]}, this "
+                       f"run's is {token_hash[:12]} (a sets.json from another run?); {fix}")
+    for name, sha in sorted((side.get("inputs") or {}).items()):
+        here = Path(run_dir) / name
+        if not here.exists() or recorded_sha256(here) != sha:
+            what = "has changed since" if here.exists() else "is not in this run"
+            raise OocError(f"{str(path)!r} was made from {name}, which {what}; {fix}")
 
 
 def _reference_names(reference) -> set[str]:

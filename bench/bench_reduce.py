@@ -3,7 +3,7 @@ the tools a user would pick instead (JSON out).
 
     python -m ooc_universal.bench.bench_reduce [--quick | --tiny] [--scale K]
         [--tokens N --layers L --d-mlp D] [--device cpu|cuda] [--memory 2GB]
-        [--no-scaling] [--inprocess | --subprocess] [--out FILE] [--quiet]
+        [--no-scaling] [--inprocess | --subprocess] [--out FILE] [--no-progress]
 
 In-process: run(argv) -> dict.
 
@@ -998,15 +998,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--subprocess", action="store_true", help="one process per measurement")
     ap.add_argument("--workdir", default=None, help="keep the stores here (default: temp)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress lines on stderr (--no-progress: none)")
+    # the earlier spelling of --no-progress, kept so old command lines still run
+    ap.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     return ap
 
 
 def run(argv=None) -> dict:
-    """Measure; return the result document (progress on stderr unless --quiet)."""
+    """Measure; return the result document (progress on stderr unless --no-progress)."""
     a = build_parser().parse_args(argv)
-    return run_bench(config_from_args(a), workdir=a.workdir, quiet=a.quiet)
+    return run_bench(config_from_args(a), workdir=a.workdir, quiet=not a.progress)
 
 
 def main(argv=None) -> dict | None:
@@ -1017,13 +1020,13 @@ def main(argv=None) -> dict | None:
         print(json.dumps(PHASES[kind](spec)))
         return None
     cfg = config_from_args(a)
-    doc = run_bench(cfg, workdir=a.workdir, quiet=a.quiet)
+    doc = run_bench(cfg, workdir=a.workdir, quiet=not a.progress)
     text = json.dumps(doc, indent=2, default=float)
     print(text)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text + "\n")
-    if not a.quiet:
+    if a.progress:
         print(format_table(doc["figures"]), file=sys.stderr)
     return doc
 

@@ -213,25 +213,40 @@ def part_argv(part: str, cfg: SuiteConfig) -> list:
     """The argument list this suite hands the part's script."""
     argv = list(ARGS[part][cfg.size])
     threads = str(cfg.threads or _torch_threads())
+    device = script_device(cfg.device)
     if part == "kernels":
-        argv += ["--device", cfg.device]
+        argv += ["--device", device]
     elif part == "reduce":
-        argv += ["--device", cfg.device, "--memory", cfg.memory]
+        argv += ["--device", device, "--memory", cfg.memory]
         ram = _ram_bytes()
         if ram:  # (c) holds both stores in float64: let it run where a quarter of RAM holds them
             argv += ["--corrcoef-limit", f"{max(ram // 4, 2 * 10**9)}B"]
         if cfg.scale != 1:
             argv += ["--scale", repr(cfg.scale)]
     elif part == "extract":
-        argv += ["--device", cfg.device, "--memory", cfg.memory, "--threads", threads]
+        argv += ["--device", device, "--memory", cfg.memory, "--threads", threads]
         if cfg.scale != 1:
             windows = max(1, round(EXTRACT_WINDOWS[cfg.size] * cfg.scale))
             argv = _set(argv, "--windows", str(windows))
     elif part == "ablate":
-        argv += ["--device", cfg.device, "--threads", threads]
+        argv += ["--device", device, "--threads", threads]
     elif part == "width" and cfg.scale != 1:  # CPU only: the workstation case
         argv += ["--scale", repr(cfg.scale)]
     return argv
+
+
+def script_device(device: str) -> str:
+    """The part scripts take auto | cpu | cuda; a cuda:N of the suite is made torch's
+    current device (select_cuda_device) and handed on as "cuda"."""
+    return "cuda" if str(device).startswith("cuda") else str(device)
+
+
+def select_cuda_device(device: str) -> None:
+    """cuda:N -> torch's current CUDA device N, so that every part's "cuda" is GPU N."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda" and index:
+        import torch
+        torch.cuda.set_device(int(index))
 
 
 def _set(argv: list, flag: str, value: str) -> list:
@@ -253,15 +268,17 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def run_part(part: str, argv: list, quiet: bool = False) -> dict:
+def run_part(part: str, argv: list, progress: bool = True) -> dict:
     """One script's run(argv) in this process; torch/numba thread counts are restored."""
     import importlib
 
     import numba
     import torch
     mod = importlib.import_module(f"ooc_universal.bench.bench_{part}")
-    if part in ("reduce", "width") and quiet:
-        argv = argv + ["--quiet"]
+    if part == "reduce" and not progress:
+        argv = argv + ["--no-progress"]
+    elif part == "width" and not progress:
+        argv = argv + ["--quiet"]          # bench_width's spelling of --no-progress
     threads, nthreads = torch.get_num_threads(), numba.get_num_threads()
     try:
         return mod.run(argv)
@@ -276,8 +293,11 @@ def _result_name(slug: str, parts: tuple) -> str:
     return slug if tuple(parts) == PARTS else f"{slug}-{'-'.join(parts)}"
 
 
-def run_suite(cfg: SuiteConfig, quiet: bool = False) -> dict:
-    """Run the chosen parts; return the suite document (see the module docstring)."""
+def run_suite(cfg: SuiteConfig, progress: bool = True) -> dict:
+    """Run the chosen parts; return the suite document (see the module docstring).
+    progress=False: no progress lines on stderr."""
+    quiet = not progress
+    select_cuda_device(cfg.device)
     from ooc_universal import __version__
     t_start = time.perf_counter()
     info = machine_info(cfg.device)
@@ -291,7 +311,7 @@ def run_suite(cfg: SuiteConfig, quiet: bool = False) -> dict:
         argv = part_argv(part, cfg)
         log(f"{part}: bench_{part} {' '.join(argv)}", quiet)
         t0 = time.perf_counter()
-        doc["parts"][part] = run_part(part, argv, quiet)
+        doc["parts"][part] = run_part(part, argv, progress)
         doc["part_argv"][part] = argv
         doc["part_wall_s"][part] = time.perf_counter() - t0
         log(f"{part}: done in {doc['part_wall_s'][part]:.1f} s", quiet)

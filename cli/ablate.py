@@ -5,9 +5,10 @@ from typing import get_args
 
 import click
 
-from ooc_universal.cli.options import device_option, parse_list, progress_option
+from ooc_universal.cli.options import (device_option, echo_json, json_option, parse_list,
+                                       progress_option, run_dir_option, stdout_to_stderr)
 from ooc_universal.config import AblateConfig, ComputeConfig
-from ooc_universal.errors import OocError
+from ooc_universal.errors import UsageError
 
 DEFAULTS = AblateConfig()
 MODES = get_args(AblateConfig.model_fields["mode"].annotation)
@@ -18,16 +19,14 @@ def _overrides(items) -> dict:
     for item in items:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
-            raise OocError(f"--model {item!r} is not NAME=SPEC; e.g. "
+            raise UsageError(f"--model {item!r} is not NAME=SPEC; e.g. "
                            "--model alias-gpt2-small-x21@100000=/models/a/checkpoint-100000")
         out[name] = spec
     return out
 
 
 @click.command()
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory holding universal/sets.json and tokens/ "
-                   "(output: RUN/ablate/).")
+@run_dir_option("holds universal/sets.json and tokens/; the output goes to RUN/ablate/.")
 @click.option("--reference", default=None,
               help="Only this reference model (its name in sets.json, or an alias such "
                    "as 'a'). Default: every reference in sets.json.")
@@ -61,8 +60,9 @@ def _overrides(items) -> dict:
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="Seed of the control draws.")
 @progress_option()
+@json_option("the summary rows (ablation.json's) and the paths written")
 def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universal,
-           no_layerwise, n_eval_tokens, batch_size, device, models, seed, no_progress):
+           no_layerwise, n_eval_tokens, batch_size, device, models, seed, progress, as_json):
     """Ablate universal vs control neurons; report KL and delta loss.
 
     Zero-ablation sets a neuron (an input of the MLP output projection: the post-GELU
@@ -80,9 +80,10 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
       ooc-universal ablate --run-dir runs/demo
       ooc-universal ablate --run-dir runs/demo --thresholds 0.5 --control-draws 10
       ooc-universal ablate --run-dir runs/demo --mode mean --device cuda:1
+      ooc-universal ablate -R runs/demo --json > ablation.json
     """
     from ooc_universal.config import validated
-    from ooc_universal.formats.ablation import format_ablation
+    from ooc_universal.formats.ablation import format_ablation, tidy_rows
     from ooc_universal.rundir import run_lock
     from ooc_universal.steps.ablate import ablate as run_ablate
 
@@ -93,10 +94,15 @@ def ablate(run_dir, reference, thresholds, control_draws, mode, all_non_universa
     compute = validated(ComputeConfig, {"device": device}, "command line")
     taus = parse_list(thresholds, float, "--thresholds", "0.4,0.5,0.6")
     overrides = _overrides(models)
-    with run_lock(run_dir):
+    with run_lock(run_dir), stdout_to_stderr(as_json):
         out = run_ablate(run_dir, settings, compute, reference=reference, thresholds=taus,
                          n_eval_tokens=n_eval_tokens, model_overrides=overrides,
-                         progress=not no_progress)
+                         progress=progress)
+    if as_json:
+        echo_json({"rows": tidy_rows(out.rows), "n_models": out.n_models,
+                   "n_resumed": out.n_resumed,
+                   "wrote": [out.csv, out.draws_csv, out.json]})
+        return
     click.echo(format_ablation(out.rows))
     if out.n_resumed:
         click.echo(f"reused {out.n_resumed} of {out.n_models} model(s) from RUN/ablate/parts")

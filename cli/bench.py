@@ -4,6 +4,9 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
+from ooc_universal.cli.options import (device_option, echo_json, json_option, progress_option,
+                                       stdout_to_stderr)
+
 
 @click.command("bench")
 @click.option("--only", default=None, metavar="PARTS",
@@ -17,8 +20,7 @@ from click.core import ParameterSource
 @click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1.0,
               show_default=True,
               help="Multiply the token counts of reduce and extract (e.g. 4 for a larger run).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              show_default=True, help="Where every part runs (auto: CUDA when available).")
+@device_option("auto")
 @click.option("--memory", default="2GB", show_default=True,
               help="Memory budget given to reduce and extract; peak RSS is reported against it.")
 @click.option("--disk-gbps", type=click.FloatRange(min=0, min_open=True), default=2.0,
@@ -39,9 +41,12 @@ from click.core import ParameterSource
 @click.option("--from-json", "from_json", default=None,
               type=click.Path(dir_okay=False, exists=True),
               help="Measure nothing: re-render the tables (and README) from a results JSON.")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
+@progress_option()
+@click.option("--quiet", "quiet", is_flag=True, hidden=True,
+              help="The earlier spelling of --no-progress.")
+@json_option("the results document (what <machine>.json holds) and the paths written")
 def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, threads, out_dir,
-          machine, update_readme, readme, from_json, quiet):
+          machine, update_readme, readme, from_json, progress, quiet, as_json):
     """Benchmark kernels, reduce, extract and ablate against their baselines.
 
     Every figure is a ratio against a baseline measured in the same run on the same
@@ -49,6 +54,13 @@ def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, thr
     numpy.corrcoef, a bare forward pass). Writes <machine>.json and <machine>.md,
     prints the Markdown table with the issue's goals beside the figures (never
     asserted) and a projection of the paper's full experiment on this device.
+
+    \b
+    Examples:
+      ooc-universal bench --quick                      # 1-2 minutes on 2 cores
+      ooc-universal bench --only reduce --device cuda:0 --memory 16GB
+      ooc-universal bench --from-json bench/results/cpu-2c-xeon.json --update-readme
+      ooc-universal bench --tiny --no-progress --json > bench.json
     """
     from ooc_universal.bench import suite
     from ooc_universal.devices import device_name
@@ -57,11 +69,7 @@ def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, thr
     if from_json:
         doc = suite.load_results(from_json)
         out = suite.write_results(doc, out_dir) if out_dir else ()
-        click.echo(suite.format_markdown(doc))
-        for path in out:
-            click.echo(f"wrote {path}")
-        if update_readme:
-            click.echo(f"updated {suite.update_readme(readme or suite.default_readme(), doc)}")
+        _report(doc, list(out), as_json, update_readme, readme)
         return
     if quick and tiny:
         raise click.BadParameter("choose one of --quick and --tiny", param_hint="--quick")
@@ -73,12 +81,25 @@ def bench(only, quick, tiny, scale, device, memory, disk_gbps, paper_memory, thr
         scale=scale, device=device_name(device), memory=memory, disk_gbps=disk_gbps,
         paper_memory=paper_memory, threads=threads, machine=machine,
         argv=_given_options())
-    doc = suite.run_suite(cfg, quiet=quiet)
-    json_path, md_path = suite.write_results(doc, out_dir or suite.default_out_dir())
+    with stdout_to_stderr(as_json):
+        doc = suite.run_suite(cfg, progress=progress and not quiet)
+    written = list(suite.write_results(doc, out_dir or suite.default_out_dir()))
+    _report(doc, written, as_json, update_readme, readme)
+
+
+def _report(doc, written, as_json, update_readme, readme):
+    """The table (or the JSON document) and what was written; the README when asked."""
+    from ooc_universal.bench import suite
+    updated = suite.update_readme(readme or suite.default_readme(), doc) if update_readme \
+        else None
+    if as_json:
+        echo_json({"results": doc, "wrote": written, "updated_readme": updated})
+        return
     click.echo(suite.format_markdown(doc))
-    click.echo(f"wrote {json_path}\n      {md_path}")
-    if update_readme:
-        click.echo(f"updated {suite.update_readme(readme or suite.default_readme(), doc)}")
+    for path in written:
+        click.echo(f"wrote {path}")
+    if updated:
+        click.echo(f"updated {updated}")
 
 
 def _given_options() -> list:

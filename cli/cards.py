@@ -3,22 +3,22 @@ from __future__ import annotations
 
 import click
 
-from ooc_universal.cli.options import progress_option
-
+from ooc_universal.cli.options import (echo_json, json_option, progress_option,
+                                       run_dir_option, stdout_to_stderr)
 from ooc_universal.config import CardsConfig
 
 DEFAULTS = CardsConfig()
 
 
 @click.command()
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory holding universal/ and reduce/ (output: RUN/cards/).")
+@run_dir_option("holds universal/ and reduce/; the output goes to RUN/cards/.")
 @click.option("--top-n", type=int, default=DEFAULTS.top_n, show_default=True,
               help="Cards per model pair: its top neurons by excess correlation (draw 0).")
 @click.option("--n-tokens", type=int, default=DEFAULTS.n_tokens, show_default=True,
               help="Tokens a card lists as promoted and as suppressed most.")
 @progress_option()
-def cards(run_dir, top_n, n_tokens, no_progress):
+@json_option("the cards (cards.json's) and the path written")
+def cards(run_dir, top_n, n_tokens, progress, as_json):
     """Neuron cards: per pair, the top neurons by excess, their matched neurons and the
     tokens their output weights promote and suppress most.
 
@@ -29,18 +29,21 @@ def cards(run_dir, top_n, n_tokens, no_progress):
     neurons, with negative skew suppression neurons). Loads each reference
     checkpoint's weights on the CPU.
 
-    Example: ooc-universal cards --run-dir runs/demo --top-n 8
-
     \b
     Examples:
       ooc-universal cards --run-dir runs/demo
       ooc-universal cards --run-dir runs/demo --top-n 16
+      ooc-universal cards -R runs/demo --json > cards.json
     """
     from ooc_universal.config import validated
     from ooc_universal.steps.cards import cards as run_cards
 
     settings = validated(CardsConfig, {"top_n": top_n, "n_tokens": n_tokens}, "command line")
-    out = run_cards(run_dir, settings, progress=not no_progress)
+    with stdout_to_stderr(as_json):
+        out = run_cards(run_dir, settings, progress=progress)
+    if as_json:
+        echo_json({"cards": out.cards.cards, "wrote": [out.path]})
+        return
     for card in out.cards.cards:
         vocab = card["vocab"]
         chosen = ", ".join(f"{s['other']} #{s['rank']}" for s in card["selected_by"])

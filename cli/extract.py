@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ooc_universal.cli.options import device_option
+from ooc_universal.cli.options import (device_option, echo_json, json_option,
+                                       progress_option, run_dir_option, stdout_to_stderr)
 from ooc_universal.config import ComputeConfig, ExtractConfig, validated
 from ooc_universal.formats.store import parse_compression
 from ooc_universal.models import check_same_family, unique_labels
@@ -15,9 +16,8 @@ SETTINGS, COMPUTE = ExtractConfig(), ComputeConfig()
 
 
 @click.command("extract")
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory holding tokens/ (from `ooc-universal tokens`); stores go "
-                   "to RUN/stores/<label>.h5.")
+@run_dir_option("holds tokens/ (from `ooc-universal tokens`); the stores go to "
+                "RUN/stores/<label>.h5.")
 @click.argument("models", nargs=-1, required=True)
 @click.option("--memory", default=COMPUTE.memory, show_default=True,
               help="RAM budget for this process (e.g. 16GB, 512MB); sets the batch size.")
@@ -40,10 +40,10 @@ SETTINGS, COMPUTE = ExtractConfig(), ComputeConfig()
 @click.option("--allow-mixed-families", is_flag=True,
               help="Accept models of different families (GPT-2, GPT-NeoX, ...) in one command; "
                    "their neurons are not comparable layer by layer.")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar over tokens.")
+@progress_option()
+@json_option("one record per store (path, status, tokens, speed) and the download sizes")
 def extract(run_dir, models, memory, device, dtype, batch_size, compression, block_tokens,
-            checkpoint_pattern, allow_mixed_families, progress):
+            checkpoint_pattern, allow_mixed_families, progress, as_json):
     """Store each MODEL's MLP neurons (the input of every layer's MLP output projection:
     post-GELU in GPT-2 and Pythia, act(gate) * up in OLMo and Llama) at the token set's
     valid positions.
@@ -62,6 +62,16 @@ def extract(run_dir, models, memory, device, dtype, batch_size, compression, blo
     Resumable: a killed run leaves <label>.h5.partial and a ledger; the same command
     finishes only the missing blocks. A complete store is skipped; a store made from
     another token set or model is refused, never appended to.
+
+    Before a hub model downloads, the size of its weight files still to fetch is
+    printed ("downloading 0.50 GB for a@100000 ..."); the hub's own download bars show
+    as the hub draws them.
+
+    \b
+    Examples:
+      ooc-universal extract --run-dir runs/demo a@100000 b@100000
+      ooc-universal extract -R runs/p EleutherAI/pythia-160m@143000 --device cuda:0
+      ooc-universal extract -R runs/z my-zoo/tiny-a@4500 --memory 4GB --json
     """
     parse_compression(compression)  # the store's own one-line message for a typo
     settings = validated(ExtractConfig, {"compression": compression,
@@ -70,13 +80,44 @@ def extract(run_dir, models, memory, device, dtype, batch_size, compression, blo
     compute = validated(ComputeConfig, {"device": device, "memory": memory}, "extract options")
     specs = unique_labels(models, checkpoint_pattern)
     check_same_family(specs, allow_mixed=allow_mixed_families)
+    records = []
     for spec in specs:
+        download = _download_of(run_dir, spec)
+        if download is not None:
+            click.echo(download.message(spec.label), err=as_json)
         stats = {}
-        path = extract_store(run_dir, spec, settings, compute, dtype=dtype,
-                             block_tokens=block_tokens, progress=progress, stats=stats)
-        if stats.get("status") == "skipped":
-            click.echo(f"{path}  (complete already, skipped)")
-            continue
-        click.echo(f"{path}  ({stats['tokens_written']:,} tokens in {stats['seconds']:.1f} s, "
-                   f"{stats['tokens_per_s']:,.0f} tokens/s, batch {stats['batch_size']}, "
-                   f"peak RSS {human_bytes(stats['peak_rss_bytes'])})")
+        with stdout_to_stderr(as_json):
+            path = extract_store(run_dir, spec, settings, compute, dtype=dtype,
+                                 block_tokens=block_tokens, progress=progress, stats=stats)
+        records.append(_record(spec, path, stats, download))
+        if not as_json:
+            click.echo(_summary(path, stats))
+    if as_json:
+        echo_json({"stores": records})
+
+
+def _download_of(run_dir, spec):
+    """What extracting `spec` would download (hub.spec_download); None when its store is
+    complete already (nothing is loaded then) or nothing needs downloading."""
+    from pathlib import Path
+
+    from ooc_universal.formats.store import StorePaths
+    from ooc_universal.hub import spec_download
+    if StorePaths.of(Path(run_dir) / "stores", spec.label).final.is_file():
+        return None
+    return spec_download(spec)
+
+
+def _record(spec, path, stats: dict, download) -> dict:
+    return {"label": spec.label, "path": path, "status": stats.get("status", "written"),
+            "download_bytes": None if download is None else download.n_bytes,
+            **{k: stats.get(k) for k in ("tokens_written", "seconds", "tokens_per_s",
+                                         "batch_size", "peak_rss_bytes")}}
+
+
+def _summary(path, stats: dict) -> str:
+    if stats.get("status") == "skipped":
+        return f"{path}  (complete already, skipped)"
+    return (f"{path}  ({stats['tokens_written']:,} tokens in {stats['seconds']:.1f} s, "
+            f"{stats['tokens_per_s']:,.0f} tokens/s, batch {stats['batch_size']}, "
+            f"peak RSS {human_bytes(stats['peak_rss_bytes'])})")

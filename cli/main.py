@@ -33,7 +33,29 @@ class OrderedGroup(click.Group):
         return list(self.commands)
 
 
-@click.group(cls=OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Examples:
+  ooc-universal run                                  # the demo study, offline, minutes
+  ooc-universal universal -R runs/demo --json        # Table 1 as JSON
+  ooc-universal status --run-dir runs/demo --verify
+
+\b
+Every step takes the run directory as --run-dir/-R RUN, the device as --device
+(auto | cpu | cuda | cuda:N), --progress/--no-progress, and, where it prints a table,
+--json (JSON on stdout and nothing else there).
+
+\b
+Exit status:
+  0    done
+  1    a run-time failure: missing or damaged input, stale output, no room, a task
+       that kept failing (one line on stderr)
+  2    a usage error: the command line or the config is wrong (one line on stderr)
+  130  interrupted (Ctrl-C); run the same command again to resume
+"""
+
+
+@click.group(cls=OrderedGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EPILOG)
 @click.version_option(__version__, prog_name="ooc-universal")
 def cli():
     """Find universal neurons in independently trained language models, out of core.
@@ -41,10 +63,6 @@ def cli():
     Steps, in data-flow order: tokens -> extract -> reduce -> universal -> cards ->
     persistence -> ablate -> report. Each reads and writes files in one run
     directory, can be re-run, and resumes where it stopped.
-
-    Exit status: 0 done; 1 a run-time failure (missing or damaged input, stale output, no
-    room, a task that kept failing); 2 a usage error (the command line or the config is
-    wrong); 130 interrupted (run the same command again to resume).
     """
 
 

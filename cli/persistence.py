@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import click
 
-from ooc_universal.cli.options import progress_option
+from ooc_universal.cli.options import (echo_json, frame_records, json_option,
+                                       progress_option, run_dir_option, stdout_to_stderr)
 
 
 @click.command()
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory holding universal/sets.json (output: RUN/persistence/).")
+@run_dir_option("holds universal/sets.json; the output goes to RUN/persistence/.")
 @progress_option()
-def persistence(run_dir, no_progress):
+@json_option("the persistence rows and the paths written")
+def persistence(run_dir, progress, as_json):
     """P(universal at t2 | universal at t1) for every pair of checkpoints t1 < t2.
 
     p_persist = |U(t1) & U(t2)| / |U(t1)|, a fraction in [0, 1], per (reference, other,
@@ -23,11 +24,17 @@ def persistence(run_dir, no_progress):
     Examples:
       ooc-universal persistence --run-dir runs/demo
       ooc-universal persistence --run-dir runs/demo --no-progress
+      ooc-universal persistence -R runs/demo --json > persistence.json
     """
     from ooc_universal.formats.tables import format_persistence
     from ooc_universal.steps.persistence import persistence as run_persistence
 
-    out = run_persistence(run_dir, progress=not no_progress)
+    with stdout_to_stderr(as_json):
+        out = run_persistence(run_dir, progress=progress)
+    if as_json:
+        echo_json({"persistence": frame_records(out.result.frame()),
+                   "wrote": [out.paths["json"], out.paths["csv"]]})
+        return
     click.echo(format_persistence(out.result))
     for key in ("json", "csv"):
         click.echo(f"wrote {out.paths[key]}")

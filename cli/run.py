@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ooc_universal.cli.options import parse_list
+from ooc_universal.cli.options import parse_list, progress_option, run_dir_option
 from ooc_universal.config import PRESETS, load_config
 from ooc_universal.run import STEP_NAMES
 from ooc_universal.run import dry_run as plan_study
@@ -51,8 +51,8 @@ def _override_options(f):
               help="Use a built-in config: demo (the default: the shipped tiny zoo, "
                    "offline, minutes on a laptop) or paper (stanford-crfm a..e at "
                    "100k/200k/300k steps, 5M Pile tokens).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Run directory (default: runs/<preset or config name>).")
+@run_dir_option("where the study's files go (default: runs/<preset or config name>).",
+                required=False)
 @click.option("--models", default=None, help="Comma-separated model specs (override).")
 @click.option("--checkpoints", default=None, help="Comma-separated steps (override).")
 @click.option("--thresholds", default=None, help="Comma-separated thresholds (override).")
@@ -70,9 +70,9 @@ def _override_options(f):
               help="Windows of text tokens only (models trained without a BOS token).")
 @click.option("--allow-mixed-families", is_flag=True, default=None,
               help="Compare models of different families layer by layer (refused otherwise).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@progress_option()
 def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
-        force, no_progress, keep_stores, bos, allow_mixed_families, **overrides):
+        force, progress, keep_stores, bos, allow_mixed_families, **overrides):
     """Run tokens -> extract -> reduce -> universal -> persistence -> ablate -> report.
 
     CONFIG is a TOML file with RunConfig keys (see README: Configuration); without it
@@ -110,7 +110,7 @@ def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
     if bad:
         raise click.BadParameter(f"unknown steps {bad}; choose from {STEP_NAMES}",
                                  param_hint="--steps")
-    timings = run_study(cfg, run_dir, force=force, progress=not no_progress, steps=steps,
+    timings = run_study(cfg, run_dir, force=force, progress=progress, steps=steps,
                         echo=click.echo)
     total = sum(v for k, v in timings.items() if isinstance(v, float))
     click.echo(f"done in {total:.1f} s; run directory {run_dir}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from ooc_universal.cli.options import (echo_json, json_option, progress_option,
+                                       run_dir_option, stdout_to_stderr)
 from ooc_universal.config import TokensConfig, validated
 from ooc_universal.rundir import run_lock
 from ooc_universal.steps.tokens import tokens as make_tokens
@@ -11,8 +13,7 @@ DEFAULTS = TokensConfig()
 
 
 @click.command("tokens")
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory; the token set goes to RUN/tokens/.")
+@run_dir_option("the token set goes to RUN/tokens/.")
 @click.option("--source", required=True,
               help="A text file, a folder of text files (one document per file, sorted by "
                    "path, hidden files skipped), a .npy of token ids (one 1-D stream), or "
@@ -39,10 +40,10 @@ DEFAULTS = TokensConfig()
                    "its context, read offline (the --tokenizer model's is checked anyway).")
 @click.option("--force", is_flag=True,
               help="Replace a different token set already in --run-dir (its stores become stale).")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar.")
+@progress_option()
+@json_option("the token set's summary (hash, counts, tokenizer)")
 def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, bos, models, force,
-           progress):
+           progress, as_json):
     """Build the token set that every model of a run reads.
 
     Conventions (as the original authors' code): documents are concatenated with the
@@ -52,14 +53,28 @@ def tokens(run_dir, source, n_tokens, n_eval_tokens, window, tokenizer, bos, mod
     are not valid; the mask is cut after the n-th valid position, so exactly
     --n-tokens positions are valid. Nothing is shuffled. The set is stored with a
     content hash in RUN/tokens/; an identical set already there is kept as it is.
+
+    \b
+    Examples:
+      ooc-universal tokens -R runs/demo --source corpus.txt --n-tokens 100000 --tokenizer gpt2
+      ooc-universal tokens -R runs/p --source pile --n-tokens 5000000 \\
+          --n-eval-tokens 100000 --tokenizer EleutherAI/pythia-160m --no-bos
+      ooc-universal tokens -R runs/b --source my-docs/ --n-tokens 16384 --tokenizer bytes --json
     """
     settings = validated(TokensConfig, {"source": source, "n_tokens": n_tokens,
                                         "n_eval_tokens": n_eval_tokens, "window": window,
                                         "tokenizer": tokenizer}, "tokens options")
-    with run_lock(run_dir):
+    with run_lock(run_dir), stdout_to_stderr(as_json):
         result = make_tokens(run_dir, settings, models=models, bos=bos, force=force,
                              progress=progress)
     ts = result.token_set
+    if as_json:
+        echo_json({"folder": result.folder, "written": bool(result.written), "hash": ts.hash,
+                   "n_tokens": ts.n_tokens, "n_windows": ts.n_windows, "window": ts.window,
+                   "n_eval_tokens": ts.meta.get("n_eval_tokens"),
+                   "tokenizer": ts.tokenizer, "has_bos": bool(ts.has_bos),
+                   "bos_token_id": ts.bos_token_id if ts.has_bos else None})
+        return
     if not result.written:
         click.echo(f"token set {ts.hash} already in {result.folder}; nothing to do")
         return

@@ -5,7 +5,8 @@ from typing import get_args
 
 import click
 
-from ooc_universal.cli.options import parse_list, progress_option
+from ooc_universal.cli.options import (echo_json, frame_records, json_option, parse_list,
+                                       progress_option, run_dir_option, stdout_to_stderr)
 from ooc_universal.config import UniversalConfig
 
 DEFAULTS = UniversalConfig()
@@ -13,8 +14,7 @@ DEFINITIONS = get_args(UniversalConfig.model_fields["definition"].annotation)
 
 
 @click.command()
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory holding reduce/ (output goes to RUN/universal/).")
+@run_dir_option("holds reduce/; the output goes to RUN/universal/.")
 @click.option("--reference", default=None,
               help="Reference model (a ref_name of the reduce files, its label, model id "
                    "or alias such as 'a'). Default: the only reference present.")
@@ -36,8 +36,9 @@ DEFINITIONS = get_args(UniversalConfig.model_fields["definition"].annotation)
 @click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
               help="First seed for the extra draws (seeds already used by reduce are skipped).")
 @progress_option()
+@json_option('Table 1 (the draw-0 rows of table1.json) and the paths written')
 def universal(run_dir, reference, all_references, thresholds, definition,
-              extra_baseline_draws, seed, no_progress):
+              extra_baseline_draws, seed, progress, as_json):
     """Universal neurons and Table 1 from the reduced statistics.
 
     excess_j[k] = max_l rho(a_k, b_l) - max_m rho(a_k, (R_j b)_m): the best
@@ -52,6 +53,7 @@ def universal(run_dir, reference, all_references, thresholds, definition,
       ooc-universal universal --run-dir runs/demo
       ooc-universal universal --run-dir runs/demo --thresholds 0.3,0.5
       ooc-universal universal --run-dir runs/demo --definition pair-averaged
+      ooc-universal universal -R runs/demo --json > table1.json
     """
     from ooc_universal.config import validated
     from ooc_universal.formats.tables import format_table1
@@ -62,9 +64,15 @@ def universal(run_dir, reference, all_references, thresholds, definition,
     settings = validated(UniversalConfig, {
         "thresholds": list(taus), "definition": definition,
         "extra_baseline_draws": extra_baseline_draws, "seed": seed}, "command line")
-    out = run_universal(run_dir, settings, reference=reference,
-                        all_references=all_references, progress=not no_progress)
+    with stdout_to_stderr(as_json):
+        out = run_universal(run_dir, settings, reference=reference,
+                            all_references=all_references, progress=progress)
+    keys = ("sets", "table1", "table1_csv", "table1_draws_csv", "neurons_parquet",
+            "neurons_csv", "neuron_draws")
+    if as_json:
+        echo_json({"table1": frame_records(out.table1.frame(0)),
+                   "wrote": [out.paths[k] for k in keys]})
+        return
     click.echo(format_table1(out.table1))
-    for key in ("sets", "table1", "table1_csv", "table1_draws_csv", "neurons_parquet",
-                "neurons_csv", "neuron_draws"):
+    for key in keys:
         click.echo(f"wrote {out.paths[key]}")

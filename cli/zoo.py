@@ -5,6 +5,9 @@ import dataclasses
 
 import click
 
+from ooc_universal.cli.options import (device_option, echo_json, json_option, progress_option,
+                                       stdout_to_stderr)
+
 # recipe field -> (click type, help); every ZooRecipe field is overridable.
 FIELDS = {
     "n_models": (int, "number of independent models (model i uses seed + i)"),
@@ -53,7 +56,13 @@ def _tuple(name, text, kind):
 
 @click.group()
 def zoo():
-    """Tiny GPT-2 zoos trained offline on bytes (the demo's models)."""
+    """Tiny GPT-2 zoos trained offline on bytes (the demo's models).
+
+    \b
+    Examples:
+      ooc-universal zoo train --preset demo --out my-zoo
+      ooc-universal zoo train --help          # every recipe field is an option
+    """
 
 
 @zoo.command()
@@ -61,20 +70,22 @@ def zoo():
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="directory for the models and zoo.json (resumes what is there)")
 @_recipe_options
-@click.option("--device", default="auto", show_default=True,
-              help="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'")
+@device_option("auto")
 @click.option("--threads", type=int, default=None, help="torch CPU threads [torch default]")
 @click.option("--only", default=None,
               help="comma-separated model indices to train in this process (e.g. 0,2,4)")
 @click.option("--keep-train-state", is_flag=True, help="keep train_state.pt after completion")
-@click.option("--no-progress", is_flag=True, help="no progress bars")
-def train(preset, out_dir, device, threads, only, keep_train_state, no_progress, **fields):
+@progress_option()
+@json_option("the models' held-out losses per checkpoint")
+def train(preset, out_dir, device, threads, only, keep_train_state, progress, as_json,
+          **fields):
     """Train (or resume) a zoo; prints each model's directory and held-out loss.
 
     \b
     Examples:
       ooc-universal zoo train --preset demo --out my-zoo --threads 1
       ooc-universal zoo train --preset demo --out my-zoo --only 0,1   # split over processes
+      ooc-universal zoo train --preset demo --out my-zoo --steps 600 --json
     """
     from ooc_universal.zoo import PRESETS, train_zoo
 
@@ -95,18 +106,28 @@ def train(preset, out_dir, device, threads, only, keep_train_state, no_progress,
         import torch
         torch.set_num_threads(threads)
 
-    dirs = train_zoo(recipe, out_dir, device=device, progress=not no_progress,
-                     model_indices=indices, keep_train_state=keep_train_state)
-    _print_summary(recipe, out_dir, dirs)
+    with stdout_to_stderr(as_json):
+        dirs = train_zoo(recipe, out_dir, device=device, progress=progress,
+                         model_indices=indices, keep_train_state=keep_train_state)
+    _print_summary(recipe, out_dir, dirs, as_json)
 
 
-def _print_summary(recipe, out_dir, dirs):
+def _print_summary(recipe, out_dir, dirs, as_json=False):
     from pathlib import Path
 
     from ooc_universal.zoo import heldout_losses
 
     losses = heldout_losses(out_dir, dirs)
     uni, steps = losses["unigram"], recipe.checkpoints()
+    if as_json:
+        models = losses["models"]
+        echo_json({"steps": list(steps), "unigram_heldout_loss": uni,
+                   "models": [{"dir": d, "heldout_loss": {str(s): models.get(Path(d).name, {})
+                                                          .get(s) for s in steps}}
+                              for d in dirs],
+                   "zoo_json": Path(out_dir) / "zoo.json" if losses["complete"] else None,
+                   "complete": bool(losses["complete"])})
+        return
     click.echo(f"held-out loss (nats/byte) at steps {', '.join(map(str, steps))}"
                + (f"; unigram baseline {uni:.3f}" if uni is not None else ""))
     for d in dirs:

@@ -5,6 +5,7 @@
     run.table1()                         # DataFrame: % universal per pair/threshold/checkpoint
     run.neurons()                        # DataFrame: one row per reference neuron and pair
     run.cards()                          # DataFrame: neuron cards of the top neurons
+    run.ablation()                       # DataFrame: KL and delta loss per ablated set
     run.reduced("tiny-a@4500", "tiny-b@4500")   # xarray.Dataset with named dims
     run.store("tiny-a@4500")             # xarray.DataArray (token, neuron), dask-backed
 
@@ -90,12 +91,16 @@ class Run:
         from ooc_universal.formats.cards import cards_frame, read_cards
         return cards_frame(read_cards(self.path))
 
-    def ablation(self):
-        """KL and delta loss per ablated set (universal, controls), one row per set."""
-        import pandas as pd
-        from ooc_universal.formats.ablation import read_ablation
-        result = read_ablation(self.path)
-        return pd.DataFrame(result.rows, columns=result.columns or None)
+    def ablation(self, draws: bool = False):
+        """KL and delta loss per ablated set: one row per universal / all-non-universal
+        set and per control (the mean over its n_draws draws); `scope` "all" (every
+        layer at once, layer <NA>) or "layer" (integer layer); `ablation_mode` zero or
+        mean. draws=True: one row per evaluated set, each control draw apart
+        (ablation_draws.csv, with `draw`)."""
+        from ooc_universal.formats.ablation import read_ablation, read_ablation_draws
+        if draws:
+            return read_ablation_draws(self.path)
+        return read_ablation(self.path).frame()
 
     def sets(self):
         """The universal sets (formats.sets.UniversalSet records)."""

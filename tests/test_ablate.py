@@ -290,16 +290,16 @@ def test_cli_end_to_end_matches_independent_computation(run):
     model = GPT2LMHeadModel.from_pretrained(run["model_dir"]).eval()
     ids, valid = run["ts"].eval_input_ids.astype(np.int64), run["ts"].eval_valid
     uni_row = summary[(summary["threshold"] == 0.4) & (summary["set"] == "universal")
-                      & (summary["layer"] == "all")].iloc[0]
+                      & (summary["scope"] == "all")].iloc[0]
     ref = _reference(model, run["uni"], ids, valid)
     assert uni_row["n_neurons"] == 12 and uni_row["n_positions"] == ref["n_positions"]
     for k in ("kl", "kl_se", "delta_loss", "delta_loss_se"):
         assert uni_row[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-10), k
 
     ctrl = draws[(draws["threshold"] == 0.4) & (draws["set"] == "control")
-                 & (draws["layer"] == "all")]
+                 & (draws["scope"] == "all")]
     row = summary[(summary["threshold"] == 0.4) & (summary["set"] == "control")
-                  & (summary["layer"] == "all")].iloc[0]
+                  & (summary["scope"] == "all")].iloc[0]
     assert len(ctrl) == 3 and row["kl"] == pytest.approx(ctrl["kl"].mean())
     assert row["kl_ci_low"] <= row["kl"] <= row["kl_ci_high"]
     assert (summary["kl"] >= 0).all()

@@ -88,13 +88,16 @@ PERSISTENCE_COLUMNS = ["definition", "reference", "aggregation", "other", "thres
                        "p_persist", "undefined", "jaccard", "n_pairs"]
 
 # pandas dtypes: text as the string dtype, nullable integers where a value may be absent
-_TEXT = {"reference", "aggregation", "other", "definition", "scope", "draw_source"}
+_TEXT = {"reference", "aggregation", "other", "definition", "scope", "draw_source",
+         "ablation_mode", "set"}
 _NULLABLE_INT = {"layer", "match_layer", "match_neuron", "n_universal", "n_zero_var", "seed"}
 _INT = {"checkpoint", "neuron", "flat_index", "n_draws", "draw", "n_neurons", "n_pairs",
-        "t1", "t2", "n_t1", "n_t2", "n_both", "n_emerged"}
+        "t1", "t2", "n_t1", "n_t2", "n_both", "n_emerged", "n_positions"}
 _BOOL = {"zero_var", "undefined"}
 _FLOAT = {"threshold", "pct_universal", "p_persist", "jaccard", "max_corr", "baseline_max",
-          "excess", "excess_draws_std", "vocab_kurtosis", "vocab_skew", *SPREAD_COLUMNS[1:]}
+          "excess", "excess_draws_std", "vocab_kurtosis", "vocab_skew", *SPREAD_COLUMNS[1:],
+          "kl", "kl_se", "kl_ci_low", "kl_ci_high", "delta_loss", "delta_loss_se",
+          "delta_loss_ci_low", "delta_loss_ci_high"}
 
 
 def universal_column(threshold) -> str:
@@ -120,8 +123,9 @@ def typed(df):
             df[col] = df[col].astype("str")      # missing stays missing (pandas >= 3)
         elif col in _NULLABLE_INT:
             df[col] = _nullable_int(df[col])
-        elif col in _INT:
-            df[col] = df[col].astype("int64")
+        elif col in _INT:    # int64; Int64 when a value is missing (a model without steps)
+            df[col] = (df[col].astype("int64") if df[col].notna().all()
+                       else _nullable_int(df[col]))
         elif col in _BOOL:
             df[col] = df[col].astype(bool)
         elif col.startswith("is_universal_"):

@@ -8,6 +8,7 @@ own column names (formats/tables.py).
 """
 from __future__ import annotations
 
+from ooc_universal.formats.ablation import SUMMARY_COLUMNS
 from ooc_universal.formats.tables import MEAN_OVER_PAIRS, SPREAD_COLUMNS
 from ooc_universal.report.document import Table
 from ooc_universal.report.text import (MISSING, checkpoint_number, ci_text, fixed,
@@ -19,10 +20,7 @@ from ooc_universal.report.views import (AblationView, PersistenceView, Table1Vie
 
 EMPTY_SET_NOTE = ("A row with 0 neurons is an empty set (no universal neuron there): nothing "
                   "was ablated, so its 0 is no effect; the figures leave it out.")
-ABLATION_FIELDS = ("reference", "other", "checkpoint", "threshold", "definition", "mode",
-                   "set", "layer", "draw", "n_draws", "n_neurons", "n_positions", "kl",
-                   "kl_se", "kl_ci_low", "kl_ci_high", "delta_loss", "delta_loss_se",
-                   "delta_loss_ci_low", "delta_loss_ci_high")
+ABLATION_FIELDS = tuple(SUMMARY_COLUMNS)   # formats/ablation.py's summary columns
 PERSISTENCE_FIELDS = ("definition", "reference", "aggregation", "other", "threshold", "t1",
                       "t2", "scope", "layer", "n_t1", "n_t2", "n_both", "p_persist",
                       "undefined", "n_emerged", "n_pairs")
@@ -180,10 +178,10 @@ def ablation_record(row) -> dict:
 def ablation_table(view: AblationView) -> Table:
     """All layers at once: universal vs control per threshold, checkpoint and pair."""
     rows = sorted(view.all_layer_rows(), key=lambda r: (
-        float(r["threshold"]), checkpoint_number(r["checkpoint"]), str(r["other"]),
+        float(r["threshold"]), checkpoint_number(r["checkpoint"]), row_label(r),
         set_rank(r["set"])))
     cells = [[tau_text(r["threshold"]), step_text(checkpoint_number(r["checkpoint"])),
-              str(r["other"]), r["set"], str(r["n_neurons"]), sig4(r["kl"]), sig4(r["kl_se"]),
+              row_label(r), r["set"], str(r["n_neurons"]), sig4(r["kl"]), sig4(r["kl_se"]),
               ci_text(r.get("kl_ci_low"), r.get("kl_ci_high")), sig4(r["delta_loss"]),
               sig4(r["delta_loss_se"]),
               ci_text(r.get("delta_loss_ci_low"), r.get("delta_loss_ci_high"))]
@@ -202,7 +200,7 @@ def ablation_table(view: AblationView) -> Table:
 
 def ablation_layer_table(view: AblationView, tau: float, rows: list) -> Table:
     """Layer by layer at one threshold: universal vs control side by side."""
-    by_key = {(checkpoint_number(r["checkpoint"]), int(r["layer"]), str(r["other"]),
+    by_key = {(checkpoint_number(r["checkpoint"]), int(r["layer"]), row_label(r),
                r["set"]): r for r in rows}
     cells, records = [], []
     for ckpt, layer, other in sorted({key[:3] for key in by_key}):

@@ -34,7 +34,7 @@ def model_names(run) -> set:
         names |= {row["reference"], row["other"]}
     ablation = run.ablation.content
     for row in (ablation.rows if ablation else []):
-        names |= {str(row["reference"]), str(row["other"])}
+        names |= {row["reference"], row["other"]}
     if run.neurons.table is not None:
         for column in ("reference", "other"):
             names |= set(run.neurons.table[column].dropna().astype(str).unique())
@@ -178,11 +178,11 @@ def set_rank(name) -> int:
 
 
 @dataclass
-
 class AblationView:
-    """The ablation rows of one (reference, mode)."""
+    """The ablation rows of one (reference, ablation_mode); rows in the layout of
+    formats/ablation.py (scope, integer layer, aggregation)."""
     reference: str
-    mode: str
+    mode: str                      # the rows' ablation_mode: zero | mean
     suffix: str
     rows: list
     thresholds: list
@@ -192,16 +192,18 @@ class AblationView:
         return main_threshold(self.thresholds)
 
     def all_layer_rows(self, tau=None) -> list:
-        return [r for r in self.rows if str(r["layer"]) == "all"
+        """The sets over every layer at once (scope "all")."""
+        return [r for r in self.rows if r["scope"] == SCOPE_ALL
                 and (tau is None or float(r["threshold"]) == tau)]
 
     def layer_rows(self, tau) -> list:
-        return [r for r in self.rows if str(r["layer"]) != "all"
+        """Each layer's sets alone (scope "layer", an integer layer) at one threshold."""
+        return [r for r in self.rows if r["scope"] == SCOPE_LAYER
                 and float(r["threshold"]) == tau]
 
 
 def _ablation_key(row) -> tuple:
-    return str(row["reference"]), str(row.get("mode", "zero"))
+    return str(row["reference"]), str(row["ablation_mode"])
 
 
 def ablation_views(ablation) -> list[AblationView]:

@@ -10,13 +10,15 @@ from ooc_universal.config import ComputeConfig, ReduceConfig, validated
 
 REDUCE, COMPUTE = ReduceConfig(), ComputeConfig()  # the option defaults (one source)
 PRECISIONS = typing.get_args(ReduceConfig.model_fields["precision"].annotation)
+SOURCES = typing.get_args(ReduceConfig.model_fields["source"].annotation)
 
 
 @click.command("reduce")
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False),
               help="Run directory holding stores/ (from `ooc-universal extract`).")
 @click.option("--reference", "-r", required=True,
-              help="Reference model: a store label, a store path or a model spec (a@100000).")
+              help="Reference model: a store label, a store path or a model spec (a@100000; "
+                   "with --source stream, a model spec or a store that records its spec).")
 @click.argument("others", nargs=-1, required=True)
 @click.option("--memory", default=COMPUTE.memory, show_default=True,
               help="Memory budget per worker (e.g. 16GB). The planner picks block size, "
@@ -37,6 +39,15 @@ PRECISIONS = typing.get_args(ReduceConfig.model_fields["precision"].annotation)
 @click.option("--scheduler", default=COMPUTE.scheduler or None, metavar="tcp://HOST:PORT",
               help="Run the graph on a dask.distributed cluster; workers must see the run "
                    "directory at the same path.")
+@click.option("--source", type=click.Choice(SOURCES), default=REDUCE.source,
+              show_default=True,
+              help="Where token blocks come from: the activation stores (store), forward "
+                   "passes of the models over the run's token set, writing no store "
+                   "(stream), or whichever the plan expects to be faster within the free "
+                   "disk (auto; --dry-run prints both options and why).")
+@click.option("--disk-gbps", type=float, default=REDUCE.disk_gbps, show_default=True,
+              help="Disk bandwidth in GB/s that --source auto assumes for reading stores "
+                   "(0: measure it now).")
 @click.option("--block-tokens", type=click.IntRange(1), default=None,
               help="Token rows per GEMM block (default: chosen by the planner).")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=None, metavar="BLOCKS",
@@ -48,7 +59,8 @@ PRECISIONS = typing.get_args(ReduceConfig.model_fields["precision"].annotation)
 @click.option("--force", is_flag=True, help="Recompute pairs whose output already exists.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def reduce(run_dir, reference, others, memory, device, precision, baseline_draws, seed,
-           keep_covariance, scheduler, block_tokens, checkpoint_every, dry_run, force, no_progress):
+           keep_covariance, scheduler, source, disk_gbps, block_tokens, checkpoint_every,
+           dry_run, force, no_progress):
     """Reduce REFERENCE against each of OTHERS into RUN/reduce/<ref>__<other>.h5.
 
     Pearson correlations come from mergeable co-moments (Chan et al.), each block
@@ -59,7 +71,8 @@ def reduce(run_dir, reference, others, memory, device, precision, baseline_draws
     from ooc_universal.steps.reduce import reduce as run_reduce
     from ooc_universal.steps.reduce import summary_line, zero_variance_warnings
     settings = validated(ReduceConfig, dict(precision=precision, baseline_draws=baseline_draws,
-                                            seed=seed, keep_covariance=keep_covariance),
+                                            seed=seed, keep_covariance=keep_covariance,
+                                            source=source, disk_gbps=disk_gbps),
                          "reduce options")
     compute = validated(ComputeConfig, dict(memory=memory, device=device,
                                             scheduler=scheduler or ""), "reduce options")
@@ -69,6 +82,8 @@ def reduce(run_dir, reference, others, memory, device, precision, baseline_draws
     if dry_run:
         click.echo(result["describe"])
         return
+    if result.get("source_choice"):
+        click.echo(result["source_choice"])
     click.echo(summary_line(result))
     for path in result["outputs"]:
         click.echo(f"  {path}")

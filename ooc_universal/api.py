@@ -91,6 +91,12 @@ class Run:
         from ooc_universal.formats.cards import cards_frame, read_cards
         return cards_frame(read_cards(self.path))
 
+    def contexts(self):
+        """The contexts where each card's neuron fires most: one row per (card, context),
+        with the activation, its token and the surrounding tokens."""
+        from ooc_universal.formats.cards import contexts_frame, read_cards
+        return contexts_frame(read_cards(self.path))
+
     def ablation(self, draws: bool = False):
         """KL and delta loss per ablated set: one row per universal / all-non-universal
         set and per control (the mean over its n_draws draws); `scope` "all" (every

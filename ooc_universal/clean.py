@@ -9,14 +9,13 @@ written right now is touched.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ooc_universal.errors import OocError
 from ooc_universal.formats.reduced import list_work, reduced_path
-from ooc_universal.rundir import file_lock, human_bytes
+from ooc_universal.rundir import file_lock, human_bytes, writer_alive
 
 
 @dataclass
@@ -84,7 +83,7 @@ def _work_leftovers(run: Path) -> list[Leftover]:
 def _temporaries(run: Path) -> list[Leftover]:
     items = []
     for p in sorted(run.rglob("*.tmp-*")):
-        if ".work" in p.parts or _writer_alive(p.name):  # a work dir goes whole
+        if ".work" in p.parts or writer_alive(p.name):  # a work dir goes whole
             continue
         items.append(Leftover(p, _size(p), "temporary", "left by a killed writer"))
     return items
@@ -102,21 +101,6 @@ def _remove(run: Path, item: Leftover) -> None:
             shutil.rmtree(item.path, ignore_errors=True)
         else:
             item.path.unlink(missing_ok=True)
-
-
-def _writer_alive(name: str) -> bool:
-    """Temporaries are named <name>.tmp-<pid>[-...]: is that process still running?"""
-    tail = name.rsplit(".tmp-", 1)[-1]
-    pid = tail.split("-", 1)[0].split(".", 1)[0]
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _size(path: Path) -> int:

@@ -140,6 +140,7 @@ class AblateConfig(Section):
 class CardsConfig(Section):
     top_n: int = Field(8, ge=1, le=10_000)     # cards per pair, by excess (draw 0)
     n_tokens: int = Field(10, ge=1, le=1000)   # promoted and suppressed tokens per card
+    n_contexts: int = Field(8, ge=1, le=1000)  # top-activating contexts per card
 
 
 class ReportConfig(Section):
@@ -266,6 +267,8 @@ class RunConfig(Section):
             d["tokens"].pop("bos")
         if not d["allow_mixed_families"]:
             d.pop("allow_mixed_families")
+        if d["cards"]["n_contexts"] == 8:
+            d["cards"].pop("n_contexts")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:

@@ -584,14 +584,19 @@ def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True,
     tokenizer is None for byte-vocabulary models without tokenizer files.
     """
     import torch
-    from transformers import AutoConfig
 
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     dtype = torch.float32 if dtype is None else dtype
     source, kw, commit = _model_source(spec)
-    config = AutoConfig.from_pretrained(source, **kw)
+    if not kw:  # a folder on this disk: checked before anything is loaded
+        validate_model_files(spec, folder=source, families=families)
+    config = _read_config_checked(spec, source, kw)
     family = _check_config(config, spec, families)
     model = _load_weights(spec, source, kw, dtype)
+    if kw:  # downloaded just now: checked before the model is used
+        folder = _cached_snapshot(spec)
+        if folder is not None:
+            validate_model_files(spec, folder=str(folder), families=families)
     model = model.to(resolve_device(device)).eval().requires_grad_(False)
     n_layers, d_mlp = mlp_shape(config)
     _check_neurons(model, family, spec, n_layers, d_mlp)
@@ -605,6 +610,211 @@ def load_model(spec, device="cpu", dtype=None, *, with_tokenizer: bool = True,
                        bos_token_id=None if bos is None else int(bos),
                        model_id=spec.repo_id or spec.local_dir, revision=spec.revision,
                        commit=commit, tokenizer_name=tok_name, family=family)
+
+
+# ---------------------------------------------------------------------------- validation
+# A damaged model must never be computed on: transformers fills weights it cannot find
+# with random values (a config that claims more layers than the weights hold gives a
+# model with random layers), and a garbage config or a truncated weights file ends in a
+# traceback. validate_model_files reads config.json and the safetensors headers (8-byte
+# length + JSON: no tensor data) and compares them with the shapes the config implies
+# (the model built on the meta device: nothing allocated).
+
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2,
+                "U32": 4, "U64": 8}
+_LAYER_KEY = re.compile(r"^(?P<prefix>.*?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def validate_model_files(spec, folder: str | None = None,
+                         families=None) -> dict:
+    """Check a model's files before any work: config.json readable and of a supported
+    family; weights present and complete (safetensors: each header parses, every
+    tensor's bytes lie inside its file, the file is as long as its header says);
+    every tensor the config implies that the weights also name has that shape; the
+    decoder layers with weights are exactly the config's (not more, not fewer), each
+    with its MLP output projection. One OocError line naming the file and the problem.
+    `folder`: the model's files (default: the spec's local directory or its cached hub
+    snapshot; a hub model not on this disk is checked after its download by load_model).
+    Returns {"n_layers", "d_mlp", "files"}."""
+    spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
+    if folder is None:
+        folder = spec.local_dir or (str(_cached_snapshot(spec) or "") or None)
+        if folder is None:
+            raise OocError(f"model {spec.label} ({spec.where}) is not on this disk; "
+                           f"{_download_hint(spec)}")
+    folder = Path(folder)
+    config = _read_config_checked(spec, str(folder), {})
+    _check_config(config, spec, ENABLED_FAMILIES if families is None else families)
+    tensors, files = _weight_headers(spec, folder)
+    expected, layer_prefix, out_proj = _expected_tensors(config)
+    n_layers, d_mlp = mlp_shape(config)
+    if tensors is not None:
+        _check_tensors(spec, folder, tensors, expected, layer_prefix, out_proj, n_layers)
+    return {"n_layers": n_layers, "d_mlp": d_mlp, "files": files}
+
+
+def _model_error(spec: ModelSpec, path, problem: str, fix: str | None = None) -> OocError:
+    fix = fix or ("re-save the model with save_pretrained" if spec.repo_id is None else
+                  f"delete it from the HF cache and download it again ({_download_hint(spec)})")
+    return OocError(f"model {spec.label}: {str(path)!r} {problem}; {fix}")
+
+
+def _read_config_checked(spec: ModelSpec, source: str, kw: dict):
+    """transformers' config of `source`, or one line naming config.json and the problem."""
+    import json as _json
+    from transformers import AutoConfig
+    path = Path(source) / "config.json"
+    if not kw:
+        try:
+            doc = _json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise _model_error(spec, path, f"is not readable JSON ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0][:80] if str(exc) else ''})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("model_type"), str):
+            raise _model_error(spec, path, "is not a transformers config (no model_type)")
+    try:
+        return AutoConfig.from_pretrained(source, **kw)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise _model_error(spec, path, f"cannot be read as a config ({first})") from None
+
+
+def _weight_headers(spec: ModelSpec, folder: Path):
+    """({tensor name: (dtype, shape, file)} from the safetensors headers, [files]); the
+    tensors are None for pytorch .bin weights (only checked to be complete zip files)."""
+    import json as _json
+    index = folder / "model.safetensors.index.json"
+    single = folder / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = _json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise _model_error(spec, index, "is not a readable safetensors index") from None
+        files = [folder / s for s in shards]
+    elif single.is_file():
+        files = [single]
+    else:
+        bins = sorted(folder.glob("pytorch_model*.bin"))
+        if not bins:
+            raise _model_error(spec, folder, "holds no weights (model.safetensors, its index, "
+                               "or pytorch_model.bin)")
+        for b in bins:
+            _check_bin(spec, b)
+        return None, bins
+    tensors = {}
+    for f in files:
+        if not f.is_file():
+            raise _model_error(spec, f, "is missing (the safetensors index names it)")
+        for name, (dtype, shape) in _safetensors_header(spec, f).items():
+            tensors[name] = (dtype, shape, f)
+    return tensors, files
+
+
+def _safetensors_header(spec: ModelSpec, path: Path) -> dict:
+    """{name: (dtype, shape)} of one safetensors file, after checking that the header
+    parses and that the file holds every tensor's bytes, no more and no less."""
+    import json as _json
+    import struct
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n < 2 or 8 + n > size:
+            raise _model_error(spec, path, f"is not a safetensors file (truncated or "
+                               f"damaged: header length {n}, file {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = _json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError):
+        raise _model_error(spec, path, "is not a safetensors file (its header is not JSON: "
+                           "damaged)") from None
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = info["dtype"], [int(v) for v in info["shape"]]
+            begin, stop = (int(v) for v in info["data_offsets"])
+            item = _ST_ITEMSIZE[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise _model_error(spec, path, f"has a damaged header entry for {name!r}") from None
+        count = 1
+        for v in shape:
+            count *= v
+        if stop - begin != count * item or begin < 0:
+            raise _model_error(spec, path, f"has a damaged header entry for {name!r} "
+                               f"({stop - begin} bytes for shape {shape} {dtype})")
+        out[name] = (dtype, tuple(shape))
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise _model_error(spec, path, f"is truncated or damaged: {size} bytes, its header "
+                           f"describes {8 + n + end}")
+    return out
+
+
+def _check_bin(spec: ModelSpec, path: Path) -> None:
+    """A pytorch_model.bin (torch.save's zip format) whose members are all there."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if not names:
+                raise zipfile.BadZipFile("empty")
+            for info in zf.infolist():  # sizes only: the CRCs would read every byte
+                if info.header_offset + info.compress_size > path.stat().st_size:
+                    raise zipfile.BadZipFile("truncated")
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _model_error(spec, path, f"is not a complete torch checkpoint ({exc})") from None
+
+
+def _expected_tensors(config):
+    """({name: shape} of the state dict the config implies, the decoder layers' key
+    prefix (e.g. "transformer.h"), the MLP output projection's key within a layer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {id(m): n for n, m in model.named_modules()}
+    layer0 = names[id(decoder_layers(model)[0])]          # e.g. "transformer.h.0"
+    out_proj = names[id(mlp_out_proj(model, 0))][len(layer0) + 1:] + ".weight"
+    return expected, layer0.rsplit(".", 1)[0], out_proj
+
+
+def _check_tensors(spec: ModelSpec, folder: Path, tensors: dict, expected: dict,
+                   layer_prefix: str, out_proj: str, n_layers: int) -> None:
+    """Layers with weights are the config's; shared tensors have the shapes it implies."""
+    container = layer_prefix.rsplit(".", 1)[-1]           # "h" / "layers"
+    by_suffix = {}
+    for name, (_, shape, f) in tensors.items():
+        m = _LAYER_KEY.match(name)
+        if m and m["prefix"].rsplit(".", 1)[-1] == container:
+            by_suffix[(int(m["layer"]), m["rest"])] = (shape, f, name)
+    layers = sorted({layer for layer, _ in by_suffix})
+    where = tensors and next(iter(tensors.values()))[2]
+    if layers != list(range(n_layers)):
+        held = f"{len(layers)} layer(s)" + (f" ({layers[0]}..{layers[-1]})" if layers else "")
+        raise _model_error(spec, where, f"holds weights for {held}, its config.json says "
+                           f"{n_layers} layer(s)", "use a config that matches the weights, or "
+                           "the weights that match the config")
+    for layer in range(n_layers):
+        if (layer, out_proj) not in by_suffix:
+            raise _model_error(spec, where, f"has no {out_proj} for layer {layer} (the MLP "
+                               "output projection whose input is the layer's neurons)")
+    for name, want in expected.items():
+        m = _LAYER_KEY.match(name)
+        hit = (by_suffix.get((int(m["layer"]), m["rest"])) if m and name.startswith(layer_prefix)
+               else None)
+        if hit is None and name in tensors:
+            hit = (tensors[name][1], tensors[name][2], name)
+        if hit is not None and tuple(hit[0]) != tuple(want):
+            raise _model_error(spec, hit[1], f"holds {hit[2]} of shape {list(hit[0])}, its "
+                               f"config.json implies {list(want)}", "use a config that "
+                               "matches the weights (n_embd, n_inner, vocab_size, ...)")
 
 
 def _model_source(spec: ModelSpec) -> tuple[str, dict, str | None]:
@@ -621,10 +831,10 @@ def _load_weights(spec: ModelSpec, source: str, kw: dict, dtype):
     from transformers import AutoModelForCausalLM
     # transformers 5 draws a "Loading weights" bar per model; a run loads dozens of
     # checkpoints, and the step's own bar already says where it is.
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    from ooc_universal.hub import no_weight_loading_bar  # the hub's download bars stay
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
+        with no_weight_loading_bar():
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kw)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = _download_hint(spec) if spec.repo_id else "re-save it with save_pretrained"

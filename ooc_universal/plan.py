@@ -56,6 +56,55 @@ class PairShape:
     d_other: int        # neurons per layer of the other model (the rotation's d)
 
 
+@dataclass(frozen=True)
+class StreamShape:
+    """What forward passes add to a reduce whose blocks are streamed (sources.py): the
+    reference's model and each pair's other model, in the order of the pairs."""
+    positions: int          # token positions forwarded per pass (windows x window)
+    flops_ref: float        # forward FLOPs per position of the reference model
+    flops_others: tuple     # the same, per pair
+    resident_bytes: int     # weights and capture buffers of every model (kept loaded)
+    transient_bytes: int    # the largest forward's activations beyond its capture buffer
+    labels: tuple = ()      # reference first, then each pair's other model
+
+
+def forward_flops_per_token(n_layers: int, d_model: int, d_mlp: int, window: int,
+                            gated: bool = False) -> float:
+    """Forward FLOPs per token position: 2 N + 2 L n_ctx d_model (Kaplan et al. 2020),
+    N the non-embedding parameters, L (4 d_model^2 + 2 d_model d_mlp) (3 d_model d_mlp
+    for a gated MLP: gate, up and down projections)."""
+    n = n_layers * (4 * d_model * d_model + (3 if gated else 2) * d_model * d_mlp)
+    return 2.0 * n + 2.0 * n_layers * window * d_model
+
+
+def stream_shape(metas: list, param_bytes: int = 4) -> StreamShape:
+    """The StreamShape of models described by sources.stream_meta dicts (the reference
+    first): per model its weights (n_params x param_bytes) and its capture buffer
+    (batch x window x n_neurons fp16) stay resident; one forward's activations are
+    transient (forward.window_bytes_of, without the capture buffer)."""
+    from ooc_universal.forward import window_bytes_of
+    flops, resident, transient = [], 0, 0
+    for m in metas:
+        window, batch, n_neurons = int(m["window"]), int(m["batch_windows"]), int(m["n_neurons"])
+        flops.append(forward_flops_per_token(m["n_layers"], m["d_model"], m["d_mlp"], window,
+                                             m.get("gated", False)))
+        capture = batch * window * n_neurons * 2
+        resident += int(m["n_params"]) * param_bytes + capture
+        per_window = window_bytes_of(m["n_layers"], m["d_mlp"], m["d_model"], m["n_head"],
+                                     window)
+        transient = max(transient, batch * per_window - capture)
+    positions = int(metas[0]["n_windows"]) * int(metas[0]["window"])
+    return StreamShape(positions, flops[0], tuple(flops[1:]), resident, transient,
+                       tuple(m["label"] for m in metas))
+
+
+def forward_passes(n_groups: int, n_panels: int, n_pairs: int) -> tuple[int, int]:
+    """(passes of the reference model, passes of each other model) of a streamed reduce:
+    the reference is forwarded once per (group, panel) fold, each other model once per
+    panel of its group and once for its self co-moments."""
+    return n_groups * n_panels, n_panels + 1
+
+
 @dataclass
 class ReducePlan:
     n_tokens: int
@@ -72,6 +121,7 @@ class ReducePlan:
     blocks_per_segment: int     # blocks between on-disk checkpoints of an accumulator
     baseline_draws: int
     keep_covariance: bool
+    source: str = "store"       # where the blocks come from: store | stream (sources.py)
     peak_bytes: int = 0         # expected peak RSS of a worker (the largest task)
     required_bytes: int = 0     # peak_bytes with the safety margin: what the budget holds
     task_peaks: dict = field(default_factory=dict)   # {task kind: expected peak bytes}
@@ -80,6 +130,9 @@ class ReducePlan:
     output_bytes: int = 0       # the pair files
     flops: float = 0.0          # every useful FLOP (the sum of flops_by_kind)
     flops_by_kind: dict = field(default_factory=dict)
+    forward_flops: float = 0.0  # stream: the forward passes' FLOPs (not in `flops`)
+    forward_passes: dict = field(default_factory=dict)  # stream: {label: passes}
+    stream: "StreamShape | None" = None
     notes: list = field(default_factory=list)
 
     @property
@@ -104,7 +157,8 @@ class ReducePlan:
 
     def passes(self) -> dict:
         """Passes over each store (a panel pass over the reference counts its fraction;
-        the others' self co-moment pass counts 1)."""
+        the others' self co-moment pass counts 1). A stream's forward passes:
+        forward_passes."""
         ref = sum((b - a) / self.n_ref for a, b in self.panels) * len(self.groups)
         other = {self.pairs[i].other_label: len(self.panels) + 1
                  for g in self.groups for i in g}
@@ -135,6 +189,9 @@ class _Cut:
     draws: int
     chains: int
     keep_covariance: bool
+    stream: bool = False      # blocks from forward passes (sources.StreamSource)
+    resident: int = 0         # stream: models and capture buffers held by the process
+    transient: int = 0        # stream: the largest forward's activations
 
     @property
     def cb(self) -> int:
@@ -146,8 +203,9 @@ class _Cut:
 
     @property
     def gathers(self) -> bool:
-        """Blocks copied into host buffers (a GPU, or blocks of several chunks)."""
-        return self.device.startswith("cuda") or self.block > self.chunk
+        """Blocks copied into host buffers (a GPU, or blocks of several chunks); a
+        stream's blocks are computed into buffers counted as its mapped pages."""
+        return not self.stream and (self.device.startswith("cuda") or self.block > self.chunk)
 
     @property
     def d_max(self) -> int:
@@ -161,7 +219,10 @@ class _Cut:
 def _mapped_ref(cut: _Cut) -> int:
     """Pages of the reference block a panel maps: its columns of every token row, and
     the fault-around window on either side (measured at 12 x 3072: a panel of 12,288
-    columns maps whole rows)."""
+    columns maps whole rows). A stream computes every neuron of the block into one
+    buffer."""
+    if cut.stream:
+        return cut.block * cut.n_ref * 2
     return cut.block * min(cut.n_ref * 2, cut.rows * 2 + 2 * FAULT_AROUND_BYTES)
 
 
@@ -183,7 +244,7 @@ def _fold_bytes(cut: _Cut) -> int:
     gather = staging * cut.block * (cut.rows + cut.d_max) * 2 if cut.gathers else 0
     mapped = _mapped_ref(cut) + cut.block * cut.nb_max * 2  # one other block at a time
     partials = THREADS_ALLOWANCE * (cut.rows + cut.d_max) * 24
-    buffers = centred + product + gather + mapped + partials
+    buffers = centred + product + gather + mapped + partials + cut.transient
     return acc + max(buffers, _finalize_extra(cut) if cut.chains == 1 else 0)
 
 
@@ -219,7 +280,8 @@ def _self_bytes(cut: _Cut) -> int:
         gather = cut.block * d * 2 * (2 if cut.device.startswith("cuda") else 1) \
             if cut.gathers else 0
         out = max(out, (nb // d) * d * d * 8 + d * d * 4 + (cut.block + 1) * d * cut.cb
-                  + cut.block * nb * 2 + gather + 48 * nb + THREADS_ALLOWANCE * d * 24)
+                  + cut.block * nb * 2 + gather + 48 * nb + THREADS_ALLOWANCE * d * 24
+                  + cut.transient)
     return out
 
 
@@ -242,8 +304,9 @@ TASK_BYTES = {"fold": _fold_bytes, "merge": _merge_bytes, "finalize": _finalize_
 
 
 def task_bytes(cut: _Cut) -> dict:
-    """{task kind: expected peak RSS of a worker running it}, overhead included."""
-    return {kind: OVERHEAD_BYTES + fn(cut) for kind, fn in TASK_BYTES.items()}
+    """{task kind: expected peak RSS of a worker running it}, overhead included (and a
+    stream's models: they stay loaded in the process for the whole reduce)."""
+    return {kind: OVERHEAD_BYTES + cut.resident + fn(cut) for kind, fn in TASK_BYTES.items()}
 
 
 def with_margin(peak: int) -> int:
@@ -266,8 +329,13 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
               precision="fp32", n_workers: int = 1, store_chunk_rows: int = 64,
               block_tokens: int | None = None, max_panels: int | None = None,
               baseline_draws: int = 1, keep_covariance: bool = False,
-              blocks_per_segment: int | None = None) -> ReducePlan:
+              blocks_per_segment: int | None = None,
+              stream: StreamShape | None = None) -> ReducePlan:
     """Choose groups, panels, block size and chains for `pairs` (list of PairShape).
+
+    `stream`: the blocks come from forward passes (sources.py), not stores: no store
+    bytes are read, the models stay loaded in every task, and each panel pass forwards
+    the models again (plan.forward_flops; the cut that minimises the time counts it).
 
     `n_workers` > 1 (a cluster) splits the tokens into that many chains per
     (group, panel), each on its own worker, merged at the end (Chan merge).
@@ -281,14 +349,14 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
     chunk = max(1, int(store_chunk_rows))
     shape = dict(n_ref=n_ref, chunk=chunk, precision=precision, device=str(device),
                  draws=baseline_draws, chains=max(1, int(n_workers)),
-                 keep_covariance=keep_covariance)
+                 keep_covariance=keep_covariance, stream=stream)
     best = None
     for groups in _group_options(len(pairs)):
         for block in _block_options(n_tokens, chunk, device, block_tokens):
             cand = _fit(groups, pairs, block, memory_bytes, max_panels, shape)
             if cand is None:
                 continue
-            key = _candidate_key(cand, pairs, n_tokens, device)
+            key = _candidate_key(cand, pairs, n_tokens, device, stream)
             if best is None or key < best[0]:
                 best = (key, cand)
     if best is None:
@@ -316,9 +384,12 @@ def _block_options(n_tokens: int, chunk: int, device, block_tokens) -> list:
 
 
 def _cut(rows: int, grp: list, pairs: list, block: int, shape: dict) -> _Cut:
+    stream = shape.get("stream")
     return _Cut(rows, tuple((pairs[i].n_other, pairs[i].d_other) for i in grp),
                 shape["n_ref"], block, shape["chunk"], shape["precision"], shape["device"],
-                shape["draws"], shape["chains"], shape["keep_covariance"])
+                shape["draws"], shape["chains"], shape["keep_covariance"],
+                stream is not None, stream.resident_bytes if stream else 0,
+                stream.transient_bytes if stream else 0)
 
 
 def _required(rows: int, groups: list, pairs: list, block: int, shape: dict) -> int:
@@ -356,25 +427,35 @@ def _max_rows(groups, pairs, block, memory_bytes, shape) -> int:
     return lo
 
 
-def _candidate_key(cand: dict, pairs: list, n_tokens: int, device) -> tuple:
-    """GPU: fewest bytes read, then fewest panels (it is IO-bound). CPU: least estimated
-    time at default rates (a small block costs GEMM efficiency, a panel more centring
-    and reads); ties to fewer panels, larger blocks."""
+def _candidate_key(cand: dict, pairs: list, n_tokens: int, device, stream=None) -> tuple:
+    """GPU: fewest bytes read (or forward passes), then fewest panels (it is IO-bound).
+    CPU: least estimated time at default rates (a small block costs GEMM efficiency, a
+    panel more centring and reads, or forward passes); ties to fewer panels, larger
+    blocks."""
     reads = len(cand["groups"]) + cand["n_panels"] * len(pairs)  # in store passes
     if str(device).startswith("cuda"):
         return (reads, cand["n_panels"], -cand["block"])
-    secs = _rough_seconds(cand, pairs, n_tokens)
+    secs = _rough_seconds(cand, pairs, n_tokens, stream)
     return (round(secs, 6), cand["n_panels"], -cand["block"])
 
 
-def _rough_seconds(cand: dict, pairs: list, n_tokens: int) -> float:
+def _rough_seconds(cand: dict, pairs: list, n_tokens: int, stream=None) -> float:
     """Time of a candidate cut at DEFAULT_RATES, the GEMM slowed by a short block."""
     r = DEFAULT_RATES
     eff = cand["block"] / (cand["block"] + GEMM_HALF_EFFICIENCY_ROWS)
     na, nb = cand["n_ref"], sum(p.n_other for p in pairs)
     gemm = 2.0 * n_tokens * na * nb / (r.gemm_flops_per_s * eff)
     elements = n_tokens * (na * len(cand["groups"]) + nb * cand["n_panels"])
+    if stream is not None:
+        fwd = _forward_flops(stream, len(cand["groups"]), cand["n_panels"])
+        return gemm + elements / r.centre_elements_per_s + fwd / r.forward_flops_per_s
     return gemm + elements / r.centre_elements_per_s + 2.0 * elements / r.read_bytes_per_s
+
+
+def _forward_flops(stream: StreamShape, n_groups: int, n_panels: int) -> float:
+    ref_passes, other_passes = forward_passes(n_groups, n_panels, len(stream.flops_others))
+    return stream.positions * (stream.flops_ref * ref_passes
+                               + sum(stream.flops_others) * other_passes)
 
 
 def _too_small(memory, pairs, n_tokens, chunk, shape) -> str:
@@ -396,6 +477,14 @@ def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> Re
         store_chunk_rows=shape["chunk"], groups=cand["groups"], panels=panels,
         n_chains=shape["chains"], blocks_per_segment=1, baseline_draws=shape["draws"],
         keep_covariance=shape["keep_covariance"])
+    stream = shape.get("stream")
+    if stream is not None:
+        plan.source, plan.stream = "stream", stream
+        plan.forward_flops = _forward_flops(stream, len(plan.groups), len(panels))
+        ref_passes, other_passes = forward_passes(len(plan.groups), len(panels), len(pairs))
+        labels = stream.labels or ("reference", *(p.other_label for p in pairs))
+        plan.forward_passes = {labels[0]: ref_passes,
+                               **{lab: other_passes for lab in labels[1:]}}
     plan.blocks_per_segment = blocks_per_segment or _segment_blocks(plan)
     peaks = {}
     for grp in plan.groups:
@@ -414,21 +503,31 @@ def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> Re
                           "accumulators fit at once")
     if len(panels) > 1:
         plan.notes.append(f"{len(panels)} row panels: a full-width accumulator does not fit; "
-                          "each other store is read once per panel")
+                          + ("each model is forwarded again per panel" if stream else
+                             "each other store is read once per panel"))
     return plan
 
 
+# FLOPs between two checkpoints of an accumulator: minutes of work on either device
+# (a GPU is ~1000x a CPU: at 2e13 FLOP an H100 would write its 22 GB of accumulators
+# every 0.1 s of GEMMs)
+SEGMENT_FLOPS = {"cpu": 2e13, "cuda": 1e16}
+
+
 def _segment_blocks(plan: ReducePlan) -> int:
-    """Checkpoint an accumulator about every 2e13 FLOP (minutes on a CPU) or 8 blocks,
+    """Checkpoint an accumulator about every SEGMENT_FLOPS (minutes of work) or 8 blocks,
     whichever comes later, so saving it costs a small fraction of the work."""
     rows = plan.panels[0][1] - plan.panels[0][0]
     per_block = 2.0 * plan.block_tokens * rows * sum(p.n_other for p in plan.pairs)
-    return max(1, min(max(8, int(2e13 / max(per_block, 1.0))), plan.n_blocks))
+    target = SEGMENT_FLOPS["cuda" if str(plan.device).startswith("cuda") else "cpu"]
+    return max(1, min(max(8, int(target / max(per_block, 1.0))), plan.n_blocks))
 
 
 def _bytes_read(plan: ReducePlan) -> int:
     """Store bytes read: the reference's panels once per group, each other store once
-    per panel and once more for its self co-moments."""
+    per panel and once more for its self co-moments (none for a stream)."""
+    if plan.source == "stream":
+        return 0
     total = 0
     for grp in plan.groups:
         for a, b in plan.panels:
@@ -516,6 +615,7 @@ class Rates:
     disk_bytes_per_s: float = 1e9        # checkpoints written (fsynced) and read back
     read_bytes_per_s: float = 2e9        # store pages read (page cache or disk)
     normals_per_s: float = 1e8           # numpy standard normals (the rotations)
+    forward_flops_per_s: float = 2e10    # hooked forward passes (a stream; extract)
     measured: tuple = ()                 # which of the above were measured now
     per_cpu_s: dict = field(default_factory=dict)  # the same per CPU-second of the process
 
@@ -548,6 +648,8 @@ def expected_seconds(plan: ReducePlan, rates: Rates | None = None,
     widths = {p.d_other: p.n_other // p.d_other for p in plan.pairs}
     out["rotations"] = sum(k * layers * d * d for d, layers in widths.items()) / \
         rates.normals_per_s
+    if plan.forward_flops:
+        out["forward"] = plan.forward_flops / rates.forward_flops_per_s / chains
     out["total"] = sum(out.values())
     return out
 
@@ -575,7 +677,8 @@ def describe(plan: ReducePlan, rates: "Rates | float | None" = None) -> str:
                       sorted(plan.task_peaks.items(), key=lambda kv: -kv[1]))
     lines = [
         f"reduce plan: {plan.n_tokens:,} tokens x {plan.n_ref:,} reference neurons, "
-        f"{len(plan.pairs)} pair(s), device {plan.device}, precision {plan.precision}",
+        f"{len(plan.pairs)} pair(s), device {plan.device}, precision {plan.precision}"
+        + (", blocks from forward passes (stream)" if plan.source == "stream" else ""),
         f"  token block   {plan.block_tokens:,} rows ({plan.n_blocks:,} blocks; "
         f"checkpoint every {plan.blocks_per_segment} blocks)",
         f"  groups        {len(plan.groups)} pass(es): {plan.groups}",
@@ -583,7 +686,10 @@ def describe(plan: ReducePlan, rates: "Rates | float | None" = None) -> str:
         f"  chains        {plan.n_chains} per (group, panel); fold tasks {plan.n_fold_tasks}",
         f"  passes        reference {plan.passes()['reference']:.2f}, others "
         + ", ".join(f"{k}: {v}" for k, v in plan.passes()["others"].items()),
-        f"  bytes read    {human_bytes(plan.bytes_read)}",
+        f"  bytes read    {human_bytes(plan.bytes_read)}" if plan.source != "stream" else
+        f"  forwards      {plan.forward_flops:.3g} FLOP: passes "
+        + ", ".join(f"{k}: {v}" for k, v in plan.forward_passes.items())
+        + f"; models held {human_bytes(plan.stream.resident_bytes)}",
         f"  FLOPs         {plan.flops:.3g} ({kinds})",
         f"  peak memory   {human_bytes(plan.peak_bytes)} per worker, "
         f"{human_bytes(plan.required_bytes)} with the {100 * SAFETY_FRACTION:.0f}% + "
@@ -599,11 +705,102 @@ def describe(plan: ReducePlan, rates: "Rates | float | None" = None) -> str:
         parts = ", ".join(f"{k} {_hms(v)}" for k, v in secs.items() if k != "total" and v)
         measured = ", ".join(rates.measured) or "none"
         base = rates.baseline_flops_per_s or rates.gemm_flops_per_s
+        fwd = (f", forward passes at {rates.forward_flops_per_s / 1e9:.0f} GFLOP/s"
+               if plan.forward_flops else "")
         lines.append(f"  expected time {_hms(secs['total'])} at "
                      f"{rates.gemm_flops_per_s / 1e9:.0f} GFLOP/s ({base / 1e9:.0f} for the "
-                     f"baseline; {parts}; measured now: {measured})"
+                     f"baseline{fwd}; {parts}; measured now: {measured})"
                      + (f" per worker x {plan.n_chains}" if plan.n_chains > 1 else ""))
     lines += [f"  note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the source
+
+@dataclass(frozen=True)
+class SourceOption:
+    """One way to feed the reduce its blocks, costed: `seconds` wall time expected for
+    the reduce and what it needs first (writing stores), `disk_bytes` the disk it needs
+    beyond what is used now, `memory_bytes` the budget one worker needs (RAM; device
+    memory on a GPU), `parts` {term: seconds}; `unavailable` says why it cannot run."""
+    source: str
+    seconds: float
+    disk_bytes: int
+    memory_bytes: int
+    parts: dict = field(default_factory=dict)
+    unavailable: str = ""
+
+
+def stream_option(plan: ReducePlan, rates: Rates) -> SourceOption:
+    """Forward passes at rates.forward_flops_per_s (every pass of plan.forward_passes)
+    plus the reduce's own phases; disk: the work directory and the outputs only."""
+    secs = expected_seconds(plan, rates)
+    forward = secs.get("forward", 0.0)
+    return SourceOption("stream", secs["total"], plan.work_disk_bytes + plan.output_bytes,
+                        plan.required_bytes,
+                        {"forward": forward, "reduce": secs["total"] - forward})
+
+
+def store_option(plan: ReducePlan, rates: Rates, *, write_bytes: int = 0,
+                 extract_flops: float = 0.0, unavailable: str = "") -> SourceOption:
+    """Writing `write_bytes` of stores once (extract: its forward passes, extract_flops
+    at rates.forward_flops_per_s, overlap its writes at rates.disk_bytes_per_s, so the
+    slower counts) and reading plan.bytes_read back at rates.read_bytes_per_s; 0 and 0
+    when the stores are there already. Disk: the stores written, the work directory,
+    the outputs."""
+    secs = expected_seconds(plan, rates)
+    extract = max(extract_flops / rates.forward_flops_per_s,
+                  write_bytes / rates.disk_bytes_per_s)
+    read = secs.get("read", 0.0)
+    return SourceOption("store", extract + secs["total"],
+                        write_bytes + plan.work_disk_bytes + plan.output_bytes,
+                        plan.required_bytes,
+                        {"extract": extract, "read": read, "reduce": secs["total"] - read},
+                        unavailable)
+
+
+def choose_source(options: list, free_disk: int | None = None) -> tuple[SourceOption, str]:
+    """(the option chosen, why): the fastest of those available whose disk fits
+    `free_disk` (None: no limit). OocError when none can run."""
+    from ooc_universal.rundir import human_bytes
+    usable = [o for o in options if not o.unavailable]
+    fits = [o for o in usable if free_disk is None or o.disk_bytes <= free_disk]
+    if not fits:
+        why = "; ".join(f"{o.source}: {o.unavailable}" if o.unavailable else
+                        f"{o.source} needs {human_bytes(o.disk_bytes)} of disk, "
+                        f"{human_bytes(free_disk or 0)} free" for o in options)
+        raise OocError(f"no block source can run here ({why}); free disk space, lower the "
+                       "token count, or make the stores available")
+    best = min(fits, key=lambda o: (o.seconds, o.source != "store"))
+    others = [o for o in options if o is not best]
+    reasons = []
+    for o in others:
+        if o.unavailable:
+            reasons.append(f"{o.source} cannot run: {o.unavailable}")
+        elif o not in fits:
+            reasons.append(f"{o.source} needs {human_bytes(o.disk_bytes)} of disk, only "
+                           f"{human_bytes(free_disk)} free")
+        else:
+            reasons.append(f"expected {_hms(best.seconds)} against {_hms(o.seconds)} "
+                           f"with {o.source}")
+    return best, "; ".join(reasons) or "the only option"
+
+
+def describe_options(options: list, chosen: SourceOption, reason: str,
+                     device: str = "cpu") -> str:
+    """The dry run's comparison of the sources: time, disk, memory of each, the choice."""
+    from ooc_universal.rundir import human_bytes
+    where = "device memory" if str(device).startswith("cuda") else "memory"
+    lines = ["block source (--source auto): both options"]
+    for o in options:
+        if o.unavailable:
+            lines.append(f"  {o.source:<7} not available: {o.unavailable}")
+            continue
+        parts = ", ".join(f"{k} {_hms(v)}" for k, v in o.parts.items() if v)
+        lines.append(f"  {o.source:<7} expected {_hms(o.seconds)} ({parts}); disk "
+                     f"{human_bytes(o.disk_bytes)}; {where} {human_bytes(o.memory_bytes)} "
+                     "per worker")
+    lines.append(f"  chosen: {chosen.source} ({reason})")
     return "\n".join(lines)
 
 
@@ -759,6 +956,49 @@ def _kernel_rates(plan: ReducePlan) -> dict:
     return {"centre_elements_per_s": _timed(centre, x.numel()),
             "tile_elements_per_s": _timed(lambda: tile_max(c, *ones), c.size),
             "normals_per_s": _timed(lambda: rng.standard_normal(2_000_000), 2e6)}
+
+
+def disk_rates(directory, disk_gbps: float = 0.0) -> tuple[float, float, str]:
+    """(write, read) bytes/s of the disk under `directory`, and how they were obtained:
+    the stated bandwidth (`disk_gbps` GB/s, both ways) or measured now (a fsynced
+    write, then a read with the file's pages dropped from the cache)."""
+    if disk_gbps and disk_gbps > 0:
+        return disk_gbps * 1e9, disk_gbps * 1e9, f"stated {disk_gbps:g} GB/s"
+    write = _disk_rate(directory) or DEFAULT_RATES.disk_bytes_per_s
+    read = _disk_read_rate(directory) or DEFAULT_RATES.read_bytes_per_s
+    return write, read, "measured"
+
+
+def _disk_read_rate(directory, nbytes: int = 64 << 20) -> float | None:
+    """Bytes/s of reading back `nbytes` written and fsynced in `directory`, its pages
+    dropped from the page cache first (POSIX_FADV_DONTNEED); None if it fails."""
+    import os
+    import tempfile
+    import time
+    try:
+        fd, path = tempfile.mkstemp(prefix=".disk-read-", dir=directory)
+    except OSError:
+        return None
+    try:
+        block = os.urandom(1 << 20)
+        for _ in range(nbytes >> 20):
+            os.write(fd, block)
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.lseek(fd, 0, os.SEEK_SET)
+        t0, got = time.perf_counter(), 0
+        while got < nbytes:
+            chunk = os.read(fd, 8 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        return got / max(time.perf_counter() - t0, 1e-9)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def _disk_rate(directory, nbytes: int = 64 << 20) -> float | None:

@@ -11,7 +11,16 @@ Integrity: a step that commits a result file also writes `<file>.sha256` beside 
 the file's sha256 and size, or for an activation store one sha256 per block, and what
 produced it: step, token hash, config hash, toolkit version, the checksums of its inputs).
 `ooc-universal status --verify` recomputes them. The sidecar of a replaced file is
-removed before the rename and written after it, so it never describes another file.
+removed first and the new one written just before the rename (it names the bytes about
+to appear), so a kill at any moment never leaves a complete-looking file without its
+checksum: at worst a sidecar whose file is not there yet (the step is simply redone).
+
+Verification on read (`verify_file`): every step checks each input against its sidecar
+before using it; a file without a readable sidecar is UNTRUSTED (it cannot be told from a
+damaged one) and the step refuses with one line naming the file and how to recompute it.
+A file verified once is not re-hashed by the same process while its size, mtime and
+inode stay the same (a cache keyed by them). `remove_dead_temporaries` clears the
+`*.tmp-<pid>` names that killed writers left, at the start of the next writer.
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -182,31 +193,63 @@ def recorded_sha256(path) -> str | None:
     return None if rec is None else rec["sha256"]
 
 
+RUN_ID_FILE = "run_id"
+
+
+def run_of(path) -> Path | None:
+    """The run directory a step output lies in (RUN/<step>/<file>), else None."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name in STEPS else None
+
+
+def run_id(run_dir, create: bool = True) -> str | None:
+    """The run directory's random id (RUN/run_id, made by the first sidecar written in
+    it). Every sidecar records it, so an output copied in from another run directory is
+    told apart from one made here (a whole run copied keeps its id)."""
+    path = Path(run_dir) / RUN_ID_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        if not create:
+            return None
+    tmp = path.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(os.urandom(8).hex() + "\n")
+    try:
+        os.link(tmp, path)  # the first writer wins; the others read its id
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
+
+
 def write_sidecar(path, record: dict) -> None:
     from ooc_universal import __version__
     path = Path(path)
+    run = run_of(path)
     rec = {"file": path.name, "algorithm": "sha256", "toolkit_version": __version__,
-           **record}
+           "written_at": time.time(),
+           **({"run_id": run_id(run)} if run is not None and run.is_dir() else {}), **record}
     faults.point("sidecar.write")
     write_json_atomic(sidecar_path(path), rec)
 
 
 def commit_file(tmp, path, record: dict | None = None, fault: str | None = None) -> None:
     """Rename a finished `tmp` to `path`. With `record` (step, token_hash, config_hash,
-    inputs...), the sidecar <path>.sha256 gets the file's sha256 and size: the old sidecar
-    goes before the rename, the new one comes after it (a kill in between leaves a file
-    without a checksum, never one with another file's checksum)."""
+    inputs...), the sidecar <path>.sha256 gets the file's sha256 and size, written just
+    before the rename: a kill in between leaves a sidecar whose file is missing (or,
+    replacing a file, the old bytes under a checksum they fail), never a complete-looking
+    file without a checksum, nor one that verifies with another file's checksum."""
     tmp, path = Path(tmp), Path(path)
     if record is not None:
         digest, size = file_sha256(tmp), tmp.stat().st_size
         sidecar_path(path).unlink(missing_ok=True)
+        write_sidecar(path, {"kind": "file", "sha256": digest, "size": size, **record})
     if fault:
         faults.point(f"{fault}.before_rename")
     os.replace(tmp, path)
     if fault:
         faults.point(f"{fault}.after_rename")
-    if record is not None:
-        write_sidecar(path, {"kind": "file", "sha256": digest, "size": size, **record})
 
 
 def ensure_sidecar(path, record: dict) -> None:
@@ -215,6 +258,120 @@ def ensure_sidecar(path, record: dict) -> None:
     if Path(path).exists() and read_sidecar(path) is None:
         write_sidecar(path, {"kind": "file", "sha256": file_sha256(path),
                              "size": Path(path).stat().st_size, **record})
+
+
+def seal(path, record: dict) -> dict:
+    """Write (or rewrite) the checksum sidecar of an existing `path` from its bytes now:
+    whoever calls this vouches for them (a file made by hand, e.g. in a test). Returns
+    the record."""
+    path = Path(path)
+    sidecar_path(path).unlink(missing_ok=True)
+    write_sidecar(path, {"kind": "file", "sha256": file_sha256(path),
+                         "size": path.stat().st_size, **record})
+    return read_sidecar(path)
+
+
+# ---------------------------------------------------------------------------- verify on read
+
+_VERIFIED: dict = {}          # file identity -> sha256 verified by this process
+_VERIFIED_LOCK = threading.Lock()
+
+
+def file_identity(path) -> tuple:
+    """What must stay the same for a verified file to need no new hash: its real path,
+    device, inode, size and modification time (ns)."""
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def untrusted(path, what: str, fix: str) -> OocError:
+    """The one line for an input without a readable checksum sidecar."""
+    path = Path(path)
+    return OocError(f"{what} {str(path)!r} is untrusted: no readable checksum sidecar "
+                    f"{path.name}{SIDECAR_SUFFIX}, so it cannot be told from a damaged or "
+                    f"foreign file; {fix}")
+
+
+def verify_file(path, what: str, fix: str) -> dict:
+    """Check `path` against its sidecar before it is used; returns the sidecar record.
+
+    `what` names the file kind in messages ("reduce output"), `fix` says how to
+    recompute it ("delete it and run `ooc-universal reduce` again"). Missing or
+    unreadable sidecar: untrusted; size or sha256 that differ: damaged. One OocError
+    line either way. Hashed once per process while file_identity stays the same."""
+    path = Path(path)
+    rec = read_sidecar(path)
+    if rec is None:
+        raise untrusted(path, what, fix)
+    key = file_identity(path)
+    with _VERIFIED_LOCK:
+        if _VERIFIED.get(key) == rec["sha256"]:
+            return rec
+    size = key[3]
+    if rec.get("size") is not None and size != rec["size"]:
+        raise OocError(f"{what} {str(path)!r} is damaged: {size} bytes, its checksum "
+                       f"sidecar records {rec['size']}; {fix}")
+    digest = file_sha256(path)
+    if digest != rec["sha256"]:
+        raise OocError(f"{what} {str(path)!r} is damaged: sha256 {digest[:12]}, its "
+                       f"checksum sidecar records {str(rec['sha256'])[:12]}; {fix}")
+    with _VERIFIED_LOCK:
+        _VERIFIED[key] = digest
+    return rec
+
+
+def forget_verified() -> None:
+    """Drop this process's cache of verified files (tests; a long-lived notebook)."""
+    with _VERIFIED_LOCK:
+        _VERIFIED.clear()
+
+
+# ---------------------------------------------------------------------------- temporaries
+
+TMP_MARK = ".tmp-"
+
+
+def writer_pid(name: str) -> int | None:
+    """The pid in a temporary's name (<name>.tmp-<pid>[-...][.ext]), or None."""
+    if TMP_MARK not in name:
+        return None
+    tail = name.rsplit(TMP_MARK, 1)[-1]
+    pid = tail.split("-", 1)[0].split(".", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def writer_alive(name: str) -> bool:
+    """Is the process whose pid a temporary's name carries still running?"""
+    pid = writer_pid(name)
+    return pid is not None and pid_alive(pid)
+
+
+def remove_dead_temporaries(folder, pattern: str = "*.tmp-*") -> list[Path]:
+    """Delete the temporaries (files or folders) matching `pattern` in `folder` whose
+    writer is dead: what a SIGKILL left. Live writers' temporaries stay."""
+    folder = Path(folder)
+    gone = []
+    for p in sorted(folder.glob(pattern)) if folder.is_dir() else []:
+        if writer_pid(p.name) is None or writer_alive(p.name):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
 
 
 def config_hash(obj) -> str:
@@ -256,6 +413,32 @@ def file_lock(lock_path, what: str, fix: str = "wait for it to finish",
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def refuse_if_run_in_progress(run_dir, step: str) -> None:
+    """One line when another process holds RUN/.lock (a `run`, or a step that takes the
+    run lock): a step started by hand then would rewrite outputs under that run. The
+    holder itself (this process) passes."""
+    import fcntl
+    lock = Path(run_dir) / ".lock"
+    if not lock.exists():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        if holder.isdigit() and int(holder) == os.getpid():
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise OocError(f"run directory {str(run_dir)!r} is in use by another process "
+                           f"(pid {holder or 'unknown'}); `ooc-universal {step}` now would "
+                           "rewrite its outputs under it: wait for it to finish or use "
+                           "another --run-dir") from None
+    finally:
+        os.close(fd)
 
 
 @contextmanager

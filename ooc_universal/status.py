@@ -20,8 +20,11 @@
   token_hash, config_hash, toolkit_version   what produced it (as recorded)
   checksum     with verify=True: "ok" or "MISMATCH: ..."; always "UNTRUSTED: ..." for an
                output without a readable checksum sidecar (a missing sidecar is never
-               "not recorded": the file cannot be told from a damaged one); the report
-               (no sidecar yet) says "not recorded"
+               "not recorded": the file cannot be told from a damaged one), and for one
+               whose recorded inputs are not the inputs here although those are older
+               than it (so it was not made from them: a file from another run, or one
+               rewritten under a running pipeline; an input re-made after the output
+               only makes it stale). The report is checked against its checksums.json.
 
 It only reads: nothing in the run directory is created, repaired or locked. Checksums are
 the `<file>.sha256` sidecars the steps write when they commit (rundir.commit_file; for an
@@ -212,6 +215,51 @@ def _inputs_changed(rec: dict | None, current: dict) -> list[str]:
     return out
 
 
+def _written_at(path: Path) -> float | None:
+    """When the sidecar of `path` was written (None: unknown, an older toolkit)."""
+    rec = read_sidecar(path)
+    value = (rec or {}).get("written_at")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _made(rec: dict | None) -> tuple:
+    """(written_at, run_id) of an output's checksum record."""
+    rec = rec or {}
+    when = rec.get("written_at")
+    return (float(when) if isinstance(when, (int, float)) else None), rec.get("run_id")
+
+
+def _foreign_inputs(ctx: _Context, made: tuple, recorded: dict) -> str:
+    """"UNTRUSTED: ..." when an output records, for an input now here, another checksum
+    and either the output was made in another run directory (its run_id) or that input
+    was written before the output: the output was not made from it (another run's file,
+    or one rewritten under a running pipeline); "" otherwise (an input re-made after the
+    output makes it stale, not untrusted)."""
+    from ooc_universal.rundir import run_id
+    made_at, made_in = made
+    here_id = run_id(ctx.run, create=False)
+    elsewhere = bool(made_in and here_id and made_in != here_id)
+    bad = []
+    for name, was in sorted(recorded.items()):
+        path = ctx.run / name
+        if not was or not path.exists():
+            continue
+        now, when = recorded_sha256(path), _written_at(path)
+        if now and now != was and (elsewhere or (when is not None and made_at is not None
+                                                 and when < made_at)):
+            bad.append(name)
+    if not bad:
+        return ""
+    where = (f"in another run directory (run id {made_in}, this run's is {here_id})"
+             if elsewhere else "from other inputs than those here, which are older than it")
+    return (f"UNTRUSTED: made {where}: {', '.join(bad)} differ from what it recorded (a file "
+            "from another run, or rewritten under a running pipeline?); re-run the step")
+
+
+def _with_foreign(checksum: str, foreign: str) -> str:
+    return checksum if checksum.startswith("MISMATCH") or not foreign else foreign
+
+
 # ---------------------------------------------------------------------------- steps
 
 def _tokens(ctx: _Context) -> list[dict]:
@@ -290,12 +338,18 @@ def _stores(ctx: _Context) -> list[dict]:
 def _store_row(ctx: _Context, path: Path, item: str) -> dict:
     from ooc_universal.formats.store import open_store
     try:
-        with open_store(path) as st:
+        with open_store(path, verify=False) as st:  # its checksums: _verify_file below
             attrs = dict(st.attrs)
             n_blocks = st.n_blocks
     except OocError as exc:
         return _row("extract", item, "corrupt", detail=str(exc),
                     checksum="MISMATCH: unreadable" if ctx.verify else "")
+    label = str(attrs.get("label", ""))
+    if path.name.endswith(".h5") and label != path.name[:-3]:
+        return _row("extract", item, "corrupt", detail=(
+            f"holds the activation store of {label!r}, not of {path.name[:-3]!r} (a store "
+            "copied over another?); delete it and run `ooc-universal extract` again"),
+            checksum=f"MISMATCH: label {label!r}")
     th = attrs.get("token_hash")
     state, detail = "complete", ""
     if ctx.token_hash and th != ctx.token_hash:
@@ -367,7 +421,7 @@ def _leftovers(ctx: _Context) -> list[dict]:
 
 def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
     try:
-        with open_reduced(path) as stats:
+        with open_reduced(path, verify=False) as stats:  # checksum: _verify_file below
             attrs, config = dict(stats.attrs), stats.config
     except OocError as exc:
         return _row("reduce", item, "corrupt", detail=str(exc),
@@ -377,11 +431,13 @@ def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
     why = []
     if ctx.token_hash and th != ctx.token_hash:
         why.append(f"made from token set {th[:12]}, the run's is {ctx.token_hash[:12]}")
+    stores = {}
     for role in ("reference_store", "other_store"):
         meta = config.get(role) or {}
         was = meta.get("sha256")
         label = meta.get("label")
         if was and label:
+            stores[f"stores/{label}.h5"] = was
             now = _store_sha(ctx, f"stores/{label}.h5")
             if now and now != was:
                 why.append(f"store {label} changed since")
@@ -390,7 +446,8 @@ def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
         for key in ("precision", "baseline_draws", "seed", "keep_covariance"):
             if key in settings and settings[key] != getattr(cfg.reduce, key):
                 why.append(f"{key} {settings[key]} (config.toml: {getattr(cfg.reduce, key)})")
-    checksum = _verify_file(ctx, path)
+    checksum = _with_foreign(_verify_file(ctx, path),
+                             _foreign_inputs(ctx, _made(read_sidecar(path)), stores))
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return _row("reduce", item, state, "", "; ".join(why), th,
                 config_hash(settings) if settings else "",
@@ -399,7 +456,7 @@ def _reduce_row(ctx: _Context, path: Path, item: str) -> dict:
 
 def _sets_document(run: Path) -> dict | None:
     try:
-        return read_sets(run).to_json()
+        return read_sets(run, verify=False).to_json()
     except OocError:
         return None
 
@@ -433,7 +490,8 @@ def _cards(ctx: _Context) -> list[dict]:
         why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
     rec = read_sidecar(have[0])
     why += _inputs_changed(rec, {"universal/sets.json": recorded_sha256(sets_path(ctx.run))})
-    checksum = _verify_files(ctx, have)
+    checksum = _with_foreign(_verify_files(ctx, have), _foreign_inputs(
+        ctx, _made(rec), (rec or {}).get("inputs") or {}))
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return [_row("cards", "cards/", state, f"{len(doc.get('cards') or [])} cards",
                  "; ".join(why), th, (rec or {}).get("config_hash", ""),
@@ -442,7 +500,7 @@ def _cards(ctx: _Context) -> list[dict]:
 
 def _universal(ctx: _Context) -> list[dict]:
     doc, have, early = _step_document(ctx, "universal", UNIVERSAL_FILES, "sets.json",
-                                      read_sets)
+                                      lambda run: read_sets(run, verify=False))
     if early:
         return early
     paths, sets = UNIVERSAL_FILES, sets_path(ctx.run)
@@ -469,7 +527,8 @@ def _universal(ctx: _Context) -> list[dict]:
             why.append(f"thresholds {conf.get('thresholds')} (config.toml: {uni.thresholds})")
         if conf.get("definition") and conf["definition"] != uni.definition:
             why.append(f"definition {conf['definition']} (config.toml: {uni.definition})")
-    checksum = _verify_files(ctx, have)
+    checksum = _with_foreign(_verify_files(ctx, have), _foreign_inputs(
+        ctx, _made(rec), (rec or {}).get("inputs") or {}))
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return [_row("universal", "universal/", state, f"{len(have)}/{len(paths)} files",
                  "; ".join(why), th, (rec or {}).get("config_hash") or config_hash(conf),
@@ -478,7 +537,7 @@ def _universal(ctx: _Context) -> list[dict]:
 
 def _ref_name_of(path: Path) -> str | None:
     try:
-        v = read_attrs(path).get("ref_name")
+        v = read_attrs(path, verify=False).get("ref_name")
     except OocError:
         return None
     return None if v is None else str(v)
@@ -501,7 +560,8 @@ def _persistence(ctx: _Context) -> list[dict]:
     else:
         why += _inputs_changed(read_sidecar(main), {"universal/sets.json": recorded_sha256(sets)})
     rec = read_sidecar(main)
-    checksum = _verify_files(ctx, have)
+    checksum = _with_foreign(_verify_files(ctx, have), _foreign_inputs(
+        ctx, _made(rec), (rec or {}).get("inputs") or {}))
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return [_row("persistence", "persistence/", state, f"{len(have)}/{len(paths)} files",
                  "; ".join(why), doc.get("token_hash"),
@@ -536,7 +596,11 @@ def _ablate(ctx: _Context) -> list[dict]:
     if ctx.token_hash and th and th != ctx.token_hash:
         why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
     rec = read_sidecar(main)
-    checksum = _verify_files(ctx, have)
+    recorded = dict((rec or {}).get("inputs") or {})
+    if inputs.get("sets_json_sha256"):
+        recorded["universal/sets.json"] = inputs["sets_json_sha256"]
+    checksum = _with_foreign(_verify_files(ctx, have), _foreign_inputs(
+        ctx, _made(rec), {k: v for k, v in recorded.items() if isinstance(v, str)}))
     state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
     return [_row("ablate", "ablate/", state, f"{len(doc.get('models') or {})} model(s)",
                  "; ".join(why), th, (rec or {}).get("config_hash")
@@ -551,21 +615,49 @@ def _report(ctx: _Context) -> list[dict]:
             return [_row("report", "report/", "partial", detail="being written or "
                          "interrupted; run `ooc-universal report` again")]
         return [_row("report", "report/", "missing")]
-    from ooc_universal.report import read_report_data
+    from ooc_universal.report import read_manifest, read_report_data
     try:
         doc = read_report_data(ctx.run)
     except OocError as exc:
-        return [_row("report", "report/", "corrupt", detail=str(exc))]
+        return [_row("report", "report/", "corrupt", detail=str(exc),
+                     checksum="MISMATCH: unreadable" if ctx.verify else "")]
     why = []
     th = doc.get("token_hash")
     if ctx.token_hash and th and th != ctx.token_hash:
         why.append(f"made from token set {str(th)[:12]}, the run's is {ctx.token_hash[:12]}")
-    made = data.stat().st_mtime
-    newer = [f"{p.parent.name}/{p.name}" for p in
-             (ctx.run / "universal" / "table1.json", ctx.run / "persistence" / "persistence.json",
-              ctx.run / "ablate" / "ablation.json") if p.exists() and p.stat().st_mtime > made]
-    if newer:
-        why.append(f"{', '.join(newer)} changed after the report was made")
-    return [_row("report", "report/", "stale" if why else "complete",
-                 f"{len(list(d.glob('*')))} files", "; ".join(why), th, "",
-                 doc.get("toolkit_version"), "not recorded" if ctx.verify else "")]
+    manifest = read_manifest(ctx.run)
+    if manifest is None:
+        return [_row("report", "report/", "complete", f"{len(list(d.glob('*')))} files",
+                     "; ".join(why), th, "", doc.get("toolkit_version"),
+                     "UNTRUSTED: no readable report/checksums.json; run `ooc-universal "
+                     "report` again")]
+    inputs = {k: v for k, v in (manifest.get("inputs") or {}).items() if isinstance(v, str)}
+    for name, was in sorted(inputs.items()):
+        path = ctx.run / name
+        if not path.exists():
+            why.append(f"{name} is gone")
+        elif recorded_sha256(path) != was:
+            why.append(f"{name} changed after the report was made")
+    checksum = _with_foreign(_verify_report_files(ctx, d, manifest), _foreign_inputs(
+        ctx, _made(manifest), inputs))
+    state = "corrupt" if checksum.startswith("MISMATCH") else ("stale" if why else "complete")
+    return [_row("report", "report/", state, f"{len(list(d.glob('*')))} files",
+                 "; ".join(why), th, "", doc.get("toolkit_version"), checksum)]
+
+
+def _verify_report_files(ctx: _Context, folder: Path, manifest: dict) -> str:
+    """The report's files against checksums.json: sizes always (cheap), sha256 with verify."""
+    files = manifest["files"]
+    here = {f.name for f in folder.iterdir() if f.is_file()} - {"checksums.json"}
+    bad = sorted(set(files) - here)
+    bad = [f"{n}: missing" for n in bad] + [f"{n}: not in checksums.json"
+                                            for n in sorted(here - set(files))]
+    for name in sorted(set(files) & here):
+        want, path = files[name], folder / name
+        if path.stat().st_size != want.get("size"):
+            bad.append(f"{name}: {path.stat().st_size} bytes, recorded {want.get('size')}")
+        elif ctx.verify and file_sha256(path) != want.get("sha256"):
+            bad.append(f"{name}: sha256 differs")
+    if bad:
+        return "MISMATCH: " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+    return "ok" if ctx.verify else ""

@@ -229,6 +229,8 @@ def _write_reduce(run_dir, model_dir, means, token_hash, other="other-model"):
         f.attrs.update(dict(n_tokens=300, n_layers_ref=2, d_mlp_ref=D_MLP, n_layers_other=2,
                             d_mlp_other=D_MLP, baseline_seeds=np.zeros(1, np.int64)))
         f["ref/mean"] = means
+    from ooc_universal.rundir import seal
+    seal(rdir / f"{label}__{other}.h5", {"step": "reduce"})
 
 
 def _write_sets(run_dir, doc):
@@ -425,8 +427,8 @@ def _mutate(case, rd):
     elif case == "reduce gone":
         red = _reduce_recomputed(rd)
         red.rename(red.with_name("elsewhere.h5"))
-    return {"no sidecar": "has no readable checksum sidecar",
-            "edited by hand": "does not match its checksum sidecar",
+    return {"no sidecar": "(has no readable checksum sidecar|untrusted)",
+            "edited by hand": "(does not match its checksum sidecar|damaged)",
             "another run's token set": "was made from token set 000000000000",
             "reduce recomputed since": "which has changed since",
             "reduce gone": "which is not in this run"}[case]

@@ -27,6 +27,7 @@ from ooc_universal.cli.main import main
 from ooc_universal.config import RunConfig
 from ooc_universal.steps.extract import extract
 from ooc_universal.steps.reduce import reduce
+from ooc_universal.rundir import seal
 from ooc_universal.status import status
 from ooc_universal.steps.universal import universal
 from tests.reduce_helpers import planted_acts, write_store
@@ -217,10 +218,15 @@ def _reduce_argv(*others, extra=()):
 
 
 def _sidecar_sha(rel, sha="0" * 64):
+    """The store's recorded checksum changes as a re-extract from other weights changes
+    it: its last block's checksum and the store checksum they add up to (so the store
+    itself still opens; the reduce output made from the old one is what is stale)."""
     def setup(run, m, root, mp):
+        from ooc_universal.formats.store import blocks_sha256
         p = run / (rel + ".sha256")
         rec = json.loads(p.read_text())
-        rec["sha256"] = sha
+        rec["block_sha256"][-1] = sha
+        rec["sha256"] = blocks_sha256(rec["block_sha256"])
         p.write_text(json.dumps(rec))
     return setup
 
@@ -244,8 +250,9 @@ def _reduced_other_shape(run, m, root, mp):
     import h5py
     with h5py.File(rd / "t0__t1.h5", "r") as f:
         name = f.attrs["ref_name"]
-    with h5py.File(next(rd.glob("t0-old*")), "r+") as f:
+    with h5py.File(next(rd.glob("t0-old*.h5")), "r+") as f:
         f.attrs["ref_name"] = name
+    seal(next(rd.glob("t0-old*.h5")), {"step": "reduce"})  # made by hand: vouched for
     return None
 
 
@@ -336,7 +343,7 @@ CASES = [
                                      "--no-progress"), ["threshold 'abc' is not a number", "(0, 1)"]),
     ("reduce-file-corrupt", _seq(_scribble("reduce/t0__t1.h5", 0, 512),
                                  _argv("universal", "--run-dir", "{run}", "--no-progress")),
-     ["cannot read reduce file", "delete it and run `ooc-universal reduce` again"]),
+     ["reduce output", "is damaged: sha256", "run `ooc-universal reduce` again"]),
     ("reduce-files-of-another-shape", _seq(_reduced_other_shape,
                                            _argv("universal", "--run-dir", "{run}", "--no-progress")),
      ["neurons in", "re-run `ooc-universal reduce` for the stale file"]),

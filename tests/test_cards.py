@@ -13,11 +13,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from ooc_universal.config import UniversalConfig
+from ooc_universal.config import CardsConfig, UniversalConfig
 from ooc_universal.errors import OocError
-from ooc_universal.config import CardsConfig
-from ooc_universal.steps.cards import cards, moments, role_of
+from ooc_universal.formats.cards import TopKFile, read_topk, topk_path, write_topk
+from ooc_universal.rundir import seal
+from ooc_universal.steps.cards import (CONTEXT_AFTER, CONTEXT_BEFORE, N_CONTEXTS, cards,
+                                       contexts_of, moments, role_of, top_contexts)
+from ooc_universal.steps.tokens import build_token_set, save_token_set
 from ooc_universal.steps.universal import universal
+from tests.reduce_helpers import write_store
 from tests.test_universal import write_reduced
 from tests.tiny import tiny_model
 
@@ -27,6 +31,8 @@ OTHERS = ("b", "c")
 STEP, TOP_N, N_TOKENS = 100, 4, 5
 ZERO = 5          # a zero-variance reference neuron: excess 0, never chosen
 NO_MATCH = 9      # pair c records no matched neuron for it (row_argmax -1)
+WINDOW, N_CORR = 16, 300      # the token set: windows of 16 bytes, 300 valid positions
+LABEL = f"a@{STEP}"           # the reference store
 
 
 def _save(root, name, seed):
@@ -53,20 +59,44 @@ def _arrays(i: int):
     return row, base, argmax
 
 
+def _tokens(run_dir):
+    """A byte token set with newlines (invalid positions) and BOS columns."""
+    rng = np.random.default_rng(4)
+    stream = rng.integers(32, 127, size=4000, dtype=np.int32)
+    stream[rng.random(stream.size) < 0.08] = 10
+    ts = build_token_set(stream, N_CORR, tokenizer="bytes", window=WINDOW)
+    save_token_set(ts, run_dir)
+    return ts
+
+
+def _acts():
+    """The reference's activations: few distinct fp16 values, so the top k is decided by
+    ties (the earlier row wins) in many neurons."""
+    rng = np.random.default_rng(5)
+    acts = rng.integers(-3, 4, size=(N_CORR, N)).astype(np.float16) / np.float16(4)
+    acts[:, ZERO] = 0.5
+    return acts
+
+
 @pytest.fixture(scope="module")
 def carded(tmp_path_factory):
     root = tmp_path_factory.mktemp("cards")
     paths = {m: _save(root / "models", m, seed) for seed, m in enumerate(("a",) + OTHERS)}
     rd = root / "run"
+    ts = _tokens(rd)
+    write_store(rd, LABEL, _acts(), N_LAYERS, D_MLP, token_hash=ts.hash, block_tokens=64,
+                step=STEP, name="a")
     for i, other in enumerate(OTHERS):
         row, base, argmax = _arrays(i)
         red = write_reduced(rd, row, base, ref="a", other=other, step=STEP,
                             n_layers_ref=N_LAYERS, d_mlp_ref=D_MLP, n_layers_other=N_LAYERS,
-                            d_mlp_other=D_MLP, row_argmax=argmax, zero_var=np.arange(N) == ZERO)
+                            d_mlp_other=D_MLP, row_argmax=argmax, zero_var=np.arange(N) == ZERO,
+                            token_hash=ts.hash, n_tokens=N_CORR)
         with h5py.File(red, "a") as f:             # name the real models, as reduce does
             f.attrs.update(ref_model_id=str(paths["a"]), other_model_id=str(paths[other]),
                            ref_revision=f"checkpoint-{STEP}",
                            other_revision=f"checkpoint-{STEP}")
+        seal(red, {"step": "reduce"})           # written by hand here: vouch for it
     universal(rd, UniversalConfig(thresholds=[0.3, 0.5]), progress=False)
     out = cards(rd, CardsConfig(top_n=TOP_N, n_tokens=N_TOKENS), progress=False)
     return rd, paths, out
@@ -94,7 +124,8 @@ def test_cards_are_the_top_neurons_of_each_pair(carded):
     assert ZERO not in flats
     for card in out.cards.cards:
         assert (card["layer"], card["neuron"]) == divmod(card["flat_index"], D_MLP)
-        assert card["contexts"] is None and card["contexts_note"] == "not recorded by this reduce"
+        assert card["contexts_source"] == "store"           # no top-k file in this run
+        assert "computed by the cards step" in card["contexts_note"]
 
 
 def test_matches_are_the_reduce_files_row_argmax_and_row_max(carded):
@@ -206,6 +237,7 @@ def test_cli_and_model_overrides(carded, tmp_path):
     for red in (moved / "reduce").glob("*.h5"):
         with h5py.File(red, "a") as f:
             f.attrs["ref_model_id"] = str(tmp_path / "gone" / "a" / f"checkpoint-{STEP}")
+        seal(red, {"step": "reduce"})
     with pytest.raises(OocError, match="model_overrides") as exc:
         cards(moved, progress=False)
     assert "\n" not in str(exc.value)
@@ -217,3 +249,112 @@ def test_cli_and_model_overrides(carded, tmp_path):
 def test_needs_the_universal_tables(tmp_path):
     with pytest.raises(OocError, match="ooc-universal universal"):
         cards(tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------- contexts
+
+def _positions(valid):
+    """Store row -> (window, position): the valid positions in reading order, walked by
+    hand (not np.nonzero)."""
+    return [(w, p) for w in range(valid.shape[0]) for p in range(valid.shape[1])
+            if valid[w, p]]
+
+
+def _byte(i):
+    return "<bos>" if i == 256 else repr(bytes([int(i)]))[2:-1]
+
+
+def _expected_contexts(acts, ts, flat, k):
+    """The k largest activations of a neuron (stable sort: the earlier row on ties) and
+    the bytes around each one's token."""
+    order = np.argsort(-acts[:, flat].astype(np.float64), kind="stable")[:k]
+    where = _positions(ts.valid)
+    out = []
+    for row in order:
+        w, p = where[row]
+        lo, hi = max(0, p - CONTEXT_BEFORE), min(WINDOW, p + CONTEXT_AFTER + 1)
+        out.append({"activation": float(acts[row, flat]), "row": int(row), "window": w,
+                    "position": p, "focus": p - lo,
+                    "tokens": [_byte(t) for t in ts.input_ids[w, lo:hi]]})
+    return out
+
+
+def test_contexts_from_the_store_equal_a_stable_sort(carded):
+    from ooc_universal.formats.tokens import load_token_set
+    rd, _, out = carded
+    ts, acts = load_token_set(rd), _acts()
+    assert len(out.cards.cards) > 1
+    for card in out.cards.cards:
+        assert card["contexts"] == _expected_contexts(acts, ts, card["flat_index"],
+                                                      N_CONTEXTS)
+        first = card["contexts"][0]
+        assert first["tokens"][first["focus"]] == _byte(
+            ts.input_ids[first["window"], first["position"]])
+    sidecar = json.loads((rd / "cards" / "cards.json.sha256").read_text())
+    assert f"stores/{LABEL}.h5" in sidecar["inputs"]
+
+
+def test_contexts_frame_is_tidy(carded):
+    from ooc_universal.formats.cards import contexts_frame, read_cards
+    rd, _, _ = carded
+    doc = read_cards(rd)               # (another test may have rewritten it: read it)
+    df = contexts_frame(doc)
+    assert len(df) == sum(len(c["contexts"]) for c in doc.cards) > 0
+    card = doc.cards[0]
+    mine = df[df.flat_index == card["flat_index"]].sort_values("rank")
+    assert mine["rank"].tolist() == list(range(1, len(card["contexts"]) + 1))
+    assert mine["activation"].tolist() == [c["activation"] for c in card["contexts"]]
+    first = card["contexts"][0]
+    assert mine["text"].iloc[0] == "".join(
+        f"[{t}]" if i == first["focus"] else t for i, t in enumerate(first["tokens"]))
+    assert df["window"].dtype == np.int64 and set(df["contexts_source"]) == {"store"}
+
+
+def test_contexts_come_from_the_topk_file_when_it_matches(carded, tmp_path):
+    import shutil
+
+    from ooc_universal.formats.tokens import load_token_set
+    from ooc_universal.kernels import topk
+    rd, _, out = carded
+    run = tmp_path / "run"
+    shutil.copytree(rd, run)
+    ts = load_token_set(run)
+    other_acts = -_acts()                 # not the store's numbers: the file must be used
+    values, rows = topk.chunk(other_acts, 0, 20)
+    write_topk(run, TopKFile(values, rows, LABEL, ts.hash, N_CORR, "extract"))
+    got = read_topk(run, LABEL)
+    np.testing.assert_array_equal(got.values, values)
+    np.testing.assert_array_equal(got.rows, rows)
+    flats = [c["flat_index"] for c in out.cards.cards]
+    found = top_contexts(run, LABEL, flats, 5)
+    assert found.source == "topk file" and "kept by extract" in found.note
+    loaded = type("Loaded", (), {"tokenizer": None})()
+    for flat in flats:
+        contexts, source, note = contexts_of(found, flat, loaded)
+        assert contexts == _expected_contexts(other_acts, ts, flat, 5)
+        assert source == "topk file" and f"{LABEL}.topk.npz" in note
+    # a top-k file of another token set is not used: the store is, and the note says so
+    write_topk(run, TopKFile(values, rows, LABEL, "another-hash", N_CORR, "extract"))
+    found = top_contexts(run, LABEL, flats, 5)
+    assert found.source == "store" and "another token set" in found.note
+    assert contexts_of(found, flats[0], loaded)[0] == _expected_contexts(_acts(), ts,
+                                                                         flats[0], 5)
+    # neither a top-k file nor a store (released): no contexts, one sentence why
+    topk_path(run, LABEL).unlink()
+    (run / "stores" / f"{LABEL}.h5").unlink()
+    found = top_contexts(run, LABEL, flats, 5)
+    assert contexts_of(found, flats[0], loaded) == (None, None, found.note)
+    assert "released or never extracted" in found.note and "\n" not in found.note
+
+
+def test_a_damaged_topk_file_is_one_line(carded, tmp_path):
+    import shutil
+    rd, _, _ = carded
+    run = tmp_path / "run"
+    shutil.copytree(rd, run)
+    values, rows = np.zeros((2, N), np.float32), np.zeros((2, N), np.int64)
+    path = write_topk(run, TopKFile(values, rows, LABEL, "h", N_CORR, "reduce"))
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(OocError, match="top-k file") as exc:
+        read_topk(run, LABEL)
+    assert "\n" not in str(exc.value)

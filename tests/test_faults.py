@@ -196,7 +196,9 @@ def test_extract_sigkill_then_rerun(extract_base, point, n, where):
         assert stats["blocks_done_before"] == done
         assert stats["blocks_written"] == 9 - done  # finished blocks were not redone
     assert final.read_bytes() == ref_bytes  # bit-identical to the uninterrupted run
-    assert read_sidecar(final) == ref_sidecar
+    def fixed(rec):  # when and by which run a sidecar was written differ by design
+        return {k: v for k, v in rec.items() if k not in ("written_at", "run_id")}
+    assert fixed(read_sidecar(final)) == fixed(ref_sidecar)
     assert_everything_opens(run)
 
 

@@ -25,6 +25,8 @@ def write_sets(run_dir, sets=HAND, tau=0.5):
     (run_dir / "universal").mkdir(parents=True, exist_ok=True)
     (run_dir / "universal" / "sets.json").write_text(json.dumps(
         {"config": {}, "token_hash": "tok", "universal_id": "u1", "sets": entries}))
+    from ooc_universal.rundir import seal
+    seal(run_dir / "universal" / "sets.json", {"step": "universal"})
 
 
 def _rows(doc, aggregation="pair"):
@@ -165,6 +167,8 @@ def test_pair_averaged_sets_give_rows_of_their_own(tmp_path):
     (tmp_path / "universal").mkdir()
     (tmp_path / "universal" / "sets.json").write_text(json.dumps(
         {"config": {}, "token_hash": "tok", "universal_id": "u1", "sets": entries}))
+    from ooc_universal.rundir import seal
+    seal(tmp_path / "universal" / "sets.json", {"step": "universal"})
     doc = json.loads(persistence(tmp_path, progress=False).paths["json"].read_text())
     assert {r["aggregation"] for r in doc["rows"]} == {"pair_averaged"}   # no mean/pooled
     top = next(r for r in doc["rows"] if r["scope"] == "all")

@@ -254,7 +254,8 @@ def test_sigkill_and_resume(tmp_path):
     clean = tmp_path / "clean"
     for lbl in ("ref", "oth", "oth2"):
         (clean / "stores").mkdir(parents=True, exist_ok=True)
-        os.link(tmp_path / "stores" / f"{lbl}.h5", clean / "stores" / f"{lbl}.h5")
+        for name in (f"{lbl}.h5", f"{lbl}.h5.sha256"):  # a store opens with its sidecar
+            os.link(tmp_path / "stores" / name, clean / "stores" / name)
     reduce(clean, "ref", ["oth", "oth2"], baseline_draws=2, seed=3, progress=False,
            block_tokens=64)
     env = dict(os.environ, OOC_TEST_SLEEP_AFTER_CHECKPOINT="0.15")

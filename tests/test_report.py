@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from ooc_universal.errors import OocError
 from click.testing import CliRunner
 
 from ooc_universal.config import UniversalConfig
@@ -86,6 +87,9 @@ def _write_ablation(run_dir):
         for r in rows:
             w.writerow(["" if r[c] is None else repr(r[c]) if isinstance(r[c], float)
                         else r[c] for c in ABL_COLUMNS])
+    from ooc_universal.rundir import seal
+    for name in ("ablation.json", "ablation.csv"):
+        seal(out / name, {"step": "ablate"})
 
 
 def _write_cards(run_dir):
@@ -140,6 +144,8 @@ def base_run(tmp_path_factory):
     persistence(rd, progress=False)
     _write_ablation(rd)
     _write_cards(rd)
+    from ooc_universal.rundir import seal
+    seal(rd / "cards" / "cards.json", {"step": "cards"})
     (rd / "tokens").mkdir()
     (rd / "tokens" / "meta.json").write_text(json.dumps({"hash": "tok0",
                                                          "toolkit_version": "0.1.0"}))
@@ -478,8 +484,6 @@ def test_unreadable_outputs_give_one_line_each(tmp_path):
     rd = tmp_path / "run"
     (rd / "universal").mkdir(parents=True)
     (rd / "universal" / "table1.json").write_text("{not json")
-    data = json.loads(report(rd, progress=False)["data"].read_text())
-    table1 = data["sections"]["table1"]
-    assert table1["status"] == "unreadable"
-    assert table1["message"].startswith("Not shown: ") and "table1.json" in table1["message"]
-    assert "\n" not in table1["message"] and "ooc-universal universal" in table1["message"]
+    # without a checksum sidecar the file cannot be told from a damaged one: refused
+    with pytest.raises(OocError, match=r"table1\.json.*untrusted"):
+        report(rd, progress=False)

@@ -97,7 +97,7 @@ def test_report_numbers_equal_their_sources(demo_run):
         assert e["pct_universal"] == pytest.approx(np.mean(pct), abs=1e-9)
     with open(rd / "ablate" / "ablation.csv") as f:
         abl = {(r["other"], int(r["checkpoint"]), float(r["threshold"]), r["set"]): r
-               for r in csv.DictReader(f) if r["layer"] == "all"}
+               for r in csv.DictReader(f) if r["scope"] == "all"}
     for rec in data["tables"]["ablation"]["records"]:
         src = abl[(rec["other"], rec["checkpoint"], rec["threshold"], rec["set"])]
         assert rec["kl"] == float(src["kl"]) and rec["delta_loss"] == float(src["delta_loss"])

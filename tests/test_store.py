@@ -317,14 +317,24 @@ def test_block_checksums_and_offsets(tmp_path):
         b = f.read(1)
         f.seek(offset + 100)
         f.write(bytes([b[0] ^ 1]))
-    with open_store(path) as s:
+    with open_store(path, verify=False) as s:
         assert [i for i in range(s.n_blocks)
                 if s.block_sha256(i) != s.recorded_block_sha256(i)] == [5]
     assert verify_store_blocks(path, read_sidecar(path)) == \
         ["block(s) 5 of 8 differ from their recorded sha256"]
+    with open_store(path) as s:  # verified on read: block 4 is fine, block 5 never used
+        s.read_block(4)
+        with pytest.raises(OocError, match=r"is damaged: block 5 of 8 .*differs from its "
+                           r"recorded sha256; delete it and run `ooc-universal extract`"):
+            s.read_block(5)
+        with pytest.raises(OocError, match="block 5 of 8"):
+            s[600:700]
     (tmp_path / "tiny.h5.sha256").unlink()
-    with open_store(path) as s:
+    with open_store(path, verify=False) as s:
         assert s.recorded_block_sha256(0) is None
+    with pytest.raises(OocError, match=r"is untrusted: no readable checksum sidecar "
+                       r"tiny.h5.sha256"):
+        open_store(path)
 
 
 # ----------------------------------------------------- writes that skip the page cache
@@ -376,3 +386,29 @@ def test_aligned_blocks_go_straight_to_disk_or_fall_back(tmp_path, monkeypatch, 
     want = {"direct": ["direct"] * 16, "no-o-direct": ["cached"] * 16,
             "write-refused": ["direct"] + ["cached"] * 16}[mode]
     assert calls == want  # two halves per block, 8 blocks
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_dimension_scales_and_row_coordinates(tmp_path, compression):
+    """acts is (token, neuron): neuron carries layer / index, token carries the window and
+    position of each row when the writer gives them (also in a repacked store)."""
+    data = random_acts(seed=3)
+    n, m = data.shape
+    window, position = np.arange(n) // 64, np.arange(n) % 64
+    paths = StorePaths.of(tmp_path, "tiny")
+    ps = PartialStore.create(paths, attrs(label="tiny", n_layers=2, d_mlp=m // 2), n, m, BT,
+                             row_coords={"window": window, "position": position})
+    for i in range(ps.n_blocks):
+        s, e = ps.block_bounds(i)
+        ps.write_block(i, np.ascontiguousarray(data[s:e]))
+    path = ps.finalize(compression)
+    with h5py.File(path, "r") as f:
+        acts = f["acts"]
+        assert [acts.dims[i][0].name for i in range(2)] == ["/token", "/neuron"]
+        assert acts.attrs["coordinates"] == "layer index window position"
+        np.testing.assert_array_equal(f["window"][...], window)
+        np.testing.assert_array_equal(f["position"][...], position)
+        np.testing.assert_array_equal(f["layer"][...], np.arange(m) // (m // 2))
+        assert f["window"].dims[0][0].name == "/token"
+    with open_store(path) as s:
+        np.testing.assert_array_equal(s[:], data)

@@ -441,6 +441,7 @@ def test_window_is_checked_against_the_models_context(tmp_path):
 
 def test_cli_no_bos_and_model_context(tmp_path, capsys):
     save_tiny(tmp_path / "m1", n_positions=16)
+    capsys.readouterr()  # save_pretrained's own progress bar is not the command's output
     (tmp_path / "t.txt").write_text(TEXT * 20)
     base = ["tokens", "--run-dir", str(tmp_path / "run"), "--source", str(tmp_path / "t.txt"),
             "--n-tokens", "20", "--tokenizer", "bytes", "--no-progress"]

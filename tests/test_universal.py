@@ -59,6 +59,8 @@ def write_reduced(run_dir, row_max, baseline, *, ref="ref", other="oth", step=10
         f["baseline/row_max"] = baseline
         if cross is not None:
             f["cross_comoment"] = np.asarray(cross, np.float32)
+    from ooc_universal.rundir import seal
+    seal(path, {"step": "reduce"})
     return path
 
 

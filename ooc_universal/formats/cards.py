@@ -19,33 +19,56 @@ A card is one neuron of a reference model at one checkpoint:
                  "suppressed": [token...]}, token = {"token_id", "token", "logit"}
                  (the largest, then the smallest entries); role "prediction",
                  "suppression" or null (steps/cards.py states the rule)
-  contexts       null until the reduce records a mergeable top-k per neuron; then the
-                 contexts where the neuron fires most, highest first: [{"activation",
-                 "row", "window", "position", "tokens": [str], "focus": index of the
-                 neuron's token in tokens}]
-  contexts_note  why contexts is null ("not recorded by this reduce"), else null
+  contexts       the contexts where the neuron fires most, highest first: [{"activation",
+                 "row" (the store row), "window", "position" (of the token set),
+                 "tokens": [str], "focus": index of the neuron's token in tokens}];
+                 null when they could not be found (contexts_note says why)
+  contexts_source  where the contexts came from: "topk file" (RUN/stores/<label>.topk.npz,
+                 kept during extract or reduce), "store" (computed by the cards step from
+                 the reference's store, for the card neurons only), or null
+  contexts_note  a sentence on how the contexts were found, or why there are none
 
 Written atomically with its checksum sidecar; cards.json is the step's only file, so
 it is its own completion marker.
+
+RUN/stores/<label>.topk.npz: the top-k activations of every neuron of one store (also
+owned here; kernels/topk.py makes and merges them). An npz of three arrays:
+
+  values   (k, n_neurons) float32   each neuron's k largest activations, highest first
+  rows     (k, n_neurons) int64     their store rows (ties: the lower row first);
+                                    -1 with value -inf: fewer than k rows seen
+  meta     0-d str, JSON            {"topk_version": 1, "label", "k", "n_neurons",
+                                     "n_tokens" (store rows folded in: all of them),
+                                     "token_hash", "made_by" (extract | reduce | cards)}
+
+A store row is a valid position of the token set in order: row i is
+(window, position) = np.nonzero(token_set.valid)[.][i] (the store's rows are written in
+that order). Written atomically with its checksum sidecar (verified on read).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ooc_universal.errors import OocError
-from ooc_universal.rundir import write_json_atomic
+from ooc_universal.rundir import atomic_path, verify_file, write_json_atomic
 
 CARDS_VERSION = 1
 CARDS_DIR, CARDS_JSON = "cards", "cards.json"
 CONTEXTS_NOTE = "not recorded by this reduce"
+TOPK_VERSION = 1
+TOPK_SUFFIX = ".topk.npz"
+STORES_DIR = "stores"
 # cards_frame: one row per (card, other model)
 CARD_COLUMNS = ["reference", "checkpoint", "layer", "neuron", "flat_index", "model", "other",
                 "rank", "excess", "max_corr", "baseline_max", "match_layer", "match_neuron",
                 "vocab_kurtosis", "vocab_skew", "vocab_role", "promoted_tokens",
                 "promoted_logits", "suppressed_tokens", "suppressed_logits", "contexts",
-                "contexts_note"]
+                "contexts_source", "contexts_note"]
 
 
 def cards_path(run_dir) -> Path:
@@ -123,6 +146,37 @@ def cards_frame(cards: CardsFile):
     return typed(df)
 
 
+CONTEXT_COLUMNS = ["reference", "checkpoint", "layer", "neuron", "flat_index", "model",
+                   "rank", "activation", "row", "window", "position", "focus", "text",
+                   "tokens", "contexts_source"]
+
+
+def contexts_frame(cards: CardsFile):
+    """The cards' contexts as one tidy DataFrame, one row per (card, context): rank 1 is
+    the neuron's largest activation; row is the store row, (window, position) the token
+    set's; tokens the decoded tokens around it (a list) with the neuron's at index
+    focus; text the same joined, the neuron's token in [brackets]. Cards without
+    contexts have no rows (their contexts_note in cards_frame says why)."""
+    import pandas as pd
+    rows = []
+    for card in cards.cards:
+        for rank, ctx in enumerate(card.get("contexts") or [], start=1):
+            shown = list(ctx["tokens"])
+            shown[ctx["focus"]] = f"[{shown[ctx['focus']]}]"
+            rows.append({**{k: card[k] for k in ("reference", "checkpoint", "layer", "neuron",
+                                                  "flat_index", "model")},
+                         "rank": rank, "activation": ctx["activation"], "row": ctx["row"],
+                         "window": ctx["window"], "position": ctx["position"],
+                         "focus": ctx["focus"], "text": "".join(shown),
+                         "tokens": list(ctx["tokens"]),
+                         "contexts_source": card.get("contexts_source")})
+    df = pd.DataFrame(rows, columns=CONTEXT_COLUMNS)
+    for col in ("checkpoint", "layer", "neuron", "flat_index", "rank", "row", "window",
+                "position", "focus"):
+        df[col] = df[col].astype("int64")
+    return df
+
+
 def _card_columns(card: dict) -> dict:
     vocab = card["vocab"]
     return {"reference": card["reference"], "checkpoint": card["checkpoint"],
@@ -133,4 +187,76 @@ def _card_columns(card: dict) -> dict:
             "promoted_logits": [t["logit"] for t in vocab["promoted"]],
             "suppressed_tokens": [t["token"] for t in vocab["suppressed"]],
             "suppressed_logits": [t["logit"] for t in vocab["suppressed"]],
-            "contexts": card["contexts"], "contexts_note": card["contexts_note"]}
+            "contexts": card["contexts"], "contexts_source": card.get("contexts_source"),
+            "contexts_note": card["contexts_note"]}
+
+
+# ---------------------------------------------------------------- top-k activations
+
+@dataclass
+class TopKFile:
+    """RUN/stores/<label>.topk.npz as read or about to be written."""
+    values: np.ndarray          # (k, n_neurons) float32, highest first
+    rows: np.ndarray            # (k, n_neurons) int64 store rows, -1: padding
+    label: str
+    token_hash: str
+    n_tokens: int
+    made_by: str = ""
+
+    @property
+    def k(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.values.shape[1])
+
+    def meta(self) -> dict:
+        return {"topk_version": TOPK_VERSION, "label": self.label, "k": self.k,
+                "n_neurons": self.n_neurons, "n_tokens": int(self.n_tokens),
+                "token_hash": self.token_hash, "made_by": self.made_by}
+
+
+def topk_path(run_dir, label: str) -> Path:
+    return Path(run_dir) / STORES_DIR / f"{label}{TOPK_SUFFIX}"
+
+
+def write_topk(run_dir, topk: TopKFile, record: dict | None = None) -> Path:
+    """Write the top-k file atomically, with its checksum sidecar (`record`: step,
+    token_hash, inputs ... as every step output's)."""
+    if topk.values.shape != topk.rows.shape or topk.values.ndim != 2:
+        raise ValueError(f"top-k values {topk.values.shape} and rows {topk.rows.shape} must "
+                         "be the same (k, n_neurons)")
+    path = topk_path(run_dir, topk.label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"step": topk.made_by or "topk", "token_hash": topk.token_hash, **(record or {})}
+    with atomic_path(path, rec, fault="topk.write") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, values=np.asarray(topk.values, np.float32),
+                     rows=np.asarray(topk.rows, np.int64), meta=np.array(json.dumps(topk.meta())))
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def read_topk(run_dir, label: str) -> TopKFile | None:
+    """The store's top-k file; None when there is none; one OocError line when it is
+    untrusted, damaged or of another layout."""
+    path = topk_path(run_dir, label)
+    if not path.is_file():
+        return None
+    fix = "delete it (and its .sha256) and run the step that made it again"
+    verify_file(path, "top-k file", fix)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            values, rows = np.asarray(z["values"]), np.asarray(z["rows"])
+            meta = json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise OocError(f"top-k file {str(path)!r} is unreadable ({exc}); {fix}") from None
+    if meta.get("topk_version") != TOPK_VERSION or values.shape != rows.shape \
+            or values.ndim != 2:
+        raise OocError(f"top-k file {str(path)!r} has version {meta.get('topk_version')} and "
+                       f"shapes {values.shape}, {rows.shape}; this toolkit reads version "
+                       f"{TOPK_VERSION} with equal (k, n_neurons) arrays; {fix}")
+    return TopKFile(values, rows, str(meta.get("label", label)), str(meta.get("token_hash")),
+                    int(meta.get("n_tokens", -1)), str(meta.get("made_by", "")))

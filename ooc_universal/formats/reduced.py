@@ -22,7 +22,10 @@ Layout (layout_version 1; the file exists under its final name only when complet
   layer * d_mlp + neuron), d = d_mlp_other.
 
 Reading: `open_reduced(path)` -> ReducedStats (a context manager; attributes read at
-open, arrays on first use, the two big ones lazily by slices). Writing: `create_reduced`
+open, arrays on first use, the two big ones lazily by slices). Opening verifies the
+file's sha256 against its checksum sidecar first (once per process while the file is
+unchanged: rundir.verify_file); a file without a readable sidecar is untrusted and
+refused. `verify=False` is for `status`, which checks the checksums itself. Writing: `create_reduced`
 yields a ReducedWriter on a temporary name; the arrays can be written panel by panel
 (rows of the reference), and the file is renamed to its final name, with its checksum
 sidecar, only when the block exits without an error.
@@ -209,10 +212,17 @@ class ReducedStats:
         return f"ReducedStats({str(self.path)!r}, {self.ref_label} vs {self.other_label})"
 
 
-def open_reduced(path) -> ReducedStats:
+RECOMPUTE = ("delete it (and its .sha256) and run `ooc-universal reduce` again for "
+             "this pair")
+
+
+def open_reduced(path, verify: bool = True) -> ReducedStats:
     """Open a complete pair file read-only; one OocError line when it is missing,
-    incomplete, unreadable, not a reduce output, or of another layout version."""
+    incomplete, untrusted or damaged (verify: its checksum sidecar), unreadable, not a
+    reduce output, or of another layout version."""
     import h5py
+
+    from ooc_universal.rundir import verify_file
     path = Path(path)
     if not path.exists():
         writing = list(path.parent.glob(f"{path.name}.tmp-*")) if path.parent.is_dir() else []
@@ -220,6 +230,8 @@ def open_reduced(path) -> ReducedStats:
                else "does not exist")
         raise OocError(f"reduce output {str(path)!r} {why}; run `ooc-universal reduce` "
                        "(the same command resumes an interrupted one)")
+    if verify:
+        verify_file(path, "reduce output", RECOMPUTE)
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -228,6 +240,7 @@ def open_reduced(path) -> ReducedStats:
     try:
         attrs = {k: plain(v) for k, v in f.attrs.items()}
         _check_header(path, attrs)
+        _check_name(path, attrs)
         config = _parse_config(path, attrs.get("config_json"))
     except BaseException:
         f.close()
@@ -235,9 +248,9 @@ def open_reduced(path) -> ReducedStats:
     return ReducedStats(path, f, attrs, config)
 
 
-def read_attrs(path) -> dict:
+def read_attrs(path, verify: bool = True) -> dict:
     """The attributes of a pair file as plain values (opens and closes it)."""
-    with open_reduced(path) as stats:
+    with open_reduced(path, verify=verify) as stats:
         return dict(stats.attrs)
 
 
@@ -250,6 +263,15 @@ def _check_header(path: Path, attrs: dict) -> None:
     if layout != LAYOUT_VERSION:
         raise OocError(f"{str(path)!r} has layout_version {layout}, this toolkit reads "
                        f"{LAYOUT_VERSION}; re-run `ooc-universal reduce`")
+
+
+def _check_name(path: Path, attrs: dict) -> None:
+    """A pair file in a reduce folder is named after the pair it holds (a file copied
+    over another's name would be read as the wrong pair)."""
+    want = f"{attrs['ref_label']}__{attrs['other_label']}.h5"
+    if path.parent.name == REDUCE_DIR and path.name != want:
+        raise OocError(f"reduce output {str(path)!r} holds the pair {want[:-3]!r}, not the "
+                       f"one its name says (a file copied over another?); {RECOMPUTE}")
 
 
 def _parse_config(path: Path, text) -> dict:
@@ -336,6 +358,7 @@ class ReducedWriter:
                                   chunks=(min(na, CROSS_CHUNK), min(nb, CROSS_CHUNK)))
         self._zero = {"ref": 0, "other": 0}
         h5file.attrs.update(header.attrs())
+        write_dims(h5file, header, keep_cross)
 
     def write_moments(self, side: str, start: int, mean, m2, n: int) -> np.ndarray:
         """Mean and population variance (m2 / n) of neurons [start, start + len) of
@@ -382,6 +405,51 @@ class ReducedWriter:
         """Record the zero-variance counts (call once every row is written)."""
         self._f.attrs["n_zero_var_ref"] = self._zero["ref"]
         self._f.attrs["n_zero_var_other"] = self._zero["other"]
+
+
+# HDF5 dimension scales (h5py's dims API, netCDF-4 conventions): every array's axes are
+# named, so xarray (engine h5netcdf) opens the file with named dims and the neurons'
+# (layer, index) as coordinates instead of phony_dim_*. The scales are small datasets
+# beside the arrays; readers that ask for the arrays by name are unaffected.
+#   ref_neuron (Na,)   coordinates ref_layer, ref_index      ref/*, row_*, baseline/*
+#   other_neuron (Nb,) coordinates other_layer, other_index  other/{mean,var,zero_var}, col_*
+#   draw (K,)          the baseline draws (seed: baseline_seed)
+#   other_layer_block (L_b,), other_unit (d,), other_unit_t (d,)   other/self_comoment
+DIMS = {"ref/mean": ("ref_neuron",), "ref/var": ("ref_neuron",),
+        "ref/zero_var": ("ref_neuron",), "other/mean": ("other_neuron",),
+        "other/var": ("other_neuron",), "other/zero_var": ("other_neuron",),
+        "row_max": ("ref_neuron",), "row_argmax": ("ref_neuron",),
+        "col_max": ("other_neuron",), "col_argmax": ("other_neuron",),
+        "baseline/row_max": ("draw", "ref_neuron"),
+        SELF_COMOMENT: ("other_layer_block", "other_unit", "other_unit_t"),
+        CROSS_COMOMENT: ("ref_neuron", "other_neuron")}
+
+
+def write_dims(f, header: PairHeader, keep_cross: bool) -> None:
+    """The dimension scales and neuron coordinates of a pair file (see DIMS)."""
+    ref, oth = header.reference, header.other
+    d_ref, d_oth = int(ref["d_mlp"]), int(oth["d_mlp"])
+    scales = {"ref_neuron": np.arange(header.n_ref), "other_neuron": np.arange(header.n_other),
+              "draw": np.arange(len(header.baseline_seeds)),
+              "other_layer_block": np.arange(int(oth["n_layers"])),
+              "other_unit": np.arange(d_oth), "other_unit_t": np.arange(d_oth)}
+    for name, values in scales.items():
+        f.create_dataset(name, data=values.astype(np.int32)).make_scale(name)
+    coords = {"ref_layer": ("ref_neuron", scales["ref_neuron"] // d_ref),
+              "ref_index": ("ref_neuron", scales["ref_neuron"] % d_ref),
+              "other_layer": ("other_neuron", scales["other_neuron"] // d_oth),
+              "other_index": ("other_neuron", scales["other_neuron"] % d_oth),
+              "baseline_seed": ("draw", np.asarray(header.baseline_seeds))}
+    for name, (dim, values) in coords.items():
+        f.create_dataset(name, data=values.astype(np.int64)).dims[0].attach_scale(f[dim])
+    for name, dims in DIMS.items():
+        if name == CROSS_COMOMENT and not keep_cross:
+            continue
+        for axis, dim in enumerate(dims):
+            f[name].dims[axis].attach_scale(f[dim])
+        own = [c for c, (dim, _) in coords.items() if dim in dims]
+        if own:
+            f[name].attrs["coordinates"] = " ".join(own)
 
 
 @contextmanager
@@ -482,14 +550,40 @@ class WorkDir:
     def exists(self) -> bool:
         return self.path.is_dir()
 
-    def create(self, manifest: dict) -> None:
-        """Make the directory, drop temporaries a kill left, record the manifest once."""
+    def create(self, manifest: dict) -> list[str]:
+        """Make the directory, drop temporaries a kill left, discard checkpoints that
+        fail to load (discard_damaged), record the manifest once. Returns the warnings
+        (also printed to stderr)."""
         from ooc_universal.rundir import write_json_atomic
         self.path.mkdir(parents=True, exist_ok=True)
         for stale in self.path.glob("*.tmp-*"):
             stale.unlink(missing_ok=True)
+        warned = self.discard_damaged()
         if not (self.path / MANIFEST).exists():
             write_json_atomic(self.path / MANIFEST, manifest)
+        return warned
+
+    def discard_damaged(self) -> list[str]:
+        """Delete the checkpoints that the reduce trusts once they exist (final, merged,
+        self co-moment, scale and rotation files) when they do not load whole: an npz
+        whose members fail their CRC or are missing, an npy shorter than its header
+        says. Each is recomputed by the same command; one warning line per file. (Fold
+        checkpoints are read whole on resume, and an unreadable one restarts its chain.)"""
+        import sys
+        warned = []
+        for f in sorted(self.path.glob("*.np[yz]")):
+            if not _TRUSTED_RE.fullmatch(f.name) or _loads_whole(f):
+                continue
+            f.unlink(missing_ok=True)
+            if f.name.startswith("final_"):  # its fold checkpoints went when it was made
+                m = _FINAL_RE.fullmatch(f.name)
+                if m:
+                    self.drop_panel(int(m.group(1)), int(m.group(2)))
+            msg = (f"warning: reduce checkpoint {str(f)!r} is damaged (does not load); "
+                   "discarded, its work is recomputed")
+            print(msg, file=sys.stderr)
+            warned.append(msg)
+        return warned
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -548,6 +642,36 @@ class WorkDir:
                 "folds_done": self.blocks_done(), "total_folds": m.get("total_folds"),
                 "panels_done": self.panels_done(), "total_panels": m.get("total_panels"),
                 "disk_bytes": self.disk_bytes(), "command": m.get("command")}
+
+
+_TRUSTED_RE = re.compile(r"(final_g\d+_p\d+|merged_g\d+_p\d+|self_\d+|scales_\d+)\.npz"
+                         r"|rotations_d\d+\.npy")
+
+
+def _loads_whole(path: Path) -> bool:
+    """An npz whose every member passes its CRC and parses as an array, or an npy whose
+    data is as long as its header says."""
+    import zipfile
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(f)
+                need = f.tell() + int(np.prod(shape)) * dtype.itemsize
+            return path.stat().st_size == need
+        with zipfile.ZipFile(path) as zf:
+            if zf.testzip() is not None:
+                return False
+            for name in zf.namelist():
+                with zf.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)(member)
+        return True
+    except Exception:  # noqa: BLE001 - whatever the damage, it is not usable
+        return False
 
 
 def _n_blocks_done(path: Path) -> int | None:

@@ -12,7 +12,10 @@ A record (`UniversalSet`) is one set:
   others (pair-averaged sets only: the pairs averaged over)
 
 The file is written with sorted keys (rundir.write_json_atomic) plus its checksum
-sidecar. Readers accept hand-written files that leave out the provenance or a record's
+sidecar, whose `inputs` record the sha256 of every reduce file the sets were made from.
+`read_sets` verifies the bytes against the sidecar (verify=True, the default: a file
+without one is untrusted and refused); `check_sets_provenance` also checks that those
+reduce files are this run's, as they were then (ablate calls it before any model loads). Readers accept hand-written files that leave out the provenance or a record's
 optional fields (None here, left out again by `to_json`), so a record read and written
 back hashes the same.
 """
@@ -24,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ooc_universal.errors import OocError
-from ooc_universal.rundir import file_sha256, write_json_atomic
+from ooc_universal.errors import OocError, StaleInputError
+from ooc_universal.rundir import (file_sha256, read_sidecar, recorded_sha256, verify_file,
+                                  write_json_atomic)
 
 SETS_FILE = "sets.json"
 # record fields in the order they are written; neurons (an array) and others handled apart
@@ -126,12 +130,19 @@ class SetsFile:
         return {**self.provenance.to_json(), "sets": [s.to_json() for s in self.sets]}
 
 
-def read_sets(run_dir) -> SetsFile:
-    """RUN/universal/sets.json, or one line naming the step that makes it."""
+def _again(run_dir) -> str:
+    return f"run `ooc-universal universal --run-dir {run_dir}` again"
+
+
+def read_sets(run_dir, verify: bool = True) -> SetsFile:
+    """RUN/universal/sets.json, or one line naming the step that makes it. verify: the
+    bytes must match the checksum sidecar (untrusted without one)."""
     path = sets_path(run_dir)
     if not path.is_file():
         raise OocError(f"no universal sets at {str(path)!r}; run `ooc-universal universal` "
                        "first")
+    if verify:
+        verify_file(path, "universal sets", _again(run_dir))
     doc = _parse(path)
     return SetsFile([UniversalSet.from_json(r) for r in doc["sets"]],
                     Provenance.from_json(doc), path, file_sha256(path))
@@ -167,3 +178,48 @@ def write_sets(run_dir, sets: SetsFile, record: dict | None = None) -> Path:
     path = sets_path(run_dir)
     write_json_atomic(path, sets.to_json(), record)
     return path
+
+
+def check_sets_provenance(run_dir, sets: SetsFile | None = None, token_hash: str | None = None,
+                          universal_id: str | None = None) -> SetsFile:
+    """The universal sets are this run's, as the universal step wrote them: the bytes
+    match the checksum sidecar, they come from token set `token_hash` (when given),
+    every reduce file they were made from is in RUN/reduce with the checksum it had then,
+    and (when given) their universal_id is `universal_id` (the id the calling run's own
+    universal step returned: anything else was rewritten under it). Anything else (a
+    sets.json copied from another run, edited by hand, made before a reduce file was
+    recomputed, rewritten by another process) is one line naming the file and the fix.
+    Returns the sets (read and verified when not given)."""
+    sets = read_sets(run_dir) if sets is None else sets
+    path, fix = sets.path, _again(run_dir)
+    side = read_sidecar(path)
+    if side is None:
+        verify_file(path, "universal sets", fix)  # raises: untrusted
+    if side.get("sha256") != (sets.sha256 or file_sha256(path)):
+        raise OocError(f"universal sets {str(path)!r} are damaged: they do not match their "
+                       f"checksum sidecar (edited since the universal step wrote them); {fix}")
+    if sets.token_hash and token_hash and sets.token_hash != token_hash:
+        raise StaleInputError(
+            f"universal sets {str(path)!r} were made from token set {sets.token_hash[:12]}, "
+            f"this run's is {token_hash[:12]} (a sets.json from another run?); {fix}")
+    inputs = side.get("inputs") or {}
+    if not inputs:
+        raise OocError(f"universal sets {str(path)!r} are untrusted: their checksum sidecar "
+                       f"records no reduce files they were made from; {fix}")
+    for name, sha in sorted(inputs.items()):
+        here = Path(run_dir) / name
+        if not here.exists():
+            raise StaleInputError(f"universal sets {str(path)!r} were made from {name}, which "
+                                  f"is not in this run (a sets.json from another run?); {fix}")
+        now = recorded_sha256(here)
+        if now != sha:
+            raise StaleInputError(
+                f"universal sets {str(path)!r} were made from {name} with sha256 "
+                f"{str(sha)[:12]}, it is now {str(now)[:12]} (recomputed since, or from "
+                f"another run); {fix}")
+    if universal_id and sets.provenance.universal_id != universal_id:
+        raise StaleInputError(
+            f"universal sets {str(path)!r} were rewritten while this run was running "
+            f"(universal_id {sets.provenance.universal_id}, this run made {universal_id}); "
+            f"{fix}, without starting another `universal` under it")
+    return sets

@@ -21,6 +21,16 @@ Checksums: each ledger line carries the sha256 of the block's rows (fp16 bytes, 
 taken from the buffer as it is written (no re-read). At the end they go to
 `<label>.h5.sha256` (rundir's sidecar; kind "blocks"), written before the rename, so
 `ooc-universal status --verify` can check every block of the finished store.
+
+Verification on read (open_store(path, verify=True), the default): opening refuses a
+store without a readable, consistent sidecar (untrusted) and one whose `label`
+attribute is not its file name (a store copied over another); each block is hashed
+against its recorded sha256 the first time this process reads it (read_block, and so
+every slice), so a flipped byte is never computed on, and a pass that reads a block
+again pays nothing (a per-process set of verified blocks, keyed by the file's identity).
+The hash runs at memory speed on pages the reader faults in anyway (the cost is
+measured by bench_store_verify in tests/test_integrity.py). `verify=False` is for
+readers that check the checksums themselves (`status --verify`).
 """
 from __future__ import annotations
 
@@ -29,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +49,8 @@ import numpy as np
 
 from ooc_universal import __version__, faults
 from ooc_universal.errors import OocError, StaleInputError
-from ooc_universal.rundir import (config_hash, disk_full, file_lock, fsync_dir, is_disk_full,
-                                  read_sidecar, write_sidecar)
+from ooc_universal.rundir import (config_hash, disk_full, file_identity, file_lock, fsync_dir,
+                                  is_disk_full, read_sidecar, untrusted, write_sidecar)
 
 LAYOUT_VERSION = 1
 DATASET = "acts"
@@ -71,7 +82,8 @@ def expected_store_bytes(n_tokens: int, n_neurons: int, block_tokens: int | None
     block_tokens = block_tokens or default_block_tokens(n_tokens, n_neurons)
     n_blocks = math.ceil(n_tokens / block_tokens)
     chunk = block_tokens * n_neurons * DTYPE.itemsize
-    return n_blocks * (chunk + ALIGNMENT + 64) + 256 * 1024
+    dims = n_neurons * 12 + n_tokens * 8 + 8 * ALIGNMENT  # write_dims' coordinates
+    return n_blocks * (chunk + ALIGNMENT + 64) + 256 * 1024 + dims
 
 
 def parse_compression(spec) -> tuple[str, object]:
@@ -180,8 +192,11 @@ class PartialStore:
     # -- creation / resume
     @classmethod
     def create(cls, paths: StorePaths, attrs: dict, n_tokens: int, n_neurons: int,
-               block_tokens: int | None = None) -> "PartialStore":
-        """Make the partial file with all chunks allocated and all attrs final, then the ledger."""
+               block_tokens: int | None = None,
+               row_coords: dict | None = None) -> "PartialStore":
+        """Make the partial file with all chunks allocated and all attrs final, then the
+        ledger. `row_coords` ({"window": (n_tokens,), "position": (n_tokens,)} ints): where
+        each row comes from in the token set, stored as coordinates of the token axis."""
         block_tokens = block_tokens or default_block_tokens(n_tokens, n_neurons)
         if not 1 <= block_tokens <= n_tokens:
             raise ValueError(f"block_tokens must be in 1..{n_tokens}, got {block_tokens}")
@@ -210,6 +225,7 @@ class PartialStore:
             faults.point("store.create.h5")  # the HDF5 file is open for writing here
             for k, v in attrs.items():
                 ds.attrs[k] = v
+            write_dims(f, ds, int(attrs["n_layers"]), int(attrs["d_mlp"]), row_coords)
             offsets = _chunk_offsets(ds, block_tokens)
         fd = os.open(paths.partial, os.O_RDONLY)
         try:
@@ -465,7 +481,7 @@ def verify_store_blocks(path, record: dict) -> list[str]:
     """Problems found re-hashing every block of the store at `path` against `record`
     (its sidecar); [] when every block matches."""
     digests = record.get("block_sha256") or []
-    with open_store(path) as st:
+    with open_store(path, verify=False) as st:
         if st.n_blocks != len(digests) or st.block_tokens != record.get("block_tokens"):
             return [f"has {st.n_blocks} blocks of {st.block_tokens} rows, the checksum "
                     f"record {len(digests)} of {record.get('block_tokens')}"]
@@ -490,6 +506,41 @@ def _chunk_offsets(ds, block_tokens: int) -> list[int]:
     return offsets
 
 
+# HDF5 dimension scales (h5py's dims API; netCDF-4 conventions, so xarray's h5netcdf
+# engine names the axes): acts is (token, neuron); neuron carries the coordinates layer
+# and index (flat = layer * d_mlp + index); token carries window and position (where the
+# row is in the token set) when the writer gives them. `token` is a dimension-only scale
+# that is never written, so it takes no space. Readers that know only "acts" are
+# unaffected (layout_version stays 1: the datasets are additive).
+DIM_ATTRS = ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME", "_Netcdf4Dimid",
+             "_Netcdf4Coordinates", "coordinates", "_nc3_strict")
+NETCDF_DIM_ONLY = "This is a netCDF dimension but not a netCDF variable."
+
+
+def write_dims(f, acts, n_layers: int, d_mlp: int, row_coords: dict | None = None) -> None:
+    """Dimension scales and coordinates of the store's axes (see above)."""
+    n_tokens, n_neurons = acts.shape
+    token = f.create_dataset("token", (n_tokens,), "i4")  # never written: no storage
+    token.make_scale(f"{NETCDF_DIM_ONLY}{n_tokens:>10}")
+    flat = np.arange(n_neurons, dtype=np.int64)
+    neuron = f.create_dataset("neuron", data=flat.astype(np.int32))
+    neuron.make_scale("neuron")
+    acts.dims[0].attach_scale(token)
+    acts.dims[1].attach_scale(neuron)
+    coords = ["layer", "index"]
+    for name, values in (("layer", flat // d_mlp), ("index", flat % d_mlp)):
+        f.create_dataset(name, data=values.astype(np.int32)).dims[0].attach_scale(neuron)
+    for name in ("window", "position"):
+        if row_coords is not None and row_coords.get(name) is not None:
+            values = np.asarray(row_coords[name], np.int32)
+            if values.shape != (n_tokens,):
+                raise ValueError(f"row_coords[{name!r}] has shape {values.shape}, the store "
+                                 f"has {n_tokens} rows")
+            f.create_dataset(name, data=values).dims[0].attach_scale(token)
+            coords.append(name)
+    acts.attrs["coordinates"] = " ".join(coords)
+
+
 def _repack(src: Path, dst: Path, header: dict, name: str, opts, label: str) -> None:
     """Copy the uncompressed partial into a compressed store, one chunk at a time."""
     bt, n, m = header["block_tokens"], header["n_tokens"], header["n_neurons"]
@@ -502,6 +553,7 @@ def _repack(src: Path, dst: Path, header: dict, name: str, opts, label: str) -> 
             for k, v in header["attrs"].items():
                 ds.attrs[k] = v
             ds.attrs["compression"] = label
+            _copy_dims(src, f, ds, header)
             chunk = bt * m * DTYPE.itemsize
             for i, off in enumerate(header["chunk_offsets"]):
                 start, stop = i * bt, min(n, (i + 1) * bt)
@@ -514,11 +566,28 @@ def _repack(src: Path, dst: Path, header: dict, name: str, opts, label: str) -> 
         del raw
 
 
+def _copy_dims(src: Path, f, ds, header: dict) -> None:
+    """The partial's row coordinates (window, position) and dims, into the repacked file."""
+    rows = {}
+    with h5py.File(src, "r") as g:
+        for name in ("window", "position"):
+            if name in g:
+                rows[name] = g[name][...]
+    attrs = header["attrs"]
+    write_dims(f, ds, int(attrs["n_layers"]), int(attrs["d_mlp"]), rows or None)
+
+
 # ---------------------------------------------------------------------------- reading
 
-def open_store(path) -> "ActivationStore":
-    """Open a complete activation store for reading (validated; see ActivationStore)."""
-    return ActivationStore(path)
+def open_store(path, verify: bool = True) -> "ActivationStore":
+    """Open a complete activation store for reading (validated; see ActivationStore).
+    verify=True (the default): its checksum sidecar must be there and each block is
+    checked against it when first read (see the module doc)."""
+    return ActivationStore(path, verify=verify)
+
+
+_VERIFIED_BLOCKS: set = set()     # (file identity, block) hashed and found right
+_VERIFIED_LOCK = threading.Lock()
 
 
 class ActivationStore:
@@ -538,13 +607,22 @@ class ActivationStore:
     HDF5's lock, and the object pickles as its path. Compressed stores read through h5py.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, verify: bool = True):
         self.path = Path(path)
+        self.verify = verify
         self._mm = None
         self._h5 = None
         self._buf = None
         self._sidecar = None
+        self._digests = None
+        self._identity = None
         self._open()
+        if verify:
+            try:
+                self._check_sidecar()
+            except BaseException:
+                self.close()
+                raise
 
     def _fail(self, why: str) -> OocError:
         return OocError(f"activation store {str(self.path)!r} {why}; delete it and run "
@@ -568,6 +646,39 @@ class ActivationStore:
             return
         f.close()
         self._map_file()
+
+    def _check_sidecar(self) -> None:
+        """The sidecar must be readable and describe this store block by block, and the
+        store must be the one its file name says (label attribute)."""
+        fix = "delete it and run `ooc-universal extract` again"
+        rec = read_sidecar(self.path)
+        if rec is None:
+            raise untrusted(self.path, "activation store", fix)
+        digests = rec.get("block_sha256")
+        if rec.get("kind") != "blocks" or not isinstance(digests, list) \
+                or len(digests) != self.n_blocks or rec.get("block_tokens") != self.block_tokens \
+                or blocks_sha256(digests) != rec.get("sha256"):
+            raise self._fail(f"does not match its checksum sidecar {self.path.name}.sha256 "
+                             f"({len(digests or [])} block checksums of "
+                             f"{rec.get('block_tokens')} rows recorded, the store has "
+                             f"{self.n_blocks} blocks of {self.block_tokens})")
+        stem = self.path.name[:-3] if self.path.name.endswith(".h5") else None
+        if self.path.parent.name == "stores" and stem and str(self.attrs["label"]) != stem:
+            raise self._fail(f"holds the activation store of {self.attrs['label']!r}, not "
+                             f"of {stem!r} (a store copied over another?)")
+        self._sidecar, self._digests = rec, digests
+        self._identity = file_identity(self.path)
+
+    def _check_block(self, i: int, rows: np.ndarray) -> None:
+        """Block i's rows against their recorded sha256, once per process."""
+        key = (self._identity, i)
+        if key in _VERIFIED_BLOCKS:
+            return
+        if rows_sha256(rows) != self._digests[i]:
+            raise self._fail(f"is damaged: block {i} of {self.n_blocks} (rows "
+                             f"{i * self.block_tokens}..) differs from its recorded sha256")
+        with _VERIFIED_LOCK:
+            _VERIFIED_BLOCKS.add(key)
 
     def _check_exists(self) -> None:
         p = self.path
@@ -605,7 +716,7 @@ class ActivationStore:
                 raise self._fail(f"has unallocated chunks ({exc})") from None
 
     def _checked_attrs(self, ds) -> dict:
-        attrs = {k: plain_attr(v) for k, v in ds.attrs.items()}
+        attrs = {k: plain_attr(v) for k, v in ds.attrs.items() if k not in DIM_ATTRS}
         missing = [k for k in REQUIRED_ATTRS if k not in attrs]
         if missing:
             raise self._fail(f"lacks attributes {missing}")
@@ -705,6 +816,13 @@ class ActivationStore:
         Compressed: decoded into a buffer that the NEXT read_block call overwrites; pass
         `out` (shape (rows, n_neurons), float16) to keep the result.
         """
+        out = self._read_block_raw(i, out)
+        if self._digests is not None:
+            self._check_block(i, out)
+        return out
+
+    def _read_block_raw(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """read_block without the checksum check."""
         start, stop = self.block_bounds(i)
         rows = stop - start
         if self._mm is not None:
@@ -727,7 +845,7 @@ class ActivationStore:
 
     def block_sha256(self, i: int) -> str:
         """sha256 of block i's rows as they are in the file now (reads the block)."""
-        return rows_sha256(self.read_block(i))
+        return rows_sha256(self._read_block_raw(i))
 
     def recorded_block_sha256(self, i: int) -> str | None:
         """The sha256 recorded for block i when the store was written (its .sha256
@@ -763,6 +881,11 @@ class ActivationStore:
         if not 0 <= start <= stop <= self.n_tokens:
             raise IndexError(f"rows [{start}, {stop}) out of range 0..{self.n_tokens}")
         if self._h5 is not None:
+            if self._digests is not None:  # compressed: check the blocks read first
+                bt = self.block_tokens
+                for i in range(start // bt, (stop - 1) // bt + 1 if stop > start else 0):
+                    if (self._identity, i) not in _VERIFIED_BLOCKS:
+                        self._check_block(i, self._read_block_raw(i))
             return self._h5[DATASET][start:stop]
         out = np.empty((stop - start, self.n_neurons), DTYPE)
         bt = self.block_tokens
@@ -792,7 +915,7 @@ class ActivationStore:
         self.close()
 
     def __reduce__(self):
-        return (open_store, (str(self.path),))
+        return (open_store, (str(self.path), self.verify))
 
     def __repr__(self):
         kind = "compressed" if self.compressed else "memory-mapped"

@@ -12,7 +12,13 @@ Writes RUN/report/ (built in RUN/report.tmp-<pid>/, then renamed over the old on
                     precision; the table cells are these rounded as each table states),
                     and the series each figure plots
 
-Every input is optional: a step that has not run gives its section a "not run" line.
+  checksums.json    the sha256 and size of every file above, and the recorded sha256
+                    of every input the report was made from (status verifies both)
+
+Every input is optional: a step that has not run gives its section a "not run" line. An
+input that is there is verified against its checksum sidecar first (REPORT_INPUTS; the
+reduce files by formats.reduced): untrusted or damaged, the report refuses with one line
+naming it. A killed report leaves RUN/report.tmp-<pid>*/; the next report removes them.
 """
 from __future__ import annotations
 
@@ -23,15 +29,18 @@ import time
 import warnings
 from pathlib import Path
 
+from ooc_universal import faults
 from ooc_universal.config import ReportConfig
 from ooc_universal.errors import OocError
-from ooc_universal.rundir import read_json_document
+from ooc_universal.rundir import (file_sha256, read_json_document, recorded_sha256,
+                                  refuse_if_run_in_progress, remove_dead_temporaries,
+                                  run_id, verify_file)
 from ooc_universal.report import render, sections, views
 from ooc_universal.report.data import find_zoo_json, load_run
 from ooc_universal.report.document import Figure, collect
 from ooc_universal.report.figures import Palette
 
-__all__ = ["report", "find_zoo_json"]
+__all__ = ["report", "find_zoo_json", "read_manifest", "verified_inputs"]
 
 
 def report(run_dir, settings: ReportConfig = ReportConfig(), *,
@@ -44,12 +53,67 @@ def report(run_dir, settings: ReportConfig = ReportConfig(), *,
     renamed over it. Returns {"html", "md", "data", "dir"}.
     """
     run_dir = _checked_run_dir(run_dir)
+    refuse_if_run_in_progress(run_dir, "report")
+    remove_dead_temporaries(run_dir, "report.tmp-*")  # what a killed report left
+    inputs = verified_inputs(run_dir)
     final = run_dir / "report"
     with _building(run_dir) as tmp:
         _write(tmp, *_build(run_dir, settings, progress))
-        _replace_dir(tmp, final, run_dir / f"report.old-{os.getpid()}")
+        faults.point("report.write")  # the new report is in report.tmp-<pid>/ here
+        write_manifest(tmp, inputs)
+        _replace_dir(tmp, final, run_dir / f"report.tmp-{os.getpid()}-old")
     return {"html": final / "index.html", "md": final / "index.md",
             "data": final / "report_data.json", "dir": final}
+
+
+# the step outputs the report reads (besides the reduce files) and the step that makes each
+REPORT_INPUTS = {
+    "universal/sets.json": "universal", "universal/table1.json": "universal",
+    "universal/neurons.parquet": "universal", "universal/neurons.csv": "universal",
+    "universal/table1.csv": "universal", "universal/table1_draws.csv": "universal",
+    "persistence/persistence.json": "persistence", "persistence/persistence.csv": "persistence",
+    "ablate/ablation.json": "ablate", "ablate/ablation.csv": "ablate",
+    "ablate/ablation_draws.csv": "ablate", "cards/cards.json": "cards"}
+MANIFEST = "checksums.json"
+
+
+def verified_inputs(run_dir: Path) -> dict:
+    """{input: recorded sha256} of every step output present that the report reads, each
+    verified against its checksum sidecar first (one OocError line when one fails)."""
+    from ooc_universal.formats.reduced import RECOMPUTE, list_reduced
+    out = {}
+    for rel, step in REPORT_INPUTS.items():
+        path = run_dir / rel
+        if path.is_file():
+            verify_file(path, f"{step} output", f"run `ooc-universal {step} --run-dir "
+                        f"{run_dir}` again")
+            out[rel] = recorded_sha256(path)
+    for path in list_reduced(run_dir):
+        verify_file(path, "reduce output", RECOMPUTE)
+        out[f"reduce/{path.name}"] = recorded_sha256(path)
+    return out
+
+
+def write_manifest(folder: Path, inputs: dict) -> Path:
+    """checksums.json: sha256 and size of every file of the built report, and its inputs."""
+    from ooc_universal import __version__
+    files = {f.name: {"sha256": file_sha256(f), "size": f.stat().st_size}
+             for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    path = folder / MANIFEST
+    path.write_text(json.dumps({"kind": "manifest", "step": "report", "files": files,
+                                "inputs": inputs, "toolkit_version": __version__,
+                                "written_at": time.time(), "run_id": run_id(folder.parent)},
+                               indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(run_dir) -> dict | None:
+    """RUN/report/checksums.json, or None when it is missing or unreadable."""
+    try:
+        doc = json.loads((Path(run_dir) / "report" / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
 
 
 def _checked_run_dir(run_dir) -> Path:
@@ -86,6 +150,7 @@ def _replace_dir(new: Path, final: Path, old: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
+        faults.point("report.replace")  # no RUN/report/ here: old and new aside
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from ooc_universal.report.document import Figure
 from ooc_universal.report.series import ABLATION_METRICS
-from ooc_universal.report.text import interval_text, short_name, step_short, tau_id, tau_text
+from ooc_universal.report.text import (interval_text, short_name, step_short, tau_id, tau_text,
+                                       tokens_short)
 
 DPI = 100
 SET_STYLE = {"universal": ("-", "o"), "control": ("--", "s"), "all-non-universal": (":", "^")}
@@ -99,7 +100,10 @@ def universal_percent_figure(view, series) -> Figure:
     ax.set_title(f"Universal neurons of {short_name(view.reference)} over training")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # below the axes, so it covers neither the title nor the thin single-pair lines
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center",
+               ncols=min(len(labels), 2))
     caption = (f"Percent of the reference's {view.n_neurons} neurons whose excess "
                f"correlation exceeds each threshold (draw 0), {view.summary} over "
                f"{view.n_pairs} pair(s) (thick lines; error bars: std over baseline draws, "
@@ -528,3 +532,65 @@ def heldout_loss_figure(zoo: dict, path, series, units: str, palette) -> Figure:
                "lower is better.")
     return finish(fig, "heldout_loss", "Held-out loss of the models", caption, str(path),
                   {"series": series, "unigram": unigram})
+
+
+# ---------------------------------------------------------------------------- convergence
+
+def _log2_offsets(n_lines: int, spread: float = 0.12) -> list[float]:
+    """Factors that shift each line's points sideways on a log2 axis (2^-0.06 .. 2^0.06),
+    so equal values of two pairs stay visible."""
+    if n_lines <= 1:
+        return [1.0]
+    return [2.0 ** ((i / (n_lines - 1) - 0.5) * spread) for i in range(n_lines)]
+
+
+def convergence_figure(series: dict, suffix: str, palette) -> Figure:
+    """% universal against the tokens correlated (log2 axis), a panel per (checkpoint,
+    threshold), a line per model pair in the model's colour."""
+    from matplotlib.lines import Line2D
+    ckpts, taus, others = series["checkpoints"], series["thresholds"], series["others"]
+    fig = new_figure(max(7.0, 3.6 * len(taus) + 1), 2.9 * len(ckpts) + 1.2)
+    axes = fig.subplots(len(ckpts), len(taus), squeeze=False, sharex=True)
+    offsets = dict(zip(others, _log2_offsets(len(others))))
+    counts = sorted({n for line in series["lines"] for n in line["n_tokens"]})
+    for line in series["lines"]:
+        ax = axes[ckpts.index(line["checkpoint"]), taus.index(line["threshold"])]
+        x = np.asarray(line["n_tokens"], float) * offsets[line["other"]]
+        y = np.asarray(line["pct_universal"], float)
+        spread = [0.0 if s is None else s for s in line["pct_std_over_draws"]]
+        ax.errorbar(x, y, yerr=_clipped_at_zero(y, spread), color=palette(line["other"]),
+                    marker="o", ms=4, lw=1.3, capsize=3)
+    for i, ckpt in enumerate(ckpts):
+        for j, tau in enumerate(taus):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(counts, [tokens_short(n) for n in counts], fontsize=7,
+                          rotation=45 if len(counts) > 6 else 0)
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"tau = {tau_text(tau)}, step {step_short(ckpt)}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("universal neurons (%)", fontsize=8)
+            if i == len(ckpts) - 1:
+                ax.set_xlabel("tokens correlated (log2 scale)", fontsize=8)
+    handles = [Line2D([], [], color=palette(o), marker="o", lw=1.3, label=short_name(o))
+               for o in others]
+    fig.legend(handles=handles, title="other model", fontsize=8, loc="outside lower center",
+               ncols=min(len(handles), 5))
+    reference = series["reference"]
+    fig.suptitle(f"Universal neurons of {short_name(reference)} against the tokens correlated")
+    n_total = max((line["n_tokens_total"] for line in series["lines"]), default=0)
+    caption = (f"Percent of the neurons of {reference} universal (excess correlation above "
+               "the threshold, baseline draw 0) when the correlations and the rotation "
+               "baseline are computed on the first n tokens only, at doubling n up to all "
+               f"{n_total} tokens (the last point: the run's own result); one line per "
+               "model pair, one panel per threshold and checkpoint. A line that is still "
+               "moving at the right edge says more tokens would change the answer. Error "
+               "bars: std over baseline draws (none with one draw), clipped at 0. Points "
+               "of different pairs are shifted sideways (by at most 2^0.06) so equal values "
+               "stay visible. Beyond the paper: Gurnee et al. ran 100k .. 100M tokens as "
+               "separate runs. Source: reduce/*.convergence.csv.")
+    return finish(fig, f"convergence{suffix}",
+                  f"Universal fraction against tokens, {reference}", caption,
+                  "reduce/*.convergence.csv", series)

@@ -234,3 +234,34 @@ def zoo_section(path, source, ctx: Context) -> Section:
         ctx.drawn(figures.heldout_loss_figure(zoo, path, series.zoo_loss_series(zoo),
                                               views.zoo_units(zoo), ctx.palette))]
     return section
+
+
+# ---------------------------------------------------------------------------- convergence
+
+CONVERGENCE_INTRO = (
+    "Does the token count suffice? The reduce keeps mergeable co-moments, so it can "
+    "finalize a snapshot of its running accumulators at doubling token counts in its one "
+    "pass: the row max correlation, the rotation baseline and so the universal fraction "
+    "of the first n tokens. Where the lines have flattened by the last point, more tokens "
+    "would not change the sets much; where they still move, the run's n is too small "
+    "for that threshold.")
+
+
+def convergence_section(source, ctx: Context) -> Section:
+    """The universal fraction against the tokens correlated (reduce/*.convergence.csv,
+    formats/convergence.py); `source.content` is read_all_convergence()'s DataFrame."""
+    section = Section("convergence", "Beyond the paper: universal fraction against tokens")
+    if source.content is None:
+        if source.reason == "missing":
+            return section.set_status(
+                "not run", "Not run: no reduce/*.convergence.csv, so this run has no "
+                           "token-count convergence. Run `ooc-universal reduce` (it records "
+                           "the snapshots) to produce it.")
+        return section.set_status("unreadable", f"Not shown: {source.reason}.")
+    section.blocks.append(CONVERGENCE_INTRO)
+    references = series.convergence_references(source.content)
+    for ref in references:
+        suffix = "" if len(references) == 1 else f"_{slug(ref)}"
+        section.blocks.append(ctx.drawn(figures.convergence_figure(
+            series.convergence_series(source.content, ref), suffix, ctx.palette)))
+    return section

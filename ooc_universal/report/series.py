@@ -303,3 +303,40 @@ def zoo_loss_series(zoo: dict) -> list[dict]:
     steps = zoo_steps(zoo)
     return [{"model": m["name"], "steps": steps,
              "heldout_loss": [heldout_loss(m, s) for s in steps]} for m in zoo["models"]]
+
+
+# ---------------------------------------------------------------------------- convergence
+
+
+def convergence_references(frame) -> list[str]:
+    """The references of the convergence tables (formats/convergence.py), sorted."""
+    return sorted(frame["reference"].astype(str).unique())
+
+
+def convergence_series(frame, reference: str) -> dict:
+    """What the convergence figure of one reference plots: per (checkpoint, threshold)
+    panel, one line per other model of pct_universal (draw 0) against n_tokens, with
+    the std over baseline draws (NaN with one draw). Only the snapshots that exist are
+    points: a pair with fewer snapshots has a shorter line, never a made-up point."""
+    mine = frame[frame["reference"].astype(str) == reference]
+    checkpoints = sorted(int(c) for c in mine["checkpoint"].unique())
+    thresholds = sorted(float(t) for t in mine["threshold"].unique())
+    others = sorted(mine["other"].astype(str).unique())
+    lines = []
+    for ckpt in checkpoints:
+        for tau in thresholds:
+            for other in others:
+                rows = mine[(mine["checkpoint"] == ckpt) & (mine["threshold"] == tau)
+                            & (mine["other"].astype(str) == other)].sort_values("n_tokens")
+                if rows.empty:
+                    continue
+                std = rows["pct_universal_draws_std"].astype(float)
+                lines.append({"checkpoint": ckpt, "threshold": tau, "other": other,
+                              "n_tokens": rows["n_tokens"].astype(int).tolist(),
+                              "pct_universal": rows["pct_universal"].astype(float).tolist(),
+                              "pct_std_over_draws": [None if np.isnan(v) else float(v)
+                                                     for v in std],
+                              "n_tokens_total": int(rows["n_tokens_total"].max()),
+                              "n_neurons": int(rows["n_neurons"].iloc[0])})
+    return {"reference": reference, "checkpoints": checkpoints, "thresholds": thresholds,
+            "others": others, "lines": lines}

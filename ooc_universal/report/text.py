@@ -94,3 +94,13 @@ def main_threshold(thresholds):
     if not thresholds:
         return None
     return min(thresholds, key=lambda t: (abs(float(t) - 0.5), t))
+
+
+def tokens_short(n) -> str:
+    """A token count on an axis: 512, 1.02k, 65.5k, 5M."""
+    n = int(n)
+    if n < 1000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n / 1000:.3g}k"
+    return f"{n / 1_000_000:.3g}M"

@@ -23,8 +23,17 @@ ties by flat index) get a card (one card per neuron, listing the pairs that chos
             "suppression" when kurtosis > KURTOSIS_CUT and skew < 0, else null.
             promoted / suppressed: the n_tokens largest / smallest entries of v, decoded
             with the model's tokenizer (byte models: the byte, escaped).
-  contexts  where the neuron fires most: null, "not recorded by this reduce", until the
-            reduce keeps a mergeable top-k of activations per neuron (issue 16).
+  contexts  where the neuron fires most: its n_contexts largest activations over the
+            correlation tokens (ties: the earlier store row), each with the tokens
+            around it (CONTEXT_BEFORE before, CONTEXT_AFTER after, within its window),
+            decoded with the model's tokenizer (the extract checked it is the token
+            set's). From the reference store's top-k file (RUN/stores/<label>.topk.npz,
+            kept during extract or the reduce: no extra pass) when it is there and made
+            from this token set; else computed here from the reference's store for the
+            card neurons only (one pass over its blocks, reading those columns), and the
+            card says so (contexts_source, contexts_note); with neither (the store was
+            released), contexts is null and the note says why. Store row i is the token
+            set's i-th valid position: (window, position) = np.nonzero(valid)[.][i].
 
 Writes RUN/cards/cards.json through formats/cards.py. Models are loaded on the CPU,
 one reference checkpoint at a time.
@@ -39,13 +48,16 @@ import numpy as np
 from ooc_universal import __version__
 from ooc_universal.config import CardsConfig
 from ooc_universal.errors import OocError
-from ooc_universal.formats.cards import CONTEXTS_NOTE, CardsFile, write_cards
+from ooc_universal.formats.cards import CardsFile, read_topk, topk_path, write_cards
 from ooc_universal.formats.reduced import list_reduced, open_reduced, read_attrs
 from ooc_universal.formats.sets import read_sets
 from ooc_universal.formats.tables import PAIR, read_neurons, universal_column, universal_paths
 from ooc_universal.rundir import config_hash, ensure_writable, recorded_sha256
 
 KURTOSIS_CUT = 10.0   # plain kurtosis (Gaussian: 3) above which a neuron predicts/suppresses
+N_CONTEXTS = 8        # contexts per card, unless CardsConfig has n_contexts
+CONTEXT_BEFORE, CONTEXT_AFTER = 12, 4   # tokens shown around the neuron's token
+TOPK_FILE, FROM_STORE = "topk file", "store"    # contexts_source
 DEFINITIONS = {
     "selection": "per (reference, other, checkpoint): the top_n neurons by excess (draw 0), "
                  "zero-variance neurons left out, ties by flat index",
@@ -57,7 +69,10 @@ DEFINITIONS = {
     "moments": "skew = E[z^3], kurtosis = E[z^4] (plain kurtosis, Gaussian 3), "
                "z = (v - mean v) / std v over the vocabulary",
     "role": f"prediction: kurtosis > {KURTOSIS_CUT:g} and skew > 0; suppression: "
-            f"kurtosis > {KURTOSIS_CUT:g} and skew < 0 (Gurnee et al. 2024)"}
+            f"kurtosis > {KURTOSIS_CUT:g} and skew < 0 (Gurnee et al. 2024)",
+    "contexts": "the neuron's largest activations over the correlation tokens (ties: the "
+                "earlier token), highest first, each with up to "
+                f"{CONTEXT_BEFORE} tokens before and {CONTEXT_AFTER} after it in its window"}
 
 
 # ---------------------------------------------------------------- selection
@@ -122,11 +137,88 @@ def _match(pair: PairFile, flat: int, row) -> dict:
             "is_universal": {f"{t:g}": bool(row[universal_column(t)]) for t in row["_taus"]}}
 
 
-def contexts_of(pair: PairFile, flat: int):
-    """(contexts, note) of a neuron. The reduce does not record its top activations yet,
-    so this is (None, CONTEXTS_NOTE); a reduce that keeps a mergeable top-k per neuron
-    (values and store rows) fills the card's `contexts` here."""
-    return None, CONTEXTS_NOTE
+@dataclass
+class TopContexts:
+    """The top activations of one reference checkpoint's card neurons, and where the
+    token rows point (the token set's valid positions)."""
+    flats: list              # the card neurons, in column order
+    values: np.ndarray       # (k, len(flats)) float32, highest first; None: none found
+    rows: np.ndarray         # (k, len(flats)) int64 store rows, -1: fewer than k tokens
+    source: str | None       # TOPK_FILE, FROM_STORE or None
+    note: str
+    input_ids: np.ndarray = None     # (n_windows, window) of the token set
+    windows: np.ndarray = None       # (n_tokens,) window of each store row
+    positions: np.ndarray = None     # (n_tokens,) position of each store row
+    input_file: Path | None = None   # the top-k file or store read (the cards' inputs)
+
+
+def top_contexts(run_dir, label: str, flats, k: int) -> TopContexts:
+    """The top-k activations of `flats` in store `label`: from its top-k file when it
+    matches the token set, else from the store itself (card neurons only)."""
+    from ooc_universal.formats.tokens import load_token_set
+    flats = [int(f) for f in flats]
+    try:
+        tokens = load_token_set(run_dir)
+    except OocError as exc:
+        return TopContexts(flats, None, None, None, f"no contexts: {exc}")
+    windows, positions = np.nonzero(tokens.valid)       # store row i -> (window, position)
+    found = TopContexts(flats, None, None, None, "", tokens.input_ids, windows, positions)
+    topk = read_topk(run_dir, label)
+    if topk is not None and topk.token_hash == tokens.hash and topk.n_tokens == windows.size:
+        found.values, found.rows = topk.values[:k, flats], topk.rows[:k, flats]
+        found.source, found.input_file = TOPK_FILE, topk_path(run_dir, label)
+        found.note = (f"the top {min(k, topk.k)} activations over the {windows.size} "
+                      f"correlation tokens, from stores/{topk_path(run_dir, label).name} "
+                      f"(kept by {topk.made_by or 'an earlier step'})")
+        return found
+    stale = "" if topk is None else (" (its top-k file was made from another token set, "
+                                     "so it was not used)")
+    return _contexts_from_store(run_dir, label, found, k, tokens.hash, stale)
+
+
+def _contexts_from_store(run_dir, label, found: TopContexts, k, token_hash, stale):
+    """The top k of the card neurons' columns of the store, block by block."""
+    from ooc_universal.formats.store import StorePaths, open_store
+    from ooc_universal.kernels import topk as topk_kernel
+    path = StorePaths.of(Path(run_dir) / "stores", label).final
+    if not path.is_file():
+        found.note = (f"no contexts: neither a top-k file nor the activation store of "
+                      f"{label} is in stores/ (released or never extracted){stale}; "
+                      f"re-extract {label} to find them")
+        return found
+    with open_store(path) as store:
+        if str(store.attrs.get("token_hash")) != token_hash or store.n_tokens != found.windows.size:
+            found.note = (f"no contexts: the store of {label} was made from another token "
+                          f"set than RUN/tokens{stale}; re-extract it")
+            return found
+        best = topk_kernel.empty(k, len(found.flats))
+        for start, _, block in store.blocks():
+            best = topk_kernel.combine(best, topk_kernel.chunk(block[:, found.flats], start, k))
+    found.values, found.rows = best
+    found.source, found.input_file = FROM_STORE, path
+    found.note = (f"computed by the cards step from stores/{path.name} for the card neurons "
+                  f"only (the top {k} over the {found.windows.size} correlation tokens; no "
+                  f"top-k file was kept{stale})")
+    return found
+
+
+def contexts_of(found: TopContexts, flat: int, loaded) -> tuple:
+    """(contexts, source, note) of one card neuron: its top activations, highest first,
+    each with the tokens around it (formats/cards.py has the record)."""
+    if found.values is None:
+        return None, None, found.note
+    col = found.flats.index(int(flat))
+    out = []
+    for value, row in zip(found.values[:, col], found.rows[:, col]):
+        if row < 0:
+            break                                  # fewer tokens than k
+        window, position = int(found.windows[row]), int(found.positions[row])
+        lo = max(0, position - CONTEXT_BEFORE)
+        hi = min(found.input_ids.shape[1], position + CONTEXT_AFTER + 1)
+        out.append({"activation": float(value), "row": int(row), "window": window,
+                    "position": position, "focus": position - lo,
+                    "tokens": [token_text(loaded, int(t)) for t in found.input_ids[window, lo:hi]]})
+    return out, found.source, found.note
 
 
 # ---------------------------------------------------------------- the model's weights
@@ -270,9 +362,11 @@ def _cards_of(run_dir, neurons, ref, ckpt, flats, thresholds, settings, override
     order = sorted(flats)
     effects = logit_effects(loaded.model, order, loaded.d_mlp)
     rows = _pair_rows(neurons, ref, ckpt, thresholds, order)
+    found = top_contexts(run_dir, str(pairs[0].attrs["ref_label"]), order,
+                         n_contexts(settings))
     made = []
     for flat, v in zip(order, effects):
-        contexts, note = contexts_of(pairs[0], flat)
+        contexts, source, note = contexts_of(found, flat, loaded)
         made.append({
             "reference": ref, "checkpoint": ckpt, "layer": flat // loaded.d_mlp,
             "neuron": flat % loaded.d_mlp, "flat_index": flat, "model": loaded.spec.label,
@@ -280,10 +374,12 @@ def _cards_of(run_dir, neurons, ref, ckpt, flats, thresholds, settings, override
             "matches": [_match(p, flat, rows[(p.other, flat)]) for p in pairs
                         if (p.other, flat) in rows],
             "vocab": vocab_record(loaded, v, settings.n_tokens),
-            "contexts": contexts, "contexts_note": note})
+            "contexts": contexts, "contexts_source": source, "contexts_note": note})
     info = {"model_id": loaded.model_id, "revision": loaded.revision, "commit": loaded.commit,
             "tokenizer": loaded.tokenizer_name, "spec": spec}
     files = {f"reduce/{p.path.name}": recorded_sha256(p.path) for p in pairs}
+    if found.input_file is not None:
+        files[f"stores/{found.input_file.name}"] = recorded_sha256(found.input_file)
     del loaded
     return made, pairs[0].attrs["ref_label"], info, files
 
@@ -300,9 +396,15 @@ def _pair_rows(neurons, ref, ckpt, thresholds, flats) -> dict:
     return out
 
 
+def n_contexts(settings: CardsConfig) -> int:
+    """Contexts per card: CardsConfig.n_contexts where the config has it."""
+    return int(getattr(settings, "n_contexts", N_CONTEXTS))
+
+
 def _config(settings: CardsConfig) -> dict:
     return {"top_n": settings.top_n, "n_tokens": settings.n_tokens,
-            "kurtosis_cut": KURTOSIS_CUT}
+            "n_contexts": n_contexts(settings), "context_before": CONTEXT_BEFORE,
+            "context_after": CONTEXT_AFTER, "kurtosis_cut": KURTOSIS_CUT}
 
 
 def _source(run_dir: Path, neurons_path: Path) -> dict:

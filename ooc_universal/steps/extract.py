@@ -16,6 +16,9 @@ hooked forward itself is within a few per cent of a bare forward; the writer's s
 every block (about 1.5 GB/s here) competes with the forward's threads; gathering the
 valid rows is one memcpy per run of them.
 
+The hooks, the capture buffer and the row gathering are forward.py's, shared with the
+reduce's stream source (sources.py), so a streamed block equals the stored one.
+
 Resuming is by the ledger: blocks already written are not recomputed; a batch of windows
 is forwarded only when it holds rows of a missing block.
 """
@@ -33,6 +36,9 @@ import numpy as np
 
 from ooc_universal import faults, models
 from ooc_universal.config import ComputeConfig, ExtractConfig, validated
+from ooc_universal.forward import (FP16_MAX, MAX_BATCH_TOKENS, Capture, gather_rows,
+                                   row_starts, window_bytes)
+from ooc_universal.forward import check_not_nan as _check_not_nan
 from ooc_universal.devices import resolve_device
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.formats.store import (DTYPE, PartialStore, StorePaths, aligned_block_buffer,
@@ -45,16 +51,8 @@ from ooc_universal.plan import parse_bytes
 from ooc_universal.rundir import check_free_space, disk_full, human_bytes, is_disk_full, step_dir
 
 DTYPES = ("float32", "bfloat16")
-# Tokens per forward beyond which throughput stops rising: on a CPU, bigger batches fall
-# out of cache (measured: 1-4k tokens best, 8k tokens 30% slower); a GPU wants many.
-MAX_BATCH_TOKENS = {"cpu": 4096, "cuda": 65536}
-FP16_MAX = 65504.0
 SLACK_BYTES = 64 * 10**6   # allocator fragmentation, tqdm, small temporaries
 SLEEP_ENV = "OOC_TEST_SLEEP_PER_BLOCK"  # tests only: seconds to sleep after each block
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's hook: everything after it (LM head included) is skipped."""
 
 
 def extract(run_dir, model_spec, settings: ExtractConfig = ExtractConfig(),
@@ -271,23 +269,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def window_bytes(loaded, window: int) -> int:
-    """Peak bytes one window adds to a forward pass with capture (no grad: one layer live).
-
-    Capture buffer (fp16, all neurons) + the MLP's fc output, GELU output and gathered
-    copy (fp32) + residual-stream temporaries + attention scores and probabilities
-    (fp32: reorder_and_upcast_attn).
-    """
-    cfg = loaded.model.config
-    d_model = int(getattr(cfg, "n_embd", 0) or cfg.hidden_size)
-    n_head = int(getattr(cfg, "n_head", 0) or cfg.num_attention_heads)
-    n_neurons = loaded.n_layers * loaded.d_mlp
-    # gelu_new in eager torch makes ~6 fp32 temporaries of the fc output (x^3, scaled,
-    # tanh, ...), on top of the fc output, the GELU output and the gathered copy
-    per_pos = n_neurons * 2 + loaded.d_mlp * 4 * 9 + d_model * 4 * 10
-    return window * per_pos + n_head * window * window * 4 * 3
-
-
 def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
                batch_size: int | None = None, device: str = "cpu") -> int:
     """Windows per forward that keep the process under `memory_bytes`.
@@ -386,64 +367,11 @@ class _BlockWriter:
             raise self.error
 
 
-class _Capture:
-    """Forward pre-hooks on every layer's MLP output projection: each copies its whole
-    (B*T, d_mlp) input into its columns of one fp16 capture buffer (a strided
-    fp32->fp16 copy, the cheapest pass) and records its range (overflow, NaN); the last
-    layer's hook stops the forward."""
-
-    def __init__(self, loaded, rows: int, dev):
-        import torch
-        self.d, self.n_layers = loaded.d_mlp, loaded.n_layers
-        self.cap = torch.empty((rows, loaded.n_layers * loaded.d_mlp), dtype=torch.float16,
-                               device=dev)
-        self.host = (torch.empty_like(self.cap, device="cpu").pin_memory()
-                     if dev.type == "cuda" else None)
-        self.n, self.ranges = 0, []
-        self.handles = [models.mlp_out_proj(loaded.model, layer).register_forward_pre_hook(
-            self._hook(layer)) for layer in range(loaded.n_layers)]
-
-    def _hook(self, layer: int):
-        import torch
-        cols = slice(layer * self.d, (layer + 1) * self.d)
-        last = layer == self.n_layers - 1
-
-        def hook(module, args):
-            x = args[0].reshape(-1, self.d)                          # (B*T, d_mlp)
-            self.cap[: self.n, cols].copy_(x)
-            # both ends: act(gate) * up (OLMo, Llama) overflows either way; NaN propagates
-            self.ranges.append(torch.stack(torch.aminmax(x)))
-            if last:
-                raise _StopForward
-        return hook
-
-    def forward(self, base, ids) -> float:
-        """Run a batch; the largest |activation| (NaN when any is NaN)."""
-        import torch
-        self.n, self.ranges = ids.numel(), []
-        _forward_to_last_hook(base, ids)
-        return float(torch.stack(self.ranges).abs().max())  # (waits for a GPU)
-
-    def valid_rows(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(src, sel): the batch's valid row k is src[sel[k]], on the host. On a GPU the
-        rows are gathered there first, so only valid rows cross to the host."""
-        import torch
-        if self.host is None:
-            return self.cap.numpy(), idx
-        nv = len(idx)
-        self.host[:nv].copy_(self.cap.index_select(0, torch.from_numpy(idx).to(self.cap.device)))
-        return self.host[:nv].numpy(), np.arange(nv)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, progress: bool,
                  stats: dict) -> int:
     """Forward the windows that hold rows of missing blocks; return rows written.
 
-    The hooks (_Capture) fill an fp16 capture buffer; the valid rows are then gathered
+    The hooks (forward.Capture) fill an fp16 capture buffer; the valid rows are then gathered
     once per batch, on the GPU before the transfer, on a CPU straight into the block
     buffers (gather_rows: one memcpy per run of valid positions).
     """
@@ -453,9 +381,9 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
     base = models.base_model(loaded.model)  # the decoder stack, without the LM head
     input_ids, valid = token_set.input_ids, token_set.valid
     n_windows, window = input_ids.shape
-    row_start = np.concatenate([[0], np.cumsum(valid.sum(axis=1, dtype=np.int64))])
+    row_start = row_starts(valid)
     bt, n_tokens, done = partial.block_tokens, partial.n_tokens, set(partial.done)
-    capture = _Capture(loaded, batch * window, dev)
+    capture = Capture(loaded, batch * window, dev)
     writer = _BlockWriter(partial)
     bar = tqdm(total=n_tokens, initial=sum(min(n_tokens, (i + 1) * bt) - i * bt for i in done),
                unit="tok", unit_scale=True, disable=not progress,
@@ -505,23 +433,6 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
     return rows_written
 
 
-def _check_not_nan(top: float, loaded, w0: int, w1: int) -> None:
-    if math.isnan(top):
-        raise OocError(
-            f"model {loaded.spec.label} produced NaN activations (windows {w0}..{w1 - 1}); "
-            "its weights are broken (NaN or overflowing): check the checkpoint, then run "
-            "the same command again")
-
-
-def _forward_to_last_hook(base, ids) -> None:
-    """base(ids), stopped by the last layer's hook (nothing after it is computed)."""
-    try:
-        base(input_ids=ids, use_cache=False)
-    except _StopForward:
-        return
-    raise RuntimeError("the last layer's hook did not run")
-
-
 def _route(src: np.ndarray, sel: np.ndarray, r0: int, n: int, bt: int, n_tokens: int,
            done: set, cur: dict, writer: _BlockWriter, bar) -> int:
     """Copy a batch's n valid rows (global rows r0..r0+n) into block buffers; submit
@@ -548,19 +459,4 @@ def _route(src: np.ndarray, sel: np.ndarray, r0: int, n: int, bt: int, n_tokens:
     return kept
 
 
-def gather_rows(src: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
-    """out[k] = src[positions[k]] for increasing positions, one memcpy per run of
-    consecutive positions.
-
-    Why not torch.index_select: on a CPU its float16 kernel copies element by element
-    (0.4 GB/s measured, about a fifth of extract's time at GPT-2-small shape); valid
-    positions come in long runs (only BOS, newlines and the cut are left out), so a
-    slice copy per run is a handful of memcpys per window (10+ GB/s)."""
-    if not len(positions):
-        return
-    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks, [len(positions)]])
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        p = int(positions[a])
-        out[a:b] = src[p: p + b - a]
+_Capture = Capture  # the name the tests and older callers use

@@ -38,7 +38,9 @@ from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, PAIR, PAIR_AVERAGED,
                                           PERSISTENCE_COLUMNS, POOLED_OVER_PAIRS,
                                           SCOPE_ALL, SCOPE_LAYER, PersistenceFile,
                                           write_persistence)
-from ooc_universal.rundir import config_hash, recorded_sha256, step_dir
+from ooc_universal.rundir import (config_hash, file_lock, recorded_sha256,
+                                  refuse_if_run_in_progress, remove_dead_temporaries,
+                                  step_dir)
 
 MEASURES = {
     "p_persist": "|U(t1) & U(t2)| / |U(t1)|, a fraction in [0, 1]; null with "
@@ -159,7 +161,8 @@ class PersistenceOutput:
 
 def persistence(run_dir, *, progress: bool = True) -> PersistenceOutput:
     """P(universal at t2 | universal at t1), emergence and Jaccard from RUN/universal."""
-    sets = read_sets(run_dir)
+    refuse_if_run_in_progress(run_dir, "persistence")
+    sets = read_sets(run_dir)  # verified against its checksum sidecar
     ckpts = sorted({s.checkpoint for s in sets.sets if s.checkpoint >= 0})
     if len(ckpts) < 2:
         raise OocError(f"persistence needs universal sets at two or more checkpoints; "
@@ -174,8 +177,11 @@ def persistence(run_dir, *, progress: bool = True) -> PersistenceOutput:
         config={"definitions": MEASURES, "checkpoints": ckpts}, source=source,
         token_hash=p.token_hash, toolkit_version=__version__,
         rows=rows + mean_rows + pooled_rows)
-    step_dir(run_dir, "persistence")
+    out = step_dir(run_dir, "persistence")
     record = {"step": "persistence", "token_hash": p.token_hash,
               "config_hash": config_hash(result.config),
               "inputs": {"universal/sets.json": recorded_sha256(sets.path)}}
-    return PersistenceOutput(write_persistence(run_dir, result, record), result)
+    with file_lock(out / ".lock", f"persistence outputs {str(out)!r}",
+                   busy="are being written by"):
+        remove_dead_temporaries(out)  # what a killed persistence left (`*.tmp-<pid>`)
+        return PersistenceOutput(write_persistence(run_dir, result, record), result)

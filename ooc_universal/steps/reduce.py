@@ -6,6 +6,13 @@ row and column max | argmax of the Pearson correlation over all neurons, the oth
 model's within-layer self co-moments, the rotation baseline's row maxima for K seeded
 draws, and on request the cross co-moment matrix.
 
+The blocks come from a block source (sources.py): the activation stores (--source
+store), or forward passes of the models over the run's token set (--source stream: no
+store is written or read; each pass over a model's blocks forwards it again, and the
+plan counts those passes), or whichever plan.choose_source expects to be faster within
+the free disk (--source auto). Outputs are the same either way (a streamed block equals
+the stored block), so the source is not among the settings an output records.
+
 The step validates its inputs, asks plan.make_plan how to cut the work within the
 memory budget, builds the task graph below and hands it to graph.execute:
 
@@ -16,7 +23,7 @@ memory budget, builds the task graph below and hands it to graph.execute:
   scales(i)          1/sqrt(diag(R S R^T)) of other model i, once per draw and layer
   fold(g, p, c)      fold the token blocks of chain c into the accumulators of group g,
                      panel p, one layer of each other model at a time (block reads
-                     through the store's API, kernels/comoments.py); checkpoint to the
+                     through the source, kernels/comoments.py); checkpoint to the
                      work dir every segment
   merge(g, p)        Chan-merge the chains (only when there are several), pair by pair
   finalize(g, p)     row/col max of the panel (kernels/tilemax.py) and the rotation
@@ -39,7 +46,6 @@ import contextlib
 import hashlib
 import json
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from ooc_universal import __version__, faults
-from ooc_universal.config import ComputeConfig, ReduceConfig, validated
+from ooc_universal.config import NOT_HASHED, ComputeConfig, ReduceConfig, validated
 from ooc_universal.devices import device_name
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.formats.reduced import (LAYOUT_VERSION, PairHeader, WorkDir, create_reduced,
@@ -61,9 +67,12 @@ from ooc_universal.formats.store import open_store
 from ooc_universal.graph import (CANCEL, PROGRESS, TIMINGS, Interrupted, TaskFailedError,
                                  TaskGraph, cluster_workers, execute)
 from ooc_universal.plan import (BASELINE_ROW_STRIP, PairShape, Rates, ReducePlan, describe,
-                                gemm_shape, make_plan, measure_gemm, measure_rates)
+                                describe_options, gemm_shape, make_plan, measure_gemm,
+                                measure_rates, stream_shape)
 from ooc_universal.rundir import (check_free_space, config_hash, ensure_sidecar, file_lock,
                                   human_bytes, recorded_sha256, step_dir)
+from ooc_universal.sources import (SourceSpec, open_source, release_sources, store_source,
+                                   stream_source)
 
 # Names kept for callers and tests that reach into the module (same objects as graph's).
 _CANCEL, _PROGRESS = CANCEL, PROGRESS
@@ -79,10 +88,11 @@ LEGACY_KEYWORDS = {"memory": "compute", "device": "compute", "scheduler": "compu
 
 @dataclass(frozen=True)
 class FoldTask:
-    """Everything a worker needs to fold one chain: paths and numbers only."""
+    """Everything a worker needs to fold one chain: paths and numbers only (a source is
+    a sources.SourceSpec: a store's path or a model to stream)."""
     work_dir: str
-    ref_path: str
-    other_paths: tuple
+    ref_source: SourceSpec
+    other_sources: tuple
     group: int
     panel: int
     chain: int
@@ -100,7 +110,7 @@ class FoldTask:
 class SelfTask:
     """One other model's self co-moment pass: paths and numbers only."""
     work_dir: str
-    other_path: str
+    other_source: SourceSpec
     index: int             # the other model's index among the graph's pairs
     d: int                 # neurons per layer
     block_tokens: int
@@ -113,18 +123,38 @@ class SelfTask:
 
 @dataclass(frozen=True)
 class Job:
-    """One validated reduce command: the stores (metadata dicts, saved with every result),
-    the settings and where it runs."""
+    """One validated reduce command: the models (metadata dicts, saved with every
+    result: a store's, or sources.stream_meta's), their block sources, the settings and
+    where it runs."""
     run_dir: Path
     ref: dict
-    others: tuple          # (path, meta) of each other store
+    others: tuple          # (SourceSpec, meta) of each other model
     settings: ReduceConfig
     compute: ComputeConfig
     device: str            # resolved: cpu, cuda, cuda:N
+    source: str = "store"  # resolved: store | stream
+    choice: str = ""       # --source auto: the options compared and why (dry run text)
+    choice_line: str = ""  # --source auto: the choice in one line
+    rates: Rates | None = None  # --source auto: the rates it measured (the dry run's)
 
     @property
     def settings_dict(self) -> dict:
-        return self.settings.model_dump()
+        """What the numbers depend on: where the blocks come from (source, disk_gbps)
+        is not, so a streamed and a stored reduce make interchangeable outputs."""
+        return self.settings.model_dump(exclude=set(NOT_HASHED["reduce"]))
+
+    @property
+    def ref_source(self) -> SourceSpec:
+        return self.source_of(self.ref)
+
+    def source_of(self, meta: dict) -> SourceSpec:
+        if meta.get("source") == "stream":
+            return stream_source(meta["spec"], meta["label"], self.run_dir,
+                                 meta["batch_windows"], self.device)
+        return store_source(meta["path"])
+
+    def sources(self) -> list:
+        return [self.ref_source, *(src for src, _ in self.others)]
 
     def output(self, meta: dict) -> Path:
         return reduced_path(self.run_dir, self.ref["label"], meta["label"])
@@ -136,7 +166,14 @@ def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None 
            compute: ComputeConfig | None = None, *, block_tokens=None, max_panels=None,
            n_workers=None, checkpoint_blocks=None, gemm_rate=None, dry_run=False,
            force=False, progress=True, **legacy):
-    """Reduce `reference` against each of `others` (store labels, paths or model specs).
+    """Reduce `reference` against each of `others` (store labels, paths or model specs;
+    models.ModelSpec objects are named by their labels).
+
+    settings.source: "store" reads the activation stores; "stream" runs forward passes
+    of the models (specs: `reference` and `others` are model specs, or labels of stores
+    whose recorded spec is used) over the run's token set and writes no store; "auto"
+    chooses from the plan (plan.choose_source: expected time, disk) and says why in
+    result["source_choice"].
 
     settings: what the numbers depend on (saved with every result); compute: device,
     memory budget and cluster. The rest only cut the work differently (planner
@@ -155,17 +192,21 @@ def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None 
     "rates", and nothing is computed or written.
     """
     settings, compute = _sections(settings, compute, legacy)
-    job = _validated_job(run_dir, reference, others, settings, compute)
     tuning = dict(block_tokens=block_tokens, max_panels=max_panels, n_workers=n_workers,
                   checkpoint_blocks=checkpoint_blocks)
-    paths = [Path(job.ref["path"]), *(p for p, _ in job.others)]
+    if settings.source == "auto":
+        job = _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate)
+    else:
+        job = _validated_job(run_dir, reference, others, settings, compute)
     with contextlib.ExitStack() as locks:
         if not dry_run:
             _lock_outputs(job, locks)
         try:
-            return _reduce_locked(job, tuning, gemm_rate, dry_run, force, progress)
+            result = _reduce_locked(job, tuning, gemm_rate, dry_run, force, progress)
+            result.update(source=job.source, source_choice=job.choice_line)
+            return result
         finally:
-            release_stores(paths)
+            release_sources(job.sources())
 
 
 def _sections(settings, compute, legacy: dict) -> tuple[ReduceConfig, ComputeConfig]:
@@ -203,7 +244,14 @@ def _validated_job(run_dir, reference, others, settings, compute) -> Job:
     if not others:
         raise OocError("reduce needs at least one other model besides the reference; "
                        "pass two or more models")
+    if settings.source == "stream":
+        return _stream_job(run_dir, reference, others, settings, compute)
+    return _store_job(run_dir, reference, others, settings, compute)
+
+
+def _store_job(run_dir, reference, others, settings, compute) -> Job:
     device = device_name(compute.device)
+    reference, others = _label_of(reference), [_label_of(o) for o in others]
     ref_path = store_path(run_dir, reference)
     other_paths = [store_path(run_dir, o) for o in others]
     if ref_path in other_paths:
@@ -214,8 +262,129 @@ def _validated_job(run_dir, reference, others, settings, compute) -> Job:
     ref_meta = _store_meta(ref_path)
     metas = [_store_meta(p) for p in other_paths]
     _check_compatible(ref_meta, metas)
-    return Job(Path(run_dir), ref_meta, tuple(zip(other_paths, metas)), settings, compute,
-               device)
+    return Job(Path(run_dir), ref_meta, tuple((store_source(p), m)
+                                              for p, m in zip(other_paths, metas)),
+               settings, compute, device, "store")
+
+
+def _stream_job(run_dir, reference, others, settings, compute, labels=None) -> Job:
+    """The models named by `reference` and `others` (model specs, or labels of stores
+    that record their spec), streamed over the run's token set: no store is opened.
+    `labels`: the output labels to use (auto: those of the stores), else
+    models.unique_labels'."""
+    from ooc_universal import models
+    from ooc_universal.formats.tokens import load_token_set
+    from ooc_universal.sources import stream_meta
+    if not others:
+        raise OocError("reduce needs at least one other model besides the reference; "
+                       "pass two or more models")
+    device = device_name(compute.device)
+    token_set = load_token_set(run_dir)
+    names = [reference, *others]
+    specs = models.unique_labels([_spec_text(run_dir, n) for n in names])
+    if labels:
+        from dataclasses import replace
+        specs = [replace(s, label=lab) for s, lab in zip(specs, labels)]
+    seen = [s.label for s in specs]
+    if seen[0] in seen[1:]:
+        raise OocError(f"the reference {_label_of(reference)!r} is also among the other "
+                       "models; correlate a model with other models only")
+    if len(set(seen)) != len(seen):
+        raise OocError(f"duplicate models among {[_label_of(o) for o in others]}; name each "
+                       "other model once")
+    models.check_same_family(specs)
+    token_meta = {"hash": token_set.hash, "n_tokens": token_set.n_tokens,
+                  "window": token_set.window, "n_windows": token_set.n_windows}
+    metas = [stream_meta(s, token_meta, device) for s in specs]
+    _check_compatible(metas[0], metas[1:])
+    job = Job(Path(run_dir), metas[0], (), settings, compute, device, "stream")
+    return Job(job.run_dir, metas[0], tuple((job.source_of(m), m) for m in metas[1:]),
+               settings, compute, device, "stream")
+
+
+def _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate) -> Job:
+    """--source auto: both jobs when both can run, each costed from its plan
+    (plan.stream_option: forward passes at the rate measured now on the reference
+    model; plan.store_option: the stores read back at the disk's measured or stated
+    --disk-gbps bandwidth), and the faster that fits the free disk (plan.choose_source).
+    Here the stores either exist (then reading them is the store option) or do not (a
+    reduce cannot extract: streaming is then the only option)."""
+    import shutil
+    from dataclasses import replace
+
+    from ooc_universal.plan import choose_source, disk_rates, store_option, stream_option
+    from ooc_universal.rundir import existing_parent
+    jobs, why = {}, {}
+    for name in ("store", "stream"):
+        labels = None
+        if name == "stream" and "store" in jobs:  # same outputs as the stores would make
+            labels = [jobs["store"].ref["label"], *(m["label"] for _, m in jobs["store"].others)]
+        try:
+            jobs[name] = _validated_job(
+                run_dir, reference, others, settings.model_copy(update={"source": name}),
+                compute) if labels is None else _stream_job(
+                run_dir, reference, others, settings.model_copy(update={"source": name}),
+                compute, labels=labels)
+        except OocError as exc:
+            why[name] = str(exc).rstrip(".")
+    if not jobs:
+        raise OocError(f"--source auto: no block source can run: stores: {why['store']}; "
+                       f"stream: {why['stream']}")
+    if len(jobs) == 1:
+        (name, job), = jobs.items()
+        other = "stream" if name == "store" else "store"
+        line = (f"block source (--source auto): {name}, the only one that can run "
+                f"({other}: {why[other]})")
+        return replace(job, settings=settings, choice=line, choice_line=line)
+    n_workers = tuning["n_workers"] or (cluster_workers(compute.scheduler)
+                                        if compute.scheduler else 1)
+    plans = {k: _plan(j, j.others, n_workers, tuning) for k, j in jobs.items()}
+    reduce_dir = step_dir(run_dir, "reduce")
+    base = Rates(gemm_flops_per_s=gemm_rate, measured=("given",)) if gemm_rate \
+        else measure_rates(plans["store"], reduce_dir)
+    write, read, how = disk_rates(reduce_dir, settings.disk_gbps)
+    rates = replace(base, read_bytes_per_s=read, disk_bytes_per_s=write,
+                    forward_flops_per_s=_forward_rate(jobs["stream"]),
+                    measured=base.measured + ("forward", f"disk ({how})"))
+    options = [stream_option(plans["stream"], rates), store_option(plans["store"], rates)]
+    free = shutil.disk_usage(existing_parent(reduce_dir)).free
+    chosen, reason = choose_source(options, free)
+    if chosen.source == "store":  # the forward rate's model is not needed
+        release_sources(jobs["stream"].sources())
+    text = describe_options(options, chosen, reason, jobs[chosen.source].device)
+    text += (f"\n  rates: forward {rates.forward_flops_per_s / 1e9:.1f} GFLOP/s (measured "
+             f"now on {jobs['stream'].ref['label']}); disk read {read / 1e9:.2f} GB/s, write "
+             f"{write / 1e9:.2f} GB/s ({how}); {human_bytes(free)} free")
+    return replace(jobs[chosen.source], settings=settings, choice=text, rates=rates,
+                   choice_line=f"block source (--source auto): {chosen.source} ({reason})")
+
+
+def _forward_rate(job: Job) -> float:
+    """FLOP/s of the reference model's hooked forward passes, measured now on the token
+    set's first batches (the model stays loaded for the reduce)."""
+    from ooc_universal.sources import measure_forward
+    measured = measure_forward(job.ref_source, seconds=0.5)
+    return measured["positions_per_s"] * stream_shape([job.ref]).flops_ref
+
+
+def _label_of(name):
+    """A store is named by its label: a models.ModelSpec (as `run` passes them) by its
+    label, anything else as given."""
+    return getattr(name, "label", name)
+
+
+def _spec_text(run_dir, name):
+    """A model spec for `name`: itself (a models.ModelSpec keeps its label), unless it
+    names a store (a label or an .h5 path) that records the spec it was extracted from."""
+    if not isinstance(name, str):
+        return name
+    direct = Path(name) if str(name).endswith(".h5") else Path(run_dir) / "stores" / f"{name}.h5"
+    if direct.exists():
+        with contextlib.suppress(OocError), open_store(direct, verify=False) as st:
+            spec = st.attrs.get("spec")
+            if spec:
+                return str(spec)
+    return str(name)
 
 
 def _lock_outputs(job: Job, locks: contextlib.ExitStack) -> None:
@@ -243,11 +412,13 @@ def _reduce_locked(job: Job, tuning: dict, gemm_rate, dry_run, force, progress) 
               "skipped": skipped, "timings": {}}
     if dry_run:
         shown = plan if todo else plan_for(job.others)  # all complete: what --force does
-        rates = Rates(gemm_flops_per_s=gemm_rate, measured=("given",)) if gemm_rate \
-            else measure_rates(shown, step_dir(job.run_dir, "reduce"))
+        rates = job.rates or _dry_run_rates(job, shown, gemm_rate)
         head = "" if todo else (f"all {len(skipped)} pair(s) are complete; with --force "
                                 "the reduce would run this plan:\n")
-        result.update(plan=shown, describe=head + describe(shown, rates), rates=rates)
+        text = head + describe(shown, rates)
+        if job.choice:
+            text = job.choice + "\n" + text
+        result.update(plan=shown, describe=text, rates=rates)
         return result
     if not todo:
         result["outputs"] = skipped
@@ -289,6 +460,18 @@ def _reduce_locked(job: Job, tuning: dict, gemm_rate, dry_run, force, progress) 
     return result
 
 
+def _dry_run_rates(job: Job, plan: ReducePlan, gemm_rate) -> Rates:
+    """The rates the dry run's time estimate uses: measured now at the plan's shapes
+    (unless gemm_rate is given), and for a stream the forward rate of its reference."""
+    from dataclasses import replace
+    rates = Rates(gemm_flops_per_s=gemm_rate, measured=("given",)) if gemm_rate \
+        else measure_rates(plan, step_dir(job.run_dir, "reduce"))
+    if job.source == "stream":
+        rates = replace(rates, forward_flops_per_s=_forward_rate(job),
+                        measured=rates.measured + ("forward",))
+    return rates
+
+
 def achieved_rate(plan: ReducePlan, wall: float, cpu: float) -> dict:
     """The reduce's useful FLOP/s (plan.flops: cross, self, baseline, scales) against
     torch.matmul measured now at the plan's strip GEMM shape, per wall and per
@@ -328,13 +511,15 @@ def _pairs_to_do(job: Job, dry_run: bool, force: bool) -> tuple[list, list]:
 def _plan(job: Job, pairs, n_workers: int, tuning: dict) -> ReducePlan:
     shapes = [PairShape(m["label"], m["n_neurons"], m["d_mlp"]) for _, m in pairs]
     s = job.settings
+    stream = stream_shape([job.ref, *(m for _, m in pairs)]) \
+        if job.source == "stream" and pairs else None
     return make_plan(
         job.ref["n_tokens"], job.ref["n_neurons"], shapes or [PairShape("-", 1, 1)],
         memory=job.compute.memory, device=job.device, precision=s.precision,
         n_workers=n_workers, store_chunk_rows=job.ref["block_tokens"],
         block_tokens=tuning["block_tokens"], max_panels=tuning["max_panels"],
         baseline_draws=s.baseline_draws, keep_covariance=s.keep_covariance,
-        blocks_per_segment=tuning["checkpoint_blocks"])
+        blocks_per_segment=tuning["checkpoint_blocks"], stream=stream)
 
 
 def _total_folds(plan: ReducePlan) -> int:
@@ -357,10 +542,13 @@ def _manifest(job: Job, pairs, plan: ReducePlan, tuning: dict) -> dict:
 def _command(job: Job, pairs, tuning: dict) -> str:
     """The `ooc-universal reduce` command line that resumes this work (same plan)."""
     s = job.settings
-    parts = ["ooc-universal reduce", "--run-dir", str(job.run_dir), "-r", job.ref["label"],
-             *(m["label"] for _, m in pairs), "--memory", job.compute.memory,
+    name = (lambda m: m["spec"]) if job.source == "stream" else (lambda m: m["label"])
+    parts = ["ooc-universal reduce", "--run-dir", str(job.run_dir), "-r", name(job.ref),
+             *(name(m) for _, m in pairs), "--memory", job.compute.memory,
              "--precision", s.precision, "--baseline-draws", str(s.baseline_draws),
              "--seed", str(s.seed)]
+    if job.source == "stream":
+        parts += ["--source", "stream", "--device", job.device]
     if s.keep_covariance:
         parts.append("--keep-covariance")
     if tuning.get("block_tokens"):
@@ -373,13 +561,18 @@ def _command(job: Job, pairs, tuning: dict) -> str:
 
 
 def _provenance(ref_meta: dict, other_meta: dict, settings: dict) -> dict:
-    """What the checksum sidecar of a reduce output records about its making."""
+    """What the checksum sidecar of a reduce output records about its making: the
+    stores' checksums, or (streamed) the model specs and the token set's hash."""
+    record = {"step": "reduce", "token_hash": ref_meta["token_hash"],
+              "config_hash": config_hash(settings)}
+    if ref_meta.get("source") == "stream":
+        return {**record, "source": "stream", "inputs": {},
+                "models": {m["label"]: m["spec"] for m in (ref_meta, other_meta)}}
+
     def name(m):
         p = Path(m["path"])
         return f"stores/{p.name}" if p.parent.name == "stores" else str(p)
-    return {"step": "reduce", "token_hash": ref_meta["token_hash"],
-            "config_hash": config_hash(settings),
-            "inputs": {name(m): m.get("sha256") for m in (ref_meta, other_meta)}}
+    return {**record, "inputs": {name(m): m.get("sha256") for m in (ref_meta, other_meta)}}
 
 
 def store_path(run_dir, name: str) -> Path:
@@ -473,8 +666,10 @@ def summary_line(result: dict) -> str:
     141 GFLOP/s, 0.91 of torch.matmul's 155 GFLOP/s on the same shapes (0.93 per
     CPU-second)"."""
     plan = result["plan"]
-    line = (f"reduced {len(result['outputs'])} pair(s): {result['blocks_folded']} block folds "
-            f"computed, {result['blocks_resumed']} resumed from checkpoints, "
+    streamed = " from forward passes" if result.get("source") == "stream" else ""
+    line = (f"reduced {len(result['outputs'])} pair(s){streamed}: "
+            f"{result['blocks_folded']} block folds computed, "
+            f"{result['blocks_resumed']} resumed from checkpoints, "
             f"{len(result['skipped'])} pair(s) already complete; "
             f"peak plan {human_bytes(plan.peak_bytes)}")
     rate = result.get("rate")
@@ -522,8 +717,8 @@ def _add_self_tasks(graph, plan, job, work, pairs, rotations) -> tuple[list, lis
     """Per other model, once for the whole command: its self co-moment pass and its
     rotated scales; returns their keys."""
     selfs, scales = [], []
-    for i, (path, meta) in enumerate(pairs):
-        task = SelfTask(str(work.path), str(path), i, meta["d_mlp"], plan.block_tokens,
+    for i, (source, meta) in enumerate(pairs):
+        task = SelfTask(str(work.path), source, i, meta["d_mlp"], plan.block_tokens,
                         plan.n_tokens, plan.n_blocks, plan.blocks_per_segment,
                         plan.precision, plan.device)
         selfs.append(graph.add("self", (i,), f"self co-moments ({meta['label']})",
@@ -539,10 +734,10 @@ def _add_group(graph, plan, job, work, pairs, g, grp, selfs, scales, rotations) 
     """The folds, merges and finalizes of group g's panels and its pairs' assembly;
     returns [(assemble key, other label)]."""
     config = {"settings": job.settings_dict, "plan": plan.to_dict()}
-    gpaths = tuple(str(pairs[i][0]) for i in grp)
+    gsources = tuple(pairs[i][0] for i in grp)
     d_others = tuple(pairs[i][1]["d_mlp"] for i in grp)
     baseline = [[scales[i] for i in grp], [rotations[d] for d in d_others], job.settings_dict]
-    merged = [_add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others, baseline)
+    merged = [_add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline)
               for p, rows in enumerate(plan.panels)]
     finals = [graph.add("finalize", (g, p), f"finalize (group {g}, panel {p})",
                         finalize_panel, str(work.path), g, p, tuple(rows), merged[p],
@@ -570,7 +765,7 @@ def _add_rotations(graph, plan, job, work, pairs) -> dict:
             for d, n_layers in sorted(layers.items())}
 
 
-def _add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others, baseline):
+def _add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline):
     """The fold tasks of (group g, panel p), one per chain, and their merge; returns the
     merge's key. A single chain finalizes its panel itself (from memory, `baseline`:
     the scales' and rotations' keys and the settings), so its last segment is never
@@ -581,7 +776,7 @@ def _add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others, baseline):
         blocks = tuple(plan.chain_blocks(c))
         if not blocks:
             continue
-        task = FoldTask(str(work.path), job.ref["path"], gpaths, g, p, c, tuple(rows), blocks,
+        task = FoldTask(str(work.path), job.ref_source, gsources, g, p, c, tuple(rows), blocks,
                         plan.block_tokens, plan.n_tokens, plan.blocks_per_segment,
                         plan.precision, plan.device, d_others)
         chain_keys.append(graph.add("fold", (g, p, c), f"fold (group {g}, panel {p}, chain {c})",
@@ -592,27 +787,21 @@ def _add_folds(graph, plan, job, work, g, p, rows, gpaths, d_others, baseline):
 
 # --------------------------------------------------------------------------- block reads
 
-_STORE_CACHE: dict = {}
-_STORE_LOCK = threading.Lock()
-
-
-def _cached_store(path: str):
-    """One open store per path per worker process (h5py objects never cross processes)."""
-    with _STORE_LOCK:
-        st = _STORE_CACHE.get(path)
-        if st is None:
-            st = _STORE_CACHE[path] = open_store(path)
-        return st
+def _cached_store(source):
+    """One open block source per worker process (sources.open_source: a store's map, a
+    stream's model; h5py objects never cross processes). A string is a store path."""
+    return open_source(source if isinstance(source, SourceSpec) else store_source(str(source)))
 
 
 def release_stores(paths) -> None:
     """Close this process's cached maps of `paths`: a study reduces one checkpoint after
     another in one process, and maps kept open would keep every store's pages resident."""
-    with _STORE_LOCK:
-        for p in paths:
-            st = _STORE_CACHE.pop(str(p), None)
-            if st is not None:
-                st.close()
+    release_sources([store_source(str(p)) for p in paths])
+
+
+def _read_phase(source) -> str:
+    """The timing phase of a block load: a store's read, or a stream's forward passes."""
+    return "forward" if getattr(source, "streamed", False) else "read"
 
 
 def _zero_copy_block(store, i: int):
@@ -668,6 +857,9 @@ class Staging:
         self._decoded: dict = {}  # role -> (store path, start, stop, whole block)
 
     def load(self, store, start: int, stop: int, cols: tuple | None, role: str):
+        if getattr(store, "streamed", False):
+            whole = self._streamed_block(store, start, stop, role)
+            return whole if cols is None else whole[:, cols[0]:cols[1]]
         if not store.memory_mapped and cols is not None:
             whole = self._decoded_block(store, start, stop, role)
             return self._to_device(whole[:, cols[0]:cols[1]], role, cols[1] - cols[0])
@@ -682,6 +874,23 @@ class Staging:
         if cached is None or cached[0] != key:
             buf = self._host(f"{role}-whole", store.n_neurons, 0, pinned=False)[0]
             cached = self._decoded[role] = (key, load_block(store, start, stop, None, buf))
+        return cached[1]
+
+    def _streamed_block(self, source, start: int, stop: int, role: str):
+        """A stream's rows [start, stop), all neurons, computed once per (role, block)
+        into a buffer on the compute device (on a GPU the rows never visit the host)."""
+        import torch
+        key = (source.path, source.label, start, stop)
+        cached = self._decoded.get(role)
+        if cached is None or cached[0] != key:
+            bkey = (f"{role}-stream", source.n_neurons, 0)
+            if bkey not in self._buffers:
+                self._buffers[bkey] = [torch.empty(self.block_tokens, source.n_neurons,
+                                                   dtype=torch.float16, device=self.device),
+                                       None]
+            out = self._buffers[bkey][0][:stop - start]
+            source.fill_rows(start, stop, out)
+            cached = self._decoded[role] = (key, out)
         return cached[1]
 
     def _to_device(self, strip, role: str, width: int):
@@ -765,14 +974,14 @@ def _empty_accumulators(task: FoldTask) -> list:
     r0, r1 = task.rows
     with TIMINGS.phase("fold_setup"):  # not zeroed: the first block's strips overwrite
         return [empty_comoments(r1 - r0, _cached_store(p).n_neurons, task.precision,
-                                task.device, zeroed=False) for p in task.other_paths]
+                                task.device, zeroed=False) for p in task.other_sources]
 
 
 def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool) -> int:
     """Fold blocks start_at.. of the chain; checkpoint every segment (and after the last
     block when `save_last`); returns the blocks folded in all."""
-    ref = _cached_store(task.ref_path)
-    others = [_cached_store(p) for p in task.other_paths]
+    ref = _cached_store(task.ref_source)
+    others = [_cached_store(p) for p in task.other_sources]
     staging, workspace = Staging(task.device, task.block_tokens), {}
     compute = _compute_dtype(task.precision)
     seg = 0
@@ -806,7 +1015,7 @@ def _fold_block(task, b, ref, others, staging, accs, compute, workspace) -> None
     memory-bound, the GEMMs are not)."""
     from ooc_universal.kernels.comoments import centre_block, transpose_block
     s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
-    with TIMINGS.phase("read"):
+    with TIMINGS.phase(_read_phase(ref)):
         x = staging.load(ref, s, e, task.rows, "x")
     with TIMINGS.phase("centre"):
         cx = centre_block(x, compute, workspace=workspace, role="x", spare_row=True)
@@ -834,7 +1043,7 @@ def _fold_other(store, s, e, d, cx, xt, acc, staging, compute, workspace) -> Non
     mean_y, m2_y = (torch.empty(store.n_neurons, dtype=torch.float64, device=cx[0].device)
                     for _ in range(2))
     for c0 in range(0, store.n_neurons, d):
-        with TIMINGS.phase("read"):
+        with TIMINGS.phase(_read_phase(store)):
             y = staging.load(store, s, e, (c0, c0 + d), "y")
         with TIMINGS.phase("centre"):
             cy = centre_block(y, compute, workspace=workspace, role="y", spare_row=True)
@@ -875,17 +1084,20 @@ def _check_finite(task: FoldTask, accs: list, block: int) -> None:
     """A NaN or Inf activation makes its neuron's running mean non-finite: refuse, naming
     the store and the neurons, before the checkpoint keeps it."""
     import torch
-    checks = [(task.ref_path, accs[0]["mean_x"], task.rows[0])] if accs else []
-    checks += [(p, a["mean_y"], 0) for p, a in zip(task.other_paths, accs)]
-    for path, mean, offset in checks:
+    checks = [(task.ref_source, accs[0]["mean_x"], task.rows[0])] if accs else []
+    checks += [(p, a["mean_y"], 0) for p, a in zip(task.other_sources, accs)]
+    for source, mean, offset in checks:
         bad = (~torch.isfinite(mean)).nonzero().flatten()
         if len(bad):
             first = ", ".join(str(int(i) + offset) for i in bad[:5])
+            what, fix = ((f"streamed model {source.label or source.path}",
+                          "check the checkpoint") if source.kind == "stream" else
+                         (f"activation store {source.path!r}",
+                          "re-extract it from a sound checkpoint"))
             raise OocError(
-                f"activation store {str(path)!r} has NaN or Inf activations in {len(bad)} "
+                f"{what} has NaN or Inf activations in {len(bad)} "
                 f"neuron(s) (flat index {first}{' ...' if len(bad) > 5 else ''}) by token "
-                f"block {block}; re-extract it from a sound checkpoint (Inf means "
-                "activations beyond the float16 range)")
+                f"block {block}; {fix} (Inf means activations beyond the float16 range)")
 
 
 def _test_hook(env: str) -> None:
@@ -908,7 +1120,7 @@ def fold_self(task: SelfTask) -> str:
     meta = read_self_moments(path)
     if meta is not None and meta["next_block"] >= task.n_blocks:
         return str(path)
-    store = _cached_store(task.other_path)
+    store = _cached_store(task.other_source)
     acc = empty_self_comoments(store.n_neurons, task.d, task.device)
     start_at, n_done = (0, 0) if meta is None else _restore_self(acc, path, meta)
     staging, workspace = Staging(task.device, task.block_tokens), {}
@@ -951,7 +1163,7 @@ def _self_block(task: SelfTask, b, store, staging, acc, compute, workspace) -> N
                 for _ in range(2))
     for layer in range(store.n_neurons // d):
         c0 = layer * d
-        with TIMINGS.phase("self_read"):
+        with TIMINGS.phase("self_" + _read_phase(store)):
             y = staging.load(store, s, e, (c0, c0 + d), "y")
         with TIMINGS.phase("self_centre"):
             cy = centre_block(y, compute, workspace=workspace, role="y", spare_row=True)

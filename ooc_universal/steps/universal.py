@@ -50,7 +50,9 @@ from ooc_universal.formats.tables import (MEAN_OVER_PAIRS, PAIR, SCOPE_ALL, SCOP
                                           write_universal)
 from ooc_universal.formats.tables import PAIR_AVERAGED as AVERAGED_ROWS  # "pair_averaged"
 from ooc_universal.formats.tokens import existing_hash, meta_path
-from ooc_universal.rundir import check_free_space, config_hash, recorded_sha256, step_dir
+from ooc_universal.rundir import (check_free_space, config_hash, file_lock, recorded_sha256,
+                                  refuse_if_run_in_progress, remove_dead_temporaries,
+                                  step_dir)
 
 DEFINITIONS = ("per-pair", "pair-averaged")
 PAIR_AVERAGED = "pair-averaged"  # the definition, and the `other` of its sets in sets.json
@@ -558,7 +560,8 @@ def universal(run_dir, settings: UniversalConfig = UniversalConfig(), *, referen
       the reduce's seeds.
     """
     thresholds = check_thresholds(settings.thresholds)
-    records = find_reduced(run_dir)
+    refuse_if_run_in_progress(run_dir, "universal")
+    records = find_reduced(run_dir)  # each file verified against its checksum sidecar
     token_hash = _check_token_set(run_dir, records)
     refs = select_references(records, reference, all_references)
     records = [r for r in records if r.ref_name in refs]
@@ -581,7 +584,9 @@ def universal(run_dir, settings: UniversalConfig = UniversalConfig(), *, referen
     record = {"step": "universal", "token_hash": token_hash,
               "config_hash": config_hash(provenance.config),
               "inputs": {f"reduce/{r.path.name}": recorded_sha256(r.path) for r in records}}
-    paths = write_universal(run_dir, neurons, neuron_draws, table, sets, record)
+    with file_lock(out / ".lock", f"universal outputs {str(out)!r}", busy="are being written by"):
+        remove_dead_temporaries(out)  # what a killed universal left (`*.tmp-<pid>`)
+        paths = write_universal(run_dir, neurons, neuron_draws, table, sets, record)
     return UniversalOutput(paths, table)
 
 

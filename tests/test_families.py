@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -311,40 +312,80 @@ def test_load_local_model_of_each_family(tmp_path, family):
 
 
 OFFLINE_SCRIPT = textwrap.dedent("""
-    import json
+    import json, sys
     from ooc_universal.errors import OocError
     from ooc_universal.models import load_model
-    out = {}
-    lm = load_model("EleutherAI/pythia-160m@143000")
-    out["label"], out["revision"], out["commit"] = lm.spec.label, lm.revision, lm.commit
-    out["d_mlp"], out["family"] = lm.d_mlp, type(lm.model).__name__
-    try:
-        load_model("EleutherAI/pythia-160m@142000")
-    except OocError as exc:
-        out["missing"] = str(exc)
-    print("RESULT " + json.dumps(out))
+    for present, missing in json.loads(sys.argv[1]):
+        out = {}
+        lm = load_model(present)
+        out["label"], out["revision"], out["commit"] = lm.spec.label, lm.revision, lm.commit
+        out["d_mlp"], out["family"] = lm.d_mlp, type(lm.model).__name__
+        try:
+            load_model(missing)
+        except OocError as exc:
+            out["missing"] = str(exc)
+        print("RESULT " + json.dumps(out))
 """)
 
+# family, its real repo, the revision cached, the spec naming it, a spec not cached, the
+# model class, and what the refusal of the missing one must say
+OFFLINE_CASES = [
+    ("gpt2", "stanford-crfm/alias-gpt2-small-x21", "checkpoint-400000", "@400000", "@300000",
+     "GPT2LMHeadModel", ["not in the local HF cache",
+                         "hf download stanford-crfm/alias-gpt2-small-x21 --revision "
+                         "checkpoint-300000"]),
+    ("gpt-neox", "EleutherAI/pythia-160m", "step143000", "@143000", "@142000",
+     "GPTNeoXForCausalLM", ["step142000", "not in the local HF cache",
+                            "hf download EleutherAI/pythia-160m --revision step142000",
+                            "cached revisions: step143000"]),
+    ("olmo", "allenai/OLMo-1B-hf", "step20000-tokens84B", "@20000", "@21000",
+     "OlmoForCausalLM", ["none is in the local HF cache; give the full revision name"]),
+    ("olmo2", "allenai/OLMo-2-0425-1B", "stage1-step10000-tokens21B", "@10000", "@11000",
+     "Olmo2ForCausalLM", ["none is in the local HF cache; give the full revision name"]),
+    ("llama", "meta-llama/Llama-3.2-1B", "main", "@main", "@other",
+     "LlamaForCausalLM", ["not in the local HF cache"]),
+]
 
-def test_offline_pythia_cache(tmp_path):
-    """EleutherAI/pythia-160m@143000 resolves to revision step143000 in an HF cache under
-    the real repo name, with HF_HUB_OFFLINE=1, in a fresh process."""
-    src = save_tiny_family(tmp_path / "src", "gpt-neox", seed=5)
-    commit = make_hub_cache(tmp_path / "hf", src, "EleutherAI/pythia-160m", "step143000")
+
+@pytest.fixture(scope="module")
+def offline_loads(tmp_path_factory):
+    """One HF cache holding a tiny model of each family under its real repo name and
+    revision; every case loaded in one fresh process with HF_HUB_OFFLINE=1."""
+    root = tmp_path_factory.mktemp("hub")
+    commits = []
+    for family, repo, revision, *_ in OFFLINE_CASES:
+        src = root / "src" / family
+        if family == "gpt2":
+            tiny_model(seed=5).save_pretrained(src)
+        else:
+            save_tiny_family(src, family, seed=5)
+        commits.append(make_hub_cache(root / "hf", src, repo, revision))
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    env.update(HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    pairs = [[repo + present, repo + missing]
+             for _, repo, _, present, missing, *_ in OFFLINE_CASES]
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, json.dumps(pairs)], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    outs = [json.loads(ln[len("RESULT "):]) for ln in proc.stdout.splitlines()
+            if ln.startswith("RESULT ")]
+    assert len(outs) == len(OFFLINE_CASES)
+    return {case[0]: (out, commit) for case, out, commit in zip(OFFLINE_CASES, outs, commits)}
+
+
+@pytest.mark.parametrize("family, repo, revision, present, missing, cls, refusal",
+                         OFFLINE_CASES, ids=[c[0] for c in OFFLINE_CASES])
+def test_offline_hub_cache_of_each_family(offline_loads, family, repo, revision, present,
+                                          missing, cls, refusal):
+    """A spec of each family resolves to its revision in an HF cache under the real repo
+    name, offline; an uncached one is refused with the family's hint."""
+    out, commit = offline_loads[family]
+    label = repo.split("/")[1] if family == "gpt2" else repo.replace("/", "--")
     assert (out["label"], out["revision"], out["commit"]) == (
-        "EleutherAI--pythia-160m@143000", "step143000", commit)
-    assert (out["d_mlp"], out["family"]) == (64, "GPTNeoXForCausalLM")
-    for part in ("step142000", "not in the local HF cache",
-                 "hf download EleutherAI/pythia-160m --revision step142000",
-                 "cached revisions: step143000"):
+        f"{label}@{present[1:]}", revision, commit)
+    assert out["family"] == cls and out["d_mlp"] > 0
+    for part in refusal:
         assert part in out["missing"], out["missing"]
 
 
@@ -403,9 +444,17 @@ def neox_zoo(tmp_path_factory):
     cli_run("reduce", "--run-dir", run, "-r", specs[0], *specs[1:], "--baseline-draws", 1,
             "--device", "cpu", "--memory", "1GB", "--no-progress")
     cli_run("universal", "--run-dir", run, "--thresholds", "0.2,0.5", "--no-progress")
+    cli_run("cards", "--run-dir", run, "--top-n", 3, "--n-tokens", 5, "--no-progress")
+    mean_run = root / "run-mean"   # mean-ablation on a copy: both modes of the same sets
+    shutil.copytree(run, mean_run)
     ablate = runner.invoke(cli, ["ablate", "--run-dir", str(run), "--control-draws", "0",
                                  "--device", "cpu", "--no-progress"])
-    return dict(root=root, run=run, specs=specs, perms=perms, too_long=too_long, ablate=ablate)
+    ablate_mean = runner.invoke(cli, ["ablate", "--run-dir", str(mean_run), "--mode", "mean",
+                                      "--control-draws", "0", "--device", "cpu",
+                                      "--no-progress"])
+    report = runner.invoke(cli, ["report", "--run-dir", str(run), "--no-progress"])
+    return dict(root=root, run=run, mean_run=mean_run, specs=specs, perms=perms,
+                too_long=too_long, ablate=ablate, ablate_mean=ablate_mean, report=report)
 
 
 def test_pipeline_tokens_have_no_bos_and_fit_the_context(neox_zoo):
@@ -465,6 +514,133 @@ def test_pipeline_ablate(neox_zoo):
     table = pd.read_csv(neox_zoo["run"] / "ablate" / "ablation.csv")
     assert len(table) > 0 and np.isfinite(table.kl).all() and (table.kl >= 0).all()
     assert table[table.other.astype(str).str.startswith("m2")].kl.max() > 1e-6
+
+
+def test_pipeline_ablate_mean_mode(neox_zoo):
+    """Mean-ablation of the same sets: complete, finite, and not the zero-ablation."""
+    res = neox_zoo["ablate_mean"]
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    import pandas as pd
+    zero = pd.read_csv(neox_zoo["run"] / "ablate" / "ablation.csv")
+    mean = pd.read_csv(neox_zoo["mean_run"] / "ablate" / "ablation.csv")
+    assert set(mean.ablation_mode) == {"mean"} and set(zero.ablation_mode) == {"zero"}
+    assert len(mean) == len(zero) and np.isfinite(mean.kl).all() and (mean.kl >= 0).all()
+    assert not np.allclose(mean.kl.to_numpy(), zero.kl.to_numpy())
+
+
+def test_pipeline_cards_read_the_neox_weights(neox_zoo):
+    """Each card's vocabulary effect is the neuron's dense_4h_to_h column through the
+    final LayerNorm (centred, times its gain) onto the unembedding, minus its vocabulary mean,
+    recomputed here in float64 from the saved weights; its top context's activation is
+    the neuron's largest value in the store."""
+    from ooc_universal.formats.cards import read_cards
+    from ooc_universal.formats.store import open_store
+    from transformers import GPTNeoXForCausalLM
+    cards = read_cards(neox_zoo["run"]).cards
+    assert cards and {c["reference"] for c in cards} == {"m1"}
+    model = GPTNeoXForCausalLM.from_pretrained(
+        neox_zoo["root"] / "m1" / f"ckpt-{ZOO_STEP}", dtype=torch.float32)
+    gain = model.gpt_neox.final_layer_norm.weight.detach().double().numpy()
+    unembed = model.get_output_embeddings().weight.detach().double().numpy()
+    with open_store(neox_zoo["run"] / "stores" / f"m1@{ZOO_STEP}.h5") as s:
+        acts = np.asarray(s[:], dtype=np.float32)
+    for card in cards:
+        w = model.gpt_neox.layers[card["layer"]].mlp.dense_4h_to_h.weight.detach()
+        col = w[:, card["neuron"]].double().numpy()
+        effect = ((col - col.mean()) * gain) @ unembed.T
+        effect -= effect.mean()
+        top = card["vocab"]["promoted"][0]
+        assert top["token_id"] == int(np.argmax(effect))
+        np.testing.assert_allclose(top["logit"], effect.max(), rtol=1e-6, atol=1e-9)
+        low = card["vocab"]["suppressed"][0]
+        assert low["token_id"] == int(np.argmin(effect))
+        assert card["contexts"], card.get("contexts_note")
+        np.testing.assert_allclose(card["contexts"][0]["activation"],
+                                   acts[:, card["flat_index"]].max(), rtol=1e-6)
+
+
+def test_pipeline_report(neox_zoo):
+    """The report of the Pythia-style run: written, naming the zoo's models, with figures."""
+    res = neox_zoo["report"]
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    report_dir = neox_zoo["run"] / "report"
+    html = (report_dir / "index.html").read_text()
+    md = (report_dir / "index.md").read_text()
+    assert "m1" in md and "m2" in md and "m3" in md
+    assert list(report_dir.glob("fig_*.png")) and "data:image/png;base64" in html
+    data = json.loads((report_dir / "report_data.json").read_text())
+    for name in ("table1", "ablation", "cards"):
+        assert data["sections"][name]["status"] == "ok", (name, data["sections"][name])
+    assert data["tables"]["table1"]["rows"]
+
+
+# the final norm of each family, by hand: does it centre, and its gain (None: no weights)
+FINAL_NORMS = {"gpt-neox": (True, lambda m: m.gpt_neox.final_layer_norm.weight),
+               "olmo": (True, lambda m: None),            # OLMo's norm has no parameters
+               "olmo2": (False, lambda m: m.model.norm.weight),
+               "llama": (False, lambda m: m.model.norm.weight)}
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_card_logit_effects_of_each_family(family):
+    """The cards' vocabulary effect, recomputed from the weights in float64: the neuron's
+    column of the output projection, centred for a LayerNorm (not for an RMSNorm), times the
+    final norm's gain, onto the unembedding, minus its vocabulary mean."""
+    from ooc_universal.steps.cards import logit_effects
+    model = tiny_family_model(family, seed=6)
+    proj = mlp_out_proj(model, 1)
+    d_mlp = proj.weight.shape[1]
+    centres, gain_of = FINAL_NORMS[family]
+    gain = gain_of(model)
+    if gain is not None:  # not the ones of a fresh init: the gain must be applied
+        with torch.no_grad():
+            gain.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+    unembed = model.get_output_embeddings().weight.detach().double().numpy()
+    flats = [d_mlp + 3, d_mlp + 11]
+    got = logit_effects(model, flats, d_mlp)
+    for row, flat in zip(got, flats):
+        col = proj.weight[:, flat - d_mlp].detach().double().numpy()
+        if centres:
+            col = col - col.mean()
+        if gain is not None:
+            col = col * gain.detach().double().numpy()
+        want = unembed @ col
+        np.testing.assert_allclose(row, want - want.mean(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ("gpt2",) + OTHER_FAMILIES)
+def test_mean_ablation_hook_equals_shifted_projection(family):
+    """The ablate step's mean-mode hooks (neurons set to their means) give the model whose
+    output projection has those columns zeroed and W[:, n] * mean_n added to its output,
+    built here by hand."""
+    from ooc_universal.steps.ablate import ablation_hooks
+    build = (lambda: tiny_model(seed=5)) if family == "gpt2" else \
+        (lambda: tiny_family_model(family, seed=5))
+    hooked, shifted = build(), build()
+    d_mlp = mlp_out_proj(hooked, 0).weight.shape[
+        0 if FAMILIES["gpt2" if family == "gpt2" else family_of_config(hooked.config).name]
+        .transposed else 1]
+    n_layers = len(decoder_layers(hooked))
+    means = np.random.default_rng(3).normal(size=n_layers * d_mlp)
+    layer, neurons = 1, [2, 9]
+    flats = [layer * d_mlp + n for n in neurons]
+    proj = mlp_out_proj(shifted, layer)
+    with torch.no_grad():
+        if proj.weight.shape[0] == d_mlp:          # Conv1D: (d_mlp, d_model)
+            shift = proj.weight[neurons, :].double().T @ torch.tensor(means[flats])
+            proj.weight[neurons, :] = 0
+        else:                                      # nn.Linear: (d_model, d_mlp)
+            shift = proj.weight[:, neurons].double() @ torch.tensor(means[flats])
+            proj.weight[:, neurons] = 0
+    handle = proj.register_forward_hook(lambda m, a, out: out + shift.to(out.dtype))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with ablation_hooks(hooked, flats, d_mlp, mode="mean", means=means):
+            a = hooked(ids).logits
+        b, base = shifted(ids).logits, build()(ids).logits
+    handle.remove()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - base).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("family", ("llama", "olmo", "olmo2"))

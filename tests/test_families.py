@@ -285,6 +285,24 @@ def test_pythia_preset():
     assert cfg.tokens.window <= models.context_of(specs[0])
 
 
+def test_pythia_preset_dry_run_offline(tmp_path):
+    """`run --preset pythia --dry-run` in a fresh process with an empty HF cache and
+    HF_HUB_OFFLINE=1: the plan of downloads, disk, memory and time, no download, no run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "ooc_universal", "run", "--preset", "pythia",
+                           "--dry-run", "--run-dir", str(tmp_path / "run")], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for part in ("5 models x 3 checkpoint(s) x 5,000,000 tokens x 36,864 neurons",
+                 "downloads: 15 hub checkpoints", "[extract] 15 stores", "peak memory",
+                 "expected time", "[ablate]", "[disk]", "peak RAM per process"):
+        assert part in out, (part, out)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "hf" / "hub").exists()
+
+
 def test_walking_helpers_of_each_family():
     for family in ("gpt2",) + OTHER_FAMILIES:
         model = tiny_model() if family == "gpt2" else tiny_family_model(family)

@@ -3,7 +3,7 @@
     python -m ooc_universal.bench.bench_stream [--quick] [--layers 12 --d-model 768
         --heads 12 --d-mlp 3072] [--models 2] [--tokens 8192] [--window 512]
         [--device cpu|cuda] [--precision fp32|bf16|tf32] [--memory 16GB]
-        [--disk-gbps 2] [--out FILE] [--quiet]
+        [--disk-gbps 2] [--out FILE] [--no-progress]
 
 In one process and one run, on the same randomly initialised GPT-2-shaped models (the
 stanford-crfm config flags, zoo.gpt2_config) and the same byte token set:
@@ -361,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="keep the models and runs here")
     p.add_argument("--out", default=None,
                    help="JSON path (default bench/results/<host>-stream-<device>.json)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress lines on stderr (--no-progress: none)")
+    # the earlier spelling of --no-progress, kept so old command lines still run
+    p.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)
     return p
 
 
@@ -379,7 +382,7 @@ def config_from_args(a) -> StreamBenchConfig:
 
 def run(argv=None) -> dict:
     a = build_parser().parse_args(argv)
-    return run_bench(config_from_args(a), quiet=a.quiet, workdir=a.workdir)
+    return run_bench(config_from_args(a), quiet=not a.progress, workdir=a.workdir)
 
 
 def compare_runs(run_a, run_b) -> dict:
@@ -421,7 +424,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: runs differ or are missing: {bad or 'no reduce outputs'}")
         return doc
     cfg = config_from_args(a)
-    doc = run_bench(cfg, quiet=a.quiet, workdir=a.workdir)
+    doc = run_bench(cfg, quiet=not a.progress, workdir=a.workdir)
     out = Path(a.out) if a.out else ROOT / "results" / (
         f"{doc['machine']['slug']}-stream{'-quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

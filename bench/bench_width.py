@@ -1,7 +1,7 @@
 """The reduce at the paper's width on a limited-RAM workstation (JSON out).
 
     python -m ooc_universal.bench.bench_width [--quick | --tiny] [--tokens 8192]
-        [--budgets 16GB,4GB] [--no-bf16] [--draws 1] [--rows 256] [--out FILE] [--quiet]
+        [--budgets 16GB,4GB] [--no-bf16] [--draws 1] [--rows 256] [--out FILE] [--no-progress]
 
 In-process: run(argv) -> dict; `ooc-universal bench --only width` runs it in the suite.
 
@@ -454,15 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the width bench runs on the CPU (the workstation case)")
     ap.add_argument("--workdir", default=None, help="keep the models and stores here")
     ap.add_argument("--out", default=None, help="also write the JSON here")
-    ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress lines on stderr (--no-progress: none)")
+    # the earlier spelling of --no-progress, kept so old command lines still run
+    ap.add_argument("--quiet", dest="progress", action="store_false", help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap
 
 
 def run(argv=None) -> dict:
-    """Measure; return the result document (progress on stderr unless --quiet)."""
+    """Measure; return the result document (progress on stderr unless --no-progress)."""
     a = build_parser().parse_args(argv)
-    return run_bench(config_from_args(a), quiet=a.quiet, workdir=a.workdir)
+    return run_bench(config_from_args(a), quiet=not a.progress, workdir=a.workdir)
 
 
 def main(argv=None) -> dict | None:
@@ -471,12 +474,12 @@ def main(argv=None) -> dict | None:
         print(json.dumps(child_reduce(json.loads(Path(a.child).read_text())),
                          default=_json_default))
         return None
-    doc = run_bench(config_from_args(a), quiet=a.quiet, workdir=a.workdir)
+    doc = run_bench(config_from_args(a), quiet=not a.progress, workdir=a.workdir)
     text = json.dumps(doc, indent=1, default=_json_default)
     print(text)
     if a.out:
         Path(a.out).write_text(text + "\n")
-    if not a.quiet:
+    if a.progress:
         print(format_table(doc["figures"]), file=sys.stderr)
     return doc
 

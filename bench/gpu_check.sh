@@ -114,11 +114,11 @@ part kernels_tf32 env TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 "$PY" -m ooc_universal.
 for prec in bf16 tf32; do
   part "stream_$prec" "$PY" -m ooc_universal.bench.bench_stream "${SHAPE[@]}" --models "$STREAM_MODELS" \
     --tokens "$STREAM_TOKENS" --device "$DEVICE" --precision "$prec" --memory "$MEMORY" \
-    --no-store --out "$OUT/stream-$prec.json" --quiet
+    --no-store --out "$OUT/stream-$prec.json" --no-progress
 done
 part stream_vs_store "$PY" -m ooc_universal.bench.bench_stream "${SHAPE[@]}" --models 2 \
   --tokens "$RATIO_TOKENS" --device "$DEVICE" --precision bf16 --memory "$MEMORY" \
-  --out "$OUT/stream-vs-store.json" --quiet
+  --out "$OUT/stream-vs-store.json" --no-progress
 
 # -- 6. the paper's projection from the measured rates --------------------------------
 log "== projection (paper: 5 GPT-2 small x 3 checkpoints x 5M tokens)"

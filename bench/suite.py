@@ -275,10 +275,8 @@ def run_part(part: str, argv: list, progress: bool = True) -> dict:
     import numba
     import torch
     mod = importlib.import_module(f"ooc_universal.bench.bench_{part}")
-    if part == "reduce" and not progress:
+    if part in ("reduce", "width") and not progress:
         argv = argv + ["--no-progress"]
-    elif part == "width" and not progress:
-        argv = argv + ["--quiet"]          # bench_width's spelling of --no-progress
     threads, nthreads = torch.get_num_threads(), numba.get_num_threads()
     try:
         return mod.run(argv)

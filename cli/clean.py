@@ -5,15 +5,16 @@ import json
 
 import click
 
+from ooc_universal.cli.options import json_option, run_dir_option
+
 
 @click.command("clean")
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory to clean.")
+@run_dir_option("the one to clean.")
 @click.option("--partial", "include_partial", is_flag=True,
               help="Also discard partial reduces that the same reduce command could still "
                    "finish (their checkpoints are lost).")
 @click.option("--dry-run", is_flag=True, help="List what would go; remove nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print what went as JSON.")
+@json_option("what went (or would go)")
 def clean(run_dir, include_partial, dry_run, as_json):
     """Remove what no finished output needs: reduce work directories whose pairs are
     complete or that a reduce with other settings superseded, and the temporaries of

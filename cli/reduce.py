@@ -5,7 +5,7 @@ import typing
 
 import click
 
-from ooc_universal.cli.options import device_option
+from ooc_universal.cli.options import device_option, progress_option, run_dir_option
 from ooc_universal.config import ComputeConfig, ReduceConfig, validated
 
 REDUCE, COMPUTE = ReduceConfig(), ComputeConfig()  # the option defaults (one source)
@@ -14,8 +14,8 @@ SOURCES = typing.get_args(ReduceConfig.model_fields["source"].annotation)
 
 
 @click.command("reduce")
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory holding stores/ (from `ooc-universal extract`).")
+@run_dir_option("holds stores/ (from `ooc-universal extract`) and the token set; the "
+                "outputs go to RUN/reduce/.")
 @click.option("--reference", "-r", required=True,
               help="Reference model: a store label, a store path or a model spec (a@100000; "
                    "with --source stream, a model spec or a store that records its spec).")
@@ -57,16 +57,23 @@ SOURCES = typing.get_args(ReduceConfig.model_fields["source"].annotation)
               help="Print the plan (tasks, passes, bytes, FLOPs, peak memory, expected time "
                    "at the GEMM rate measured now) and exit.")
 @click.option("--force", is_flag=True, help="Recompute pairs whose output already exists.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@progress_option()
 def reduce(run_dir, reference, others, memory, device, precision, baseline_draws, seed,
            keep_covariance, scheduler, source, disk_gbps, block_tokens, checkpoint_every,
-           dry_run, force, no_progress):
+           dry_run, force, progress):
     """Reduce REFERENCE against each of OTHERS into RUN/reduce/<ref>__<other>.h5.
 
     Pearson correlations come from mergeable co-moments (Chan et al.), each block
     centred on its own mean; a neuron with zero variance has correlation 0 (counted,
     never NaN). Row max/argmax run over every neuron of the other model (all layers).
     A killed run resumes from its last checkpoint when the same command is run again.
+
+    \b
+    Examples:
+      ooc-universal reduce -R runs/demo -r tiny-a@4500 tiny-b@4500 tiny-c@4500
+      ooc-universal reduce -R runs/demo -r tiny-a@4500 tiny-b@4500 --memory 4GB --dry-run
+      ooc-universal reduce -R runs/gpu -r a@100000 b@100000 --source stream --device cuda \\
+          --precision bf16                       # no stores: forward passes feed the GEMMs
     """
     from ooc_universal.steps.reduce import reduce as run_reduce
     from ooc_universal.steps.reduce import summary_line, zero_variance_warnings
@@ -78,7 +85,7 @@ def reduce(run_dir, reference, others, memory, device, precision, baseline_draws
                                             scheduler=scheduler or ""), "reduce options")
     result = run_reduce(run_dir, reference, list(others), settings, compute,
                         block_tokens=block_tokens, checkpoint_blocks=checkpoint_every,
-                        dry_run=dry_run, force=force, progress=not no_progress)
+                        dry_run=dry_run, force=force, progress=progress)
     if dry_run:
         click.echo(result["describe"])
         return

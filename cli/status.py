@@ -6,16 +6,19 @@ import sys
 
 import click
 
+from ooc_universal.cli.options import json_option, run_dir_option
+
 
 @click.command("status")
-@click.option("--run-dir", "run_dir_opt", type=click.Path(file_okay=False), default=None,
-              help="Run directory to describe (as on every other step).")
+@click.option("--run-dir", "-R", "run_dir_opt", metavar="RUN", type=click.Path(file_okay=False),
+              default=None, help="Run directory: the one to describe (as on every other "
+                                 "step; the positional RUN_DIR still works).")
 @click.argument("run_dir", type=click.Path(file_okay=False), required=False)
 @click.option("--verify", is_flag=True,
               help="Re-hash every output that recorded a checksum (each block of an "
                    "activation store, each result file) and the token set; exit 1 on a "
                    "mismatch.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@json_option("the rows")
 def status(run_dir_opt, run_dir, verify, as_json):
     """List each step output of RUN_DIR: missing, partial (with progress), complete,
     stale (made from other inputs than those now present: token set, stores, reduce

@@ -262,7 +262,7 @@ def _run_on_cluster(graph: TaskGraph, outputs: list, scheduler: str, progress: b
     from distributed import Client
     with Client(scheduler) as client:
         if progress:
-            print(f"dask dashboard: {client.dashboard_link}")
+            print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
         futures = client.get(graph.tasks, outputs, sync=False)
         try:
             for fut in futures:

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from ooc_universal.cli.main import cli, main
 
 REPO = Path(__file__).resolve().parents[1]
-HELP_COMMANDS = [(), ("tokens",), ("extract",), ("universal",), ("cards",), ("persistence",),
-                 ("ablate",), ("report",), ("zoo",), ("zoo", "train"), ("bench",)]
+HELP_COMMANDS = [(), ("tokens",), ("extract",), ("reduce",), ("universal",), ("cards",),
+                 ("persistence",), ("ablate",), ("report",), ("run",), ("status",), ("clean",),
+                 ("zoo",), ("zoo", "train"), ("bench",)]
+QUICK_COMMANDS = ((), ("zoo",), ("status",), ("clean",))  # no long work: no progress bar
 
 
 @pytest.mark.parametrize("path", HELP_COMMANDS, ids=lambda p: " ".join(p) or "group")
@@ -23,7 +25,7 @@ def test_help_has_examples(path):
     res = CliRunner().invoke(cli, [*path, "--help"])
     assert res.exit_code == 0, res.output
     assert "Example" in res.output and "ooc-universal " in res.output.split("Example", 1)[1]
-    if path and path != ("zoo",):
+    if path not in QUICK_COMMANDS:
         assert "--progress / --no-progress" in res.output
     if path not in ((), ("zoo",), ("zoo", "train"), ("bench",)):
         assert "-R, --run-dir RUN" in res.output
@@ -207,7 +209,11 @@ def test_bad_values_are_one_line_exit_2(case, tmp_path, capsys):
 
 
 def test_deprecated_quiet_still_parses():
-    from ooc_universal.bench import bench_reduce
+    from ooc_universal.bench import bench_reduce, bench_stream, bench_width
+    for mod in (bench_width, bench_stream):
+        assert mod.build_parser().parse_args(["--quiet"]).progress is False
+        assert mod.build_parser().parse_args(["--no-progress"]).progress is False
+        assert mod.build_parser().parse_args([]).progress is True
     parsed = bench_reduce.build_parser().parse_args(["--quiet"])
     assert parsed.progress is False
     assert bench_reduce.build_parser().parse_args(["--no-progress"]).progress is False

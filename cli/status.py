@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ooc_universal.cli.options import json_option, run_dir_option
+from ooc_universal.cli.options import json_option
 
 
 @click.command("status")

@@ -100,6 +100,7 @@ class ComputeConfig(Section):
 class ExtractConfig(Section):
     compression: Literal["none", "gzip", "lzf"] = "none"  # none keeps stores memory-mapped
     batch_size: int = Field(0, ge=0, le=1 << 20)  # windows per forward pass (0 = from memory)
+    topk: int = Field(20, ge=0, le=10_000)  # top-activating tokens kept per neuron (0 = none)
 
 
 class ReduceConfig(Section):
@@ -109,6 +110,7 @@ class ReduceConfig(Section):
     keep_covariance: bool = False                   # keep the cross co-moments (fp32)
     source: Literal["store", "stream", "auto"] = "store"  # blocks from stores or forward passes
     disk_gbps: float = Field(0.0, ge=0.0, le=1000.0)  # stated disk bandwidth (0 = measure)
+    convergence_first: int = Field(1024, ge=0, le=1 << 40)  # first snapshot's tokens (0 = none)
 
 
 class UniversalConfig(Section):
@@ -269,6 +271,10 @@ class RunConfig(Section):
             d.pop("allow_mixed_families")
         if d["cards"]["n_contexts"] == 8:
             d["cards"].pop("n_contexts")
+        if d["extract"]["topk"] == 20:
+            d["extract"].pop("topk")
+        if d["reduce"]["convergence_first"] == 1024:
+            d["reduce"].pop("convergence_first")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:

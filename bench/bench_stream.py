@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ooc_universal.bench.inputs import random_byte_tokens, random_gpt2_models
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -71,28 +73,15 @@ def log(msg: str, quiet: bool = False) -> None:
 # --------------------------------------------------------------------------- inputs
 
 def build_models(root: Path, cfg: StreamBenchConfig) -> list[Path]:
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    from ooc_universal.zoo import ZooRecipe, gpt2_config
-    recipe = ZooRecipe(n_layer=cfg.layers, n_embd=cfg.d_model, n_head=cfg.heads,
-                       d_mlp=cfg.d_mlp, context=cfg.window)
-    paths = []
-    for i in range(cfg.models):
-        torch.manual_seed(cfg.seed + i)
-        path = root / f"model-{chr(ord('a') + i)}"
-        GPT2LMHeadModel(gpt2_config(recipe)).eval().save_pretrained(path)
-        paths.append(path)
-    return paths
+    """cfg.models randomly initialised GPT-2 models of the config's shape."""
+    return random_gpt2_models(root, [f"model-{chr(ord('a') + i)}" for i in range(cfg.models)], layers=cfg.layers,
+                              d_model=cfg.d_model, heads=cfg.heads, d_mlp=cfg.d_mlp,
+                              window=cfg.window, seed=cfg.seed)
 
 
 def build_tokens(run_dir: Path, cfg: StreamBenchConfig) -> None:
-    from ooc_universal.formats.tokens import save_token_set
-    from ooc_universal.steps.tokens import build_token_set
-    rng = np.random.default_rng(cfg.seed)
-    ids = rng.integers(11, 256, size=cfg.tokens * 2, dtype=np.int32)
-    save_token_set(build_token_set(ids, cfg.tokens, tokenizer="bytes", window=cfg.window),
-                   run_dir)
+    """cfg.tokens valid positions of random bytes (no newlines: every position counts)."""
+    random_byte_tokens(run_dir, cfg.tokens, cfg.window, cfg.seed)
 
 
 def _settings(cfg: StreamBenchConfig, source: str):

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ooc_universal.bench.inputs import random_byte_tokens, random_gpt2_models
+
 GOALS = {"rss": 1.0, "rate_nopanel": 0.85, "rate_panel": 0.7, "rate_bf16": 0.8,
          "plan_lo": 0.75, "plan_hi": 1.33, "row_max_error": 1e-6, "baseline_error": 1e-6,
          "bf16_error": 2e-3}
@@ -88,29 +90,14 @@ def log(msg: str, quiet: bool = False) -> None:
 
 def build_models(root: Path, cfg: WidthConfig) -> list[Path]:
     """Two randomly initialised GPT-2 models of the config's shape (seeds seed, seed+1)."""
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    from ooc_universal.zoo import ZooRecipe, gpt2_config
-    recipe = ZooRecipe(n_layer=cfg.layers, n_embd=cfg.d_model, n_head=cfg.heads,
-                       d_mlp=cfg.d_mlp, context=cfg.window)
-    paths = []
-    for i, label in enumerate((REF, OTHER)):
-        torch.manual_seed(cfg.seed + i)
-        path = root / label
-        GPT2LMHeadModel(gpt2_config(recipe)).eval().save_pretrained(path)
-        paths.append(path)
-    return paths
+    return random_gpt2_models(root, (REF, OTHER), layers=cfg.layers,
+                              d_model=cfg.d_model, heads=cfg.heads, d_mlp=cfg.d_mlp,
+                              window=cfg.window, seed=cfg.seed)
 
 
 def build_tokens(run_dir: Path, cfg: WidthConfig) -> None:
     """cfg.tokens valid positions of random bytes (no newlines: every position counts)."""
-    from ooc_universal.formats.tokens import save_token_set
-    from ooc_universal.steps.tokens import build_token_set
-    rng = np.random.default_rng(cfg.seed)
-    ids = rng.integers(11, 256, size=cfg.tokens * 2, dtype=np.int32)
-    save_token_set(build_token_set(ids, cfg.tokens, tokenizer="bytes", window=cfg.window),
-                   run_dir)
+    random_byte_tokens(run_dir, cfg.tokens, cfg.window, cfg.seed)
 
 
 def build_stores(run_dir: Path, models: list, cfg: WidthConfig, quiet: bool) -> dict:

@@ -31,7 +31,9 @@ _HELP = {
               "zoo-heldout, a text file or folder, a .npy of ids).",
     "reduce_source": "Where the reduce's token blocks come from: store (extract writes "
                      "activation stores, the reduce reads them), stream (forward passes "
-                     "feed the reduce; no stores), auto (the plan chooses).",
+                     "feed the reduce; no extract, no stores), auto (chosen once for the "
+                     "study before any extract, from the plan's time and the disk budget; "
+                     "--dry-run shows both options and why).",
     "disk": "Disk budget of the run directory, e.g. 500GB (default: its free space less "
             "a margin). Stores that do not all fit are made one checkpoint at a time.",
     "disk_gbps": "Disk bandwidth in GB/s for the plan (default: measured).",
@@ -89,6 +91,8 @@ def run(config, preset, run_dir, models, checkpoints, thresholds, only, dry_run,
       ooc-universal run study.toml --run-dir runs/study
       ooc-universal run --n-tokens 16384 --steps tokens,extract,reduce
       ooc-universal run study.toml --disk 2TB          # stores one checkpoint at a time
+      ooc-universal run study.toml --source stream     # no stores: forward passes feed the reduce
+      ooc-universal run --preset paper --source auto --dry-run  # both sources, the choice, why
     """
     if models:
         overrides["models"] = parse_list(models, str, "--models", "a,b,c")

@@ -6,6 +6,7 @@
     run.neurons()                        # DataFrame: one row per reference neuron and pair
     run.cards()                          # DataFrame: neuron cards of the top neurons
     run.ablation()                       # DataFrame: KL and delta loss per ablated set
+    run.convergence()                    # DataFrame: % universal at doubling token counts
     run.reduced("tiny-a@4500", "tiny-b@4500")   # xarray.Dataset with named dims
     run.store("tiny-a@4500")             # xarray.DataArray (token, neuron), dask-backed
 
@@ -107,6 +108,28 @@ class Run:
         if draws:
             return read_ablation_draws(self.path)
         return read_ablation(self.path).frame()
+
+    def convergence(self):
+        """Token-count convergence (RUN/reduce/<ref>__<other>.convergence.csv, written by
+        the reduce): one row per (pair, n_tokens, threshold), what the pair's reduce gave
+        on its first n_tokens tokens: n_universal and pct_universal (draw 0, percent of
+        all reference neurons), the mean and std over the baseline draws, the row max
+        mean and quantiles, the baseline mean and the mean excess; the row with
+        n_tokens == n_tokens_total is the reduce file's own result. Each table is
+        verified against its checksum sidecar first."""
+        from ooc_universal.formats.convergence import (COLUMNS, list_convergence,
+                                                       read_all_convergence)
+        from ooc_universal.rundir import verify_file
+        for path in list_convergence(self.path):
+            verify_file(path, "convergence table",
+                        "run `ooc-universal reduce --force` for that pair")
+        frame = read_all_convergence(self.path)
+        if frame is None:
+            raise OocError(f"no convergence table in {str(self.path / 'reduce')!r}; run "
+                           "`ooc-universal reduce` with [reduce] convergence_first > 0 (the "
+                           "default, 1024) to record one per pair")
+        return frame[COLUMNS].sort_values(["reference", "other", "checkpoint", "threshold",
+                                  "n_tokens"], kind="stable").reset_index(drop=True)
 
     def sets(self):
         """The universal sets (formats.sets.UniversalSet records)."""

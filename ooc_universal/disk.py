@@ -8,7 +8,8 @@ what the run's stores already hold, minus a margin), `run` processes one checkpo
 time: extract its models, reduce its pairs, then delete its stores (unless
 `--keep-stores`), so the peak is one checkpoint's stores plus every checkpoint's reduce
 outputs and the largest work directory. The reduce is the only step that reads stores;
-a store is released only after its checkpoint's pair files are complete.
+a store is released only after its checkpoint's pair files are complete. With `--source
+stream` there are no stores: the plan counts the reduce outputs and work directory only.
 
 RUN/stores/released.json records each released store ({label: {sha256, bytes,
 checkpoint, read_by, released_at}}), so a resumed run does not extract it again and
@@ -56,6 +57,10 @@ class DiskPlan:
         return self.all_at_once if self.mode == "all" else self.per_checkpoint
 
     def describe(self) -> str:
+        if not self.store_bytes:
+            return (f"peak {human_bytes(self.peak)} of a {human_bytes(self.budget)} budget "
+                    f"({self.budget_from}): no activation stores (--source stream), the "
+                    "reduce outputs and one work directory only")
         if self.mode == "all":
             how = "every checkpoint's stores at once"
         else:
@@ -102,6 +107,11 @@ def plan_disk(n_models: int, n_checkpoints: int, store_bytes: int, output_bytes:
                     work_bytes, "all")
     if plan.all_at_once <= budget:
         return plan
+    if not store_bytes:  # streamed: nothing to make one checkpoint at a time
+        raise UsageError(
+            f"not enough disk for the reduce outputs: needs {human_bytes(plan.all_at_once)}, "
+            f"the budget is {human_bytes(budget)} ({budget_from}); give a larger --disk, "
+            "fewer models or checkpoints, or a run directory on a larger disk")
     if keep_stores and n_checkpoints > 1:
         raise UsageError(
             f"--keep-stores needs {human_bytes(plan.all_at_once)} for every checkpoint's "

@@ -192,6 +192,7 @@ class _Cut:
     stream: bool = False      # blocks from forward passes (sources.StreamSource)
     resident: int = 0         # stream: models and capture buffers held by the process
     transient: int = 0        # stream: the largest forward's activations
+    snapshots: int = 0        # convergence snapshots below the total (steps/reduce.py)
 
     @property
     def cb(self) -> int:
@@ -245,7 +246,21 @@ def _fold_bytes(cut: _Cut) -> int:
     mapped = _mapped_ref(cut) + cut.block * cut.nb_max * 2  # one other block at a time
     partials = THREADS_ALLOWANCE * (cut.rows + cut.d_max) * 24
     buffers = centred + product + gather + mapped + partials + cut.transient
-    return acc + max(buffers, _finalize_extra(cut) if cut.chains == 1 else 0)
+    # a convergence snapshot frees the block buffers, then finalizes from memory
+    finalize = _finalize_extra(cut) + _snapshot_scales_bytes(cut) \
+        if cut.chains == 1 or cut.snapshots else 0
+    return acc + _snapshot_bytes(cut) + max(buffers, finalize)
+
+
+def _snapshot_bytes(cut: _Cut) -> int:
+    """The convergence snapshots a panel holds: row max and every draw's baseline of
+    its rows, per pair and snapshot, in the output dtype."""
+    return cut.snapshots * len(cut.others) * cut.rows * (1 + cut.draws) * cut.ab
+
+
+def _snapshot_scales_bytes(cut: _Cut) -> int:
+    """One snapshot's rotated scales (draws, L, d) f64, loaded for one pair."""
+    return cut.draws * cut.nb_max * 8 if cut.snapshots else 0
 
 
 def _merge_bytes(cut: _Cut) -> int:
@@ -257,7 +272,8 @@ def _merge_bytes(cut: _Cut) -> int:
 
 def _finalize_bytes(cut: _Cut) -> int:
     """One pair's accumulator (loaded from its checkpoint) and the finalize's buffers."""
-    return max(_acc_bytes(cut, nb) for nb, _ in cut.others) + _finalize_extra(cut)
+    return (max(_acc_bytes(cut, nb) for nb, _ in cut.others) + _finalize_extra(cut)
+            + _snapshot_bytes(cut))
 
 
 def _finalize_extra(cut: _Cut) -> int:
@@ -279,9 +295,11 @@ def _self_bytes(cut: _Cut) -> int:
     for nb, d in cut.others:
         gather = cut.block * d * 2 * (2 if cut.device.startswith("cuda") else 1) \
             if cut.gathers else 0
+        # convergence snapshots: one rotation, S in its dtype and R S; the scales kept
+        snap = 3 * d * d * 8 + cut.snapshots * cut.draws * nb * 8 if cut.snapshots else 0
         out = max(out, (nb // d) * d * d * 8 + d * d * 4 + (cut.block + 1) * d * cut.cb
                   + cut.block * nb * 2 + gather + 48 * nb + THREADS_ALLOWANCE * d * 24
-                  + cut.transient)
+                  + cut.transient + snap)
     return out
 
 
@@ -296,7 +314,10 @@ def _assemble_bytes(cut: _Cut) -> int:
     """One panel's results, one self co-moment layer, the column maxima."""
     nb, d = max(cut.others)
     cov = cut.rows * nb * 4 if cut.keep_covariance else 0
-    return cut.rows * (64 + 16 * cut.draws) + d * d * 8 + nb * 48 + cov
+    # convergence table: the file's own row max and baseline of every row, one
+    # snapshot's (concatenated from the panels), summarize's temporaries
+    table = 3 * cut.n_ref * (1 + cut.draws) * 8 if cut.snapshots else 0
+    return cut.rows * (64 + 16 * cut.draws) + d * d * 8 + nb * 48 + cov + table
 
 
 TASK_BYTES = {"fold": _fold_bytes, "merge": _merge_bytes, "finalize": _finalize_bytes,
@@ -330,7 +351,7 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
               block_tokens: int | None = None, max_panels: int | None = None,
               baseline_draws: int = 1, keep_covariance: bool = False,
               blocks_per_segment: int | None = None,
-              stream: StreamShape | None = None) -> ReducePlan:
+              stream: StreamShape | None = None, snapshots: int = 0) -> ReducePlan:
     """Choose groups, panels, block size and chains for `pairs` (list of PairShape).
 
     `stream`: the blocks come from forward passes (sources.py), not stores: no store
@@ -349,7 +370,8 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
     chunk = max(1, int(store_chunk_rows))
     shape = dict(n_ref=n_ref, chunk=chunk, precision=precision, device=str(device),
                  draws=baseline_draws, chains=max(1, int(n_workers)),
-                 keep_covariance=keep_covariance, stream=stream)
+                 keep_covariance=keep_covariance, stream=stream,
+                 snapshots=max(0, int(snapshots)))
     best = None
     for groups in _group_options(len(pairs)):
         for block in _block_options(n_tokens, chunk, device, block_tokens):
@@ -389,7 +411,8 @@ def _cut(rows: int, grp: list, pairs: list, block: int, shape: dict) -> _Cut:
                 shape["n_ref"], block, shape["chunk"], shape["precision"], shape["device"],
                 shape["draws"], shape["chains"], shape["keep_covariance"],
                 stream is not None, stream.resident_bytes if stream else 0,
-                stream.transient_bytes if stream else 0)
+                stream.transient_bytes if stream else 0,
+                snapshots=shape.get("snapshots", 0))
 
 
 def _required(rows: int, groups: list, pairs: list, block: int, shape: dict) -> int:
@@ -787,11 +810,12 @@ def choose_source(options: list, free_disk: int | None = None) -> tuple[SourceOp
 
 
 def describe_options(options: list, chosen: SourceOption, reason: str,
-                     device: str = "cpu") -> str:
-    """The dry run's comparison of the sources: time, disk, memory of each, the choice."""
+                     device: str = "cpu", given: str = "auto") -> str:
+    """The dry run's comparison of the sources: time, disk, memory of each, the choice
+    (`given`: the --source it was made under)."""
     from ooc_universal.rundir import human_bytes
     where = "device memory" if str(device).startswith("cuda") else "memory"
-    lines = ["block source (--source auto): both options"]
+    lines = [f"block source (--source {given}): both options"]
     for o in options:
         if o.unavailable:
             lines.append(f"  {o.source:<7} not available: {o.unavailable}")

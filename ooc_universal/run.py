@@ -1,9 +1,18 @@
 """Chain the steps from one RunConfig: tokens -> extract -> reduce -> universal ->
 persistence -> ablate -> report. Each step skips what is complete and resumes what is
-partial, so `run` after a kill does only what is missing."""
+partial, so `run` after a kill does only what is missing.
+
+The reduce's blocks come from cfg.reduce.source (`run --source`): "store" (extract
+writes activation stores, the reduce reads them, the disk budget may make them one
+checkpoint at a time), "stream" (the reduce runs the models' forward passes: no extract,
+no stores, the disk plan counts none), or "auto": decided once for the study before any
+extract (study_source: the plan's options, plan.choose_source against the disk budget),
+then run as that source. Outputs are the same whichever source.
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ooc_universal.config import RunConfig
@@ -86,13 +95,25 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             ts = res.token_set
             echo(f"  {ts.n_tokens:,} tokens -> {res.folder} (hash {ts.hash[:12]})")
 
-        disk = study_disk_plan(cfg, run_dir, specs) if {"extract", "reduce"} & set(steps) \
-            else None
+        done_before = set() if force else released_checkpoints(cfg, run_dir, specs, refs)
+        blocks = {"extract", "reduce"} & set(steps)
+        choice = study_source(cfg, run_dir, specs, done=done_before) if blocks else None
+        source = choice.source if choice else "store"
+        if choice is not None and cfg.reduce.source == "auto":
+            echo(choice.line)
+        if choice is not None:
+            timings["source"] = source
+        streamed = source == "stream"
+        settings = cfg.reduce.model_copy(update={"source": source})
+        disk = study_disk_plan(cfg, run_dir, specs, stores=not streamed) if blocks else None
         if disk is not None:
             echo(f"disk: {disk.describe()}")
-        done_before = set() if force else released_checkpoints(cfg, run_dir, specs, refs)
 
         def do_extract(checkpoints):
+            if streamed:
+                echo("  block source stream: no activation stores to write (the reduce "
+                     "runs the models' forward passes)")
+                return
             todo = [specs[m, c] for c in checkpoints if c not in done_before
                     for m in cfg.models]
             if cfg.compute.scheduler:
@@ -113,24 +134,29 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
                     echo(f"  checkpoint {c}: reduced; its stores were released")
                     continue
                 others = [m for m in cfg.models if m != r]
-                # stores are found by their run-unique labels
-                res = reduce_mod.reduce(run_dir, specs[r, c].label,
-                                        [specs[o, c].label for o in others],
-                                        cfg.reduce, cfg.compute, force=force, progress=progress)
+                # stores are found by their run-unique labels; streamed models are given
+                # as their ModelSpecs (the same labels, so the same output files)
+                name = (lambda s: s) if streamed else (lambda s: s.label)
+                res = reduce_mod.reduce(run_dir, name(specs[r, c]),
+                                        [name(specs[o, c]) for o in others],
+                                        settings, cfg.compute, force=force, progress=progress)
                 echo(f"  {reduce_mod.summary_line(res)}")
 
         def release(c):
-            if c in done_before or not {"extract", "reduce"} <= set(steps):
+            if streamed or c in done_before or not {"extract", "reduce"} <= set(steps):
                 return
             freed = release_stores(run_dir, [specs[m, c].label for m in cfg.models], c,
                                    pair_outputs(cfg, run_dir, specs, refs, c))
             echo(f"  checkpoint {c}: its stores are reduced; deleted them "
                  f"({human_bytes(freed)} freed; --keep-stores keeps them)")
 
+        made = {}  # what this run's own steps made, for the steps after them
+
         def do_universal():
             out = universal_mod.universal(run_dir, cfg.universal,
                                           reference=None if cfg.all_references else ref,
                                           all_references=cfg.all_references, progress=progress)
+            made["universal_id"] = out.table1.provenance.universal_id
             echo(format_table1(out.table1))
 
         def do_cards():
@@ -147,7 +173,8 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
         def do_ablate():
             out = ablate_mod.ablate(run_dir, cfg.ablate, cfg.compute,
                                     reference=None if cfg.all_references else ref,
-                                    thresholds=list(cfg.universal.thresholds), progress=progress)
+                                    thresholds=list(cfg.universal.thresholds),
+                                    universal_id=made.get("universal_id"), progress=progress)
             echo(f"  {getattr(out, 'csv', out)}")
 
         def do_report():
@@ -155,7 +182,7 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             timings["report_paths"] = {k: str(v) for k, v in paths.items()}
 
         step("tokens", do_tokens)
-        if disk is None or disk.mode == "all" or cfg.compute.keep_stores:
+        if disk is None or disk.mode == "all" or cfg.compute.keep_stores or streamed:
             step("extract", lambda: do_extract(cfg.checkpoint_list()))
             step("reduce", lambda: do_reduce(cfg.checkpoint_list()))
         else:  # one checkpoint's stores on disk at a time
@@ -183,9 +210,10 @@ def study_specs(cfg: RunConfig) -> dict:
     return dict(zip(keys, parsed))
 
 
-def study_disk_plan(cfg: RunConfig, run_dir, specs: dict):
-    """disk.plan_disk for the study's stores (store mode): all at once, or one checkpoint
-    at a time when they do not fit the budget."""
+def study_disk_plan(cfg: RunConfig, run_dir, specs: dict, stores: bool = True):
+    """disk.plan_disk for the study: with `stores` (store mode) all at once, or one
+    checkpoint at a time when they do not fit the budget; without (stream mode) the
+    reduce outputs and work directory only."""
     from ooc_universal.disk import disk_budget, plan_disk
     n_layers, d_mlp, _ = _model_shapes(cfg)
     n_neurons = n_layers * d_mlp
@@ -193,9 +221,161 @@ def study_disk_plan(cfg: RunConfig, run_dir, specs: dict):
     budget, where = disk_budget(run_dir, cfg.compute.disk)
     n_refs = len(cfg.models) if cfg.all_references else 1
     return plan_disk(len(cfg.models), len(cfg.checkpoint_list()),
-                     store_file_bytes(cfg.tokens.n_tokens, n_neurons),
+                     store_file_bytes(cfg.tokens.n_tokens, n_neurons) if stores else 0,
                      plan.output_bytes * n_refs, plan.work_disk_bytes, budget, where,
-                     keep_stores=cfg.compute.keep_stores)
+                     keep_stores=cfg.compute.keep_stores and stores)
+
+
+# ------------------------------------------------------------------- the block source
+
+@dataclass(frozen=True)
+class SourceChoice:
+    """The study's block source: `source` (store | stream), how it was decided (`line`:
+    one line for the run's output), and under --source auto the options compared
+    (plan.SourceOption, study totals) and the dry run's text (plan.describe_options)."""
+    source: str
+    line: str
+    options: list = field(default_factory=list)
+    reason: str = ""
+    text: str = ""
+
+
+def study_source(cfg: RunConfig, run_dir, specs: dict, *, done=(), rates=None,
+                 forward_rate=None, compare: bool = False) -> SourceChoice:
+    """cfg.reduce.source resolved for the whole study, before any extract: "store" and
+    "stream" as given; "auto" from study_source_options (the reduce's own plan functions:
+    the same plans, rates and choose_source as `reduce --source auto`, summed over the
+    study's checkpoints and references). `done`: checkpoints already reduced (released);
+    `rates`/`forward_rate` (positions/s): measured already (the dry run); `compare`: cost
+    both options even when the source is given (the dry run prints them)."""
+    given = cfg.reduce.source
+    if given != "auto" and not compare:
+        return SourceChoice(given, f"block source: {given} (--source {given})")
+    from ooc_universal.plan import choose_source, describe_options
+    options, device, rates_line = study_source_options(cfg, run_dir, specs, done=done,
+                                                       rates=rates, forward_rate=forward_rate)
+    budget, _ = _disk_budget(cfg, run_dir)
+    if given == "auto":
+        chosen, reason = choose_source(options, budget)
+    else:
+        chosen, reason = next(o for o in options if o.source == given), f"--source {given}"
+    text = describe_options(options, chosen, reason, device, given=given)
+    text += f"\n  {rates_line}"
+    return SourceChoice(chosen.source, f"block source (--source {given}): {chosen.source} "
+                        f"({reason})", options, reason, text)
+
+
+def _disk_budget(cfg: RunConfig, run_dir) -> tuple[int, str]:
+    from ooc_universal.disk import disk_budget
+    return disk_budget(run_dir or Path.cwd(), cfg.compute.disk)
+
+
+def study_source_options(cfg: RunConfig, run_dir, specs: dict, *, done=(), rates=None,
+                         forward_rate=None) -> tuple[list, str, str]:
+    """([stream, store] plan.SourceOption for the whole study, the device, a line on the
+    rates): per checkpoint still to reduce and per reference, plan.stream_option of the
+    streamed plan (make_plan(stream=stream_shape(sources.stream_meta ...))) and
+    plan.store_option of the stored plan, the store also writing the checkpoint's stores
+    that are not there yet (extract: their forward FLOPs, their bytes); disk: the study's
+    peak (disk.plan_disk, with or without stores); rates: plan.measure_rates at the
+    plan's shapes, plan.disk_rates (measured, or cfg.reduce.disk_gbps), the forward rate
+    of a model of these shapes (_measure_forward_rate, offline)."""
+    from ooc_universal.devices import device_name
+    from ooc_universal.plan import (disk_rates, measure_rates, store_option, stream_option,
+                                    stream_shape)
+    from ooc_universal.rundir import existing_parent
+    from ooc_universal.sources import stream_meta
+    device = device_name(cfg.compute.device)
+    shapes = _model_shapes(cfg)
+    n_neurons, d_mlp = shapes[0] * shapes[1], shapes[1]
+    checkpoints = cfg.checkpoint_list()
+    todo = [c for c in checkpoints if c not in set(done)]
+    refs = list(cfg.models) if cfg.all_references else [cfg.reference_model]
+    token_meta = _token_meta(cfg, run_dir)
+    order = [refs[0], *(m for m in cfg.models if m != refs[0])]
+    metas = [stream_meta(specs[m, checkpoints[0]], token_meta, device) for m in order]
+    shape = stream_shape(metas)
+    store_plan = _reduce_plan(cfg, n_neurons, d_mlp, device=device)
+    stream_plan = _reduce_plan(cfg, n_neurons, d_mlp, device=device, stream=shape)
+    rates = rates or measure_rates(store_plan, seconds=0.3)
+    write, read, how = disk_rates(existing_parent(Path(run_dir or Path.cwd())),
+                                  cfg.reduce.disk_gbps)
+    positions_per_s = forward_rate or _measure_forward_rate(shapes, seconds=0.3)
+    rates = replace(rates, read_bytes_per_s=read, disk_bytes_per_s=write,
+                    forward_flops_per_s=positions_per_s * shape.flops_ref,
+                    measured=tuple(rates.measured) + ("forward", f"disk ({how})"))
+    model_flops = dict(zip(order, (shape.flops_ref, *shape.flops_others)))
+    store_bytes = store_file_bytes(cfg.tokens.n_tokens, n_neurons)
+    stream_one = stream_option(stream_plan, rates)
+    stored = []
+    for c in todo:
+        missing = [m for m in cfg.models if not _store_there(run_dir, specs[m, c])]
+        stored.append(store_option(
+            store_plan, rates, write_bytes=len(missing) * store_bytes,
+            extract_flops=sum(model_flops.get(m, shape.flops_ref) for m in missing)
+            * shape.positions))
+        stored += [store_option(store_plan, rates)] * (len(refs) - 1)
+    stream_all = _total("stream", [stream_one] * (len(todo) * len(refs)),
+                        _study_disk(cfg, run_dir, store_plan, 0), stream_one.memory_bytes)
+    store_all = _total("store", stored, _study_disk(cfg, run_dir, store_plan, store_bytes),
+                       store_plan.required_bytes)
+    line = (f"rates: forward {rates.forward_flops_per_s / 1e9:.1f} GFLOP/s (a model of "
+            f"these shapes, measured now), disk read {read / 1e9:.2f} GB/s, write "
+            f"{write / 1e9:.2f} GB/s ({how}); {len(todo)} checkpoint(s) x {len(refs)} "
+            f"reference(s) to reduce; disk budget {human_bytes(_disk_budget(cfg, run_dir)[0])}")
+    return [stream_all, store_all], device, line
+
+
+def _total(source: str, per_reduce: list, disk_bytes: int, memory_bytes: int):
+    """One study-wide plan.SourceOption from the options of its reduces."""
+    from ooc_universal.plan import SourceOption
+    parts: dict = {}
+    for o in per_reduce:
+        for k, v in o.parts.items():
+            parts[k] = parts.get(k, 0.0) + v
+    return SourceOption(source, sum(o.seconds for o in per_reduce), disk_bytes,
+                        memory_bytes, parts)
+
+
+def _study_disk(cfg: RunConfig, run_dir, plan, store_bytes: int) -> int:
+    """The study's peak disk with stores of `store_bytes` (0: streamed): every
+    checkpoint's at once when --keep-stores or when they fit the budget, else one
+    checkpoint's (disk.DiskPlan; choose_source compares it with the budget)."""
+    from ooc_universal.disk import DiskPlan
+    budget, where = _disk_budget(cfg, run_dir)
+    n_refs = len(cfg.models) if cfg.all_references else 1
+    plan = DiskPlan(budget, where, store_bytes, len(cfg.models), len(cfg.checkpoint_list()),
+                    plan.output_bytes * n_refs, plan.work_disk_bytes, "all")
+    if plan.all_at_once <= budget or (cfg.compute.keep_stores and store_bytes):
+        return plan.all_at_once
+    return plan.per_checkpoint
+
+
+def _store_there(run_dir, spec) -> bool:
+    """A complete store of `spec` (its final name and a sidecar) is in RUN/stores."""
+    from ooc_universal.rundir import read_sidecar
+    if run_dir is None:
+        return False
+    path = Path(run_dir) / "stores" / f"{spec.label}.h5"
+    return path.is_file() and read_sidecar(path) is not None
+
+
+def _token_meta(cfg: RunConfig, run_dir) -> dict:
+    """The token set's shape: RUN/tokens' when it is there, else the config's (windows of
+    `window` positions, the first a BOS when cfg.tokens.bos)."""
+    from ooc_universal.errors import OocError
+    if run_dir is not None and (Path(run_dir) / "tokens").is_dir():
+        try:
+            from ooc_universal.formats.tokens import load_token_set
+            ts = load_token_set(run_dir)
+            return {"hash": ts.hash, "n_tokens": ts.n_tokens, "window": ts.window,
+                    "n_windows": ts.n_windows}
+        except OocError:
+            pass
+    t = cfg.tokens
+    per_window = max(1, t.window - (1 if t.bos else 0))
+    return {"hash": "", "n_tokens": t.n_tokens, "window": t.window,
+            "n_windows": -(-t.n_tokens // per_window)}
 
 
 def _neurons(cfg: RunConfig) -> tuple[int, int]:
@@ -208,12 +388,17 @@ def store_file_bytes(n_tokens: int, n_neurons: int) -> int:
     return n_tokens * n_neurons * 2 + (1 << 16)
 
 
-def _reduce_plan(cfg: RunConfig, n_neurons: int, d_mlp: int):
+def _reduce_plan(cfg: RunConfig, n_neurons: int, d_mlp: int, device: str = "cpu",
+                 stream=None):
+    """One reference's reduce plan (plan.make_plan); `stream`: its plan.StreamShape."""
     from ooc_universal.plan import PairShape, make_plan
+    from ooc_universal.sources import STREAM_BLOCK_ROWS
     pairs = [PairShape(o, n_neurons, d_mlp) for o in cfg.models[1:]]
     return make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=cfg.compute.memory,
-                     device="cpu", precision=cfg.reduce.precision, store_chunk_rows=64,
-                     baseline_draws=cfg.reduce.baseline_draws)
+                     device=device, precision=cfg.reduce.precision,
+                     store_chunk_rows=STREAM_BLOCK_ROWS if stream else 64,
+                     baseline_draws=cfg.reduce.baseline_draws,
+                     keep_covariance=cfg.reduce.keep_covariance, stream=stream)
 
 
 def pair_outputs(cfg: RunConfig, run_dir, specs: dict, refs: list, checkpoint) -> list:
@@ -294,27 +479,81 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
          f"; on a {gpu_mem_gb:.0f} GB GPU ~{_hms(t_gpu * n_ck)} "
          f"({len(gpu_plan.groups)} pass(es), {human_bytes(gpu_plan.bytes_read)} read at "
          f"{disk_gbps} GB/s, {gpu_tflops:.0f} TFLOP/s bf16)")
+    out.update(_source_dry_run(cfg, run_dir, rates, fwd_rate, shapes, gpu_tflops,
+                               gpu_mem_gb, echo))
     out.update(_ablation_dry_run(cfg, shapes, fwd_rate, gpu_tflops, n_ck, echo))
-    out.update(_disk_dry_run(cfg, run_dir, n_neurons, plan, echo))
+    out.update(_disk_dry_run(cfg, run_dir, n_neurons, plan, echo,
+                             stores=out.get("source") != "stream"))
     echo("[universal, persistence, report] seconds; read only the reduced statistics")
     echo(f"peak RAM per process: reduce {human_bytes(plan.peak_bytes)} "
          f"(budget {cfg.compute.memory}); extract within --memory")
     return out
 
 
-def _disk_dry_run(cfg: RunConfig, run_dir, n_neurons: int, plan, echo) -> dict:
-    """The store mode's disk plan against the budget (disk.plan_disk)."""
+def _source_dry_run(cfg: RunConfig, run_dir, rates, fwd_rate, shapes, gpu_tflops,
+                    gpu_mem_gb, echo) -> dict:
+    """Both block sources of the study (study_source with compare: time, disk, memory),
+    the one chosen (--source auto) or given, and why; and the streamed reduce on a GPU."""
+    from ooc_universal.devices import device_name
+    from ooc_universal.errors import OocError
+    here = device_name(cfg.compute.device) == "cpu"
+    try:
+        choice = study_source(cfg, run_dir, study_specs(cfg), rates=rates if here else None,
+                              forward_rate=fwd_rate if here else None, compare=True)
+    except OocError as exc:
+        echo(f"[source]  --source {cfg.reduce.source}: cannot be planned here: {exc}")
+        return {"source": None}
+    echo("[source]  " + choice.text.replace("\n", "\n  "))
+    out = {"source": choice.source, "source_reason": choice.reason,
+           "source_options": {o.source: {"seconds": o.seconds, "disk_bytes": o.disk_bytes,
+                                         "memory_bytes": o.memory_bytes}
+                              for o in choice.options}}
+    out.update(_gpu_stream_dry_run(cfg, shapes, gpu_tflops, gpu_mem_gb, echo))
+    return out
+
+
+def _gpu_stream_dry_run(cfg: RunConfig, shapes, gpu_tflops, gpu_mem_gb, echo) -> dict:
+    """The streamed reduce of the whole study on one GPU of `gpu_mem_gb` at `gpu_tflops`
+    (GEMMs and forward passes alike): the plan's FLOPs over that rate (an estimate)."""
+    from ooc_universal.errors import OocError
+    from ooc_universal.plan import stream_shape
+    from ooc_universal.sources import stream_meta
+    n_neurons, d_mlp = shapes[0] * shapes[1], shapes[1]
+    c0, n_ck = cfg.checkpoint_list()[0], len(cfg.checkpoint_list())
+    n_refs = len(cfg.models) if cfg.all_references else 1
+    specs = study_specs(cfg)
+    order = [cfg.reference_model, *(m for m in cfg.models if m != cfg.reference_model)]
+    try:
+        shape = stream_shape([stream_meta(specs[m, c0], _token_meta(cfg, None), "cuda")
+                              for m in order], param_bytes=2)
+        gpu_cfg = cfg.replace(memory=f"{gpu_mem_gb}GB", precision="bf16")
+        plan = _reduce_plan(gpu_cfg, n_neurons, d_mlp, device="cuda", stream=shape)
+    except OocError as exc:
+        echo(f"  stream on a {gpu_mem_gb:.0f} GB GPU: does not fit ({exc})")
+        return {}
+    secs = (plan.flops + plan.forward_flops) / (gpu_tflops * 1e12) * n_ck * n_refs
+    echo(f"  stream on a {gpu_mem_gb:.0f} GB GPU: ~{_hms(secs)} of reduce for the study "
+         f"({len(plan.groups)} pass(es), {len(plan.panels)} panel(s); {plan.flops:.3g} FLOP "
+         f"of GEMMs + {plan.forward_flops:.3g} of forwards per reference and checkpoint at "
+         f"{gpu_tflops:.0f} TFLOP/s bf16; no stores)")
+    return {"reduce_seconds_gpu_stream": secs}
+
+
+def _disk_dry_run(cfg: RunConfig, run_dir, n_neurons: int, plan, echo,
+                  stores: bool = True) -> dict:
+    """The disk plan against the budget (disk.plan_disk): the stores' (store mode) or
+    only the reduce outputs' (stream)."""
     from ooc_universal.disk import disk_budget, plan_disk
     from ooc_universal.errors import OocError
     budget, where = disk_budget(run_dir or Path.cwd(), cfg.compute.disk)
     n_refs = len(cfg.models) if cfg.all_references else 1
     try:
         disk = plan_disk(len(cfg.models), len(cfg.checkpoint_list()),
-                         store_file_bytes(cfg.tokens.n_tokens, n_neurons),
+                         store_file_bytes(cfg.tokens.n_tokens, n_neurons) if stores else 0,
                          plan.output_bytes * n_refs, plan.work_disk_bytes, budget, where,
-                         keep_stores=cfg.compute.keep_stores)
+                         keep_stores=cfg.compute.keep_stores and stores)
     except OocError as exc:
-        echo(f"[disk]    store mode does not fit: {exc}")
+        echo(f"[disk]    {'store' if stores else 'stream'} mode does not fit: {exc}")
         return {"disk_mode": None, "disk_budget_bytes": budget}
     echo(f"[disk]    {disk.describe()}")
     return {"disk_mode": disk.mode, "disk_peak_bytes": disk.peak, "disk_budget_bytes": budget}

@@ -234,9 +234,14 @@ def _write_reduce(run_dir, model_dir, means, token_hash, other="other-model"):
 
 
 def _write_sets(run_dir, doc):
-    """sets.json as the universal step commits it: the bytes and their checksum sidecar."""
-    from ooc_universal.rundir import write_json_atomic
-    write_json_atomic(Path(run_dir) / "universal" / "sets.json", doc, record={"step": "universal"})
+    """sets.json as the universal step commits it: the bytes and their checksum sidecar,
+    which records the reduce files (RUN/reduce/*.h5, sealed) it was made from."""
+    from ooc_universal.rundir import read_sidecar, write_json_atomic
+    inputs = {f"reduce/{p.name}": read_sidecar(p)["sha256"]
+              for p in sorted((Path(run_dir) / "reduce").glob("*__*.h5"))}
+    assert inputs, "write the reduce file(s) first: the sets record what they were made from"
+    write_json_atomic(Path(run_dir) / "universal" / "sets.json", doc,
+                      record={"step": "universal", "inputs": inputs})
 
 
 def _cli(*args):
@@ -263,9 +268,9 @@ def run(tmp_path_factory):
     sets = [dict(reference=str(model_dir), other="other-model", checkpoint=-1,
                  threshold=t, definition="per-pair", draw=0, n_layers=2, d_mlp=D_MLP,
                  neurons=uni[:k]) for t, k in ((0.4, 12), (0.5, 5))]
-    _write_sets(run_dir, {"config": {}, "sets": sets})
     means = rng.uniform(-0.1, 0.8, 2 * D_MLP)
     _write_reduce(run_dir, model_dir, means, ts.hash)
+    _write_sets(run_dir, {"config": {}, "sets": sets})
     return dict(run_dir=run_dir, model_dir=model_dir, uni=uni, means=means, ts=ts)
 
 
@@ -345,6 +350,7 @@ def test_cli_errors_are_one_line_exit_1(run, tmp_path):
     (rd / "universal").mkdir(parents=True)
     import shutil
     shutil.copytree(run["run_dir"] / "tokens", rd / "tokens")
+    shutil.copytree(run["run_dir"] / "reduce", rd / "reduce")
     rec = dict(reference=str(run["model_dir"]), other="o", checkpoint=-1, threshold=0.5,
                definition="per-pair", draw=0, n_layers=2, d_mlp=D_MLP,
                neurons=list(range(D_MLP, D_MLP + 70)))                   # 70 of 128 in layer 1
@@ -416,8 +422,7 @@ def _mutate(case, rd):
     elif case == "another run's token set":
         doc = json.loads(sets.read_text())
         doc["token_hash"] = "0" * 64
-        from ooc_universal.rundir import write_json_atomic
-        write_json_atomic(sets, doc, record={"step": "universal"})
+        _write_sets(rd, doc)
     elif case == "reduce recomputed since":
         red = _reduce_recomputed(rd)
         with h5py.File(red, "a") as f:
@@ -429,8 +434,8 @@ def _mutate(case, rd):
         red.rename(red.with_name("elsewhere.h5"))
     return {"no sidecar": "(has no readable checksum sidecar|untrusted)",
             "edited by hand": "(does not match its checksum sidecar|damaged)",
-            "another run's token set": "was made from token set 000000000000",
-            "reduce recomputed since": "which has changed since",
+            "another run's token set": "made from token set 000000000000",
+            "reduce recomputed since": r"it is now \w+ \(recomputed since",
             "reduce gone": "which is not in this run"}[case]
 
 
@@ -457,3 +462,69 @@ def test_sets_of_another_run_via_the_cli_is_one_line(run, tmp_path):
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "(a sets.json from another run?)" in res.stderr
     assert not (rd / "ablate" / "ablation.csv").exists()
+
+
+def _flip_byte(path, at=None):
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_a_reduce_file_is_refused_in_one_line(run, tmp_path):
+    """A reduce file whose bytes no longer match its sidecar (the sidecar, and so the
+    sets' provenance, still record the old sha256): ablate verifies it before use
+    (rundir.verify_file), and refuses with one line, exit 1, no ablation files."""
+    from ooc_universal.rundir import forget_verified
+    rd = _copy_run(run, tmp_path)
+    (red,) = (rd / "reduce").glob("*.h5")
+    _flip_byte(red)
+    forget_verified()
+    md = run["model_dir"]
+    res = _cli("--run-dir", str(rd), "--model", f"{md}={md}", "--no-progress")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert f"reduce output {str(red)!r} is damaged: sha256" in res.stderr
+    assert "run `ooc-universal reduce` again" in res.stderr
+    assert not (rd / "ablate" / "ablation.csv").exists()
+    # its sidecar deleted as well: untrusted, refused the same way (also from the API)
+    from ooc_universal.rundir import sidecar_path
+    from ooc_universal.steps.ablate import ablate
+    from ooc_universal.config import AblateConfig
+    sidecar_path(red).unlink()
+    with pytest.raises(OocError, match=r"made from reduce/.*\.h5, which is untrusted now: it "
+                                       r"has no readable checksum sidecar"):
+        ablate(rd, AblateConfig(control_draws=1), progress=False)
+    assert not (rd / "ablate" / "ablation.csv").exists()
+
+
+def test_flipped_byte_in_sets_json_is_refused_in_one_line(run, tmp_path):
+    rd = _copy_run(run, tmp_path)
+    sets = rd / "universal" / "sets.json"
+    text = sets.read_text()
+    at = text.index('"neurons": [') + len('"neurons": [')   # a digit of the first neuron
+    _flip_byte(sets, at)
+    res = _cli("--run-dir", str(rd), "--no-progress")
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert f"universal sets {str(sets)!r} is damaged: sha256" in res.stderr
+    assert not (rd / "ablate" / "ablation.csv").exists()
+
+
+def test_sets_rewritten_under_a_running_pipeline_are_refused(run, tmp_path):
+    """`run` passes the universal_id its own universal step made: sets.json written
+    since by another `universal` (a valid, sealed file with another id) is refused."""
+    from ooc_universal.config import AblateConfig
+    from ooc_universal.errors import StaleInputError
+    from ooc_universal.steps.ablate import ablate
+    rd = _copy_run(run, tmp_path)
+    doc = json.loads((rd / "universal" / "sets.json").read_text())
+    _write_sets(rd, {**doc, "universal_id": "made-by-this-run"})
+    md = str(run["model_dir"])
+    kw = dict(progress=False, model_overrides={md: md}, thresholds=[0.5])
+    with pytest.raises(StaleInputError, match=r"were rewritten while this run was running "
+                                              r"\(universal_id made-by-this-run, this run "
+                                              r"made other-id\)"):
+        ablate(rd, AblateConfig(control_draws=1), universal_id="other-id", **kw)
+    assert not (rd / "ablate" / "ablation.csv").exists()
+    out = ablate(rd, AblateConfig(control_draws=1), universal_id="made-by-this-run", **kw)
+    assert out.rows and (rd / "ablate" / "ablation.csv").exists()

@@ -142,3 +142,39 @@ def test_tidy_views_on_a_hand_built_run(tmp_path):
 def test_missing_run_is_one_line(tmp_path):
     with pytest.raises(OocError, match="does not exist"):
         ou.open_run(tmp_path / "nope")
+
+
+def test_convergence_is_the_reduce_tables_and_ends_at_table1(demo_run):  # noqa: F811
+    """run.convergence(): every pair's CSV read back (read here with the csv module), one
+    row per (pair, n_tokens, threshold); its last token count gives Table 1's numbers
+    (which the universal step computed from the reduce files on its own)."""
+    import csv
+    rd, _ = demo_run
+    run = ou.open_run(rd)
+    conv = run.convergence()
+    files = sorted((rd / "reduce").glob("*.convergence.csv"))
+    assert files and len(files) == len(run.reduced_pairs())
+    raw = [r for p in files for r in csv.DictReader(p.open())]
+    assert len(conv) == len(raw)
+    assert sorted(conv["n_tokens"].unique()) == [1024, 2048, 4096]
+    assert conv["n_tokens_total"].eq(4096).all()
+    assert sorted(conv["threshold"].unique()) == [0.4, 0.5, 0.6]
+    import pandas as pd
+    assert [c for c in conv.columns if hasattr(pd.DataFrame, c)] == []
+    t1 = run.table1()
+    pairs = t1[(t1.aggregation == "pair") & (t1.scope == "all")]
+    last = conv[conv.n_tokens == conv.n_tokens_total]
+    assert len(last) == len(pairs)
+    for _, row in last.iterrows():
+        cell = pairs[(pairs.other == row.other) & (pairs.checkpoint == row.checkpoint)
+                     & (pairs.threshold == row.threshold) & (pairs.reference == row.reference)]
+        assert cell["n_universal"].item() == row.n_universal, row
+        assert cell["pct_universal"].item() == pytest.approx(row.pct_universal, abs=1e-9)
+    # every token count of one pair: the universal counts of its prefixes, 0..100 %
+    assert conv["pct_universal"].between(0, 100).all()
+
+
+def test_convergence_missing_is_one_line(tmp_path):
+    (tmp_path / "reduce").mkdir()
+    with pytest.raises(OocError, match="no convergence table"):
+        ou.open_run(tmp_path).convergence()

@@ -52,12 +52,15 @@ def run(tmp_path_factory):
 def _planner_minimum() -> int:
     """The smallest budget the planner accepts for this reduce (bisected to 1 MB)."""
     from ooc_universal.errors import OocError
+    from ooc_universal.kernels.convergence import snapshot_counts
+    snapshots = len(snapshot_counts(N_TOKENS, 1024)) - 1  # the default convergence_first
     pairs = [PairShape("oth", N, D_MLP)]
     lo, hi = 10**8, 10**10
     while hi - lo > 10**6:
         mid = (lo + hi) // 2
         try:
-            make_plan(N_TOKENS, N, pairs, memory=mid, store_chunk_rows=CHUNK, baseline_draws=1)
+            make_plan(N_TOKENS, N, pairs, memory=mid, store_chunk_rows=CHUNK, baseline_draws=1,
+                      snapshots=snapshots)
             hi = mid
         except OocError:
             lo = mid

@@ -392,7 +392,9 @@ def test_zoo_and_footer(full):
             m = next(m for m in zoo["models"] if m["name"] == rec["model"])
             assert rec["heldout_loss"] == m["checkpoints"][str(rec["step"])]["heldout_loss"]
     assert t["rows"][-1][2] == "3.1235"
-    assert all(s["status"] == "ok" for s in data["sections"].values())
+    # the hand-built run has no reduce convergence tables: that section says so
+    assert data["sections"]["convergence"]["status"] == "not run"
+    assert all(s["status"] == "ok" for k, s in data["sections"].items() if k != "convergence")
     md = paths["md"].read_text()
     assert "tok0" in md and "ooc-universal 0.1.0" in md and "zoo_json = " in md
     assert data["token_hash"] == "tok0" and data["config_toml"].startswith("models =")
@@ -487,3 +489,78 @@ def test_unreadable_outputs_give_one_line_each(tmp_path):
     # without a checksum sidecar the file cannot be told from a damaged one: refused
     with pytest.raises(OocError, match=r"table1\.json.*untrusted"):
         report(rd, progress=False)
+
+
+# ---------------------------------------------------------------------------- convergence
+
+def _convergence_run(base_run, tmp_path):
+    """base_run's reduce files and universal outputs, and a convergence table per pair
+    written through formats/convergence.py from known row max and baseline arrays."""
+    from ooc_universal.formats.convergence import (convergence_path, snapshot_rows,
+                                                   write_convergence)
+    from ooc_universal.kernels.convergence import summarize
+    rd = tmp_path / "run"
+    shutil.copytree(base_run, rd, ignore=shutil.ignore_patterns("report"))
+    made = {}
+    for oi, other in enumerate(OTHERS):
+        for ci, ck in enumerate(CKPTS):
+            row, base = _arrays(oi, ci)
+            rows = []
+            for n in (256, 512, 1024):
+                shrink = np.float32(1024 / n)  # fewer tokens: noisier, higher maxima
+                rows += snapshot_rows({"reference": "a", "other": other, "ref_label": f"a@{ck}",
+                                       "other_label": f"{other}@{ck}", "checkpoint": ck},
+                                      n, 1024, summarize(np.minimum(row * shrink, 1.0), base,
+                                                         TAUS))
+            path = convergence_path(rd, f"a@{ck}", f"{other}@{ck}")
+            write_convergence(path, rows, {"step": "reduce"})
+            made[path] = rows
+    return rd, made
+
+
+def test_convergence_source_is_the_tables_and_a_verified_input(base_run, tmp_path):
+    from ooc_universal.report import sections
+    from ooc_universal.report.data import load_run
+    from ooc_universal.report.figures import Palette
+    from ooc_universal.report.views import model_names
+    rd, made = _convergence_run(base_run, tmp_path)
+    run = load_run(rd)
+    frame = run.convergence.content
+    assert frame is not None and len(frame) == sum(len(r) for r in made.values())
+    for path, rows in made.items():
+        mine = frame[frame.ref_label + "__" + frame.other_label + ".convergence.csv"
+                     == path.name]
+        want = {(r["n_tokens"], r["threshold"]): r["pct_universal"] for r in rows}
+        got = dict(zip(zip(mine.n_tokens, mine.threshold), mine.pct_universal))
+        assert got == want
+    listed = {r[0] for r in run.provenance.input_files}
+    assert {f"reduce/{p.name}" for p in made} <= listed       # the footer's inputs
+    assert {"a", "b", "c"} <= model_names(run)                # in the palette
+    section = sections.convergence_section(run.convergence,
+                                           sections.Context(Palette(model_names(run))))
+    assert section.status == "ok"
+    # a table whose bytes no longer match its sidecar is not shown, with the reason
+    victim = next(iter(made))
+    victim.write_text(victim.read_text().replace("256,", "257,", 1))
+    run = load_run(rd)
+    assert run.convergence.content is None and "damaged" in run.convergence.reason
+    section = sections.convergence_section(run.convergence, sections.Context(Palette([])))
+    assert section.status == "unreadable" and victim.name in section.message
+    # none at all: "not run"
+    for path in made:
+        path.unlink()
+    assert load_run(rd).convergence.reason == "missing"
+
+
+def test_ablation_series_name_pair_averaged_rows():
+    """series.py names a row as the report's tables do (views.row_label): a
+    pair-averaged row (other empty) is "pair-averaged", not "None"."""
+    from ooc_universal.report import series
+    rows = [{"checkpoint": 100, "layer": layer, "other": other, "aggregation": agg,
+             "set": "universal", "n_neurons": 3, "kl": 0.1, "kl_se": 0.01,
+             "delta_loss": 0.2, "delta_loss_se": 0.01}
+            for layer in (0, 1) for other, agg in (("b", "pair"), (None, "pair_averaged"))]
+    lines = series.ablation_layer_lines(rows)
+    assert lines.others == ["b", "pair-averaged"]
+    assert {s["other"] for s in lines.series} == {"b", "pair-averaged"}
+    assert all(not np.isnan(y) for s in lines.series for y in s["y"])

@@ -23,7 +23,7 @@ from ooc_universal.config import RunConfig, demo_config, demo_zoo_dir
 SLICE = ["--n-tokens", "4096", "--n-eval-tokens", "1024", "--baseline-draws", "2",
          "--control-draws", "2", "--no-progress"]
 FIGURES = (["universal_percent", "corr_vs_baseline", "excess_hist", "universal_layer_counts",
-            "heldout_loss"]
+            "heldout_loss", "convergence"]
            + [f"{k}_t{t}" for t in ("04", "05", "06") for k in
               ("persistence_pairs", "persistence_layers", "persistence_layers_by_pair",
                "ablation", "ablation_layers")])

@@ -15,7 +15,8 @@ The file is written with sorted keys (rundir.write_json_atomic) plus its checksu
 sidecar, whose `inputs` record the sha256 of every reduce file the sets were made from.
 `read_sets` verifies the bytes against the sidecar (verify=True, the default: a file
 without one is untrusted and refused); `check_sets_provenance` also checks that those
-reduce files are this run's, as they were then (ablate calls it before any model loads). Readers accept hand-written files that leave out the provenance or a record's
+reduce files are this run's, as they were then (ablate calls it before any model
+loads). Readers accept hand-written files that leave out the provenance or a record's
 optional fields (None here, left out again by `to_json`), so a record read and written
 back hashes the same.
 """
@@ -212,6 +213,11 @@ def check_sets_provenance(run_dir, sets: SetsFile | None = None, token_hash: str
             raise StaleInputError(f"universal sets {str(path)!r} were made from {name}, which "
                                   f"is not in this run (a sets.json from another run?); {fix}")
         now = recorded_sha256(here)
+        if now is None:
+            raise OocError(
+                f"universal sets {str(path)!r} were made from {name}, which is untrusted now: "
+                f"it has no readable checksum sidecar; recompute it (`ooc-universal reduce`), "
+                f"then {fix}")
         if now != sha:
             raise StaleInputError(
                 f"universal sets {str(path)!r} were made from {name} with sha256 "

@@ -80,6 +80,7 @@ MANIFEST = "checksums.json"
 def verified_inputs(run_dir: Path) -> dict:
     """{input: recorded sha256} of every step output present that the report reads, each
     verified against its checksum sidecar first (one OocError line when one fails)."""
+    from ooc_universal.formats.convergence import list_convergence
     from ooc_universal.formats.reduced import RECOMPUTE, list_reduced
     out = {}
     for rel, step in REPORT_INPUTS.items():
@@ -90,6 +91,10 @@ def verified_inputs(run_dir: Path) -> dict:
             out[rel] = recorded_sha256(path)
     for path in list_reduced(run_dir):
         verify_file(path, "reduce output", RECOMPUTE)
+        out[f"reduce/{path.name}"] = recorded_sha256(path)
+    for path in list_convergence(run_dir):
+        verify_file(path, "convergence table", "run `ooc-universal reduce --force` for "
+                    "that pair")
         out[f"reduce/{path.name}"] = recorded_sha256(path)
     return out
 
@@ -169,6 +174,7 @@ def _build(run_dir: Path, settings: ReportConfig, progress: bool):
                  sections.ablation_section(run.ablation, ctx),
                  sections.correlations_section(run.neurons, views.report_thresholds(run), ctx),
                  sections.layer_counts_section(run.table1, ctx),
+                 sections.convergence_section(run.convergence, ctx),
                  sections.cards_section(run.cards, ctx),
                  sections.zoo_section(run.zoo_path, run.zoo, ctx)]
     bar.close()

@@ -13,6 +13,8 @@ instead of the report failing.
   RUN/cards/cards.json                formats.cards.read_cards
   RUN/tokens/meta.json                formats.tokens.read_token_meta (the footer)
   RUN/ablate/ablation.json            formats.ablation.read_ablation
+  RUN/reduce/*.convergence.csv        formats.convergence.read_all_convergence (each
+                                      table verified against its checksum sidecar first)
   zoo.json                            read here (the zoo writes it; no reader exists)
   RUN/config.toml                     read here as text (the footer shows it verbatim)
 """
@@ -27,11 +29,12 @@ from ooc_universal.config import read_config_text
 from ooc_universal.errors import OocError
 from ooc_universal.formats.ablation import ablate_paths, read_ablation
 from ooc_universal.formats.cards import cards_path, read_cards
+from ooc_universal.formats.convergence import list_convergence, read_all_convergence
 from ooc_universal.formats.reduced import list_reduced, open_reduced
 from ooc_universal.formats.tables import (PAIR, persistence_paths, read_neurons,
                                           read_persistence, read_table1, universal_paths)
 from ooc_universal.formats.tokens import read_token_meta
-from ooc_universal.rundir import file_sha256
+from ooc_universal.rundir import file_sha256, verify_file
 from ooc_universal.zoo import read_zoo_json
 
 NEURON_COLUMNS = ["reference", "aggregation", "other", "checkpoint", "layer", "max_corr",
@@ -81,6 +84,11 @@ class RunData:
     zoo_path: Path | None
     zoo: Source                    # zoo.json as a dict
     provenance: Provenance
+    convergence: Source = None     # read_all_convergence's DataFrame (every pair's table)
+
+    def __post_init__(self):
+        if self.convergence is None:
+            self.convergence = Source(None, "missing")
 
 
 def load_run(run_dir, zoo_json=None) -> RunData:
@@ -92,7 +100,8 @@ def load_run(run_dir, zoo_json=None) -> RunData:
         "persistence": _read_output(persistence_paths(run_dir)["json"], read_persistence,
                                     run_dir),
         "ablation": _read_output(ablate_paths(run_dir)["json"], read_ablation, run_dir),
-        "cards": _read_output(cards_path(run_dir), read_cards, run_dir)}
+        "cards": _read_output(cards_path(run_dir), read_cards, run_dir),
+        "convergence": load_convergence(run_dir)}
     token_meta = read_token_meta(run_dir)
     zoo_path = find_zoo_json(run_dir, zoo_json, config)
     provenance = Provenance(config_text, token_hash(sources, token_meta),
@@ -114,6 +123,22 @@ def _read_output(path: Path, reader, run_dir: Path) -> Source:
         return Source(reader(run_dir))
     except OocError as exc:
         return Source(None, str(exc))
+
+
+def load_convergence(run_dir: Path) -> Source:
+    """Every pair's token-count convergence table in one DataFrame ("missing" when the
+    reduce recorded none); each file verified against its checksum sidecar, and an
+    untrusted, damaged or unreadable one is the reason (its section says so)."""
+    paths = list_convergence(run_dir)
+    if not paths:
+        return Source(None, "missing")
+    try:
+        for path in paths:
+            verify_file(path, "convergence table", "run `ooc-universal reduce --force` for "
+                        "that pair")
+        return Source(read_all_convergence(run_dir))
+    except OocError as exc:
+        return Source(None, str(exc).rstrip("."))
 
 
 def read_zoo(path: Path | None) -> Source:
@@ -246,9 +271,11 @@ def input_versions(sources: dict, token_meta: dict | None) -> dict:
 
 
 def input_files(run_dir: Path) -> list:
-    """[relative path, size, sha256 prefix] of each FOOTER_FILES entry that exists."""
+    """[relative path, size, sha256 prefix] of each FOOTER_FILES entry that exists, and
+    of each pair's convergence table."""
     rows = []
-    for rel in FOOTER_FILES:
+    convergence = [f"reduce/{p.name}" for p in list_convergence(run_dir)]
+    for rel in (*FOOTER_FILES, *convergence):
         path = run_dir / rel
         if path.is_file():
             rows.append([rel, str(path.stat().st_size), file_sha256(path)[:16]])

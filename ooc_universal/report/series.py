@@ -12,7 +12,7 @@ import numpy as np
 
 from ooc_universal.report.text import checkpoint_number
 from ooc_universal.report.views import (AblationView, PersistenceView, Table1View, heldout_loss,
-                                        set_rank, zoo_steps)
+                                        row_label, set_rank, zoo_steps)
 
 ABLATION_METRICS = ("kl", "delta_loss")
 NON_NEGATIVE = {"kl"}     # delta loss may fall below 0 (ablating can help), KL cannot
@@ -176,7 +176,7 @@ class AblationLines:
 
 def _ablation_axes(rows) -> tuple:
     return (sorted({checkpoint_number(r["checkpoint"]) for r in rows}),
-            sorted({str(r["other"]) for r in rows}),
+            sorted({row_label(r) for r in rows}),
             sorted({r["set"] for r in rows}, key=set_rank))
 
 
@@ -191,7 +191,7 @@ def ablation_checkpoint_lines(view: AblationView, tau: float) -> AblationLines:
     """All layers, over checkpoints; error bars: the controls' 95% CI over draws."""
     rows = view.all_layer_rows(tau)
     ckpts, others, sets = _ablation_axes(rows)
-    by_key = {(checkpoint_number(r["checkpoint"]), str(r["other"]), r["set"]): r
+    by_key = {(checkpoint_number(r["checkpoint"]), row_label(r), r["set"]): r
               for r in rows}
     lines = AblationLines(ckpts, ckpts, others, sets, [])
     for metric in ABLATION_METRICS:
@@ -209,7 +209,7 @@ def ablation_layer_lines(rows: list) -> AblationLines:
     """Layer by layer, per checkpoint; error bars: the SE over windows."""
     ckpts, others, sets = _ablation_axes(rows)
     layers = sorted({int(r["layer"]) for r in rows})
-    by_key = {(checkpoint_number(r["checkpoint"]), int(r["layer"]), str(r["other"]),
+    by_key = {(checkpoint_number(r["checkpoint"]), int(r["layer"]), row_label(r),
                r["set"]): r for r in rows}
     lines = AblationLines(layers, ckpts, others, sets, [])
     for metric in ABLATION_METRICS:

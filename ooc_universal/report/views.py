@@ -42,6 +42,10 @@ def model_names(run) -> set:
     for card in (cards.cards if cards else []):
         names |= {card["reference"]} | {m["other"] for m in card["matches"]}
     names |= {str(m["name"]) for m in (run.zoo.content or {}).get("models", [])}
+    convergence = getattr(run, "convergence", None)
+    if convergence is not None and convergence.content is not None:
+        for column in ("reference", "other"):
+            names |= set(convergence.content[column].dropna().astype(str).unique())
     return {str(n) for n in names if n is not None} - SUMMARY_NAMES - {"pair-averaged"}
 
 

@@ -61,11 +61,12 @@ from ooc_universal.errors import OocError
 from ooc_universal.formats.ablation import (AblationFile, AblationPart, part_path, read_part,
                                             write_ablation, write_part)
 from ooc_universal.formats.reduced import list_reduced, open_reduced, read_attrs
-from ooc_universal.formats.sets import UniversalSet, as_sets, read_sets
+from ooc_universal.formats.sets import (UniversalSet, as_sets, check_sets_provenance,
+                                        read_sets)
 from ooc_universal.formats.tokens import load_token_set
 from ooc_universal.models import base_model, decoder_layers, mlp_out_proj, mlp_shape
 from ooc_universal.models import final_norm as models_final_norm
-from ooc_universal.rundir import config_hash, read_sidecar, recorded_sha256, step_dir
+from ooc_universal.rundir import config_hash, step_dir, verify_file
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
@@ -700,7 +701,8 @@ class _EvalInputs:
 
 def ablate(run_dir, settings: AblateConfig = AblateConfig(),
            compute: ComputeConfig = ComputeConfig(), *, reference=None, thresholds=None,
-           n_eval_tokens=None, model_overrides=None, progress=True) -> AblateOutput:
+           n_eval_tokens=None, model_overrides=None, universal_id=None,
+           progress=True) -> AblateOutput:
     """Run the ablation step and write RUN/ablate/{ablation.csv, ablation.json,
     ablation_draws.csv}.
 
@@ -712,12 +714,19 @@ def ablate(run_dir, settings: AblateConfig = AblateConfig(),
     Finished models are kept in RUN/ablate/parts/ under a name hashed from everything
     they depend on, so a re-run redoes only what is missing or changed. The caller
     holds the run lock (the CLI does).
+
+    Every input is verified before use: sets.json against its sidecar and provenance
+    (formats.sets.check_sets_provenance; `universal_id`: the id the calling run's own
+    universal step returned, so sets rewritten under a running pipeline are refused),
+    each reduce file against its sidecar (rundir.verify_file): one line otherwise.
     """
     run_dir = Path(run_dir)
     sets = read_sets(run_dir)
     records = _select(sets.sets, reference, thresholds)
     ids, valid, token_meta = _eval_tokens(run_dir, n_eval_tokens)
-    check_sets_provenance(run_dir, sets, token_meta.get("hash"))
+    # this run's sets, as written: sidecar, token set, the reduce files they were made
+    # from unchanged, and (given by `run`) the universal_id its own universal step made
+    check_sets_provenance(run_dir, sets, token_meta.get("hash"), universal_id)
     inputs = _EvalInputs(
         run_dir, settings, _config_record(settings, n_eval_tokens, reference, thresholds),
         ids, valid, _sha(ids.tobytes(), target_mask(valid).tobytes(), str(ids.shape).encode()),
@@ -804,31 +813,6 @@ def _select(sets: list[UniversalSet], reference, thresholds) -> list[UniversalSe
     return recs
 
 
-def check_sets_provenance(run_dir, sets, token_hash: str | None) -> None:
-    """The universal sets are this run's, as they were written: their checksum sidecar
-    is there and matches the bytes, they were made from this run's token set, and every
-    reduce file they were made from is here with the checksum it had then. Anything else
-    (a sets.json copied from another run, edited by hand, or made before a reduce file
-    was recomputed) is one line naming the file and the fix."""
-    path = sets.path
-    fix = f"run `ooc-universal universal --run-dir {run_dir}` again"
-    side = read_sidecar(path)
-    if side is None:
-        raise OocError(f"{str(path)!r} has no readable checksum sidecar, so it cannot be told "
-                       f"from a damaged or foreign file (untrusted); {fix}")
-    if side.get("sha256") != sets.sha256:
-        raise OocError(f"{str(path)!r} does not match its checksum sidecar (edited or damaged "
-                       f"since the universal step wrote it); {fix}")
-    if sets.token_hash and token_hash and sets.token_hash != token_hash:
-        raise OocError(f"{str(path)!r} was made from token set {sets.token_hash[:12]}, this "
-                       f"run's is {token_hash[:12]} (a sets.json from another run?); {fix}")
-    for name, sha in sorted((side.get("inputs") or {}).items()):
-        here = Path(run_dir) / name
-        if not here.exists() or recorded_sha256(here) != sha:
-            what = "has changed since" if here.exists() else "is not in this run"
-            raise OocError(f"{str(path)!r} was made from {name}, which {what}; {fix}")
-
-
 def _reference_names(reference) -> set[str]:
     """`reference` as given, and the model name it parses to ("a" -> alias-gpt2-small-x21)."""
     from ooc_universal.models import parse_model_spec
@@ -877,12 +861,17 @@ def _before_padding(ids, pad_id) -> np.ndarray:
 
 
 def _reduce_index(run_dir) -> list[tuple[Path, dict]]:
-    """(path, attributes) of each readable reduce file: they name the reference models."""
+    """(path, attributes) of each reduce file: they name the reference models. Each is
+    verified against its checksum sidecar first (rundir.verify_file; hashed once per
+    process): a damaged or untrusted one is refused with one line, never skipped (a
+    skipped file would let another file name the model, or the means come from it)."""
+    from ooc_universal.formats.reduced import RECOMPUTE
     out = []
     for path in list_reduced(run_dir):
+        verify_file(path, "reduce output", RECOMPUTE)
         try:
             out.append((path, read_attrs(path)))
-        except OocError:  # unreadable, or not a reduce output: it names no model
+        except OocError:  # verified, but not a reduce output: it names no model
             continue
     return out
 

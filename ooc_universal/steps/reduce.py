@@ -31,7 +31,25 @@ memory budget, builds the task graph below and hands it to graph.execute:
                      strip from the precomputed scales), pair by pair; then the panel's
                      fold checkpoints go
   assemble(pair)     stream the panels, and the self co-moments layer by layer, into the
-                     pair's file (formats/reduced.py)
+                     pair's file (formats/reduced.py), after its convergence table
+
+Token-count convergence (settings.convergence_first > 0; kernels/convergence.py,
+formats/convergence.py): at the doubling counts snapshot_counts(n_tokens,
+convergence_first) below the total (a count inside a token block cuts that block's fold
+in two there, in the self pass and the folds alike, so each count is exact), the self pass computes the rotated scales of the other model's self co-moments of the
+first n tokens (K x L x d, kept in its checkpoint), and chain 0 of every (group, panel)
+finalizes its running accumulators for the same n tokens: the row max and the rotation
+baseline of all draws (the fold's block buffers are freed first, so the finalize's own
+buffers fit where the plan counts them; plan.py counts the snapshot arrays). They go
+into the chain's checkpoints, then the panel's final file, so a kill never loses one and
+a resumed reduce computes the same numbers. Panels are separate passes over the same
+tokens and each holds whole reference rows, so the assembly concatenates the panels'
+snapshot rows into the exact full row max and baseline, and writes
+RUN/reduce/<ref>__<other>.convergence.csv (summarize() per count, the last row the file's
+own numbers, thresholds: the universal step's defaults) before the pair's .h5 is renamed
+into place. With several chains (a cluster), only the counts within chain 0's tokens are
+exact prefixes and recorded (the later ones would need the chains merged mid-pass); the
+table then has those and the total.
 
 Tasks pass file paths, not arrays: a worker of a cluster opens the stores and the
 checkpoints itself, and a killed run resumes from the last checkpoint on disk. One
@@ -46,6 +64,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -58,19 +77,23 @@ from ooc_universal.config import NOT_HASHED, ComputeConfig, ReduceConfig, valida
 from ooc_universal.devices import device_name
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.formats.reduced import (LAYOUT_VERSION, PairHeader, WorkDir, create_reduced,
-                                           iter_self_layers, open_reduced, pack_fold_state,
+                                           iter_self_layers, load_state, open_reduced,
+                                           pack_fold_state,
                                            pack_self_state, read_array_item,
                                            read_self_moments, reduced_path,
                                            remove_temporaries, save_array_stream,
                                            state_keys, unpack_fold_state)
+from ooc_universal.formats.convergence import (convergence_path, snapshot_rows,
+                                               write_convergence)
 from ooc_universal.formats.store import open_store
+from ooc_universal.kernels.convergence import crossed, summarize
 from ooc_universal.graph import (CANCEL, PROGRESS, TIMINGS, Interrupted, TaskFailedError,
                                  TaskGraph, cluster_workers, execute)
 from ooc_universal.plan import (BASELINE_ROW_STRIP, PairShape, Rates, ReducePlan, describe,
                                 describe_options, gemm_shape, make_plan, measure_gemm,
                                 measure_rates, stream_shape)
-from ooc_universal.rundir import (check_free_space, config_hash, ensure_sidecar, file_lock,
-                                  human_bytes, recorded_sha256, step_dir)
+from ooc_universal.rundir import (check_free_space, config_hash, file_lock, human_bytes,
+                                  recorded_sha256, sidecar_path, step_dir)
 from ooc_universal.sources import (SourceSpec, open_source, release_sources, store_source,
                                    stream_source)
 
@@ -104,6 +127,7 @@ class FoldTask:
     precision: str
     device: str
     d_others: tuple
+    snapshots: tuple = ()  # token counts at which this chain snapshots (chain 0 only)
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,8 @@ class SelfTask:
     blocks_per_segment: int
     precision: str
     device: str
+    snapshots: tuple = ()  # token counts at which to keep the prefix's rotated scales
+    n_draws: int = 0       # baseline draws (the snapshots' scales)
 
 
 @dataclass(frozen=True)
@@ -496,10 +522,10 @@ def _pairs_to_do(job: Job, dry_run: bool, force: bool) -> tuple[list, list]:
         out = job.output(meta)
         if out.exists() and not force:
             try:
+                # open_reduced verifies the file against its sidecar: one without a
+                # readable sidecar is refused as untrusted (never given one here)
                 _check_existing(out, job.ref, meta, job.settings_dict)
                 skipped.append(out)
-                if not dry_run:
-                    ensure_sidecar(out, _provenance(job.ref, meta, job.settings_dict))
                 continue
             except StaleInputError:
                 if not dry_run:
@@ -519,7 +545,21 @@ def _plan(job: Job, pairs, n_workers: int, tuning: dict) -> ReducePlan:
         n_workers=n_workers, store_chunk_rows=job.ref["block_tokens"],
         block_tokens=tuning["block_tokens"], max_panels=tuning["max_panels"],
         baseline_draws=s.baseline_draws, keep_covariance=s.keep_covariance,
-        blocks_per_segment=tuning["checkpoint_blocks"], stream=stream)
+        blocks_per_segment=tuning["checkpoint_blocks"], stream=stream,
+        snapshots=len(_snapshots(s, job.ref["n_tokens"])))
+
+
+def _snapshots(settings, n_tokens: int, block_tokens: int | None = None) -> tuple:
+    """The token counts below the total at which the reduce snapshots: first, 2 first,
+    4 first, ... (module docstring); () with convergence_first 0. `settings`: a
+    ReduceConfig or its dict. A count inside a block cuts that block there (the folds
+    and the self pass alike), so every count is exact whatever the block size."""
+    from ooc_universal.kernels.convergence import snapshot_counts
+    first = settings["convergence_first"] if isinstance(settings, dict) \
+        else settings.convergence_first
+    if not first or n_tokens < 2:
+        return ()
+    return tuple(snapshot_counts(n_tokens, first)[:-1])
 
 
 def _total_folds(plan: ReducePlan) -> int:
@@ -717,12 +757,14 @@ def _add_self_tasks(graph, plan, job, work, pairs, rotations) -> tuple[list, lis
     """Per other model, once for the whole command: its self co-moment pass and its
     rotated scales; returns their keys."""
     selfs, scales = [], []
+    snaps = _snapshots(job.settings, plan.n_tokens, plan.block_tokens)
     for i, (source, meta) in enumerate(pairs):
         task = SelfTask(str(work.path), source, i, meta["d_mlp"], plan.block_tokens,
                         plan.n_tokens, plan.n_blocks, plan.blocks_per_segment,
-                        plan.precision, plan.device)
+                        plan.precision, plan.device, snaps, job.settings.baseline_draws)
+        rot = (rotations[meta["d_mlp"]],) if snaps else ()
         selfs.append(graph.add("self", (i,), f"self co-moments ({meta['label']})",
-                               fold_self, task))
+                               fold_self, task, *rot))
         scales.append(graph.add("scales", (i,), f"rotated scales ({meta['label']})",
                                 scales_task, str(work.path), i, selfs[i],
                                 rotations[meta["d_mlp"]], job.settings.baseline_draws,
@@ -737,7 +779,9 @@ def _add_group(graph, plan, job, work, pairs, g, grp, selfs, scales, rotations) 
     gsources = tuple(pairs[i][0] for i in grp)
     d_others = tuple(pairs[i][1]["d_mlp"] for i in grp)
     baseline = [[scales[i] for i in grp], [rotations[d] for d in d_others], job.settings_dict]
-    merged = [_add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline)
+    gselfs = [selfs[i] for i in grp]
+    merged = [_add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline,
+                         gselfs)
               for p, rows in enumerate(plan.panels)]
     finals = [graph.add("finalize", (g, p), f"finalize (group {g}, panel {p})",
                         finalize_panel, str(work.path), g, p, tuple(rows), merged[p],
@@ -765,22 +809,33 @@ def _add_rotations(graph, plan, job, work, pairs) -> dict:
             for d, n_layers in sorted(layers.items())}
 
 
-def _add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline):
+def _add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline, gselfs):
     """The fold tasks of (group g, panel p), one per chain, and their merge; returns the
     merge's key. A single chain finalizes its panel itself (from memory, `baseline`:
     the scales' and rotations' keys and the settings), so its last segment is never
-    written out and read back."""
+    written out and read back. Chain 0 takes the convergence snapshots that fall in its
+    tokens (it starts at token 0; `gselfs`: the self passes' keys, whose files hold the
+    prefixes' rotated scales)."""
     chain_keys = []
     single = plan.n_chains == 1
+    snaps = _snapshots(job.settings, plan.n_tokens, plan.block_tokens)
     for c in range(plan.n_chains):
         blocks = tuple(plan.chain_blocks(c))
         if not blocks:
             continue
+        mine = tuple(n for n in snaps if n <= plan.block_bounds(blocks[-1])[1]) \
+            if c == 0 else ()
         task = FoldTask(str(work.path), job.ref_source, gsources, g, p, c, tuple(rows), blocks,
                         plan.block_tokens, plan.n_tokens, plan.blocks_per_segment,
-                        plan.precision, plan.device, d_others)
+                        plan.precision, plan.device, d_others, mine)
+        if single:
+            args = [*baseline, gselfs if mine else None]
+        elif mine:
+            args = [None, baseline[1], baseline[2], gselfs]
+        else:
+            args = []
         chain_keys.append(graph.add("fold", (g, p, c), f"fold (group {g}, panel {p}, chain {c})",
-                                    fold_chain, task, *(baseline if single else [])))
+                                    fold_chain, task, *args))
     return graph.add("merge", (g, p), f"merge (group {g}, panel {p})", merge_chains,
                      str(work.path), g, p, chain_keys)
 
@@ -941,31 +996,39 @@ def _compute_dtype(precision: str):
     return getattr(torch, _COMPUTE_DTYPES[precision])
 
 
-def fold_chain(task: FoldTask, scale_paths=None, rotation_paths=None, settings=None) -> str:
+def fold_chain(task: FoldTask, scale_paths=None, rotation_paths=None, settings=None,
+               self_paths=None) -> str:
     """Fold this chain's token blocks into the group's accumulators, checkpointed every
-    segment. Given the baseline's inputs (a single chain), the last segment is not
-    checkpointed: the panel is finalized from memory (a kill then loses at most that
-    segment, as between any two checkpoints)."""
+    segment. Given the baseline's inputs (scale_paths: a single chain), the last segment
+    is not checkpointed: the panel is finalized from memory (a kill then loses at most
+    that segment, as between any two checkpoints). With task.snapshots (chain 0;
+    rotation_paths, settings and the self files `self_paths` given), the convergence
+    snapshots (module docstring), kept in every checkpoint after they are taken."""
     work = WorkDir(task.work_dir)
     path = work.fold_path(task.group, task.panel, task.chain)
     if work.final_path(task.group, task.panel).exists():
         return str(path)  # the panel is finished (its checkpoints are gone)
     state = work.load(path)
+    snaps = {}
     if state is not None:
         start_at, n_done = int(state["next_block"]), int(state["n_blocks_done"])
+        snaps = {k: v for k, v in state.items() if _SNAP_KEY.fullmatch(k)}
         accs = _state_to_torch(state, task.device)
         del state
     else:
         start_at, n_done, accs = task.blocks[0], 0, []
-    finish = (scale_paths, rotation_paths, settings) if settings is not None else None
+    finish = (scale_paths, rotation_paths, settings) if scale_paths is not None else None
+    snap_inputs = (self_paths, rotation_paths, settings) \
+        if task.snapshots and self_paths is not None else None
     if start_at > task.blocks[-1]:
         if finish:  # killed between the last checkpoint and the final file
-            _finalize_from_memory(task, work, accs, n_done, finish)
+            _finalize_from_memory(task, work, accs, n_done, finish, snaps)
         return str(path)
     accs = accs or _empty_accumulators(task)
-    n_done = _fold_blocks(task, work, path, accs, start_at, n_done, finish is None)
+    n_done = _fold_blocks(task, work, path, accs, start_at, n_done, finish is None,
+                          snaps, snap_inputs)
     if finish:
-        _finalize_from_memory(task, work, accs, n_done, finish)
+        _finalize_from_memory(task, work, accs, n_done, finish, snaps)
     return str(path)
 
 
@@ -977,9 +1040,12 @@ def _empty_accumulators(task: FoldTask) -> list:
                                 task.device, zeroed=False) for p in task.other_sources]
 
 
-def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool) -> int:
+def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool, snaps=None,
+                 snap_inputs=None) -> int:
     """Fold blocks start_at.. of the chain; checkpoint every segment (and after the last
-    block when `save_last`); returns the blocks folded in all."""
+    block when `save_last`); returns the blocks folded in all. A block that reaches a
+    snapshot count of task.snapshots adds that snapshot to `snaps` (with snap_inputs)."""
+    snaps = {} if snaps is None else snaps
     ref = _cached_store(task.ref_source)
     others = [_cached_store(p) for p in task.other_sources]
     staging, workspace = Staging(task.device, task.block_tokens), {}
@@ -990,9 +1056,17 @@ def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool) -> i
             continue
         if CANCEL.is_set():
             if seg:
-                _checkpoint(task, work, path, accs, b, n_done)
+                _checkpoint(task, work, path, accs, b, n_done, snaps)
             raise Interrupted(f"interrupted before block {b}")
-        _fold_block(task, b, ref, others, staging, accs, compute, workspace)
+        spans = _block_spans(task, b, task.snapshots if snap_inputs else ())
+        for s, e in spans:
+            _fold_block(task, b, ref, others, staging, accs, compute, workspace, (s, e))
+            due = crossed(task.snapshots, s, e) if snap_inputs else []
+            if due:  # the block buffers go first: the snapshot's finalize needs their room
+                workspace.clear()
+                staging = None
+                _take_snapshots(task, accs, due, snap_inputs, snaps)
+                staging = Staging(task.device, task.block_tokens)
         n_done += 1
         seg += 1
         PROGRESS.update(1)
@@ -1000,7 +1074,7 @@ def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool) -> i
         _test_hook("OOC_TEST_SLEEP_PER_BLOCK")
         last = b == task.blocks[-1]
         if seg >= task.blocks_per_segment and not last or last and save_last:
-            _checkpoint(task, work, path, accs, b + 1, n_done)
+            _checkpoint(task, work, path, accs, b + 1, n_done, snaps)
             seg = 0
             _test_hook("OOC_TEST_SLEEP_AFTER_CHECKPOINT")
     if not save_last:
@@ -1009,12 +1083,20 @@ def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool) -> i
     return n_done
 
 
-def _fold_block(task, b, ref, others, staging, accs, compute, workspace) -> None:
-    """Fold token block b of the reference panel against every other store of the group:
-    the panel's block is centred once for all of them (conversion and centring are
-    memory-bound, the GEMMs are not)."""
-    from ooc_universal.kernels.comoments import centre_block, transpose_block
+def _block_spans(task, b: int, snapshots) -> list:
+    """The token rows of block b, cut at the snapshot counts inside it (a snapshot is
+    taken after exactly its count of tokens, whatever the block size)."""
     s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
+    edges = [s, *sorted(c for c in snapshots if s < c < e), e]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _fold_block(task, b, ref, others, staging, accs, compute, workspace, span=None) -> None:
+    """Fold token block b (or its rows `span`) of the reference panel against every
+    other store of the group: the panel's block is centred once for all of them
+    (conversion and centring are memory-bound, the GEMMs are not)."""
+    from ooc_universal.kernels.comoments import centre_block, transpose_block
+    s, e = span or (b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens))
     with TIMINGS.phase(_read_phase(ref)):
         x = staging.load(ref, s, e, task.rows, "x")
     with TIMINGS.phase("centre"):
@@ -1056,10 +1138,74 @@ def _fold_other(store, s, e, d, cx, xt, acc, staging, compute, workspace) -> Non
         store.release_rows(s, e)
 
 
-def _checkpoint(task, work, path, accs, next_block: int, n_done: int) -> None:
+def _checkpoint(task, work, path, accs, next_block: int, n_done: int, snaps=None) -> None:
     with TIMINGS.phase("checkpoint"):
         _check_finite(task, accs, next_block - 1)
-        work.save(path, pack_fold_state(_numpy(accs), [], next_block, n_done))
+        work.save(path, {**pack_fold_state(_numpy(accs), [], next_block, n_done),
+                         **(snaps or {})})
+
+
+# --------------------------------------------------------------------------- snapshots
+
+_SNAP_KEY = re.compile(r"p\d+_snap\d+_(row_max|baseline)")
+
+
+def _snap_key(i: int, count: int, what: str) -> str:
+    """A snapshot's member in the fold checkpoints and final files: pair i of the
+    group, `count` tokens, row_max (rows,) or baseline (draws, rows)."""
+    return f"p{i}_snap{count}_{what}"
+
+
+def _iv_key(count: int) -> str:
+    """The rotated scales (draws, layers, d) of the first `count` tokens in a self file."""
+    return f"iv_snap_{count}_"
+
+
+def _take_snapshots(task: FoldTask, accs: list, due: list, snap_inputs: tuple,
+                    snaps: dict) -> None:
+    """Finalize the running accumulators (the chain's first `count` tokens: chain 0
+    starts at token 0) for each count of `due`, pair by pair, into `snaps`: the row max
+    and the baseline of every draw, as the panel's finalize computes them."""
+    self_paths, rotation_paths, settings = snap_inputs
+    for count in due:
+        for i, (acc, d) in enumerate(zip(accs, task.d_others)):
+            if int(acc["n"]) != count:
+                raise OocError(f"reduce snapshot at {count} tokens found {int(acc['n'])} "
+                               "folded; delete the reduce's .work folder and run the same "
+                               "command again")
+            iv = _snapshot_scales(self_paths[i], count)
+            rec = _numpy([acc])[0]
+            with TIMINGS.phase("snapshot"):
+                row_max, base = _row_max_and_baseline(rec, iv, rotation_paths[i], d, settings)
+            snaps[_snap_key(i, count, "row_max")] = row_max
+            snaps[_snap_key(i, count, "baseline")] = base
+            del rec
+
+
+def _snapshot_scales(self_path, count: int) -> np.ndarray:
+    key = _iv_key(count)
+    st = load_state(Path(self_path), (key,))
+    if st is None or key not in st:
+        raise OocError(f"reduce work file {str(self_path)!r} lacks the rotated scales of "
+                       f"the first {count} tokens; delete the reduce's .work folder and run "
+                       "the same command again")
+    return st[key]
+
+
+def _self_snapshot_scales(acc: dict, rotations_path: str, task: "SelfTask") -> np.ndarray:
+    """iv (draws, L, d) of the self co-moments folded so far, as scales_task computes
+    them from the finished ones."""
+    from ooc_universal.kernels.rotation import rotated_scales_fast
+    n_layers, d = acc["s"].shape[0], task.d
+    rotations = Rotations(rotations_path, d, _rotation_dtype(rotations_path))
+    iv = np.empty((task.n_draws, n_layers, d))
+    with TIMINGS.phase("snapshot_scales"):
+        for layer in range(n_layers):
+            s_dev = acc["s"][layer]
+            for j in range(task.n_draws):
+                iv[j, layer] = rotated_scales_fast(
+                    s_dev, _on_device(rotations.get(j, layer), task.device))
+    return iv
 
 
 def _numpy(records: list) -> list:
@@ -1110,10 +1256,12 @@ def _test_hook(env: str) -> None:
 
 # --------------------------------------------------------------------------- self co-moments
 
-def fold_self(task: SelfTask) -> str:
+def fold_self(task: SelfTask, rotations_path: str | None = None) -> str:
     """Other model task.index's within-layer self co-moments over every token block,
     into one preallocated (L, d, d) float64 accumulator; checkpointed like a fold (fault
-    points reduce.self.*), resumed from its last checkpoint."""
+    points reduce.self.*), resumed from its last checkpoint. At each count of
+    task.snapshots (with the rotations file), the rotated scales of the tokens folded so
+    far, kept in the checkpoints (module docstring)."""
     from ooc_universal.kernels.comoments import empty_self_comoments
     work = WorkDir(task.work_dir)
     path = work.self_path(task.index)
@@ -1123,20 +1271,29 @@ def fold_self(task: SelfTask) -> str:
     store = _cached_store(task.other_source)
     acc = empty_self_comoments(store.n_neurons, task.d, task.device)
     start_at, n_done = (0, 0) if meta is None else _restore_self(acc, path, meta)
+    snaps = {} if meta is None else (load_state(path, ("iv_snap_",)) or {})
     staging, workspace = Staging(task.device, task.block_tokens), {}
     compute = _compute_dtype(task.precision)
     seg = 0
     for b in range(start_at, task.n_blocks):
         if CANCEL.is_set():
             if seg:
-                _save_self(work, path, acc, b, n_done)
+                _save_self(work, path, acc, b, n_done, snaps)
             raise Interrupted(f"interrupted before block {b}")
-        _self_block(task, b, store, staging, acc, compute, workspace)
+        cuts = task.snapshots if rotations_path is not None else ()
+        for s, e in _block_spans(task, b, cuts):
+            _self_block(task, b, store, staging, acc, compute, workspace, (s, e))
+            for count in crossed(cuts, s, e):
+                if int(acc["n"]) != count:
+                    raise OocError(f"reduce self snapshot at {count} tokens found "
+                                   f"{int(acc['n'])} folded; delete the reduce's .work "
+                                   "folder and run the same command again")
+                snaps[_iv_key(count)] = _self_snapshot_scales(acc, rotations_path, task)
         n_done += 1
         seg += 1
         faults.point("reduce.self.block")
         if seg >= task.blocks_per_segment or b == task.n_blocks - 1:
-            _save_self(work, path, acc, b + 1, n_done)
+            _save_self(work, path, acc, b + 1, n_done, snaps)
             seg = 0
     return str(path)
 
@@ -1152,12 +1309,13 @@ def _restore_self(acc: dict, path, meta: dict) -> tuple[int, int]:
     return meta["next_block"], meta["n_blocks_done"]
 
 
-def _self_block(task: SelfTask, b, store, staging, acc, compute, workspace) -> None:
+def _self_block(task: SelfTask, b, store, staging, acc, compute, workspace,
+                span=None) -> None:
     import torch
 
     from ooc_universal.kernels.comoments import (centre_block, self_comoment_strip_update_,
                                                  self_moments_update_)
-    s, e = b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens)
+    s, e = span or (b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens))
     d = task.d
     mean, m2 = (torch.empty(store.n_neurons, dtype=torch.float64, device=acc["mean"].device)
                 for _ in range(2))
@@ -1176,11 +1334,13 @@ def _self_block(task: SelfTask, b, store, staging, acc, compute, workspace) -> N
         store.release_rows(s, e)
 
 
-def _save_self(work: WorkDir, path, acc: dict, next_block: int, n_done: int) -> None:
+def _save_self(work: WorkDir, path, acc: dict, next_block: int, n_done: int,
+               snaps: dict | None = None) -> None:
     with TIMINGS.phase("self_checkpoint"):
         record = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v)
                   for k, v in acc.items()}
-        work.save(path, pack_self_state(record, next_block, n_done), "self")
+        work.save(path, {**pack_self_state(record, next_block, n_done), **(snaps or {})},
+                  "self")
 
 
 # --------------------------------------------------------------------------- baseline inputs
@@ -1316,6 +1476,10 @@ def finalize_panel(work_dir, g, p, rows, state_path, scale_paths, rotation_paths
         return str(out)
     counts = work.load(Path(state_path), ("n_blocks_done",))
     res = {"n_blocks_done": np.int64(counts["n_blocks_done"])}
+    if Path(state_path) != work.fold_path(g, p, 0):  # several chains: chain 0's snapshots
+        snaps = work.load(work.fold_path(g, p, 0), tuple(f"p{i}_snap" for i in
+                                                         range(len(d_others)))) or {}
+        res.update({k: v for k, v in snaps.items() if _SNAP_KEY.fullmatch(k)})
     for i, d in enumerate(d_others):
         with TIMINGS.phase("finalize_load"):
             acc = _pair_numpy(work.load(Path(state_path), (f"acc{i}_",)), i)
@@ -1327,10 +1491,11 @@ def finalize_panel(work_dir, g, p, rows, state_path, scale_paths, rotation_paths
 
 
 def _finalize_from_memory(task: FoldTask, work: WorkDir, accs: list, n_done: int,
-                          finish: tuple) -> None:
-    """finalize_panel for a single chain, from its accumulators in memory."""
+                          finish: tuple, snaps: dict | None = None) -> None:
+    """finalize_panel for a single chain, from its accumulators in memory (and its
+    convergence snapshots)."""
     scale_paths, rotation_paths, settings = finish
-    res = {"n_blocks_done": np.int64(n_done)}
+    res = {"n_blocks_done": np.int64(n_done), **(snaps or {})}
     for i, (acc, d) in enumerate(zip(_numpy(accs), task.d_others)):
         res.update(_finalize_pair(work, i, task.rows, acc, scale_paths[i], rotation_paths[i],
                                   d, settings))
@@ -1350,12 +1515,41 @@ def _pair_numpy(state: dict, i: int) -> dict:
     return {"n": int(state[f"acc{i}_n"]), **{k: state[f"acc{i}_{k}"] for k in ACC_KEYS}}
 
 
-def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
-                   settings) -> dict:
-    """Row/col max and baseline of pair i of a panel from its accumulator (numpy)."""
+def _baseline(c, m2_x, iv, rotation_path, d: int, n_draws: int) -> np.ndarray:
+    """The rotation baseline (n_draws, rows) f64 of co-moments c from the rotated
+    scales iv (K, L, d) and the rotations file (one scaled rotation at a time)."""
     import torch
 
     from ooc_universal.kernels.rotation import rotation_baseline_scaled, scaled_rotation
+    reader = Rotations(rotation_path, d, _rotation_dtype(rotation_path))
+    scaled = torch.empty_like(reader.tensor)
+
+    def rotations(j, layer):
+        return scaled_rotation(reader.get(j, layer), iv[j, layer], out=scaled)
+    return rotation_baseline_scaled(c, m2_x, rotations, n_draws, d,
+                                    row_strip=BASELINE_ROW_STRIP)
+
+
+def _row_max_and_baseline(acc: dict, iv, rotation_path, d: int, settings) -> tuple:
+    """A snapshot of one pair's accumulator (numpy; read, not changed): the row max and
+    the baseline of every draw, in the output dtype, zero-variance rows 0 (as the pair
+    file holds them)."""
+    from ooc_universal.kernels.tilemax import tile_max
+    out_dtype = np.float64 if settings["precision"] == "fp64" else np.float32
+    m2_x = np.asarray(acc["m2_x"], np.float64)
+    m2_y = np.asarray(acc["m2_y"], np.float64)
+    row_max = tile_max(acc["c"], m2_x, m2_y)[0]
+    base = _baseline(acc["c"], m2_x, iv, rotation_path, d, settings["baseline_draws"])
+    zero = m2_x <= 0
+    row_max = np.where(zero, 0.0, row_max).astype(out_dtype)
+    base = base.astype(out_dtype)
+    base[:, zero] = 0.0
+    return row_max, base
+
+
+def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
+                   settings) -> dict:
+    """Row/col max and baseline of pair i of a panel from its accumulator (numpy)."""
     from ooc_universal.kernels.tilemax import tile_max
     out_dtype = np.float64 if settings["precision"] == "fp64" else np.float32
     c = acc["c"]
@@ -1370,14 +1564,8 @@ def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
     for k in ("n", "mean_x", "mean_y", "m2_x", "m2_y"):
         res[f"p{i}_{k}"] = np.asarray(acc[k]) if k != "n" else np.int64(acc[k])
     iv = work.load(Path(scale_path), ("iv",))["iv"]  # (K, L, d)
-    reader = Rotations(rotation_path, d, _rotation_dtype(rotation_path))
-    scaled = torch.empty_like(reader.tensor)
-
-    def rotations(j, layer):
-        return scaled_rotation(reader.get(j, layer), iv[j, layer], out=scaled)
     with TIMINGS.phase("baseline"):
-        base = rotation_baseline_scaled(c, m2_x, rotations, settings["baseline_draws"], d,
-                                        row_strip=BASELINE_ROW_STRIP)
+        base = _baseline(c, m2_x, iv, rotation_path, d, settings["baseline_draws"])
     res[f"p{i}_baseline"] = base.astype(out_dtype)
     if settings["keep_covariance"]:
         res[f"p{i}_c"] = c.astype(np.float32, copy=False)
@@ -1407,9 +1595,52 @@ def assemble_pair(out_path, j, final_paths, self_path, ref_meta, other_meta,
             zero_y = w.write_moments("other", 0, first[f"p{j}_mean_y"], first[f"p{j}_m2_y"], n)
             for layer, s_layer in iter_self_layers(self_path, int(other_meta["n_layers"])):
                 w.write_self_comoment_layer(layer, s_layer)
-            col_max, col_arg = _write_panels(w, work, j, final_paths, n, settings)
+            col_max, col_arg, final = _write_panels(w, work, j, final_paths, n, settings)
             w.write_cols(col_max, col_arg, zero_y)
+            table = convergence_path(Path(out_path).parent.parent, ref_meta["label"],
+                                     other_meta["label"])
+            if settings.get("convergence_first"):
+                # before the .h5 is renamed into place (when the `with` ends)
+                _write_convergence_table(out_path, work, j, final_paths, final, n,
+                                         ref_meta, other_meta, settings)
+            else:  # no snapshots asked for: a table of an earlier reduce is not this one's
+                table.unlink(missing_ok=True)
+                sidecar_path(table).unlink(missing_ok=True)
     return str(out_path)
+
+
+def _write_convergence_table(out_path, work: WorkDir, j: int, final_paths: list, final,
+                             n: int, ref_meta: dict, other_meta: dict, settings: dict):
+    """The pair's convergence table: summarize() of each snapshot count that every panel
+    recorded (the panels' rows concatenated: whole reference rows per panel), then of
+    the whole token set (`final`: the file's own row max and baseline)."""
+    from ooc_universal.config import UniversalConfig
+    thresholds = UniversalConfig().thresholds
+    pair = {"reference": ref_meta.get("name", ref_meta["label"]),
+            "other": other_meta.get("name", other_meta["label"]),
+            "ref_label": ref_meta["label"], "other_label": other_meta["label"],
+            "checkpoint": int(ref_meta.get("step", -1))}
+    pattern = re.compile(rf"p{j}_snap(\d+)_row_max")
+    counts = None
+    for fp in final_paths:
+        keys = {int(m.group(1)) for m in map(pattern.fullmatch, state_keys(Path(fp))) if m}
+        counts = keys if counts is None else counts & keys
+    rows = []
+    with TIMINGS.phase("convergence"):
+        for count in sorted(c for c in (counts or ()) if c < n):
+            parts = [work.load(Path(fp), (_snap_key(j, count, "row_max"),
+                                          _snap_key(j, count, "baseline")))
+                     for fp in final_paths]
+            row = np.concatenate([np.asarray(q[_snap_key(j, count, "row_max")], np.float64)
+                                  for q in parts])
+            base = np.concatenate([np.asarray(q[_snap_key(j, count, "baseline")], np.float64)
+                                   for q in parts], axis=1)
+            rows += snapshot_rows(pair, count, n, summarize(row, base, thresholds))
+            del parts
+        rows += snapshot_rows(pair, n, n, summarize(*final, thresholds))
+    run_dir = Path(out_path).parent.parent
+    write_convergence(convergence_path(run_dir, ref_meta["label"], other_meta["label"]),
+                      rows, _provenance(ref_meta, other_meta, settings))
 
 
 def _write_panels(w, work: WorkDir, j: int, final_paths: list, n: int, settings: dict):
@@ -1417,15 +1648,23 @@ def _write_panels(w, work: WorkDir, j: int, final_paths: list, n: int, settings:
     from ooc_universal.kernels.tilemax import merge_max
     col_max = col_arg = None
     start = 0
+    rows, bases = [], []
+    out = np.float64 if settings["precision"] == "fp64" else np.float32
     for k, fp in enumerate(final_paths):
-        f = work.load(Path(fp), prefixes=(f"p{j}_",))
+        f = work.load(Path(fp), prefixes=tuple(f"p{j}_{key}" for key in (
+            "mean_x", "m2_x", "row_max", "row_arg", "baseline", "c", "col_max", "col_arg")))
         zero_x = w.write_moments("ref", start, f[f"p{j}_mean_x"], f[f"p{j}_m2_x"], n)
         w.write_rows(start, f[f"p{j}_row_max"], f[f"p{j}_row_arg"], f[f"p{j}_baseline"],
                      zero_x)
+        # the file's own numbers, for the convergence table's last row
+        rows.append(np.where(zero_x, 0.0, f[f"p{j}_row_max"]).astype(out).astype(np.float64))
+        base = np.array(f[f"p{j}_baseline"], dtype=out).reshape(-1, len(zero_x))
+        base[:, zero_x] = 0.0
+        bases.append(base.astype(np.float64))
         if settings["keep_covariance"]:
             w.write_cross_rows(start, f[f"p{j}_c"])
         cm, ca = f[f"p{j}_col_max"], f[f"p{j}_col_arg"]
         col_max, col_arg = (cm, ca) if k == 0 else merge_max(col_max, col_arg, cm, ca)
         start += len(zero_x)
         del f
-    return col_max, col_arg
+    return col_max, col_arg, (np.concatenate(rows), np.concatenate(bases, axis=1))

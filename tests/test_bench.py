@@ -175,3 +175,17 @@ def test_width_part_runs_only_when_named_and_reports_its_figures(tmp_path):
     assert len(rows) == 7 * len(runs)
     assert all(r["ratio"] is None or math.isfinite(r["ratio"]) for r in rows)
     assert "| width | width 2 x 128" in (out / "w-box.md").read_text()
+
+
+def test_verify_bench_measures_the_digests_against_whole_files(tmp_path):
+    """bench_verify at a small width: universal ran on files written by the reduce's own
+    writer, and hashing the digested arrays is a small part of hashing the whole files."""
+    from ooc_universal.bench import bench_verify
+    doc = bench_verify.run(["--layers", "2", "--d-mlp", "64", "--pairs", "2",
+                            "--workdir", str(tmp_path)])
+    assert doc["pairs"] == 2 and doc["n_neurons"] == 128 and doc["step_s"] > 0
+    # digested: ref/{mean,var,zero_var}, other/{...}, row_*, col_*, one baseline draw
+    n = 128
+    assert doc["digested_bytes"] == 2 * (n * (8 + 8 + 1) * 2 + n * (4 + 8) * 2 + n * 4)
+    assert doc["digested_bytes"] < sum(doc["file_bytes"]) / 2
+    assert 0 < doc["verify_fraction"] and 0 < doc["whole_file_fraction"]

@@ -126,6 +126,35 @@ def flip(rel, where=0.5):
     return setup
 
 
+def flip_dataset(rel, key, at=3):
+    """Flip one byte inside dataset `key` of an HDF5 file (contiguous storage)."""
+    def setup(run, ctx):
+        path = run / rel
+        with h5py.File(path, "r") as f:
+            offset = f[key].id.get_offset() + at
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            b = f.read(1)
+            f.seek(offset)
+            f.write(bytes([b[0] ^ 0x10]))
+    return setup
+
+
+def edit_attr_bytes(rel, name):
+    """Change one character of a string attribute in place (same size: the size check
+    alone cannot see it)."""
+    def setup(run, ctx):
+        path = run / rel
+        with h5py.File(path, "r") as f:
+            value = str(f.attrs[name]).encode()
+        data = bytearray(path.read_bytes())
+        at = data.find(value)
+        assert at >= 0
+        data[at] = ord("x") if data[at] != ord("x") else ord("y")
+        path.write_bytes(bytes(data))
+    return setup
+
+
 def drop(rel):
     def setup(run, ctx):
         p = run / rel
@@ -241,22 +270,32 @@ CASES = [
     ("store-swapped-for-another-model", seq(copy("stores/t0@100.h5", STORE),
                                             copy("stores/t0@100.h5.sha256", STORE + ".sha256")),
      do_reduce, REDUCE_OUT, ["holds the activation store of 't0@100', not of 't1@100'"]),
-    # --- reduce output: verified when opened (universal's input)
-    ("reduce-flipped-byte", flip(PAIR, 0.5), do_universal, UNIVERSAL_OUT,
-     ["reduce output", "t0@100__t1@100.h5", "is damaged: sha256",
+    # --- reduce output: what a reader uses is verified (attributes when opened, each
+    # per-neuron array when read, the whole file before the self co-moments)
+    ("reduce-flipped-byte", flip_dataset(PAIR, "row_max"), do_universal, UNIVERSAL_OUT,
+     ["reduce output", "t0@100__t1@100.h5", "is damaged: dataset 'row_max'",
       "run `ooc-universal reduce` again for this pair"]),
-    ("reduce-flipped-early-byte", flip(PAIR, 0.1), do_universal, UNIVERSAL_OUT,
-     ["is damaged: sha256"]),
+    ("reduce-flipped-baseline-byte", flip_dataset(PAIR, "baseline/row_max", at=5),
+     do_universal, UNIVERSAL_OUT, ["is damaged: dataset 'baseline/row_max'"]),
+    ("reduce-flipped-argmax-byte", flip_dataset(PAIR, "row_argmax", at=9), do_universal,
+     UNIVERSAL_OUT, ["is damaged: dataset 'row_argmax'"]),
+    ("reduce-attribute-edited", edit_attr_bytes(PAIR, "ref_name"), do_universal, UNIVERSAL_OUT,
+     ["is damaged: its attributes do not match"]),
     ("reduce-sidecar-deleted", drop(PAIR + ".sha256"), do_universal, UNIVERSAL_OUT,
      ["reduce output", "is untrusted: no readable checksum sidecar t0@100__t1@100.h5.sha256"]),
-    ("reduce-flipped-and-sidecar-deleted", seq(flip(PAIR, 0.5), drop(PAIR + ".sha256")),
+    ("reduce-flipped-and-sidecar-deleted", seq(flip_dataset(PAIR, "row_max"),
+                                               drop(PAIR + ".sha256")),
      do_universal, UNIVERSAL_OUT, ["is untrusted"]),
     ("reduce-sidecar-garbage", write_bytes(PAIR + ".sha256", b"\x00garbage"), do_universal,
      UNIVERSAL_OUT, ["is untrusted"]),
-    ("reduce-sidecar-sha-edited", edit_json(PAIR + ".sha256",
-                                            lambda d: d.update(sha256="ab" * 32)),
-     do_universal, UNIVERSAL_OUT, ["is damaged: sha256", "records abababababab"]),
-    ("report-reads-damaged-reduce", flip(PAIR, 0.5), do_report, REPORT_OUT,
+    ("reduce-sidecar-digest-edited",
+     edit_json(PAIR + ".sha256", lambda d: d["dataset_sha256"].update(row_max="ab" * 32)),
+     do_universal, UNIVERSAL_OUT, ["is damaged: dataset 'row_max' does not match"]),
+    ("reduce-sidecar-digest-deleted",
+     edit_json(PAIR + ".sha256", lambda d: d["dataset_sha256"].pop("row_max")),
+     do_universal, UNIVERSAL_OUT, ["is untrusted: its checksum sidecar records no checksum "
+                                   "of 'row_max'"]),
+    ("report-reads-damaged-reduce", flip_dataset(PAIR, "row_max"), do_report, REPORT_OUT,
      ["reduce output", "is damaged"]),
     # --- universal sets
     ("sets-edited", edit_json("universal/sets.json", add_a_neuron), do_persistence,
@@ -331,6 +370,10 @@ STATUS_CASES = [
     ("status-reduce-swapped", seq(copy("reduce/t0@200__t1@200.h5", PAIR),
                                   copy("reduce/t0@200__t1@200.h5.sha256", PAIR + ".sha256")),
      PAIR, "MISMATCH: unreadable"),
+    ("status-reduce-self-comoment-flipped",
+     flip_dataset(PAIR, "other/self_comoment", at=1001), PAIR, "MISMATCH"),
+    ("status-reduce-sidecar-sha-edited",
+     edit_json(PAIR + ".sha256", lambda d: d.update(sha256="ab" * 32)), PAIR, "MISMATCH"),
     ("status-report-file-edited", edit_json("report/report_data.json",
                                             lambda d: d.update(edited=True)),
      "report/", "MISMATCH: report_data.json"),
@@ -349,6 +392,25 @@ def test_status_verify_flags_it(base, run, capsys, name, setup, item, verdict):
     rows = {r["item"]: r for r in status(run, verify=True)}
     assert verdict in rows[item]["checksum"], rows[item]
     assert code == 1 and err.count("\n") == 1 and item in err, (code, err)
+
+
+def test_flip_in_the_self_comoments_is_refused_where_they_are_read(run):
+    """The per-neuron readers do not read other/self_comoment, so a flipped byte there
+    leaves universal's results as they were (its arrays verify); the first reader of the
+    self co-moments hashes the whole file and refuses it, and status --verify flags it."""
+    from ooc_universal.formats.reduced import open_reduced
+    from ooc_universal.rundir import forget_verified
+    want = (run / "universal" / "sets.json").read_bytes()
+    flip_dataset(PAIR, "other/self_comoment", at=1001)(run, {})
+    forget_verified()
+    universal(run, progress=False)
+    assert (run / "universal" / "sets.json").read_bytes() == want
+    with open_reduced(run / PAIR) as stats:
+        assert stats.row_max.shape == (256,)
+        with pytest.raises(OocError, match=r"is damaged: sha256"):
+            stats.self_comoment
+    rows = {r["item"]: r for r in status(run, verify=True)}
+    assert "MISMATCH" in rows[PAIR]["checksum"]
 
 
 def test_status_of_the_finished_run_is_clean(run, capsys):

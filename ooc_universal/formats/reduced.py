@@ -22,10 +22,18 @@ Layout (layout_version 1; the file exists under its final name only when complet
   layer * d_mlp + neuron), d = d_mlp_other.
 
 Reading: `open_reduced(path)` -> ReducedStats (a context manager; attributes read at
-open, arrays on first use, the two big ones lazily by slices). Opening verifies the
-file's sha256 against its checksum sidecar first (once per process while the file is
-unchanged: rundir.verify_file); a file without a readable sidecar is untrusted and
-refused. `verify=False` is for `status`, which checks the checksums itself. Writing: `create_reduced`
+open, arrays on first use, the two big ones lazily by slices). A file without a
+readable checksum sidecar is untrusted and refused. What is read is verified before it
+is used: the sidecar records, besides the whole file's sha256 and size, the sha256 of
+the attributes and of each (N,) / (K, Na) array (DIGESTS), so opening checks the size
+and the attributes, each array is checked when first read, and the first access to
+`self_comoment` or `cross_comoment` (read by slices) hashes the whole file
+(rundir.verify_file: once per process while the file is unchanged). So a reader of
+the per-neuron statistics (universal, cards, ablate, report) hashes a few MB of a file
+that at the paper's width holds ~0.9 GB of self co-moments, and a flipped byte in
+anything it reads is refused all the same. A sidecar without DIGESTS (a file sealed by
+hand, rundir.seal) gets the whole-file hash at open. `verify=False` is for `status`,
+which hashes whole files itself. Writing: `create_reduced`
 yields a ReducedWriter on a temporary name; the arrays can be written panel by panel
 (rows of the reference), and the file is renamed to its final name, with its checksum
 sidecar, only when the block exits without an error.
@@ -105,12 +113,15 @@ class ReducedStats:
     and `cross_comoment` are h5py datasets, read by the slices asked for
     (`stats.self_comoment[layer]`, `stats.cross_comoment[r0:r1, c0:c1]`)."""
 
-    def __init__(self, path, h5file, attrs: dict, config: dict):
+    def __init__(self, path, h5file, attrs: dict, config: dict, digests: dict | None = None,
+                 verify: bool = False):
         self.path = Path(path)
         self._f = h5file
         self.attrs = attrs
         self.config = config
         self._cache: dict = {}
+        self._digests = digests  # dataset -> sha256 from the sidecar (None: not checked)
+        self._verify = verify    # the big lazily read datasets: whole-file hash first
 
     # -- identity and shapes
     @property
@@ -149,8 +160,17 @@ class ReducedStats:
             if key not in self._f:
                 raise OocError(f"{str(self.path)!r} has no dataset {key!r}; it is not a "
                                "complete reduce output: run `ooc-universal reduce` again")
-            self._cache[name] = self._f[key][...]
+            value = self._f[key][...]
+            if self._digests is not None:
+                _check_digest(self.path, key, value, self._digests)
+            self._cache[name] = value
         return self._cache[name]
+
+    def _verify_whole(self) -> None:
+        if self._verify:
+            from ooc_universal.rundir import verify_file
+            verify_file(self.path, "reduce output", RECOMPUTE)
+            self._verify = False
 
     def has(self, name: str) -> bool:
         """Whether the file holds the array `name` (a key of ARRAYS, or self/cross)."""
@@ -182,6 +202,7 @@ class ReducedStats:
         if SELF_COMOMENT not in self._f:
             raise OocError(f"{str(self.path)!r} has no {SELF_COMOMENT!r}; it is not a "
                            "complete reduce output: run `ooc-universal reduce` again")
+        self._verify_whole()
         return self._f[SELF_COMOMENT]
 
     @property
@@ -194,6 +215,7 @@ class ReducedStats:
         if not self.has_cross_comoment:
             raise OocError(f"{str(self.path)!r} has no cross_comoment; re-run "
                            "`ooc-universal reduce --keep-covariance` to keep it")
+        self._verify_whole()
         return self._f[CROSS_COMOMENT]
 
     # -- lifetime
@@ -222,7 +244,7 @@ def open_reduced(path, verify: bool = True) -> ReducedStats:
     reduce output, or of another layout version."""
     import h5py
 
-    from ooc_universal.rundir import verify_file
+    from ooc_universal.rundir import read_sidecar, untrusted, verify_file
     path = Path(path)
     if not path.exists():
         writing = list(path.parent.glob(f"{path.name}.tmp-*")) if path.parent.is_dir() else []
@@ -230,8 +252,19 @@ def open_reduced(path, verify: bool = True) -> ReducedStats:
                else "does not exist")
         raise OocError(f"reduce output {str(path)!r} {why}; run `ooc-universal reduce` "
                        "(the same command resumes an interrupted one)")
+    digests = None
     if verify:
-        verify_file(path, "reduce output", RECOMPUTE)
+        rec = read_sidecar(path)
+        if rec is None:
+            raise untrusted(path, "reduce output", RECOMPUTE)
+        if isinstance(rec.get(DIGESTS), dict) and isinstance(rec.get(ATTRS_DIGEST), str):
+            digests = rec[DIGESTS]
+            size = path.stat().st_size
+            if rec.get("size") is not None and size != rec["size"]:
+                raise OocError(f"reduce output {str(path)!r} is damaged: {size} bytes, its "
+                               f"checksum sidecar records {rec['size']}; {RECOMPUTE}")
+        else:  # no per-dataset digests recorded: the whole file now
+            verify_file(path, "reduce output", RECOMPUTE)
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -239,13 +272,65 @@ def open_reduced(path, verify: bool = True) -> ReducedStats:
                        "run `ooc-universal reduce` again") from None
     try:
         attrs = {k: plain(v) for k, v in f.attrs.items()}
+        if digests is not None and attrs_sha256(attrs) != rec[ATTRS_DIGEST]:
+            raise OocError(f"reduce output {str(path)!r} is damaged: its attributes do not "
+                           f"match the checksum sidecar's record of them; {RECOMPUTE}")
         _check_header(path, attrs)
         _check_name(path, attrs)
         config = _parse_config(path, attrs.get("config_json"))
     except BaseException:
         f.close()
         raise
-    return ReducedStats(path, f, attrs, config)
+    return ReducedStats(path, f, attrs, config, digests, verify=digests is not None)
+
+
+def verify_reduced(path) -> dict:
+    """Check everything a reader of the per-neuron statistics uses (attributes and every
+    (N,) / (K, Na) array; the whole file when no per-dataset digests were recorded);
+    returns the sidecar record. One OocError line when it fails."""
+    from ooc_universal.rundir import read_sidecar
+    with open_reduced(path) as stats:
+        for name in ARRAYS:
+            if ARRAYS[name] in stats._f:
+                stats._array(name)
+    return read_sidecar(path)
+
+
+# Per-dataset digests in the sidecar: what readers check instead of the whole file
+DIGESTS, ATTRS_DIGEST = "dataset_sha256", "attrs_sha256"
+
+
+def _array_sha256(value: np.ndarray) -> str:
+    import hashlib
+    value = np.ascontiguousarray(value)
+    h = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    h.update(value.view(np.uint8).reshape(-1) if value.size else b"")
+    return h.hexdigest()
+
+
+def attrs_sha256(attrs: dict) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_digest(path: Path, key: str, value: np.ndarray, digests: dict) -> None:
+    want = digests.get(key)
+    if want is None:
+        raise OocError(f"reduce output {str(path)!r} is untrusted: its checksum sidecar "
+                       f"records no checksum of {key!r}; {RECOMPUTE}")
+    if _array_sha256(value) != want:
+        raise OocError(f"reduce output {str(path)!r} is damaged: dataset {key!r} does not "
+                       f"match its checksum; {RECOMPUTE}")
+
+
+def dataset_digests(path) -> dict:
+    """The sidecar's per-dataset record of a finished pair file (create_reduced)."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        attrs = {k: plain(v) for k, v in f.attrs.items()}
+        return {ATTRS_DIGEST: attrs_sha256(attrs),
+                DIGESTS: {key: _array_sha256(f[key][...]) for key in ARRAYS.values()
+                          if key in f}}
 
 
 def read_attrs(path, verify: bool = True) -> dict:
@@ -462,6 +547,7 @@ def create_reduced(path, header: PairHeader, *, keep_cross: bool, record: dict |
     import h5py
 
     from ooc_universal.rundir import atomic_path
+    record = None if record is None else dict(record)
     with atomic_path(path, record=record, fault=fault) as tmp:
         with h5py.File(tmp, "w") as f:
             writer = ReducedWriter(f, header, keep_cross)
@@ -469,6 +555,8 @@ def create_reduced(path, header: PairHeader, *, keep_cross: bool, record: dict |
                 faults.point(f"{fault}.h5")  # the output's HDF5 file is open here
             yield writer
             writer.finish()
+        if record is not None:  # read back from the closed file: what readers will see
+            record.update(dataset_digests(tmp))
 
 
 def remove_temporaries(path) -> list[Path]:

@@ -81,7 +81,7 @@ def verified_inputs(run_dir: Path) -> dict:
     """{input: recorded sha256} of every step output present that the report reads, each
     verified against its checksum sidecar first (one OocError line when one fails)."""
     from ooc_universal.formats.convergence import list_convergence
-    from ooc_universal.formats.reduced import RECOMPUTE, list_reduced
+    from ooc_universal.formats.reduced import list_reduced, verify_reduced
     out = {}
     for rel, step in REPORT_INPUTS.items():
         path = run_dir / rel
@@ -90,7 +90,7 @@ def verified_inputs(run_dir: Path) -> dict:
                         f"{run_dir}` again")
             out[rel] = recorded_sha256(path)
     for path in list_reduced(run_dir):
-        verify_file(path, "reduce output", RECOMPUTE)
+        verify_reduced(path)  # what the report reads of it
         out[f"reduce/{path.name}"] = recorded_sha256(path)
     for path in list_convergence(run_dir):
         verify_file(path, "convergence table", "run `ooc-universal reduce --force` for "

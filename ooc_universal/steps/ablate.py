@@ -66,7 +66,7 @@ from ooc_universal.formats.sets import (UniversalSet, as_sets, check_sets_proven
 from ooc_universal.formats.tokens import load_token_set
 from ooc_universal.models import base_model, decoder_layers, mlp_out_proj, mlp_shape
 from ooc_universal.models import final_norm as models_final_norm
-from ooc_universal.rundir import config_hash, step_dir, verify_file
+from ooc_universal.rundir import config_hash, step_dir
 
 KINDS = ("universal", "control", "all-non-universal")
 MODES = ("zero", "mean")
@@ -862,17 +862,15 @@ def _before_padding(ids, pad_id) -> np.ndarray:
 
 def _reduce_index(run_dir) -> list[tuple[Path, dict]]:
     """(path, attributes) of each reduce file: they name the reference models. Each is
-    verified against its checksum sidecar first (rundir.verify_file; hashed once per
-    process): a damaged or untrusted one is refused with one line, never skipped (a
-    skipped file would let another file name the model, or the means come from it)."""
-    from ooc_universal.formats.reduced import RECOMPUTE
+    verified against its checksum sidecar first (formats.reduced.verify_reduced: its
+    attributes and per-neuron arrays): a damaged, untrusted or foreign one is refused
+    with one line, never skipped (a skipped file would let another file name the model,
+    or the means come from it)."""
+    from ooc_universal.formats.reduced import verify_reduced
     out = []
     for path in list_reduced(run_dir):
-        verify_file(path, "reduce output", RECOMPUTE)
-        try:
-            out.append((path, read_attrs(path)))
-        except OocError:  # verified, but not a reduce output: it names no model
-            continue
+        verify_reduced(path)
+        out.append((path, read_attrs(path)))
     return out
 
 

@@ -15,6 +15,8 @@
                          a killed writer's temporary); `ooc-universal clean` removes it
                released  an activation store `run` deleted once its reduce was complete
                          (the disk budget; RUN/stores/released.json records it)
+               streamed  an activation store never written because the reduce ran the
+                         model itself (--source stream; the pair files' sidecars say so)
   progress     e.g. "5/8 blocks", "12/40 block folds", "3/5 files"
   detail       why stale / corrupt / partial, in words
   token_hash, config_hash, toolkit_version   what produced it (as recorded)
@@ -47,7 +49,8 @@ from ooc_universal.formats.tokens import read_token_meta
 from ooc_universal.rundir import (config_hash, file_sha256, human_bytes, read_sidecar,
                                   recorded_sha256)
 
-STATES = ("missing", "partial", "complete", "stale", "corrupt", "leftover", "released")
+STATES = ("missing", "partial", "complete", "stale", "corrupt", "leftover", "released",
+          "streamed")
 COLUMNS = ("step", "item", "state", "progress", "detail", "token_hash", "config_hash",
            "toolkit_version", "checksum")
 
@@ -304,6 +307,8 @@ def _stores(ctx: _Context) -> list[dict]:
                     label = p.name[: -len(suffix)]
                     if label not in labels:
                         labels.append(label)
+    streamed = _streamed_labels(ctx.run)
+    stream_config = ctx.config is not None and ctx.config.reduce.source == "stream"
     rows = []
     for label in labels:
         final, partial, ledger = d / f"{label}.h5", d / f"{label}.h5.partial", \
@@ -330,9 +335,25 @@ def _stores(ctx: _Context) -> list[dict]:
                              f"deleted after its reduce ({', '.join(rec.get('read_by', []))}) "
                              f"at {rec.get('released_at', '?')}; sha256 "
                              f"{str(rec.get('sha256'))[:12]} in stores/released.json"))
-        else:
+        elif label in streamed:
+            rows.append(_row("extract", item, "streamed", "",
+                             f"not written: {', '.join(streamed[label])} streamed this "
+                             "model (--source stream); `ooc-universal extract` writes it "
+                             "if you want the activations"))
+        elif not stream_config:  # a streaming study expects no stores
             rows.append(_row("extract", item, "missing"))
     return rows
+
+
+def _streamed_labels(run: Path) -> dict:
+    """label -> the reduce files made by streaming that model (their sidecars' record)."""
+    out: dict = {}
+    for path in list_reduced(run):
+        rec = read_sidecar(path) or {}
+        if rec.get("source") == "stream" and isinstance(rec.get("models"), dict):
+            for label in rec["models"]:
+                out.setdefault(label, []).append(f"reduce/{path.name}")
+    return out
 
 
 def _store_row(ctx: _Context, path: Path, item: str) -> dict:

@@ -103,6 +103,14 @@ def test_stream_and_store_give_the_same_study(study):
     assert len(list((store / "stores").glob("*.h5"))) == 3
     assert "streamed" in text or "from forward passes" in text
     assert json.loads((stream / "run_timings.json").read_text())["source"] == "stream"
+    # status: the streamed models' stores are "streamed" (never written), not missing;
+    # a run with stores lists them complete
+    from ooc_universal.status import problems, status
+    rows = [r for r in status(stream, verify=True) if r["step"] == "extract"]
+    assert len(rows) == 3 and {r["state"] for r in rows} == {"streamed"}, rows
+    assert all("--source stream" in r["detail"] for r in rows)
+    assert not problems(status(stream, verify=True))
+    assert {r["state"] for r in status(store) if r["step"] == "extract"} == {"complete"}
 
 
 def test_auto_dry_run_names_both_options_and_the_choice(study):

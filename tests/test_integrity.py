@@ -118,12 +118,16 @@ def flip(rel, where=0.5):
                 offset = st.block_offset(where[1]) + 101
         else:
             offset = int(path.stat().st_size * where)
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0x10]))
+        flip_byte(path, offset)
     return setup
+
+
+def flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
 
 
 def flip_dataset(rel, key, at=3):
@@ -132,11 +136,7 @@ def flip_dataset(rel, key, at=3):
         path = run / rel
         with h5py.File(path, "r") as f:
             offset = f[key].id.get_offset() + at
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            b = f.read(1)
-            f.seek(offset)
-            f.write(bytes([b[0] ^ 0x10]))
+        flip_byte(path, offset)
     return setup
 
 

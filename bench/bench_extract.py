@@ -8,11 +8,13 @@ byte token set in a temporary run directory, then alternates, each in a fresh pr
   forward   model.transformer on the same batches (same batch size, same windows), no
             hooks, no writes: the ceiling;
   extract   ooc_universal.steps.extract.extract with --memory (hooks, fp16 gather, block
-            writes + fsync, ledger);
+            writes + fsync, ledger, the running top-k per neuron: --topk, default the
+            config's 20);
 each `--repeats` times, and reports the best valid tokens/s of each, their ratio,
 extract's peak RSS against --memory, and where extract's time went (its own stats: the
 hooked forward passes, gathering rows into blocks, waiting for the writer thread, and
-the writer's wall and CPU seconds of hashing and writing, which overlap the forwards).
+the writer's wall and CPU seconds of hashing, writing and folding the top-k, which
+overlap the forwards). On a shared machine, the per-CPU-second fraction is the robust one.
 JSON to stdout (or --out). Default run under a minute. On a shared machine, compare
 runs only with the machine idle (the JSON records the load average).
 In-process: run(argv) -> dict (the children are still separate processes).
@@ -90,21 +92,23 @@ def child_forward(run_dir: str, model_dir: str, batch: int, threads: int,
 
 
 def child_extract(run_dir: str, model_dir: str, memory: str, threads: int,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", topk: int = -1) -> dict:
     import torch
-    from ooc_universal.config import ComputeConfig
+    from ooc_universal.config import ComputeConfig, ExtractConfig
     from ooc_universal.steps.extract import extract
     torch.set_num_threads(threads)
     stores = Path(run_dir) / "stores"
     shutil.rmtree(stores, ignore_errors=True)
     stats = {}
-    extract(run_dir, model_dir, compute=ComputeConfig(device=device, memory=memory),
+    settings = ExtractConfig() if topk < 0 else ExtractConfig(topk=topk)
+    extract(run_dir, model_dir, settings, ComputeConfig(device=device, memory=memory),
             progress=False, stats=stats)
     out = {k: stats[k] for k in ("seconds", "cpu_seconds", "tokens_written", "tokens_per_s",
                                  "batch_size", "block_tokens", "blocks_total",
                                  "peak_rss_bytes", "memory_bytes", "seconds_forward",
                                  "seconds_copy", "seconds_writer_wait",
-                                 "seconds_writer_busy", "cpu_seconds_writer")}
+                                 "seconds_writer_busy", "cpu_seconds_writer",
+                                 "cpu_seconds_topk", "topk")}
     out["tokens_per_cpu_s"] = stats["tokens_written"] / stats["cpu_seconds"]
     return out
 
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory", default="1GB", help="extract's --memory")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--topk", type=int, default=-1,
+                    help="extract's top-k per neuron (0 = none; default: the config's)")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
                     help="where both the forward pass and extract run")
     ap.add_argument("--workdir", default=None, help="where the run goes (default: a temp dir)")
@@ -141,7 +147,8 @@ def main(argv=None) -> None:
         if kind == "forward":
             res = child_forward(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
         else:
-            res = child_extract(rest[0], rest[1], rest[2], int(rest[3]), rest[4])
+            res = child_extract(rest[0], rest[1], rest[2], int(rest[3]), rest[4],
+                                int(rest[5]))
         print(json.dumps(res))
         return
     result = run(argv)
@@ -165,7 +172,8 @@ def run(argv=None) -> dict:
         build_tokens(run_dir, a.windows, a.window, seed=0)
         ex, fw = [], []
         for _ in range(a.repeats):
-            ex.append(run_child("extract", run_dir, model_dir, a.memory, a.threads, a.device))
+            ex.append(run_child("extract", run_dir, model_dir, a.memory, a.threads, a.device,
+                                a.topk))
             fw.append(run_child("forward", run_dir, model_dir, ex[-1]["batch_size"], a.threads,
                                 a.device))
         best_ex = max(ex, key=lambda r: r["tokens_per_s"])
@@ -191,6 +199,7 @@ def run(argv=None) -> dict:
             "load_average": os.getloadavg(),
             "extract_write_MB_per_s": best_ex["tokens_per_s"] * a.layers * 4 * a.d_model * 2
             / 1e6,
+            "topk": best_ex["topk"],
             "batch_size": best_ex["batch_size"], "block_tokens": best_ex["block_tokens"],
             "blocks": best_ex["blocks_total"],
             "memory_bytes": best_ex["memory_bytes"],
@@ -200,12 +209,14 @@ def run(argv=None) -> dict:
             # where extract's time went (its best run; measured on the real call path):
             # forward = the hooked forward passes, copy = gathering valid rows into block
             # buffers, writer_wait = waiting for the writer thread, writer_busy = the
-            # writer's own hashing, writing and syncing (overlaps the forward passes)
+            # writer's own hashing, writing, syncing and top-k folding (overlaps the
+            # forward passes; topk_cpu is the folding's part of writer_cpu)
             "extract_breakdown_s": {
                 "total": best_ex["seconds"], "forward": best_ex["seconds_forward"],
                 "copy": best_ex["seconds_copy"], "writer_wait": best_ex["seconds_writer_wait"],
                 "writer_busy": best_ex["seconds_writer_busy"],
                 "writer_cpu": best_ex["cpu_seconds_writer"],
+                "topk_cpu": best_ex["cpu_seconds_topk"],
                 "bare_forward": best_fw["seconds"]},
             "runs": {"extract": ex, "forward": fw},
             "wall_s": time.perf_counter() - t_start,

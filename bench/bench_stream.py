@@ -14,11 +14,20 @@ stanford-crfm config flags, zoo.gpt2_config) and the same byte token set:
            token set: forward passes feed the accumulators, nothing else is written
 
 and records each one's wall and CPU seconds, the forward rate (positions/s and FLOP/s
-from the reduce's own "forward" timings), the reduce's achieved fraction of torch.matmul
-at its strip shape, the bytes each wrote, and the agreement of the two outputs (max
-|row max difference|, argmax identical). The ratio is taken in the same run. A last
-section projects the paper's experiment (5 GPT-2 small models x 3 checkpoints x 5M
-tokens) on this device from the rates measured here (plan.py's time model, both sources).
+from the reduce's own "forward" timings), the forward passes each model really ran
+(batches forwarded / batches per pass) beside the plan's count, the reduce's achieved
+fraction of torch.matmul at its strip shape (a stream's over the time beside its forward
+passes), the bytes each wrote, and the agreement of the two outputs (max |row max
+difference|, argmax identical). The ratio is taken in the same run.
+
+  bf16_forward   the stream reduce once more with the other forward precision (bf16
+                 autocast where the first ran fp32: a CPU; fp32 where it ran bf16: CUDA's
+                 default), and the max |row max difference| of the bf16-forward outputs
+                 from the fp32-forward ones (the issue's bound: 2e-3)
+
+A last section projects the paper's experiment (5 GPT-2 small models x 3 checkpoints x
+5M tokens) on this device from the rates measured here (plan.py's time model, both
+sources).
 
 `--precision tf32` is fp32 with TF32 tensor-core GEMMs on CUDA
 (torch.backends.cuda.matmul.allow_tf32). `--quick` is a seconds-long smoke run (tiny
@@ -134,18 +143,28 @@ def run_store(run_dir: Path, models: list, cfg: StreamBenchConfig, quiet: bool) 
             "timings": res["timings"], "plan": _plan_summary(res["plan"])}
 
 
-def run_stream(run_dir: Path, models: list, cfg: StreamBenchConfig, quiet: bool) -> dict:
+def run_stream(run_dir: Path, models: list, cfg: StreamBenchConfig, quiet: bool,
+               forward_precision: str = "auto") -> dict:
     from ooc_universal.graph import TIMINGS
+    from ooc_universal.sources import forward_autocast
     from ooc_universal.steps.reduce import reduce
     settings, compute = _settings(cfg, "stream")
     TIMINGS.reset()
     res, w, c = _timed(lambda: reduce(run_dir, str(models[0]), [str(m) for m in models[1:]],
-                                      settings, compute, progress=False))
+                                      settings, compute, progress=False,
+                                      forward_precision=forward_precision))
     log(f"stream reduce in {w:.1f} s", quiet)
     plan = res["plan"]
+    forwards = res.get("forwards", {})
     forward_s = res["timings"].get("forward", 0.0) + res["timings"].get("self_forward", 0.0)
-    positions = plan.stream.positions * sum(plan.forward_passes.values())
+    run_passes = res.get("forward_passes") or plan.forward_passes  # as they ran
+    positions = int(plan.stream.positions * sum(run_passes.values()))
     return {"seconds": w, "cpu_seconds": c, "forward_seconds": forward_s,
+            "forward_precision": forward_autocast(cfg.device, forward_precision) or "float32",
+            "forward_passes_run": res.get("forward_passes", {}),
+            "forward_passes_planned": plan.forward_passes,
+            "forward_batches": {k: v["batches"] for k, v in forwards.items()},
+            "self_fused": plan.self_fused,
             "forward_positions": positions,
             "forward_positions_per_s": positions / max(forward_s, 1e-9),
             "forward_flops_per_s": plan.forward_flops / max(forward_s, 1e-9),
@@ -170,6 +189,31 @@ def agreement(store_outputs: list, stream_outputs: list) -> dict:
                 worst = max(worst, float(np.abs(fa[k][()] - fb[k][()]).max()))
             same &= bool(np.array_equal(fa["row_argmax"][()], fb["row_argmax"][()]))
     return {"max_abs_row_max_diff": worst, "argmax_identical": same}
+
+
+def bf16_forward(stream_run: Path, models: list, cfg: StreamBenchConfig, first: dict,
+                 quiet: bool) -> dict:
+    """The stream reduce again with the other forward precision; the row max of the
+    bf16-forward outputs against the fp32-forward ones (max |difference| over every
+    reference neuron, and the fraction of identical argmax)."""
+    import h5py
+    other = "fp32" if first["forward_precision"] == "bfloat16" else "bf16"
+    run_dir = stream_run.with_name(stream_run.name + f"-{other}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(stream_run / "tokens", run_dir / "tokens")
+    second = run_stream(run_dir, models, cfg, quiet, forward_precision=other)
+    bf, fp = (second, first) if other == "bf16" else (first, second)
+    worst, same, n = 0.0, 0, 0
+    for a, b in zip(sorted(bf["outputs"]), sorted(fp["outputs"])):
+        with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+            worst = max(worst, float(np.abs(fa["row_max"][()] - fb["row_max"][()]).max()))
+            arg_a, arg_b = fa["row_argmax"][()], fb["row_argmax"][()]
+            same, n = same + int((arg_a == arg_b).sum()), n + arg_a.size
+    return {"max_abs_row_max_diff": worst, "bound": 2e-3, "within_bound": worst <= 2e-3,
+            "argmax_identical_fraction": same / max(n, 1),
+            "bf16_seconds": bf["seconds"], "fp32_seconds": fp["seconds"],
+            "bf16_forward_seconds": bf["forward_seconds"],
+            "fp32_forward_seconds": fp["forward_seconds"]}
 
 
 # --------------------------------------------------------------------------- projection
@@ -264,11 +308,14 @@ def run_bench(cfg: StreamBenchConfig, quiet: bool = False, workdir=None) -> dict
         stream = run_stream(stream_run, models, cfg, quiet)
         doc = {"bench": "stream", "config": asdict(cfg), "machine": _machine(cfg),
                "store": store, "stream": stream, "torch": torch.__version__}
+        doc["bf16_forward"] = bf16_forward(stream_run, models, cfg, stream, quiet)
         if store is not None:
             doc.update(agreement=agreement(store["outputs"], stream["outputs"]),
                        ratio_store_over_stream=store["seconds"] / max(stream["seconds"], 1e-9),
                        ratio_store_reduce_over_stream=store["reduce_seconds"]
                        / max(stream["seconds"], 1e-9),
+                       ratio_stream_over_store_reduce=stream["seconds"]
+                       / max(store["reduce_seconds"], 1e-9),
                        ratio_store_over_stream_cpu=store["cpu_seconds"]
                        / max(stream["cpu_seconds"], 1e-9))
         doc["seconds"] = time.perf_counter() - t0
@@ -297,7 +344,12 @@ def summary(doc: dict) -> str:
         f"{c['device']} {c['precision']}",
         f"stream reduce {s['seconds']:.1f} s (forward {s['forward_seconds']:.1f} s at "
         f"{s['forward_positions_per_s']:.3g} positions/s, {s['forward_flops_per_s'] / 1e9:.1f} "
-        f"GFLOP/s; wrote {s['written_bytes'] / 1e6:.1f} MB)"]
+        f"GFLOP/s; wrote {s['written_bytes'] / 1e6:.1f} MB)",
+        "forward passes per model: run "
+        + ", ".join(f"{k} {v:g}" for k, v in s.get("forward_passes_run", {}).items())
+        + "; planned " + ", ".join(f"{k} {v}" for k, v in s["plan"]["forward_passes"].items())
+        + (" (self co-moments fused into the first panel's pass)" if s.get("self_fused")
+           else "")]
     if t is not None:
         a = doc["agreement"]
         lines += [
@@ -308,6 +360,14 @@ def summary(doc: dict) -> str:
             f"{doc['ratio_store_over_stream_cpu']:.2f})",
             f"agreement: max |row max diff| {a['max_abs_row_max_diff']:.2e}, argmax identical "
             f"{a['argmax_identical']}"]
+    b = doc.get("bf16_forward")
+    if b:
+        lines.append(
+            f"bf16-forward vs fp32-forward stream: max |row max diff| "
+            f"{b['max_abs_row_max_diff']:.2e} (bound {b['bound']:g}: "
+            f"{'within' if b['within_bound'] else 'OVER'}), argmax identical "
+            f"{b['argmax_identical_fraction']:.3f}; forward {b['bf16_forward_seconds']:.1f} s "
+            f"bf16 vs {b['fp32_forward_seconds']:.1f} s fp32")
     for name in ("stream", "store"):
         rate = (doc[name] or {}).get("rate")
         if rate:

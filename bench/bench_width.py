@@ -19,7 +19,11 @@ the second in a fresh process and records
               per CPU-second at the plan's strip GEMM shape and dtype (best of before
               and after the reduce), and the same per wall second;
   plan        the --dry-run's expected time (rates measured at the plan's shapes in the
-              same process, just before) over the measured time;
+              same process, just before) over the measured time, wall and CPU; the
+              wall estimate assumes the cores the process got while the dry run
+              measured (rates.cores_now), so the other jobs' share during the dry run
+              and during the reduce are both recorded (a change between the two is
+              what a wall-time estimate cannot foresee);
   accuracy    max |row max - float64| and max |baseline row max - float64| on --rows
               sampled reference rows, the float64 reference from the stores by the
               formulas (exact means, an explicit rotation of the other model).
@@ -176,7 +180,10 @@ def child_reduce(spec: dict) -> dict:
     run_dir, prec = spec["run_dir"], spec["precision"]
     settings = ReduceConfig(precision=prec, baseline_draws=spec["draws"], seed=spec["seed"])
     compute = ComputeConfig(memory=spec["memory"], device="cpu")
+    busy_dry, t_dry = _cpu_busy_seconds(), time.perf_counter()
     dry = reduce(run_dir, REF, [OTHER], settings, compute, dry_run=True, force=True)
+    share_dry = _other_jobs_share(busy_dry, _cpu_busy_seconds(), time.perf_counter() - t_dry,
+                                  os.cpu_count() or 1)
     plan, rates = dry["plan"], dry["rates"]
     expected = expected_seconds(plan, rates)
     expected_cpu = expected_seconds(plan, rates, per_cpu=True)
@@ -219,6 +226,9 @@ def child_reduce(spec: dict) -> dict:
         "timings_s": res["timings"], "cpu_timings_s": res["cpu_timings"],
         "reduce_rate_line": res.get("rate"),
         "other_jobs_cpu_share": share,
+        # the load the dry run's rates met (plan: rates.cores_now of rates.threads cores)
+        "other_jobs_cpu_share_dry_run": share_dry,
+        "cores_used": cpu / wall if wall > 0 else None,
     }
 
 
@@ -332,7 +342,9 @@ def _one_case(work: Path, run_dir: Path, cfg: WidthConfig, memory: str, precisio
     log(f"  {r['seconds']:.1f} s, {r['plan']['panels']} panel(s), peak RSS "
         f"{r['peak_rss_bytes'] / 1e9:.2f} GB, {r['fraction_per_cpu_s']:.2f} of matmul per "
         f"CPU-s, plan/actual {r['plan_over_actual']:.2f} (CPU {r['plan_over_actual_cpu']:.2f})"
-        f", other jobs {r['other_jobs_cpu_share']}", quiet)
+        f", other jobs {r['other_jobs_cpu_share']} (dry run "
+        f"{r['other_jobs_cpu_share_dry_run']}; cores planned {r['rates'].get('cores_now')}"
+        f", used {r['cores_used']:.2f})", quiet)
     return r
 
 
@@ -386,7 +398,8 @@ def figures(doc: dict) -> list:
                 ("plan_over_actual", "time", "expected_seconds", "seconds"),
                 ("plan_over_actual_cpu", "CPU time", "expected_cpu_seconds", "cpu_seconds")):
             p = r[key]
-            rows.append(_row(f"width {tag}: plan-predicted {what} / actual",
+            load = _load_note(r) if key == "plan_over_actual" else ""
+            rows.append(_row(f"width {tag}: plan-predicted {what} / actual{load}",
                              r[exp]["total"], r[act], p,
                              f"{GOALS['plan_lo']}-{GOALS['plan_hi']}",
                              GOALS["plan_lo"] <= p <= GOALS["plan_hi"], "s"))
@@ -401,6 +414,15 @@ def figures(doc: dict) -> list:
             rows.append(_row(f"width {tag}: max |{what} - float64| ({n} rows)", r[key], None,
                              None, f"<= {goal:g}", r[key] <= goal))
     return rows
+
+
+def _load_note(r: dict) -> str:
+    """' (other jobs 5% of the CPUs in the dry run, 43% in the reduce)' where known."""
+    dry, run = r.get("other_jobs_cpu_share_dry_run"), r.get("other_jobs_cpu_share")
+    if dry is None or run is None:
+        return ""
+    return f" (other jobs {100 * dry:.0f}% of the CPUs in the dry run, {100 * run:.0f}% in " \
+           "the reduce)"
 
 
 def format_table(rows: list) -> str:

@@ -11,6 +11,7 @@ from ooc_universal.config import ComputeConfig, ReduceConfig, validated
 REDUCE, COMPUTE = ReduceConfig(), ComputeConfig()  # the option defaults (one source)
 PRECISIONS = typing.get_args(ReduceConfig.model_fields["precision"].annotation)
 SOURCES = typing.get_args(ReduceConfig.model_fields["source"].annotation)
+FORWARD = typing.get_args(ReduceConfig.model_fields["forward_precision"].annotation)
 
 
 @click.command("reduce")
@@ -45,6 +46,10 @@ SOURCES = typing.get_args(ReduceConfig.model_fields["source"].annotation)
                    "passes of the models over the run's token set, writing no store "
                    "(stream), or whichever the plan expects to be faster within the free "
                    "disk (auto; --dry-run prints both options and why).")
+@click.option("--forward-precision", type=click.Choice(FORWARD), default=REDUCE.forward_precision,
+              show_default=True,
+              help="--source stream: the forward passes' precision; auto = bf16 autocast on "
+                   "CUDA (row max within 2e-3 of fp32, measured), fp32 on a CPU.")
 @click.option("--disk-gbps", type=float, default=REDUCE.disk_gbps, show_default=True,
               help="Disk bandwidth in GB/s that --source auto assumes for reading stores "
                    "(0: measure it now).")
@@ -59,8 +64,8 @@ SOURCES = typing.get_args(ReduceConfig.model_fields["source"].annotation)
 @click.option("--force", is_flag=True, help="Recompute pairs whose output already exists.")
 @progress_option()
 def reduce(run_dir, reference, others, memory, device, precision, baseline_draws, seed,
-           keep_covariance, scheduler, source, disk_gbps, block_tokens, checkpoint_every,
-           dry_run, force, progress):
+           keep_covariance, scheduler, source, forward_precision, disk_gbps, block_tokens,
+           checkpoint_every, dry_run, force, progress):
     """Reduce REFERENCE against each of OTHERS into RUN/reduce/<ref>__<other>.h5.
 
     Pearson correlations come from mergeable co-moments (Chan et al.), each block
@@ -79,7 +84,8 @@ def reduce(run_dir, reference, others, memory, device, precision, baseline_draws
     from ooc_universal.steps.reduce import summary_line, zero_variance_warnings
     settings = validated(ReduceConfig, dict(precision=precision, baseline_draws=baseline_draws,
                                             seed=seed, keep_covariance=keep_covariance,
-                                            source=source, disk_gbps=disk_gbps),
+                                            source=source, disk_gbps=disk_gbps,
+                                            forward_precision=forward_precision),
                          "reduce options")
     compute = validated(ComputeConfig, dict(memory=memory, device=device,
                                             scheduler=scheduler or ""), "reduce options")

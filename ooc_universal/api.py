@@ -85,7 +85,8 @@ class Run:
 
     def cards(self):
         """Neuron cards (RUN/cards/cards.json, `ooc-universal cards`), one row per
-        (card, other model): the neuron, its rank in that pair's top neurons by excess,
+        (card, other model): the neuron, pair_rank (its rank in that pair's top neurons by
+        excess),
         excess, matched neuron and correlation, is_universal_<tau>, the vocabulary
         moments of W_out.W_U (vocab_kurtosis, vocab_skew, vocab_role) and the tokens
         it promotes and suppresses most (lists, strongest first)."""
@@ -94,7 +95,8 @@ class Run:
 
     def contexts(self):
         """The contexts where each card's neuron fires most: one row per (card, context),
-        with the activation, its token and the surrounding tokens."""
+        context_rank 1 the highest, with the activation, its token and the surrounding
+        tokens."""
         from ooc_universal.formats.cards import contexts_frame, read_cards
         return contexts_frame(read_cards(self.path))
 

@@ -111,6 +111,8 @@ class ReduceConfig(Section):
     source: Literal["store", "stream", "auto"] = "store"  # blocks from stores or forward passes
     disk_gbps: float = Field(0.0, ge=0.0, le=1000.0)  # stated disk bandwidth (0 = measure)
     convergence_first: int = Field(1024, ge=0, le=1 << 40)  # first snapshot's tokens (0 = none)
+    # a stream's forward passes: bf16 autocast on CUDA, fp32 on a CPU (auto), or forced
+    forward_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 class UniversalConfig(Section):
@@ -175,6 +177,7 @@ FLAT_KEYS = {
     "bos": [("tokens", "bos")], "disk": [("compute", "disk")],
     "keep_stores": [("compute", "keep_stores")], "reduce_source": [("reduce", "source")],
     "disk_gbps": [("reduce", "disk_gbps")],
+    "forward_precision": [("reduce", "forward_precision")],
 }
 # what results do not depend on: where and how fast they are computed
 NOT_HASHED = {"compute": None, "extract": ("batch_size",), "ablate": ("batch_size",),
@@ -275,6 +278,8 @@ class RunConfig(Section):
             d["extract"].pop("topk")
         if d["reduce"]["convergence_first"] == 1024:
             d["reduce"].pop("convergence_first")
+        if d["reduce"]["forward_precision"] == "auto":
+            d["reduce"].pop("forward_precision")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_toml(self) -> str:

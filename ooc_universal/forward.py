@@ -9,6 +9,7 @@ accumulators. Both go through this module, so a streamed block equals the stored
   Capture(loaded, rows, dev)   forward pre-hooks filling an fp16 (rows, n_neurons) buffer;
                                the last layer's hook stops the forward (no LM head)
   forward_to_last_hook(base, ids)
+  autocast_context(device, dtype)    torch.autocast for a forward in `dtype` ("": none)
   gather_rows(src, positions, out)   valid rows by runs of consecutive positions
   window_bytes(loaded, window)       memory one window adds to a forward with capture
 """
@@ -92,6 +93,18 @@ def forward_to_last_hook(base, ids) -> None:
     except StopForward:
         return
     raise RuntimeError("the last layer's hook did not run")
+
+
+def autocast_context(device, dtype: str = ""):
+    """torch.autocast(device type, dtype) around a forward pass (weights stay as they
+    are; matmuls run in `dtype`), or a no-op context for dtype "" (or "float32")."""
+    import contextlib
+
+    import torch
+    if not dtype or dtype == "float32":
+        return contextlib.nullcontext()
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return torch.autocast(kind, dtype=getattr(torch, dtype))
 
 
 def check_not_nan(top: float, loaded, w0: int, w1: int) -> None:

@@ -66,6 +66,19 @@ class StreamShape:
     resident_bytes: int     # weights and capture buffers of every model (kept loaded)
     transient_bytes: int    # the largest forward's activations beyond its capture buffer
     labels: tuple = ()      # reference first, then each pair's other model
+    # forward batches per pass of each model (reference first; () unknown): a model
+    # whose token set is one batch is forwarded once in all (its capture buffer keeps
+    # the batch for every later pass)
+    batches: tuple = ()
+
+    def passes(self, ref_passes: int, other_passes: int) -> tuple:
+        """The forward passes each model really runs (reference first), given the
+        plan's passes of the reference and of each other model."""
+        n = 1 + len(self.flops_others)
+        want = (ref_passes, *(other_passes,) * (n - 1))
+        if len(self.batches) != n:
+            return want
+        return tuple(min(w, 1) if b == 1 else w for w, b in zip(want, self.batches))
 
 
 def forward_flops_per_token(n_layers: int, d_model: int, d_mlp: int, window: int,
@@ -94,15 +107,19 @@ def stream_shape(metas: list, param_bytes: int = 4) -> StreamShape:
                                      window)
         transient = max(transient, batch * per_window - capture)
     positions = int(metas[0]["n_windows"]) * int(metas[0]["window"])
+    batches = tuple(-(-int(m["n_windows"]) // max(1, int(m["batch_windows"])))
+                    for m in metas) if all(m.get("n_windows") for m in metas) else ()
     return StreamShape(positions, flops[0], tuple(flops[1:]), resident, transient,
-                       tuple(m["label"] for m in metas))
+                       tuple(m["label"] for m in metas), batches)
 
 
-def forward_passes(n_groups: int, n_panels: int, n_pairs: int) -> tuple[int, int]:
+def forward_passes(n_groups: int, n_panels: int, n_pairs: int,
+                   self_fused: bool = False) -> tuple[int, int]:
     """(passes of the reference model, passes of each other model) of a streamed reduce:
     the reference is forwarded once per (group, panel) fold, each other model once per
-    panel of its group and once for its self co-moments."""
-    return n_groups * n_panels, n_panels + 1
+    panel of its group, and once more for its self co-moments unless they are folded in
+    the first panel's pass (`self_fused`: one chain, steps/reduce.py)."""
+    return n_groups * n_panels, n_panels + (0 if self_fused else 1)
 
 
 @dataclass
@@ -133,6 +150,9 @@ class ReducePlan:
     forward_flops: float = 0.0  # stream: the forward passes' FLOPs (not in `flops`)
     forward_passes: dict = field(default_factory=dict)  # stream: {label: passes}
     stream: "StreamShape | None" = None
+    # stream, one chain: the others' self co-moments are folded by the first panel's
+    # fold of their group, from the same forward passes (no self pass of their own)
+    self_fused: bool = False
     notes: list = field(default_factory=list)
 
     @property
@@ -157,10 +177,10 @@ class ReducePlan:
 
     def passes(self) -> dict:
         """Passes over each store (a panel pass over the reference counts its fraction;
-        the others' self co-moment pass counts 1). A stream's forward passes:
-        forward_passes."""
+        the others' self co-moment pass counts 1, none when it is fused into the
+        first panel's). A stream's forward passes: forward_passes."""
         ref = sum((b - a) / self.n_ref for a, b in self.panels) * len(self.groups)
-        other = {self.pairs[i].other_label: len(self.panels) + 1
+        other = {self.pairs[i].other_label: len(self.panels) + (0 if self.self_fused else 1)
                  for g in self.groups for i in g}
         return {"reference": ref, "others": other}
 
@@ -193,6 +213,7 @@ class _Cut:
     resident: int = 0         # stream: models and capture buffers held by the process
     transient: int = 0        # stream: the largest forward's activations
     snapshots: int = 0        # convergence snapshots below the total (steps/reduce.py)
+    self_fused: bool = False  # the fold also holds the group's self co-moments
 
     @property
     def cb(self) -> int:
@@ -249,7 +270,20 @@ def _fold_bytes(cut: _Cut) -> int:
     # a convergence snapshot frees the block buffers, then finalizes from memory
     finalize = _finalize_extra(cut) + _snapshot_scales_bytes(cut) \
         if cut.chains == 1 or cut.snapshots else 0
-    return acc + _snapshot_bytes(cut) + max(buffers, finalize)
+    plain = acc + _snapshot_bytes(cut) + max(buffers, finalize)
+    if not cut.self_fused:
+        return plain
+    # fused (stream, one chain): the group's (L, d, d) f64 self co-moments and their
+    # snapshots' rotated scales are held beside the accumulators while folding (and a
+    # (d, d) fp32 product); a self snapshot adds one rotation, S and R S; then they
+    # are written out and freed before the scales (one layer's: _rotation_bytes) and
+    # the finalize
+    held = sum((nb // d) * d * d * 8 + 48 * nb + cut.snapshots * cut.draws * nb * 8
+               for nb, d in cut.others)
+    self_snap = 3 * cut.d_max ** 2 * 8 if cut.snapshots else 0
+    during = acc + _snapshot_bytes(cut) + held + max(
+        buffers + cut.d_max ** 2 * 4, finalize + self_snap if cut.snapshots else 0)
+    return max(plain, during, acc + _snapshot_bytes(cut) + _rotation_bytes(cut))
 
 
 def _snapshot_bytes(cut: _Cut) -> int:
@@ -373,16 +407,23 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
                  keep_covariance=keep_covariance, stream=stream,
                  snapshots=max(0, int(snapshots)))
     best = None
-    for groups in _group_options(len(pairs)):
-        for block in _block_options(n_tokens, chunk, device, block_tokens):
-            cand = _fit(groups, pairs, block, memory_bytes, max_panels, shape)
-            if cand is None:
-                continue
-            key = _candidate_key(cand, pairs, n_tokens, device, stream)
-            if best is None or key < best[0]:
-                best = (key, cand)
+    # a stream of one chain may fold the others' self co-moments in the first panel's
+    # pass (one forward pass fewer per other model, their accumulators held meanwhile)
+    fuse_options = (True, False) if stream is not None and shape["chains"] == 1 else (False,)
+    for fused in fuse_options:
+        cut_shape = {**shape, "self_fused": fused}
+        for groups in _group_options(len(pairs)):
+            for block in _block_options(n_tokens, chunk, device, block_tokens):
+                cand = _fit(groups, pairs, block, memory_bytes, max_panels, cut_shape)
+                if cand is None:
+                    continue
+                cand["self_fused"] = fused
+                key = _candidate_key(cand, pairs, n_tokens, device, stream)
+                if best is None or key < best[0]:
+                    best = (key, cand)
     if best is None:
         raise OocError(_too_small(memory, pairs, n_tokens, chunk, shape))
+    shape = {**shape, "self_fused": best[1]["self_fused"]}
     return _build(best[1], pairs, n_tokens, memory_bytes, shape, blocks_per_segment)
 
 
@@ -412,7 +453,8 @@ def _cut(rows: int, grp: list, pairs: list, block: int, shape: dict) -> _Cut:
                 shape["draws"], shape["chains"], shape["keep_covariance"],
                 stream is not None, stream.resident_bytes if stream else 0,
                 stream.transient_bytes if stream else 0,
-                snapshots=shape.get("snapshots", 0))
+                snapshots=shape.get("snapshots", 0),
+                self_fused=bool(shape.get("self_fused")))
 
 
 def _required(rows: int, groups: list, pairs: list, block: int, shape: dict) -> int:
@@ -456,6 +498,10 @@ def _candidate_key(cand: dict, pairs: list, n_tokens: int, device, stream=None) 
     panel more centring and reads, or forward passes); ties to fewer panels, larger
     blocks."""
     reads = len(cand["groups"]) + cand["n_panels"] * len(pairs)  # in store passes
+    if stream is not None:  # in forward passes
+        ref_passes, other_passes = forward_passes(len(cand["groups"]), cand["n_panels"],
+                                                  len(pairs), cand.get("self_fused", False))
+        reads = ref_passes + other_passes * len(pairs)
     if str(device).startswith("cuda"):
         return (reads, cand["n_panels"], -cand["block"])
     secs = _rough_seconds(cand, pairs, n_tokens, stream)
@@ -470,15 +516,18 @@ def _rough_seconds(cand: dict, pairs: list, n_tokens: int, stream=None) -> float
     gemm = 2.0 * n_tokens * na * nb / (r.gemm_flops_per_s * eff)
     elements = n_tokens * (na * len(cand["groups"]) + nb * cand["n_panels"])
     if stream is not None:
-        fwd = _forward_flops(stream, len(cand["groups"]), cand["n_panels"])
+        fwd = _forward_flops(stream, len(cand["groups"]), cand["n_panels"],
+                             cand.get("self_fused", False))
         return gemm + elements / r.centre_elements_per_s + fwd / r.forward_flops_per_s
     return gemm + elements / r.centre_elements_per_s + 2.0 * elements / r.read_bytes_per_s
 
 
-def _forward_flops(stream: StreamShape, n_groups: int, n_panels: int) -> float:
-    ref_passes, other_passes = forward_passes(n_groups, n_panels, len(stream.flops_others))
+def _forward_flops(stream: StreamShape, n_groups: int, n_panels: int,
+                   self_fused: bool = False) -> float:
+    ref_passes, *others = stream.passes(*forward_passes(
+        n_groups, n_panels, len(stream.flops_others), self_fused))
     return stream.positions * (stream.flops_ref * ref_passes
-                               + sum(stream.flops_others) * other_passes)
+                               + sum(f * n for f, n in zip(stream.flops_others, others)))
 
 
 def _too_small(memory, pairs, n_tokens, chunk, shape) -> str:
@@ -503,11 +552,13 @@ def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> Re
     stream = shape.get("stream")
     if stream is not None:
         plan.source, plan.stream = "stream", stream
-        plan.forward_flops = _forward_flops(stream, len(plan.groups), len(panels))
-        ref_passes, other_passes = forward_passes(len(plan.groups), len(panels), len(pairs))
+        plan.self_fused = bool(shape.get("self_fused"))
+        plan.forward_flops = _forward_flops(stream, len(plan.groups), len(panels),
+                                            plan.self_fused)
+        passes = stream.passes(*forward_passes(len(plan.groups), len(panels), len(pairs),
+                                               plan.self_fused))
         labels = stream.labels or ("reference", *(p.other_label for p in pairs))
-        plan.forward_passes = {labels[0]: ref_passes,
-                               **{lab: other_passes for lab in labels[1:]}}
+        plan.forward_passes = dict(zip(labels, passes))
     plan.blocks_per_segment = blocks_per_segment or _segment_blocks(plan)
     peaks = {}
     for grp in plan.groups:
@@ -528,6 +579,9 @@ def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> Re
         plan.notes.append(f"{len(panels)} row panels: a full-width accumulator does not fit; "
                           + ("each model is forwarded again per panel" if stream else
                              "each other store is read once per panel"))
+    if plan.self_fused:
+        plan.notes.append("the other models' self co-moments are folded in the first "
+                          "panel's pass, from its forward passes (no pass of their own)")
     return plan
 
 
@@ -599,6 +653,10 @@ def _work_disk_bytes(plan: ReducePlan) -> int:
                  + (plan.n_ref * p.n_other * 4 if plan.keep_covariance else 0)
                  for p in plan.pairs)
     fold = max(_acc_file_bytes(plan, grp, rows) for grp in plan.groups)
+    if plan.self_fused:  # the first panel's checkpoints hold its group's self co-moments
+        fold += max(sum((plan.pairs[i].n_other // plan.pairs[i].d_other)
+                        * plan.pairs[i].d_other ** 2 * 8 + 16 * plan.pairs[i].n_other
+                        for i in grp) for grp in plan.groups)
     if plan.n_chains == 1:
         in_flight = 2 * fold if _segments(plan) > 1 else 0
     else:
@@ -641,19 +699,48 @@ class Rates:
     forward_flops_per_s: float = 2e10    # hooked forward passes (a stream; extract)
     measured: tuple = ()                 # which of the above were measured now
     per_cpu_s: dict = field(default_factory=dict)  # the same per CPU-second of the process
+    threads: int = 0                     # threads the reduce's GEMMs run on (torch's)
+    cores_now: float = 0.0               # cores the process got while its GEMMs were
+                                         # measured (CPU-s / wall s, <= threads); 0: the
+                                         # wall rates above are used as they are
 
 
 DEFAULT_RATES = Rates()
+
+
+# phases of expected_seconds that run on one thread (numpy's normals); the GEMMs, the
+# centring and the tile max run on all of the reduce's threads; reads, checkpoints, the
+# output and forward passes are timed by their wall rates
+SINGLE_THREAD_PHASES = ("rotations",)
+CPU_PHASES = ("gemm", "baseline_gemm", "centre", "tile_max", "rotations")
 
 
 def expected_seconds(plan: ReducePlan, rates: Rates | None = None,
                      per_cpu: bool = False) -> dict:
     """{phase: seconds} the reduce is expected to take at `rates` (one worker; chains
     on a cluster divide the fold phases), and "total". With `per_cpu`, CPU-seconds of
-    the process, from rates.per_cpu_s where measured (disk and reads stay wall time)."""
+    the process, from rates.per_cpu_s where measured (disk and reads stay wall time).
+
+    Wall time, when the rates say how many cores the process got while they were
+    measured (rates.cores_now, measure_rates): each compute phase's CPU-seconds over
+    the cores it can use now, min(its threads, cores_now) (one thread for
+    SINGLE_THREAD_PHASES), so the estimate is of this machine as loaded now, not of
+    whatever load each short measurement happened to meet; without, the wall rates."""
     rates = rates or DEFAULT_RATES
     if per_cpu:
-        rates = replace(rates, **{k: v for k, v in rates.per_cpu_s.items()})
+        return _phase_seconds(plan, replace(rates, **rates.per_cpu_s))
+    if not (rates.cores_now > 0 and rates.per_cpu_s):
+        return _phase_seconds(plan, rates)
+    out = _phase_seconds(plan, replace(rates, **rates.per_cpu_s))
+    for name in CPU_PHASES:
+        threads = 1 if name in SINGLE_THREAD_PHASES else max(1, rates.threads)
+        out[name] /= max(1e-3, min(threads, rates.cores_now))
+    out["total"] = sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+def _phase_seconds(plan: ReducePlan, rates: Rates) -> dict:
+    """{phase: seconds} at `rates` taken as they are (wall or CPU), and "total"."""
     n, k = plan.n_tokens, plan.baseline_draws
     nb_all = sum(p.n_other for p in plan.pairs)
     chains = max(1, plan.n_chains)
@@ -668,6 +755,7 @@ def expected_seconds(plan: ReducePlan, rates: Rates | None = None,
     out["read"] = plan.bytes_read / rates.read_bytes_per_s / chains
     out["tile_max"] = plan.n_ref * nb_all / rates.tile_elements_per_s
     out["checkpoints"] = _checkpoint_bytes(plan) / rates.disk_bytes_per_s
+    out["output"] = plan.output_bytes / rates.disk_bytes_per_s  # the pair files
     widths = {p.d_other: p.n_other // p.d_other for p in plan.pairs}
     out["rotations"] = sum(k * layers * d * d for d, layers in widths.items()) / \
         rates.normals_per_s
@@ -730,9 +818,12 @@ def describe(plan: ReducePlan, rates: "Rates | float | None" = None) -> str:
         base = rates.baseline_flops_per_s or rates.gemm_flops_per_s
         fwd = (f", forward passes at {rates.forward_flops_per_s / 1e9:.0f} GFLOP/s"
                if plan.forward_flops else "")
+        cores = (f"; {rates.cores_now:.2g} of its {rates.threads} threads' cores free "
+                 f"now (CPU-time {_hms(expected_seconds(plan, rates, per_cpu=True)['total'])})"
+                 if rates.cores_now > 0 and rates.per_cpu_s else "")
         lines.append(f"  expected time {_hms(secs['total'])} at "
                      f"{rates.gemm_flops_per_s / 1e9:.0f} GFLOP/s ({base / 1e9:.0f} for the "
-                     f"baseline{fwd}; {parts}; measured now: {measured})"
+                     f"baseline{fwd}; {parts}{cores}; measured now: {measured})"
                      + (f" per worker x {plan.n_chains}" if plan.n_chains > 1 else ""))
     lines += [f"  note: {n}" for n in plan.notes]
     return "\n".join(lines)
@@ -881,8 +972,14 @@ def measure_gemm(device, precision, shape: tuple, seconds: float = 0.5) -> dict:
         if time.perf_counter() - t0 > seconds and reps >= 2:
             break
     flops = reps * 2.0 * k * m * n
-    return {"wall": flops / max(time.perf_counter() - t0, 1e-9),
-            "cpu": flops / max(time.process_time() - c0, 1e-9)}
+    return _rate_dict(flops, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def _rate_dict(work: float, wall: float, cpu: float) -> dict:
+    """{"wall", "cpu"}: work per wall second and per CPU-second of the process, and the
+    seconds ("seconds", "cpu_seconds") they were measured over."""
+    wall, cpu = max(wall, 1e-9), max(cpu, 1e-9)
+    return {"wall": work / wall, "cpu": work / cpu, "seconds": wall, "cpu_seconds": cpu}
 
 
 def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rates:
@@ -896,6 +993,10 @@ def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rate
     wall = {"gemm_flops_per_s": gemm["wall"], "baseline_flops_per_s": base["wall"]}
     cpu = {"gemm_flops_per_s": gemm["cpu"], "baseline_flops_per_s": base["cpu"]}
     measured = ["strip update", "baseline gemm"]
+    threads, cores = _cores_now(plan.device, (gemm, base))
+    if cores:
+        wall.update(threads=threads, cores_now=cores)
+        measured.append("cores")
     try:
         for key, (w, c) in _kernel_rates(plan).items():
             wall[key], cpu[key] = w, c
@@ -908,6 +1009,19 @@ def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rate
             wall["disk_bytes_per_s"] = disk
             measured.append("disk")
     return Rates(**wall, measured=tuple(measured), per_cpu_s=cpu)
+
+
+def _cores_now(device, measurements) -> tuple[int, float]:
+    """(threads the reduce's GEMMs use, cores this process got while they ran: its
+    CPU-seconds over the wall seconds of `measurements`, at most the threads); (0, 0.0)
+    off the CPU, where CPU-seconds say nothing of the device's speed."""
+    if str(device) != "cpu":
+        return 0, 0.0
+    import torch
+    threads = max(1, torch.get_num_threads())
+    wall = sum(m["seconds"] for m in measurements)
+    cpu = sum(m["cpu_seconds"] for m in measurements)
+    return threads, round(min(float(threads), cpu / max(wall, 1e-9)), 3)
 
 
 def measure_strip_update(plan: ReducePlan, seconds: float = 1.0) -> dict:
@@ -944,8 +1058,7 @@ def measure_strip_update(plan: ReducePlan, seconds: float = 1.0) -> dict:
         if time.perf_counter() - t0 > seconds and reps >= 2:
             break
     flops = reps * 2.0 * k * rows * d
-    return {"wall": flops / max(time.perf_counter() - t0, 1e-9),
-            "cpu": flops / max(time.process_time() - c0, 1e-9)}
+    return _rate_dict(flops, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def _timed(fn, work: float) -> tuple[float, float]:

@@ -16,6 +16,12 @@ Streaming is deterministic: windows are forwarded in fixed batches, batch k = wi
 [k B, (k + 1) B) of the token set, whatever block asks for them, so a row's value never
 depends on which block, panel, task or resumed run computed it. The batch last computed
 stays in the capture buffer: a batch that straddles two blocks is forwarded once.
+
+Forward precision (forward_autocast): the weights stay fp32 (SourceSpec.dtype); on CUDA
+the forward runs under torch.autocast in bfloat16 by default, since the reduce's row max
+then stays within 2e-3 of the fp32 forward's (measured: tests/test_stream_forward.py on
+the CPU's bf16 autocast, bench_stream's "bf16_forward" figure on the device); on a CPU in
+fp32 (bf16 there is slower, not faster). `forward_precision="fp32"` forces fp32.
 """
 from __future__ import annotations
 
@@ -27,10 +33,11 @@ import numpy as np
 
 from ooc_universal import models
 from ooc_universal.errors import OocError
-from ooc_universal.forward import (MAX_BATCH_TOKENS, Capture, check_not_nan, gather_rows,
-                                   row_starts)
+from ooc_universal.forward import (MAX_BATCH_TOKENS, Capture, autocast_context,
+                                   check_not_nan, gather_rows, row_starts)
 
 SOURCES = ("store", "stream", "auto")
+FORWARD_PRECISIONS = ("auto", "fp32", "bf16")
 STREAM_BLOCK_ROWS = 64  # the planner's row granularity for a stream (a store: its chunk)
 # Each streamed model keeps its own capture buffer (the batch straddling two blocks stays
 # in it), so a batch is capped to hold about this many bytes of fp16 neurons: GPT-2
@@ -42,7 +49,8 @@ CAPTURE_BYTES = 512 * 10**6
 class SourceSpec:
     """One model's block source: kind "store" (path: the .h5 file) or "stream" (path: the
     model spec text; run_dir: where the token set is; batch_windows: windows per forward;
-    device and dtype of the forward)."""
+    device and dtype of the forward's weights; autocast: "" (the forward in the weights'
+    dtype) or the torch.autocast dtype it runs under, e.g. "bfloat16")."""
     kind: str
     path: str
     label: str = ""
@@ -50,6 +58,7 @@ class SourceSpec:
     batch_windows: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    autocast: str = ""
 
     def __str__(self) -> str:
         return self.path
@@ -60,9 +69,39 @@ def store_source(path) -> SourceSpec:
 
 
 def stream_source(spec_text: str, label: str, run_dir, batch_windows: int, device: str,
-                  dtype: str = "float32") -> SourceSpec:
+                  dtype: str = "float32", autocast: str = "") -> SourceSpec:
     return SourceSpec("stream", spec_text, label, str(run_dir), int(batch_windows),
-                      str(device), dtype)
+                      str(device), dtype, autocast)
+
+
+def forward_autocast(device: str, precision: str = "auto") -> str:
+    """The autocast dtype of a stream's forward passes on `device`: "bfloat16" or ""
+    (fp32). precision "auto": bf16 on CUDA, fp32 on a CPU; "bf16" or "fp32" as asked
+    (bf16 works on a CPU too: the tests measure its error there)."""
+    precision = str(precision or "auto").lower()
+    if precision not in FORWARD_PRECISIONS:
+        raise OocError(f"unknown forward precision {precision!r}; expected "
+                       f"{', '.join(FORWARD_PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if str(device).startswith("cuda") else "fp32"
+    return "bfloat16" if precision == "bf16" else ""
+
+
+def forward_counts(specs) -> dict:
+    """{label: {"batches", "seconds", "passes"}} of the stream sources of `specs` open in
+    this process: the batches forwarded since they were opened, their seconds, and the
+    passes over the token set that makes (batches / batches per pass)."""
+    out = {}
+    with _LOCK:
+        for spec in specs:
+            src = _SOURCES.get(spec) if isinstance(spec, SourceSpec) else None
+            if src is None or not getattr(src, "streamed", False):
+                continue
+            per_pass = max(1, -(-src.n_windows // src.batch))
+            out[src.label] = {"batches": src.batches_forwarded,
+                              "seconds": src.forward_seconds,
+                              "passes": src.batches_forwarded / per_pass}
+    return out
 
 
 def default_batch_windows(window: int, n_windows: int, device: str,
@@ -115,7 +154,10 @@ def release_sources(specs) -> None:
 
 
 def _model_key(spec: SourceSpec) -> tuple:
-    return (spec.path, spec.label, spec.device, spec.dtype)
+    """One loaded model per stream source: a source's Capture hooks its model (and the
+    last hook stops the forward), so two sources must never share one."""
+    return (spec.path, spec.label, spec.device, spec.dtype, spec.batch_windows,
+            spec.autocast)
 
 
 def cached_model(spec: SourceSpec):
@@ -214,7 +256,7 @@ class StreamSource:
             self.device).long()
         t0 = time.perf_counter()
         self._in_buffer = None
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast_context(self.device, self.spec.autocast):
             top = self.capture.forward(self.base, ids)
         check_not_nan(top, self.loaded, w0, w1)
         self._positions = np.flatnonzero(self.valid[w0:w1].reshape(-1))
@@ -306,5 +348,6 @@ def measure_forward(spec: SourceSpec, seconds: float = 1.0) -> dict:
         if done >= 2 and time.perf_counter() - t0 > seconds:
             break
     src._in_buffer = None
+    src.batches_forwarded, src.forward_seconds = 0, 0.0  # the reduce's count starts here
     elapsed = max(time.perf_counter() - t0, 1e-9)
     return {"positions_per_s": positions / elapsed, "seconds": elapsed, "batches": done}

@@ -171,6 +171,10 @@ def test_width_part_runs_only_when_named_and_reports_its_figures(tmp_path):
         assert r["peak_rss_bytes"] <= r["memory_bytes"]
         assert r["row_max_error"] < tol and r["baseline_error"] < tol
         assert 0 < r["fraction_per_cpu_s"] and 0 < r["plan_over_actual"]
+        # the wall estimate's cores (measured with the dry run's rates) and the load
+        # the dry run and the reduce met are recorded beside both ratios
+        assert 0 < r["rates"]["cores_now"] <= r["rates"]["threads"]
+        assert r["plan_over_actual_cpu"] > 0 and r["other_jobs_cpu_share_dry_run"] >= 0
     rows = [r for r in doc["figures"] if r["part"] == "width"]
     assert len(rows) == 7 * len(runs)
     assert all(r["ratio"] is None or math.isfinite(r["ratio"]) for r in rows)
@@ -189,3 +193,37 @@ def test_verify_bench_measures_the_digests_against_whole_files(tmp_path):
     assert doc["digested_bytes"] == 2 * (n * (8 + 8 + 1) * 2 + n * (4 + 8) * 2 + n * 4)
     assert doc["digested_bytes"] < sum(doc["file_bytes"]) / 2
     assert 0 < doc["verify_fraction"] and 0 < doc["whole_file_fraction"]
+
+
+def test_wall_estimate_is_cpu_work_over_the_cores_measured_now():
+    """plan.expected_seconds with measured cores: each compute phase's CPU-seconds (per
+    CPU-second rates) over min(its threads, cores_now), rotations on one thread; reads,
+    checkpoints and the output at their wall rates. Checked against a hand computation."""
+    from ooc_universal.plan import PairShape, Rates, expected_seconds, make_plan
+    plan = make_plan(2048, 512, [PairShape("b", 512, 128)], memory="4GB",
+                     store_chunk_rows=64, block_tokens=1024)
+    cpu = dict(gemm_flops_per_s=2e10, baseline_flops_per_s=1e10, centre_elements_per_s=1e8,
+               tile_elements_per_s=2e8, normals_per_s=1e7)
+    rates = Rates(gemm_flops_per_s=9e9, baseline_flops_per_s=9e9, read_bytes_per_s=1e8,
+                  disk_bytes_per_s=5e7, per_cpu_s=cpu, threads=2, cores_now=1.5)
+    got = expected_seconds(plan, rates)
+    kinds = plan.flops_by_kind
+    centred = 2048 * (512 + 512 * (len(plan.panels) + 1))
+    want = {"gemm": (kinds["cross"] + kinds["self"]) / 2e10 / 1.5,
+            "baseline_gemm": (kinds["baseline"] + kinds["scales"]) / 1e10 / 1.5,
+            "centre": centred / 1e8 / 1.5, "tile_max": 512 * 512 / 2e8 / 1.5,
+            "rotations": 4 * 128 * 128 / 1e7,  # one thread: CPU-seconds = wall seconds
+            "read": plan.bytes_read / 1e8, "output": plan.output_bytes / 5e7}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-9), k
+    assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
+    # CPU time: the same work at the per-CPU-second rates, no division by cores
+    per_cpu = expected_seconds(plan, rates, per_cpu=True)
+    assert per_cpu["gemm"] == pytest.approx(want["gemm"] * 1.5)
+    # fewer cores than threads now: the compute phases stretch, the single-threaded not
+    slow = expected_seconds(plan, Rates(**{**rates.__dict__, "cores_now": 0.5}))
+    assert slow["gemm"] == pytest.approx(3 * want["gemm"])
+    assert slow["rotations"] == pytest.approx(2 * want["rotations"])
+    # no cores measured (a given GEMM rate, a GPU): the wall rates as they are
+    plain = expected_seconds(plan, Rates(gemm_flops_per_s=9e9, baseline_flops_per_s=9e9))
+    assert plain["gemm"] == pytest.approx((kinds["cross"] + kinds["self"]) / 9e9)

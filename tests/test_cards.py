@@ -7,6 +7,7 @@ import json
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 import torch
@@ -198,10 +199,11 @@ def test_open_run_cards_is_a_tidy_frame(carded):
     df = ou.open_run(rd).cards()
     assert len(df) == sum(len(c["matches"]) for c in out.cards.cards)
     assert set(df["other"]) == set(OTHERS)
-    picked = df.dropna(subset=["rank"])
-    assert sorted(picked.groupby("other")["rank"].apply(list).iloc[0]) == \
+    picked = df.dropna(subset=["pair_rank"])
+    assert sorted(picked.groupby("other")["pair_rank"].apply(list).iloc[0]) == \
         list(range(1, TOP_N + 1))
-    assert df["match_layer"].dtype == "Int64" and df["rank"].dtype == "Int64"
+    assert df["match_layer"].dtype == "Int64" and df["pair_rank"].dtype == "Int64"
+    assert not [c for c in df.columns if hasattr(pd.DataFrame, c)]   # no df.rank etc.
     assert df["match_layer"].isna().sum() == 1                  # NO_MATCH in pair c
     assert {"is_universal_0.3", "is_universal_0.5", "vocab_kurtosis", "vocab_skew",
             "promoted_tokens", "suppressed_tokens"} <= set(df.columns)
@@ -301,13 +303,14 @@ def test_contexts_frame_is_tidy(carded):
     df = contexts_frame(doc)
     assert len(df) == sum(len(c["contexts"]) for c in doc.cards) > 0
     card = doc.cards[0]
-    mine = df[df.flat_index == card["flat_index"]].sort_values("rank")
-    assert mine["rank"].tolist() == list(range(1, len(card["contexts"]) + 1))
+    mine = df[df.flat_index == card["flat_index"]].sort_values("context_rank")
+    assert mine["context_rank"].tolist() == list(range(1, len(card["contexts"]) + 1))
     assert mine["activation"].tolist() == [c["activation"] for c in card["contexts"]]
     first = card["contexts"][0]
     assert mine["text"].iloc[0] == "".join(
         f"[{t}]" if i == first["focus"] else t for i, t in enumerate(first["tokens"]))
     assert df["window"].dtype == np.int64 and set(df["contexts_source"]) == {"store"}
+    assert not [c for c in df.columns if hasattr(pd.DataFrame, c)]   # no df.rank etc.
 
 
 def test_contexts_come_from_the_topk_file_when_it_matches(carded, tmp_path):

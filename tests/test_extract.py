@@ -159,7 +159,7 @@ def test_compressed_extract_equals_uncompressed(tmp_path, model_dir):
         assert not a.compressed and b.compressed and b.attrs["compression"] == "gzip"
         np.testing.assert_array_equal(a.read_rows(0, a.n_tokens), b.read_rows(0, b.n_tokens))
     assert sorted(p.name for p in (run_b / "stores").iterdir() if p.name[0] != ".") \
-        == ["tiny0.h5", "tiny0.h5.sha256"]
+        == ["tiny0.h5", "tiny0.h5.sha256", "tiny0.topk.npz", "tiny0.topk.npz.sha256"]
 
 
 def test_existing_complete_store_is_skipped(run_dir, model_dir, monkeypatch):
@@ -241,15 +241,23 @@ def test_read_only_run_dir(run_dir, model_dir, capsys):
     assert_one_error_line(capsys.readouterr().err, "error: cannot write")
 
 
-def test_memory_bounds_the_batch(run_dir, model_dir):
+def test_memory_bounds_the_batch(run_dir, model_dir, monkeypatch):
     loaded = models.load_model(str(model_dir))
     ts = load_token_set(run_dir)
     per = extract_mod.window_bytes(loaded, WINDOW)
-    rss = extract_mod.current_rss_bytes()
     chunk = 64 * 256 * 2
-    fixed = rss + 2 * chunk + extract_mod.SLACK_BYTES
+    plan_batch(loaded, ts, 10**12, chunk)   # first call faults in weights: RSS settles
+    rss = extract_mod.current_rss_bytes()
+    fixed = rss + extract_mod.N_BUFFERS * chunk + extract_mod.SLACK_BYTES
     assert plan_batch(loaded, ts, fixed + 3 * per + per // 2, chunk) == 3
     assert plan_batch(loaded, ts, 10**12, chunk) == ts.input_ids.shape[0]  # capped by windows
+    # on a CPU, also by the MLP's temporaries (tokens x d_mlp): here 2 windows' worth
+    monkeypatch.setattr(extract_mod, "CPU_MLP_ELEMENTS", 2 * WINDOW * loaded.d_mlp + 5)
+    assert plan_batch(loaded, ts, 10**12, chunk) == 2
+    assert plan_batch(loaded, ts, 10**12, chunk, device="cuda") == ts.input_ids.shape[0]
+    # the running top-k's memory is part of the fixed share
+    k_bytes = extract_mod.topk_bytes(loaded.n_neurons, 20)
+    assert plan_batch(loaded, ts, fixed + k_bytes + 3 * per + per // 2, chunk, topk=20) == 2
     with pytest.raises(OocError, match="raise --memory to at least"):
         plan_batch(loaded, ts, fixed - 10**6, chunk)
     with pytest.raises(OocError, match="lower --batch-size"):

@@ -699,7 +699,8 @@ def test_store_and_reduce_files_have_named_dimensions(base):
         np.testing.assert_array_equal(f["layer"][...], np.arange(n) // 128)
         np.testing.assert_array_equal(f["index"][...], np.arange(n) % 128)
         assert _dim_names(f["layer"]) == ["neuron"]
-        assert acts.attrs["coordinates"] == "layer index"
+        assert acts.attrs["coordinates"] == "layer index window position"
+        assert _dim_names(f["window"]) == ["token"] and _dim_names(f["position"]) == ["token"]
         assert f["token"].id.get_storage_size() == 0  # a dimension only: no bytes
     with h5py.File(run / PAIR, "r") as f:
         assert _dim_names(f["row_max"]) == ["ref_neuron"]

@@ -159,25 +159,37 @@ def test_streamed_reduce_equals_stored_reduce(zoo):
     assert len(again["skipped"]) == 2 and again["blocks_folded"] == 0
 
 
-def test_streamed_reduce_panelled_by_memory(zoo):
+def test_streamed_reduce_panelled_by_memory(zoo, monkeypatch):
     """One pair (so only row panels can cut it) at a budget just under what a full-width
-    accumulator needs."""
+    accumulator needs; forward batches of 8 windows (5 per pass: a pass is forwarded
+    again, not kept in the capture buffer)."""
+    import ooc_universal.sources as sources
+    monkeypatch.setattr(sources, "CAPTURE_BYTES", 2 * 256 * 64 * 8)
     root, models, stored, refs = zoo
     run = _stream_run(root, stored, "panelled")
     one = reduce(run, str(models[0]), [str(models[1])], ReduceConfig(**SETTINGS, source="stream"),
                  CPU, dry_run=True, gemm_rate=1e10, **KW)["plan"]
     assert len(one.panels) == 1
-    budget = one.required_bytes - 2 * 10**5
+    budget = one.required_bytes
+    while len(one.panels) == 1:  # the fused self co-moments' room, then a panel's
+        budget -= 2 * 10**5
+        one = reduce(run, str(models[0]), [str(models[1])],
+                     ReduceConfig(**SETTINGS, source="stream"),
+                     ComputeConfig(device="cpu", memory=str(budget)), dry_run=True,
+                     gemm_rate=1e10, **KW)["plan"]
     compute = ComputeConfig(device="cpu", memory=str(budget))
     res = reduce(run, str(models[0]), [str(models[1])],
                  ReduceConfig(**SETTINGS, source="stream"), compute, **KW)
     plan = res["plan"]
     assert len(plan.panels) >= 2 and plan.required_bytes <= budget
-    # each panel forwards the models again: the planner counts it
-    assert plan.forward_passes == {"m0": len(plan.panels), "m1": len(plan.panels) + 1}
+    # each panel forwards the models again (and the self co-moments once more unless
+    # folded in the first panel's pass): the planner counts it, as they ran
+    self_pass = 0 if plan.self_fused else 1
+    assert plan.forward_passes == {"m0": len(plan.panels), "m1": len(plan.panels) + self_pass}
     assert plan.forward_flops == pytest.approx(
         plan.stream.positions * (plan.stream.flops_ref * len(plan.panels)
-                                 + plan.stream.flops_others[0] * (len(plan.panels) + 1)))
+                                 + plan.stream.flops_others[0] * (len(plan.panels) + self_pass)))
+    assert res["forward_passes"] == plan.forward_passes
     _assert_same(run, {"m1": refs["m1"]})
 
 
@@ -257,26 +269,46 @@ def test_forward_flops_by_hand():
     assert forward_flops_per_token(2, 32, 128, 64, gated=True) == 73_728.0
     assert forward_passes(1, 3, 2) == (3, 4)
     assert forward_passes(2, 1, 4) == (2, 2)
+    # self co-moments folded in the first panel's pass: no pass of their own
+    assert forward_passes(1, 3, 2, self_fused=True) == (3, 3)
+    assert forward_passes(2, 1, 4, self_fused=True) == (2, 1)
 
 
-def _stream_plan(max_panels):
+def _stream_plan(max_panels, n_workers=1, batches=()):
     stream = StreamShape(positions=100, flops_ref=10.0, flops_others=(20.0, 30.0),
                          resident_bytes=10**6, transient_bytes=10**5,
-                         labels=("r", "o1", "o2"))
+                         labels=("r", "o1", "o2"), batches=batches)
     return make_plan(1000, 64, [PairShape("o1", 48, 16), PairShape("o2", 48, 16)],
                      memory="8GB", max_panels=max_panels, store_chunk_rows=64,
-                     block_tokens=256, stream=stream)
+                     block_tokens=256, stream=stream, n_workers=n_workers)
 
 
 def test_stream_plan_counts_forwards_per_panel():
     one, two = _stream_plan(1), _stream_plan(2)
     assert one.bytes_read == 0 and two.bytes_read == 0
-    # one group; reference forwarded once per panel, others once per panel + self pass
-    assert one.forward_flops == 100 * (10 * 1 + (20 + 30) * 2) == 11_000
-    assert two.forward_flops == 100 * (10 * 2 + (20 + 30) * 3) == 17_000
-    assert two.forward_passes == {"r": 2, "o1": 3, "o2": 3}
+    # one group, one chain: reference and others forwarded once per panel (the others'
+    # self co-moments ride along in the first panel's pass)
+    assert one.self_fused and two.self_fused
+    assert one.forward_flops == 100 * (10 * 1 + (20 + 30) * 1) == 6_000
+    assert two.forward_flops == 100 * (10 * 2 + (20 + 30) * 2) == 12_000
+    assert two.forward_passes == {"r": 2, "o1": 2, "o2": 2}
+    assert two.passes()["others"] == {"o1": 2, "o2": 2}
     rates = Rates(forward_flops_per_s=1000.0)
-    assert expected_seconds(two, rates)["forward"] == pytest.approx(17.0)
+    assert expected_seconds(two, rates)["forward"] == pytest.approx(12.0)
+    # two chains (a cluster): the self co-moments take a pass of their own
+    chained = _stream_plan(2, n_workers=2)
+    assert not chained.self_fused and chained.passes()["others"] == {"o1": 3, "o2": 3}
+    assert chained.forward_flops == 100 * (10 * 2 + (20 + 30) * 3) == 17_000
+    assert chained.forward_passes == {"r": 2, "o1": 3, "o2": 3}
+    # a model whose token set is one forward batch is forwarded once in all
+    single = _stream_plan(2, batches=(1, 3, 1))
+    assert single.forward_passes == {"r": 1, "o1": 2, "o2": 1}
+    assert single.forward_flops == 100 * (10 * 1 + 20 * 2 + 30 * 1)
+    # the fused fold holds the self co-moments (2 x 3 layers of 16 x 16 f64) beside
+    # its accumulators
+    unfused = _stream_plan(2, n_workers=2)
+    assert two.task_peaks["fold"] >= unfused.task_peaks["fold"] + 2 * 3 * 16 * 16 * 8 \
+        - 64 * 1000
     # the models stay loaded: every task's peak holds them
     store = make_plan(1000, 64, [PairShape("o1", 48, 16), PairShape("o2", 48, 16)],
                       memory="8GB", max_panels=2, store_chunk_rows=64, block_tokens=256)
@@ -303,7 +335,8 @@ def test_stream_batches_and_the_paper_on_one_gpu():
                      memory="80GB", device="cuda", precision="bf16", store_chunk_rows=64,
                      stream=stream_shape(metas))
     assert (len(plan.groups), len(plan.panels)) == (1, 1)
-    assert plan.forward_passes == {"a": 1, "b": 2, "c": 2, "d": 2, "e": 2}
+    assert plan.self_fused  # the self co-moments ride along: one pass per model
+    assert plan.forward_passes == {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}
     # 5 models of 124M fp32 parameters + their capture buffers (6 x 1024 x 36,864 x 2 B)
     assert plan.stream.resident_bytes == 5 * (124_439_808 * 4 + 6 * 1024 * 36864 * 2)
     per_block = 2.0 * plan.block_tokens * 36864 * 4 * 36864
@@ -324,7 +357,7 @@ def test_source_options_by_hand():
     assert opt.parts["extract"] == pytest.approx(10.0)  # the writes: 1e6 B at 1e5 B/s
     assert opt.disk_bytes == 10**6 + store.work_disk_bytes + store.output_bytes
     s = stream_option(stream, rates)
-    assert s.parts["forward"] == pytest.approx(11.0) and s.disk_bytes < opt.disk_bytes
+    assert s.parts["forward"] == pytest.approx(6.0) and s.disk_bytes < opt.disk_bytes
 
 
 def test_choose_source_by_hand():

@@ -107,3 +107,42 @@ def test_torch_chunk_equals_numpy_chunk(ties):
         got = topk.chunk_torch(torch.from_numpy(data), 300, k)
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("data_kind", ["normal", "ties", "rising"])
+def test_running_fold_equals_a_stable_sort_in_any_block_order(dtype, data_kind, monkeypatch):
+    """start/fold/finish over shuffled blocks (row strips of 3 rows, so the candidate
+    filter, its plain-merge fallback and the first-k phase all run) == the float64 sort."""
+    monkeypatch.setattr(topk, "FOLD_STRIP_ENTRIES", 3 * 19)
+    rng = np.random.default_rng(5)
+    n_rows = 400
+    if data_kind == "rising":     # later rows beat earlier ones: many candidates per block
+        data = (np.arange(n_rows)[:, None] * 0.01 + rng.standard_normal((n_rows, 19))
+                ).astype(dtype)
+        data[:, 3] = np.inf       # a column of +inf ties; and one with -0.0 / +0.0 ties
+        data[:, 4] = np.where(rng.random(n_rows) < 0.5, -0.0, 0.0).astype(dtype)
+    else:
+        data = _data(rng, n_rows, 19, data_kind == "ties", dtype)
+    for k in (1, 6, 30):
+        expected = reference_topk(data, k)
+        for trial in range(3):
+            parts = _blocks(n_rows, rng)
+            if trial:
+                rng.shuffle(parts)
+            state = topk.start(k, 19)
+            for s, e in parts:
+                topk.fold(state, data[s:e], int(s))
+            values, rows = topk.finish(state)
+            np.testing.assert_array_equal(rows, expected[1])
+            np.testing.assert_array_equal(values, expected[0])
+
+
+def test_running_fold_with_fewer_rows_than_k_pads():
+    data = np.array([[1.0, 2.0], [3.0, -np.inf]], np.float16)
+    state = topk.fold(topk.start(4, 2), data, 5)
+    values, rows = topk.finish(state)
+    np.testing.assert_array_equal(rows, [[6, 5], [5, 6], [-1, -1], [-1, -1]])
+    assert not state.full
+    with pytest.raises(ValueError, match="block"):
+        topk.fold(state, np.zeros((2, 3), np.float16), 0)

@@ -63,9 +63,10 @@ CONTEXTS_NOTE = "not recorded by this reduce"
 TOPK_VERSION = 1
 TOPK_SUFFIX = ".topk.npz"
 STORES_DIR = "stores"
-# cards_frame: one row per (card, other model)
+# cards_frame: one row per (card, other model). No column is named after a DataFrame
+# method (issue 16): pair_rank, context_rank, not rank.
 CARD_COLUMNS = ["reference", "checkpoint", "layer", "neuron", "flat_index", "model", "other",
-                "rank", "excess", "max_corr", "baseline_max", "match_layer", "match_neuron",
+                "pair_rank", "excess", "max_corr", "baseline_max", "match_layer", "match_neuron",
                 "vocab_kurtosis", "vocab_skew", "vocab_role", "promoted_tokens",
                 "promoted_logits", "suppressed_tokens", "suppressed_logits", "contexts",
                 "contexts_source", "contexts_note"]
@@ -126,7 +127,8 @@ def write_cards(run_dir, cards: CardsFile, record: dict | None = None) -> Path:
 
 def cards_frame(cards: CardsFile):
     """The cards as one tidy DataFrame, one row per (card, other model): the card's own
-    columns repeat on each of its rows; rank is <NA> where that pair did not select it;
+    columns repeat on each of its rows; pair_rank (1 = that pair's largest excess, the
+    JSON's selected_by rank) is <NA> where that pair did not select it;
     is_universal_<tau> per threshold; the tokens as lists (highest first)."""
     from ooc_universal.formats.tables import typed, universal_column
     import pandas as pd
@@ -135,28 +137,29 @@ def cards_frame(cards: CardsFile):
         ranks = {s["other"]: s["rank"] for s in card["selected_by"]}
         for m in card["matches"]:
             rows.append({**_card_columns(card), "other": m["other"],
-                         "rank": ranks.get(m["other"]), "excess": m["excess"],
+                         "pair_rank": ranks.get(m["other"]), "excess": m["excess"],
                          "max_corr": m["max_corr"], "baseline_max": m["baseline_max"],
                          "match_layer": m["match_layer"], "match_neuron": m["match_neuron"],
                          **{universal_column(t): bool(v)
                             for t, v in m["is_universal"].items()}})
     extra = [universal_column(t) for t in cards.thresholds]
     df = pd.DataFrame(rows, columns=CARD_COLUMNS + extra)
-    df["rank"] = pd.array(df["rank"].tolist(), dtype="Int64")
+    df["pair_rank"] = pd.array(df["pair_rank"].tolist(), dtype="Int64")
     return typed(df)
 
 
 CONTEXT_COLUMNS = ["reference", "checkpoint", "layer", "neuron", "flat_index", "model",
-                   "rank", "activation", "row", "window", "position", "focus", "text",
+                   "context_rank", "activation", "row", "window", "position", "focus",
+                   "text",
                    "tokens", "contexts_source"]
 
 
 def contexts_frame(cards: CardsFile):
-    """The cards' contexts as one tidy DataFrame, one row per (card, context): rank 1 is
-    the neuron's largest activation; row is the store row, (window, position) the token
-    set's; tokens the decoded tokens around it (a list) with the neuron's at index
-    focus; text the same joined, the neuron's token in [brackets]. Cards without
-    contexts have no rows (their contexts_note in cards_frame says why)."""
+    """The cards' contexts as one tidy DataFrame, one row per (card, context):
+    context_rank 1 is the neuron's largest activation; row is the store row, (window,
+    position) the token set's; tokens the decoded tokens around it (a list) with the
+    neuron's at index focus; text the same joined, the neuron's token in [brackets].
+    Cards without contexts have no rows (their contexts_note in cards_frame says why)."""
     import pandas as pd
     rows = []
     for card in cards.cards:
@@ -165,14 +168,15 @@ def contexts_frame(cards: CardsFile):
             shown[ctx["focus"]] = f"[{shown[ctx['focus']]}]"
             rows.append({**{k: card[k] for k in ("reference", "checkpoint", "layer", "neuron",
                                                   "flat_index", "model")},
-                         "rank": rank, "activation": ctx["activation"], "row": ctx["row"],
+                         "context_rank": rank, "activation": ctx["activation"],
+                         "row": ctx["row"],
                          "window": ctx["window"], "position": ctx["position"],
                          "focus": ctx["focus"], "text": "".join(shown),
                          "tokens": list(ctx["tokens"]),
                          "contexts_source": card.get("contexts_source")})
     df = pd.DataFrame(rows, columns=CONTEXT_COLUMNS)
-    for col in ("checkpoint", "layer", "neuron", "flat_index", "rank", "row", "window",
-                "position", "focus"):
+    for col in ("checkpoint", "layer", "neuron", "flat_index", "context_rank", "row",
+                "window", "position", "focus"):
         df[col] = df[col].astype("int64")
     return df
 

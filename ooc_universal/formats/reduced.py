@@ -268,6 +268,9 @@ def open_reduced(path, verify: bool = True) -> ReducedStats:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
+        if digests is not None:  # it has a sidecar: the bytes changed since
+            raise OocError(f"reduce output {str(path)!r} is damaged: unreadable as HDF5 "
+                           f"({exc}); {RECOMPUTE}") from None
         raise OocError(f"cannot read reduce file {str(path)!r} ({exc}); delete it and "
                        "run `ooc-universal reduce` again") from None
     try:

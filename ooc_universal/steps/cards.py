@@ -164,15 +164,21 @@ def top_contexts(run_dir, label: str, flats, k: int) -> TopContexts:
     windows, positions = np.nonzero(tokens.valid)       # store row i -> (window, position)
     found = TopContexts(flats, None, None, None, "", tokens.input_ids, windows, positions)
     topk = read_topk(run_dir, label)
-    if topk is not None and topk.token_hash == tokens.hash and topk.n_tokens == windows.size:
+    matches = (topk is not None and topk.token_hash == tokens.hash
+               and topk.n_tokens == windows.size)
+    short = matches and topk.k < min(k, windows.size)      # kept fewer than asked for
+    from ooc_universal.formats.store import StorePaths
+    store = StorePaths.of(Path(run_dir) / "stores", label).final
+    if matches and (not short or not store.is_file()):
         found.values, found.rows = topk.values[:k, flats], topk.rows[:k, flats]
         found.source, found.input_file = TOPK_FILE, topk_path(run_dir, label)
         found.note = (f"the top {min(k, topk.k)} activations over the {windows.size} "
                       f"correlation tokens, from stores/{topk_path(run_dir, label).name} "
                       f"(kept by {topk.made_by or 'an earlier step'})")
         return found
-    stale = "" if topk is None else (" (its top-k file was made from another token set, "
-                                     "so it was not used)")
+    stale = ("" if topk is None else
+             f" (its top-k file keeps only {topk.k} per neuron, so it was not used)" if short
+             else " (its top-k file was made from another token set, so it was not used)")
     return _contexts_from_store(run_dir, label, found, k, tokens.hash, stale)
 
 

@@ -7,14 +7,22 @@ activation, act(gate) * up in OLMo and Llama; models.FAMILIES). The last layer's
 stops the forward, so neither the rest of that layer nor the LM head is computed.
 Only valid positions are kept, as fp16, in token-set order; a block of rows fills one
 chunk of the store, and a writer thread hashes, writes (O_DIRECT where it can: no copy
-into the page cache) and ledgers it while the next forward runs (store.py). Memory is
-bounded by `memory`: the batch (windows per forward) is derived from it, and at most two
-blocks are held, whatever the number of tokens.
+into the page cache), ledgers it and folds it into the running top-k per neuron
+(`settings.topk`, kernels/topk.py fold; RUN/stores/<label>.topk.npz, formats/cards.py)
+while the next forward runs (store.py). Memory is bounded by `memory`: the batch
+(windows per forward) is derived from it, and at most N_BUFFERS (3) blocks are held,
+whatever the number of tokens.
 
-Where the time goes (GPT-2 small, 2 CPU cores; bench/bench_extract.py reports it): the
-hooked forward itself is within a few per cent of a bare forward; the writer's sha256 of
-every block (about 1.5 GB/s here) competes with the forward's threads; gathering the
-valid rows is one memcpy per run of them.
+Where the time goes (GPT-2 small, 12 x 3072 neurons, 1 torch thread on 2 cores, ~3.7k
+tokens; bench/bench_extract.py and a cProfile of extract): the forward's own GEMMs, GELU
+and attention are ~95% of the CPU time; the hooks' fp32->fp16 copies ~2.5%, gathering
+the valid rows ~1%, the writer's sha256 + pwrite ~1.5%, the top-k fold ~5% at this token
+count (its first block costs most; later blocks only key the few entries above each
+neuron's k-th best, ~1-2% of a block's forward). What cost the most before: a CPU batch
+of 4,096 tokens (15 windows) spanned ~8 blocks, so the writer could not overlap the
+forward (the main thread waited for each block) and the forward itself ran out of cache;
+the batch is now capped at CPU_MLP_ELEMENTS / d_mlp tokens (about one or two blocks at
+this shape), which is faster per token for the bare forward too.
 
 The hooks, the capture buffer and the row gathering are forward.py's, shared with the
 reduce's stream source (sources.py), so a streamed block equals the stored one.
@@ -46,12 +54,21 @@ from ooc_universal.formats.store import (DTYPE, PartialStore, StorePaths, aligne
                                          expected_store_bytes,
                                          identity_mismatch, parse_compression,
                                          remove_stale_temporaries, store_lock)
+from ooc_universal.formats.cards import TopKFile, topk_path, write_topk
+from ooc_universal.formats.store import rows_sha256
 from ooc_universal.formats.tokens import check_tokenizer_matches, load_token_set
+from ooc_universal.kernels import topk as topk_kernel
 from ooc_universal.plan import parse_bytes
-from ooc_universal.rundir import check_free_space, disk_full, human_bytes, is_disk_full, step_dir
+from ooc_universal.rundir import (check_free_space, disk_full, human_bytes, is_disk_full,
+                                  sidecar_path, step_dir)
 
 DTYPES = ("float32", "bfloat16")
 SLACK_BYTES = 64 * 10**6   # allocator fragmentation, tqdm, small temporaries
+N_BUFFERS = 3              # block buffers: one filled, two the writer may still hold
+# On a CPU, a forward's MLP temporaries (tokens x d_mlp fp32, ~8 of them in gelu_new)
+# should stay near the cache: past about 2^21 elements (8 MB each) throughput falls
+# (GPT-2 small, 1 thread: 512-1,024 tokens per forward 15-20% faster than 4,096).
+CPU_MLP_ELEMENTS = 1 << 21
 SLEEP_ENV = "OOC_TEST_SLEEP_PER_BLOCK"  # tests only: seconds to sleep after each block
 
 
@@ -98,13 +115,20 @@ def extract(run_dir, model_spec, settings: ExtractConfig = ExtractConfig(),
         faults.point("extract.start")
         try:
             batch = plan_batch(loaded, token_set, memory_bytes, partial.chunk_nbytes,
-                               batch_size=settings.batch_size or None, device=dev.type)
+                               batch_size=settings.batch_size or None, device=dev.type,
+                               topk=settings.topk)
+            # refused inputs touch nothing; past them, an older top-k file goes: it is
+            # never left beside a store it was not made from
+            _remove_topk(run_dir, spec.label)
             stats.update(status="resumed" if partial.done else "written",
                          blocks_total=partial.n_blocks, blocks_done_before=len(partial.done),
                          batch_size=batch, block_tokens=partial.block_tokens,
                          memory_bytes=memory_bytes, device=str(dev), dtype=dtype)
             t0, c0 = time.perf_counter(), time.process_time()
-            written = _run_forward(loaded, token_set, partial, batch, dev, progress, stats)
+            written, summary = _run_forward(loaded, token_set, partial, batch, dev, progress,
+                                            stats, settings.topk)
+            if summary is not None:   # before the store is final: a final store has its file
+                _write_topk(run_dir, spec.label, summary, token_set, partial)
             seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
             path = partial.finalize(settings.compression)
         finally:
@@ -165,8 +189,12 @@ def _open_partial(paths: StorePaths, attrs: dict, token_set, n_neurons: int,
         if partial is not None:
             partial.close()
         raise
-    return partial if partial is not None else _create_partial(
-        paths, attrs, token_set.n_tokens, n_neurons, block_tokens)
+    if partial is not None:
+        return partial
+    window, position = np.nonzero(token_set.valid)   # store row i -> (window, position)
+    return _create_partial(paths, attrs, token_set.n_tokens, n_neurons, block_tokens,
+                           {"window": window[: token_set.n_tokens],
+                            "position": position[: token_set.n_tokens]})
 
 
 def _resumable(paths: StorePaths, attrs: dict) -> PartialStore | None:
@@ -197,11 +225,12 @@ def _check_disk(paths: StorePaths, attrs: dict, n_tokens: int, n_neurons: int,
 
 
 def _create_partial(paths: StorePaths, attrs: dict, n_tokens: int, n_neurons: int,
-                    block_tokens: int) -> PartialStore:
+                    block_tokens: int, row_coords: dict | None = None) -> PartialStore:
     for p in (paths.partial, paths.ledger):
         p.unlink(missing_ok=True)
     try:
-        return PartialStore.create(paths, attrs, n_tokens, n_neurons, block_tokens)
+        return PartialStore.create(paths, attrs, n_tokens, n_neurons, block_tokens,
+                                   row_coords=row_coords)
     except OSError as exc:
         if is_disk_full(exc):
             raise disk_full(exc, f"activation store {str(paths.partial)!r}") from None
@@ -269,16 +298,27 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def topk_bytes(n_neurons: int, k: int) -> int:
+    """Memory of the running top-k (kernels/topk.py fold): its keys, a decoded copy at
+    the end, and one strip's scratch (a compare mask, candidates, the merge)."""
+    if not k:
+        return 0
+    return 2 * n_neurons * k * 8 + topk_kernel.FOLD_STRIP_ENTRIES * 3 \
+        + topk_kernel.STRIP * k * 8 * 4
+
+
 def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
-               batch_size: int | None = None, device: str = "cpu") -> int:
+               batch_size: int | None = None, device: str = "cpu", topk: int = 0) -> int:
     """Windows per forward that keep the process under `memory_bytes`.
 
-    Fixed: what the process holds now (interpreter, torch, weights, token set) + two
-    block buffers; the rest is divided by window_bytes.
+    Fixed: what the process holds now (interpreter, torch, weights, token set) +
+    N_BUFFERS block buffers + the running top-k; the rest is divided by window_bytes.
+    On a CPU the batch is also kept to about CPU_MLP_ELEMENTS / d_mlp tokens (cache).
     """
     n_windows, window = token_set.input_ids.shape
     _touch_weights(loaded.model)
-    fixed = current_rss_bytes() + 2 * chunk_bytes + SLACK_BYTES
+    fixed = (current_rss_bytes() + N_BUFFERS * chunk_bytes + SLACK_BYTES
+             + topk_bytes(loaded.n_neurons, topk))
     per = window_bytes(loaded, window)
     fits = (memory_bytes - fixed) // per
     if batch_size is not None:
@@ -292,24 +332,36 @@ def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
         raise OocError(
             f"--memory {human_bytes(memory_bytes)} is too small to extract "
             f"{loaded.spec.label}: the process holds {human_bytes(current_rss_bytes())} "
-            f"(torch, weights, token set), two store blocks take {human_bytes(2 * chunk_bytes)}"
-            f" and one window {human_bytes(per)}; raise --memory to at least "
+            f"(torch, weights, token set), {N_BUFFERS} store blocks take "
+            f"{human_bytes(N_BUFFERS * chunk_bytes)} and one window {human_bytes(per)}; "
+            "raise --memory to at least "
             f"{human_bytes(fixed + per)}")
-    cap = MAX_BATCH_TOKENS["cuda" if str(device).startswith("cuda") else "cpu"]
+    cuda = str(device).startswith("cuda")
+    cap = MAX_BATCH_TOKENS["cuda" if cuda else "cpu"]
+    if not cuda:
+        cap = min(cap, max(window, CPU_MLP_ELEMENTS // max(1, int(loaded.d_mlp))))
     return int(max(1, min(fits, n_windows, cap // window)))
 
 
 # ---------------------------------------------------------------------------- the loop
 
 class _BlockWriter:
-    """A thread that writes finished blocks (pwrite, fsync, ledger) while forwards run.
+    """A thread that writes finished blocks (pwrite, fsync, ledger) while forwards run,
+    and folds each into the running top-k per neuron (kernels/topk.py fold) when `topk`
+    > 0. Blocks written before a resume (`readback`) are read back from the partial
+    file, checked against their ledger digests and folded first, so the summary is that
+    of every row, as an uninterrupted run's.
 
     `n_buffers` block buffers circulate: the main thread fills one while the writer
-    writes another, so at most n_buffers blocks are ever held.
+    writes another (the read-back uses them too), so at most n_buffers blocks are held.
     """
 
-    def __init__(self, partial: PartialStore, n_buffers: int = 2):
+    def __init__(self, partial: PartialStore, n_buffers: int = 2, topk: int = 0,
+                 readback=()):
         self.partial = partial
+        self.topk = topk_kernel.start(topk, partial.n_neurons) if topk else None
+        self.readback = sorted(readback) if topk else []
+        self.topk_cpu = 0.0   # CPU seconds of folding (part of busy_cpu)
         self.sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         self.free: queue.Queue = queue.Queue()
         for _ in range(n_buffers):
@@ -325,6 +377,17 @@ class _BlockWriter:
         self.thread.start()
 
     def _run(self) -> None:
+        if self.readback:
+            buf = self.free.get()
+            try:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                self._fold_written(buf)
+                self.busy += time.perf_counter() - t0
+                self.busy_cpu += time.thread_time() - c0
+            except BaseException as exc:  # handed to the main thread
+                self.error = exc
+            finally:
+                self.free.put(buf)
         while True:
             item = self.todo.get()
             if item is None:
@@ -335,6 +398,10 @@ class _BlockWriter:
                     t0, c0 = time.perf_counter(), time.thread_time()
                     buf[rows:] = 0  # a whole chunk: written without a copy (O_DIRECT)
                     self.partial.write_block(i, buf)
+                    if self.topk is not None:
+                        c1 = time.thread_time()
+                        topk_kernel.fold(self.topk, buf[:rows], i * self.partial.block_tokens)
+                        self.topk_cpu += time.thread_time() - c1
                     self.busy += time.perf_counter() - t0
                     self.busy_cpu += time.thread_time() - c0
                     self.written += 1
@@ -344,6 +411,33 @@ class _BlockWriter:
                 self.error = exc
             finally:
                 self.free.put(buf)
+
+    def _fold_written(self, buf: np.ndarray) -> None:
+        """Fold the blocks written before this run (read back into `buf`)."""
+        partial = self.partial
+        fd = os.open(partial.paths.partial, os.O_RDONLY)
+        try:
+            for i in self.readback:
+                start, stop = partial.block_bounds(i)
+                view = memoryview(buf.reshape(-1).view(np.uint8))[: partial.chunk_nbytes]
+                got = os.preadv(fd, [view], partial.offsets[i])
+                rows = buf[: stop - start]
+                want = partial.digests.get(i)
+                if got != partial.chunk_nbytes or (want and rows_sha256(rows) != want):
+                    raise OocError(
+                        f"block {i} of the partial store {str(partial.paths.partial)!r} "
+                        "does not match its ledger (damaged on disk since it was written); "
+                        f"delete it and {partial.paths.ledger.name} and extract again")
+                c1 = time.thread_time()
+                topk_kernel.fold(self.topk, rows, start)
+                self.topk_cpu += time.thread_time() - c1
+                try:
+                    os.posix_fadvise(fd, partial.offsets[i], partial.chunk_nbytes,
+                                     os.POSIX_FADV_DONTNEED)
+                except (AttributeError, OSError):
+                    pass
+        finally:
+            os.close(fd)
 
     def buffer(self) -> np.ndarray:
         t0 = time.perf_counter()
@@ -368,8 +462,9 @@ class _BlockWriter:
 
 
 def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, progress: bool,
-                 stats: dict) -> int:
-    """Forward the windows that hold rows of missing blocks; return rows written.
+                 stats: dict, topk: int = 0):
+    """Forward the windows that hold rows of missing blocks; return (rows written, the
+    top-k summary of every row (values, rows) or None when topk is 0).
 
     The hooks (forward.Capture) fill an fp16 capture buffer; the valid rows are then gathered
     once per batch, on the GPU before the transfer, on a CPU straight into the block
@@ -384,7 +479,7 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
     row_start = row_starts(valid)
     bt, n_tokens, done = partial.block_tokens, partial.n_tokens, set(partial.done)
     capture = Capture(loaded, batch * window, dev)
-    writer = _BlockWriter(partial)
+    writer = _BlockWriter(partial, n_buffers=N_BUFFERS, topk=topk, readback=done)
     bar = tqdm(total=n_tokens, initial=sum(min(n_tokens, (i + 1) * bt) - i * bt for i in done),
                unit="tok", unit_scale=True, disable=not progress,
                desc=f"extract {loaded.spec.label}")
@@ -429,8 +524,28 @@ def _run_forward(loaded, token_set, partial: PartialStore, batch: int, dev, prog
                  fp16_overflow=overflow, seconds_forward=clock["forward"],
                  seconds_copy=clock["copy"] - writer.waited,
                  seconds_writer_wait=writer.waited + writer.drained,
-                 seconds_writer_busy=writer.busy, cpu_seconds_writer=writer.busy_cpu)
-    return rows_written
+                 seconds_writer_busy=writer.busy, cpu_seconds_writer=writer.busy_cpu,
+                 cpu_seconds_topk=writer.topk_cpu, topk=topk,
+                 blocks_read_back=len(writer.readback))
+    return rows_written, (None if writer.topk is None else topk_kernel.finish(writer.topk))
+
+
+def _remove_topk(run_dir, label: str) -> None:
+    """Drop a top-k file (and its checksum) of an earlier store of this label: the one
+    this extract makes replaces it, and with topk = 0 none must be left to describe
+    another model's activations."""
+    path = topk_path(run_dir, label)
+    path.unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
+
+
+def _write_topk(run_dir, label: str, summary, token_set, partial: PartialStore) -> Path:
+    values, rows = summary
+    return write_topk(run_dir, TopKFile(values, rows, label, token_set.hash,
+                                        partial.n_tokens, "extract"),
+                      {"step": "extract", "label": label, "k": int(values.shape[0]),
+                       "model_id": str(partial.attrs.get("model_id", "")),
+                       "revision": str(partial.attrs.get("revision", ""))})
 
 
 def _route(src: np.ndarray, sel: np.ndarray, r0: int, n: int, bt: int, n_tokens: int,

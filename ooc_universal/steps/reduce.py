@@ -10,7 +10,8 @@ The blocks come from a block source (sources.py): the activation stores (--sourc
 store), or forward passes of the models over the run's token set (--source stream: no
 store is written or read; each pass over a model's blocks forwards it again, and the
 plan counts those passes), or whichever plan.choose_source expects to be faster within
-the free disk (--source auto). Outputs are the same either way (a streamed block equals
+the free disk (--source auto). A stream's forward passes run in bf16 autocast on CUDA
+and fp32 on a CPU (sources.forward_autocast; reduce(forward_precision=) forces one). Outputs are the same either way (a streamed block equals
 the stored block), so the source is not among the settings an output records.
 
 The step validates its inputs, asks plan.make_plan how to cut the work within the
@@ -18,7 +19,12 @@ memory budget, builds the task graph below and hands it to graph.execute:
 
   self(i)            fold other model i's within-layer self co-moments over every token
                      block, once per command (not per panel or pair): its own pass,
-                     layer by layer into a preallocated (L, d, d) f64 accumulator
+                     layer by layer into a preallocated (L, d, d) f64 accumulator.
+                     Fused (plan.self_fused: a stream of one chain): no pass of its
+                     own; fold(g, 0, 0) folds them from the centred strips of the same
+                     forward passes, keeps them in its checkpoints, and writes the self
+                     and scales files before it finalizes; self(i) then only waits
+                     for it (and makes the file itself if a damaged one was discarded)
   rotations(d)       draw the baseline's rotations of width d once (fp32, to the work dir)
   scales(i)          1/sqrt(diag(R S R^T)) of other model i, once per draw and layer
   fold(g, p, c)      fold the token blocks of chain c into the accumulators of group g,
@@ -128,6 +134,11 @@ class FoldTask:
     device: str
     d_others: tuple
     snapshots: tuple = ()  # token counts at which this chain snapshots (chain 0 only)
+    # fused (plan.self_fused: a stream of one chain, the first panel): the indices among
+    # the graph's pairs of the group's other models, whose self co-moments this chain
+    # folds too, from the same blocks; () otherwise
+    self_indices: tuple = ()
+    n_draws: int = 0       # fused: the baseline draws (the scales it computes)
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,8 @@ class Job:
     def source_of(self, meta: dict) -> SourceSpec:
         if meta.get("source") == "stream":
             return stream_source(meta["spec"], meta["label"], self.run_dir,
-                                 meta["batch_windows"], self.device)
+                                 meta["batch_windows"], self.device,
+                                 autocast=meta.get("forward_autocast", ""))
         return store_source(meta["path"])
 
     def sources(self) -> list:
@@ -191,7 +203,7 @@ class Job:
 def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None = None,
            compute: ComputeConfig | None = None, *, block_tokens=None, max_panels=None,
            n_workers=None, checkpoint_blocks=None, gemm_rate=None, dry_run=False,
-           force=False, progress=True, **legacy):
+           force=False, progress=True, forward_precision=None, **legacy):
     """Reduce `reference` against each of `others` (store labels, paths or model specs;
     models.ModelSpec objects are named by their labels).
 
@@ -199,7 +211,10 @@ def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None 
     of the models (specs: `reference` and `others` are model specs, or labels of stores
     whose recorded spec is used) over the run's token set and writes no store; "auto"
     chooses from the plan (plan.choose_source: expected time, disk) and says why in
-    result["source_choice"].
+    result["source_choice"]. settings.forward_precision (a stream's forward passes,
+    sources.forward_autocast; the keyword overrides it): "auto" runs them in bf16
+    autocast on CUDA and in fp32 on a CPU; "fp32" or "bf16" force one (bf16 is
+    recorded with the models, as forward_autocast in their metadata).
 
     settings: what the numbers depend on (saved with every result); compute: device,
     memory budget and cluster. The rest only cut the work differently (planner
@@ -213,23 +228,33 @@ def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None 
     seconds} of this process's tasks and "cpu_timings" (the same in CPU-seconds),
     "zero_variance": {path: (n_ref, n_other) neurons
     of zero variance}, and "rate" (achieved_rate: useful FLOP/s against torch.matmul
-    measured at the end) when the whole reduce ran here}; with dry_run the plan text
+    measured at the end; a stream's forward passes are timed apart) when the whole
+    reduce ran here; a stream's "forward_passes" {label: passes over the token set
+    forwarded in this process} and "forwards" (batches and seconds)}; with dry_run the plan text
     is in "describe", the rates it used (measured now unless gemm_rate is given) in
     "rates", and nothing is computed or written.
     """
     settings, compute = _sections(settings, compute, legacy)
     tuning = dict(block_tokens=block_tokens, max_panels=max_panels, n_workers=n_workers,
                   checkpoint_blocks=checkpoint_blocks)
+    from ooc_universal.sources import forward_autocast, forward_counts
+    autocast = forward_autocast(device_name(compute.device),
+                                forward_precision or settings.forward_precision)
     if settings.source == "auto":
-        job = _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate)
+        job = _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate,
+                        autocast)
     else:
-        job = _validated_job(run_dir, reference, others, settings, compute)
+        job = _validated_job(run_dir, reference, others, settings, compute, autocast)
     with contextlib.ExitStack() as locks:
         if not dry_run:
             _lock_outputs(job, locks)
         try:
             result = _reduce_locked(job, tuning, gemm_rate, dry_run, force, progress)
             result.update(source=job.source, source_choice=job.choice_line)
+            if job.source == "stream" and not dry_run:
+                counts = forward_counts(job.sources())
+                result["forwards"] = counts
+                result["forward_passes"] = {k: v["passes"] for k, v in counts.items()}
             return result
         finally:
             release_sources(job.sources())
@@ -266,12 +291,12 @@ def _legacy_value(key: str, value):
     return value
 
 
-def _validated_job(run_dir, reference, others, settings, compute) -> Job:
+def _validated_job(run_dir, reference, others, settings, compute, autocast="") -> Job:
     if not others:
         raise OocError("reduce needs at least one other model besides the reference; "
                        "pass two or more models")
     if settings.source == "stream":
-        return _stream_job(run_dir, reference, others, settings, compute)
+        return _stream_job(run_dir, reference, others, settings, compute, autocast=autocast)
     return _store_job(run_dir, reference, others, settings, compute)
 
 
@@ -293,11 +318,14 @@ def _store_job(run_dir, reference, others, settings, compute) -> Job:
                settings, compute, device, "store")
 
 
-def _stream_job(run_dir, reference, others, settings, compute, labels=None) -> Job:
+def _stream_job(run_dir, reference, others, settings, compute, labels=None,
+                autocast="") -> Job:
     """The models named by `reference` and `others` (model specs, or labels of stores
     that record their spec), streamed over the run's token set: no store is opened.
     `labels`: the output labels to use (auto: those of the stores), else
-    models.unique_labels'."""
+    models.unique_labels'. `autocast`: the forward passes' autocast dtype ("": fp32),
+    recorded in each model's metadata as forward_autocast (only when set, so an fp32
+    stream's metadata, work key and outputs are as before)."""
     from ooc_universal import models
     from ooc_universal.formats.tokens import load_token_set
     from ooc_universal.sources import stream_meta
@@ -322,13 +350,16 @@ def _stream_job(run_dir, reference, others, settings, compute, labels=None) -> J
     token_meta = {"hash": token_set.hash, "n_tokens": token_set.n_tokens,
                   "window": token_set.window, "n_windows": token_set.n_windows}
     metas = [stream_meta(s, token_meta, device) for s in specs]
+    if autocast:
+        metas = [{**m, "forward_autocast": autocast} for m in metas]
     _check_compatible(metas[0], metas[1:])
     job = Job(Path(run_dir), metas[0], (), settings, compute, device, "stream")
     return Job(job.run_dir, metas[0], tuple((job.source_of(m), m) for m in metas[1:]),
                settings, compute, device, "stream")
 
 
-def _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate) -> Job:
+def _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate,
+              autocast="") -> Job:
     """--source auto: both jobs when both can run, each costed from its plan
     (plan.stream_option: forward passes at the rate measured now on the reference
     model; plan.store_option: the stores read back at the disk's measured or stated
@@ -348,9 +379,9 @@ def _auto_job(run_dir, reference, others, settings, compute, tuning, gemm_rate) 
         try:
             jobs[name] = _validated_job(
                 run_dir, reference, others, settings.model_copy(update={"source": name}),
-                compute) if labels is None else _stream_job(
+                compute, autocast) if labels is None else _stream_job(
                 run_dir, reference, others, settings.model_copy(update={"source": name}),
-                compute, labels=labels)
+                compute, labels=labels, autocast=autocast)
         except OocError as exc:
             why[name] = str(exc).rstrip(".")
     if not jobs:
@@ -482,7 +513,9 @@ def _reduce_locked(job: Job, tuning: dict, gemm_rate, dry_run, force, progress) 
     result["zero_variance"] = _zero_variance(result["outputs"])
     work.remove()
     if not done_before and not job.compute.scheduler:
-        result["rate"] = achieved_rate(plan, wall, cpu)
+        timings, cpu_timings = result["timings"], result["cpu_timings"]
+        result["rate"] = achieved_rate(plan, wall, cpu, *(
+            sum(t.get(k, 0.0) for k in FORWARD_PHASES) for t in (timings, cpu_timings)))
     return result
 
 
@@ -498,15 +531,29 @@ def _dry_run_rates(job: Job, plan: ReducePlan, gemm_rate) -> Rates:
     return rates
 
 
-def achieved_rate(plan: ReducePlan, wall: float, cpu: float) -> dict:
+# The timing phases of a stream's forward passes (the folds' and the self pass's)
+FORWARD_PHASES = ("forward", "self_forward")
+
+
+def achieved_rate(plan: ReducePlan, wall: float, cpu: float, forward: float = 0.0,
+                  forward_cpu: float = 0.0) -> dict:
     """The reduce's useful FLOP/s (plan.flops: cross, self, baseline, scales) against
     torch.matmul measured now at the plan's strip GEMM shape, per wall and per
-    CPU-second of this process (the latter holds on a busy machine)."""
+    CPU-second of this process (the latter holds on a busy machine). A stream's
+    forward passes (`forward` seconds, `forward_cpu` CPU-seconds of the wall) are not
+    the reduce's work: its rate is over the rest ("seconds"), the forward passes'
+    own (plan.forward_flops over their seconds) beside it."""
     t0, c0 = time.perf_counter(), time.process_time()
     mm = measure_gemm(plan.device, plan.precision, gemm_shape(plan),
                       min(1.0, max(0.05, 0.01 * wall)))  # at most 1% of the reduce
-    gflops, per_cpu = plan.flops / max(wall, 1e-9), plan.flops / max(cpu, 1e-9)
-    return {"flops": plan.flops, "seconds": wall, "cpu_seconds": cpu,
+    forward, forward_cpu = min(max(forward, 0.0), wall), min(max(forward_cpu, 0.0), cpu)
+    own, own_cpu = wall - forward, cpu - forward_cpu
+    gflops, per_cpu = plan.flops / max(own, 1e-9), plan.flops / max(own_cpu, 1e-9)
+    return {"flops": plan.flops, "seconds": own, "cpu_seconds": own_cpu,
+            "wall_seconds": wall, "wall_cpu_seconds": cpu,
+            "forward_seconds": forward, "forward_cpu_seconds": forward_cpu,
+            "forward_flops": plan.forward_flops,
+            "forward_flops_per_s": plan.forward_flops / forward if forward > 0 else 0.0,
             "flops_per_s": gflops, "flops_per_cpu_s": per_cpu,
             "matmul_flops_per_s": mm["wall"], "matmul_flops_per_cpu_s": mm["cpu"],
             "fraction": gflops / mm["wall"], "fraction_per_cpu_s": per_cpu / mm["cpu"],
@@ -589,6 +636,8 @@ def _command(job: Job, pairs, tuning: dict) -> str:
              "--seed", str(s.seed)]
     if job.source == "stream":
         parts += ["--source", "stream", "--device", job.device]
+        if s.forward_precision != "auto":
+            parts += ["--forward-precision", s.forward_precision]
     if s.keep_covariance:
         parts.append("--keep-covariance")
     if tuning.get("block_tokens"):
@@ -691,6 +740,8 @@ def _work_key(job: Job, pairs, plan: ReducePlan) -> str:
              "block_tokens": plan.block_tokens, "groups": plan.groups, "panels": plan.panels,
              "chains": plan.n_chains, "segment": plan.blocks_per_segment,
              "layout": LAYOUT_VERSION}
+    if plan.self_fused:  # another graph: its checkpoints hold the self co-moments
+        ident["self_fused"] = True
     for d in [ident["ref"], *ident["others"]]:
         d.pop("path", None)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -715,11 +766,20 @@ def summary_line(result: dict) -> str:
     rate = result.get("rate")
     if rate:
         k, m, n = rate["matmul_shape"]
-        line += (f"; achieved {rate['flops_per_s'] / 1e9:.1f} GFLOP/s in "
+        line += (f"; achieved {_gflops(rate['flops_per_s'])} GFLOP/s in "
                  f"{rate['seconds']:.1f} s, {rate['fraction']:.2f} of torch.matmul's "
-                 f"{rate['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s on the same shapes "
+                 f"{_gflops(rate['matmul_flops_per_s'])} GFLOP/s on the same shapes "
                  f"({k} x {m} x {n}; {rate['fraction_per_cpu_s']:.2f} per CPU-second)")
+        if rate.get("forward_seconds"):
+            line += (f"; forward passes {rate['forward_seconds']:.1f} s more, at "
+                     f"{_gflops(rate['forward_flops_per_s'])} GFLOP/s")
     return line
+
+
+def _gflops(flops_per_s: float) -> str:
+    """GFLOP/s with 3 significant digits (a small reduce's 0.004 is not '0.0')."""
+    g = flops_per_s / 1e9
+    return f"{g:.1f}" if g >= 10 else f"{g:.3g}"
 
 
 def zero_variance_warnings(result: dict) -> list[str]:
@@ -758,13 +818,22 @@ def _add_self_tasks(graph, plan, job, work, pairs, rotations) -> tuple[list, lis
     rotated scales; returns their keys."""
     selfs, scales = [], []
     snaps = _snapshots(job.settings, plan.n_tokens, plan.block_tokens)
+    group_of = {i: g for g, grp in enumerate(plan.groups) for i in grp}
     for i, (source, meta) in enumerate(pairs):
         task = SelfTask(str(work.path), source, i, meta["d_mlp"], plan.block_tokens,
                         plan.n_tokens, plan.n_blocks, plan.blocks_per_segment,
                         plan.precision, plan.device, snaps, job.settings.baseline_draws)
         rot = (rotations[meta["d_mlp"]],) if snaps else ()
-        selfs.append(graph.add("self", (i,), f"self co-moments ({meta['label']})",
-                               fold_self, task, *rot))
+        if plan.self_fused:
+            # folded by its group's first-panel fold from the same forward passes; this
+            # task only waits for it (and makes the file in a pass of its own if a
+            # damaged one was discarded after that fold finished)
+            fold = _task_key(graph, "fold", (group_of[i], 0, 0))
+            selfs.append(graph.add("self", (i,), f"self co-moments ({meta['label']})",
+                                   fold_self_after, task, rot[0] if rot else None, fold))
+        else:
+            selfs.append(graph.add("self", (i,), f"self co-moments ({meta['label']})",
+                                   fold_self, task, *rot))
         scales.append(graph.add("scales", (i,), f"rotated scales ({meta['label']})",
                                 scales_task, str(work.path), i, selfs[i],
                                 rotations[meta["d_mlp"]], job.settings.baseline_draws,
@@ -781,7 +850,7 @@ def _add_group(graph, plan, job, work, pairs, g, grp, selfs, scales, rotations) 
     baseline = [[scales[i] for i in grp], [rotations[d] for d in d_others], job.settings_dict]
     gselfs = [selfs[i] for i in grp]
     merged = [_add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline,
-                         gselfs)
+                         gselfs, grp)
               for p, rows in enumerate(plan.panels)]
     finals = [graph.add("finalize", (g, p), f"finalize (group {g}, panel {p})",
                         finalize_panel, str(work.path), g, p, tuple(rows), merged[p],
@@ -797,6 +866,12 @@ def _add_group(graph, plan, job, work, pairs, g, grp, selfs, scales, rotations) 
     return outputs
 
 
+def _task_key(graph: TaskGraph, kind: str, index: tuple) -> tuple:
+    """The key graph.add gives a task of `kind` and `index` (to depend on a task that is
+    added later)."""
+    return (f"{kind}-{graph.tag}", *index)
+
+
 def _add_rotations(graph, plan, job, work, pairs) -> dict:
     """One rotations task per layer width among the other models: {d: its key}."""
     layers = {}
@@ -809,16 +884,22 @@ def _add_rotations(graph, plan, job, work, pairs) -> dict:
             for d, n_layers in sorted(layers.items())}
 
 
-def _add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline, gselfs):
+def _add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline, gselfs,
+               grp=()):
     """The fold tasks of (group g, panel p), one per chain, and their merge; returns the
     merge's key. A single chain finalizes its panel itself (from memory, `baseline`:
     the scales' and rotations' keys and the settings), so its last segment is never
     written out and read back. Chain 0 takes the convergence snapshots that fall in its
     tokens (it starts at token 0; `gselfs`: the self passes' keys, whose files hold the
-    prefixes' rotated scales)."""
+    prefixes' rotated scales). With plan.self_fused, the fold of panel 0 also folds the
+    self co-moments of the group's models `grp` and makes their self and scales files
+    itself (their paths are given, not the keys of the tasks that wait for it)."""
     chain_keys = []
     single = plan.n_chains == 1
     snaps = _snapshots(job.settings, plan.n_tokens, plan.block_tokens)
+    fused = plan.self_fused and p == 0
+    if fused and not single:
+        raise ValueError("fused self co-moments need a single chain per panel")
     for c in range(plan.n_chains):
         blocks = tuple(plan.chain_blocks(c))
         if not blocks:
@@ -827,8 +908,13 @@ def _add_folds(graph, plan, job, work, g, p, rows, gsources, d_others, baseline,
             if c == 0 else ()
         task = FoldTask(str(work.path), job.ref_source, gsources, g, p, c, tuple(rows), blocks,
                         plan.block_tokens, plan.n_tokens, plan.blocks_per_segment,
-                        plan.precision, plan.device, d_others, mine)
-        if single:
+                        plan.precision, plan.device, d_others, mine,
+                        tuple(grp) if fused else (),
+                        job.settings.baseline_draws if fused else 0)
+        if fused:
+            args = [[str(work.scales_path(i)) for i in grp], baseline[1], baseline[2],
+                    [str(work.self_path(i)) for i in grp]]
+        elif single:
             args = [*baseline, gselfs if mine else None]
         elif mine:
             args = [None, baseline[1], baseline[2], gselfs]
@@ -1003,33 +1089,117 @@ def fold_chain(task: FoldTask, scale_paths=None, rotation_paths=None, settings=N
     is not checkpointed: the panel is finalized from memory (a kill then loses at most
     that segment, as between any two checkpoints). With task.snapshots (chain 0;
     rotation_paths, settings and the self files `self_paths` given), the convergence
-    snapshots (module docstring), kept in every checkpoint after they are taken."""
+    snapshots (module docstring), kept in every checkpoint after they are taken.
+
+    Fused (task.self_indices): the chain also folds the self co-moments of the group's
+    other models from the same centred strips (and, at each snapshot count, their
+    rotated scales, from memory), kept in its checkpoints beside the accumulators; at
+    the end it writes their self files (`self_paths`) and scales files (`scale_paths`),
+    as fold_self and scales_task would, before finalizing."""
     work = WorkDir(task.work_dir)
     path = work.fold_path(task.group, task.panel, task.chain)
     if work.final_path(task.group, task.panel).exists():
         return str(path)  # the panel is finished (its checkpoints are gone)
     state = work.load(path)
     snaps = {}
+    fused = _FusedSelf(task) if task.self_indices else None
     if state is not None:
         start_at, n_done = int(state["next_block"]), int(state["n_blocks_done"])
         snaps = {k: v for k, v in state.items() if _SNAP_KEY.fullmatch(k)}
-        accs = _state_to_torch(state, task.device)
-        del state
+        accs, selfs = _state_to_torch(state, task.device, with_selfs=True)
+        if fused is not None:
+            fused.restore(selfs, state)
+        del state, selfs
     else:
         start_at, n_done, accs = task.blocks[0], 0, []
     finish = (scale_paths, rotation_paths, settings) if scale_paths is not None else None
     snap_inputs = (self_paths, rotation_paths, settings) \
         if task.snapshots and self_paths is not None else None
+    if fused is not None and fused.accs is None:  # a fresh chain (or an older checkpoint)
+        start_at, n_done, accs, snaps = task.blocks[0], 0, [], {}
+        fused.start()
     if start_at > task.blocks[-1]:
         if finish:  # killed between the last checkpoint and the final file
+            if fused is not None:
+                fused.commit(work, self_paths, scale_paths, rotation_paths)
             _finalize_from_memory(task, work, accs, n_done, finish, snaps)
         return str(path)
     accs = accs or _empty_accumulators(task)
     n_done = _fold_blocks(task, work, path, accs, start_at, n_done, finish is None,
-                          snaps, snap_inputs)
+                          snaps, snap_inputs, fused)
+    if fused is not None:
+        fused.commit(work, self_paths, scale_paths, rotation_paths)
     if finish:
         _finalize_from_memory(task, work, accs, n_done, finish, snaps)
     return str(path)
+
+
+class _FusedSelf:
+    """The self co-moments a fused fold chain folds (fold_chain): one (L, d, d) f64
+    accumulator per other model of the group, and the rotated scales of each snapshot
+    count, under the keys self<j>_iv_snap_<count>_ of the chain's checkpoints."""
+
+    def __init__(self, task: FoldTask):
+        self.task = task
+        self.accs = None
+        self.snaps: dict = {}
+
+    def start(self) -> None:
+        from ooc_universal.kernels.comoments import empty_self_comoments
+        with TIMINGS.phase("fold_setup"):
+            self.accs = [empty_self_comoments(_cached_store(p).n_neurons, d, self.task.device)
+                         for p, d in zip(self.task.other_sources, self.task.d_others)]
+        self.snaps = {}
+
+    def restore(self, selfs: list, state: dict) -> None:
+        """From a checkpoint; left empty (start() restarts the chain) when it holds no
+        self co-moments of this group."""
+        if len(selfs) != len(self.task.other_sources):
+            return
+        self.accs = selfs
+        self.snaps = {k: v for k, v in state.items() if _FUSED_IV_KEY.fullmatch(k)}
+
+    @staticmethod
+    def key(j: int, count: int) -> str:
+        return f"self{j}_{_iv_key(count)}"
+
+    def iv(self, j: int, count: int) -> np.ndarray:
+        return self.snaps[self.key(j, count)]
+
+    def snapshot(self, count: int, rotation_paths: list) -> None:
+        """The rotated scales of the first `count` tokens of every model of the group."""
+        for j, (acc, d) in enumerate(zip(self.accs, self.task.d_others)):
+            if int(acc["n"]) != count:
+                raise OocError(f"reduce self snapshot at {count} tokens found "
+                               f"{int(acc['n'])} folded; delete the reduce's .work "
+                               "folder and run the same command again")
+            self.snaps[self.key(j, count)] = _self_snapshot_scales(
+                acc, rotation_paths[j], d, self.task.n_draws, self.task.device)
+
+    def records(self) -> list:
+        return _numpy(self.accs)
+
+    def commit(self, work: WorkDir, self_paths: list, scale_paths: list,
+               rotation_paths: list) -> None:
+        """Each model's self file (complete: every block) and scales file, one at a time;
+        the accumulators are freed first."""
+        n_blocks = self.task.blocks[-1] + 1
+        for j, i in enumerate(self.task.self_indices):
+            snaps = {_iv_key(c): self.iv(j, c) for c in self.task.snapshots
+                     if self.key(j, c) in self.snaps}
+            _save_self(work, Path(self_paths[j]), self.accs[j], n_blocks, n_blocks, snaps)
+            self.accs[j] = None
+        self.accs = None
+        for j, i in enumerate(self.task.self_indices):
+            scales_task(str(work.path), i, self_paths[j], rotation_paths[j],
+                        self.task.n_draws, self.task.device)
+
+
+def fold_self_after(task: SelfTask, rotations_path, fold_path: str) -> str:
+    """The self task of a fused plan: runs once the fold that made its file is done
+    (`fold_path`: that fold's result); fold_self finds the file complete and returns
+    it, or makes it in a pass of its own when it is gone (a damaged file discarded)."""
+    return fold_self(task, rotations_path)
 
 
 def _empty_accumulators(task: FoldTask) -> list:
@@ -1041,10 +1211,11 @@ def _empty_accumulators(task: FoldTask) -> list:
 
 
 def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool, snaps=None,
-                 snap_inputs=None) -> int:
+                 snap_inputs=None, fused=None) -> int:
     """Fold blocks start_at.. of the chain; checkpoint every segment (and after the last
     block when `save_last`); returns the blocks folded in all. A block that reaches a
-    snapshot count of task.snapshots adds that snapshot to `snaps` (with snap_inputs)."""
+    snapshot count of task.snapshots adds that snapshot to `snaps` (with snap_inputs).
+    `fused`: the chain's _FusedSelf (its self co-moments folded too)."""
     snaps = {} if snaps is None else snaps
     ref = _cached_store(task.ref_source)
     others = [_cached_store(p) for p in task.other_sources]
@@ -1056,16 +1227,20 @@ def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool, snap
             continue
         if CANCEL.is_set():
             if seg:
-                _checkpoint(task, work, path, accs, b, n_done, snaps)
+                _checkpoint(task, work, path, accs, b, n_done, snaps, fused)
             raise Interrupted(f"interrupted before block {b}")
         spans = _block_spans(task, b, task.snapshots if snap_inputs else ())
         for s, e in spans:
-            _fold_block(task, b, ref, others, staging, accs, compute, workspace, (s, e))
+            _fold_block(task, b, ref, others, staging, accs, compute, workspace, (s, e),
+                        fused.accs if fused is not None else None)
             due = crossed(task.snapshots, s, e) if snap_inputs else []
             if due:  # the block buffers go first: the snapshot's finalize needs their room
                 workspace.clear()
                 staging = None
-                _take_snapshots(task, accs, due, snap_inputs, snaps)
+                if fused is not None:
+                    for count in due:
+                        fused.snapshot(count, snap_inputs[1])
+                _take_snapshots(task, accs, due, snap_inputs, snaps, fused)
                 staging = Staging(task.device, task.block_tokens)
         n_done += 1
         seg += 1
@@ -1074,7 +1249,7 @@ def _fold_blocks(task, work, path, accs, start_at, n_done, save_last: bool, snap
         _test_hook("OOC_TEST_SLEEP_PER_BLOCK")
         last = b == task.blocks[-1]
         if seg >= task.blocks_per_segment and not last or last and save_last:
-            _checkpoint(task, work, path, accs, b + 1, n_done, snaps)
+            _checkpoint(task, work, path, accs, b + 1, n_done, snaps, fused)
             seg = 0
             _test_hook("OOC_TEST_SLEEP_AFTER_CHECKPOINT")
     if not save_last:
@@ -1091,10 +1266,12 @@ def _block_spans(task, b: int, snapshots) -> list:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _fold_block(task, b, ref, others, staging, accs, compute, workspace, span=None) -> None:
+def _fold_block(task, b, ref, others, staging, accs, compute, workspace, span=None,
+                self_accs=None) -> None:
     """Fold token block b (or its rows `span`) of the reference panel against every
     other store of the group: the panel's block is centred once for all of them
-    (conversion and centring are memory-bound, the GEMMs are not)."""
+    (conversion and centring are memory-bound, the GEMMs are not). `self_accs` (a fused
+    chain): each other model's self co-moments, from the same centred strips."""
     from ooc_universal.kernels.comoments import centre_block, transpose_block
     s, e = span or (b * task.block_tokens, min(task.n_tokens, (b + 1) * task.block_tokens))
     with TIMINGS.phase(_read_phase(ref)):
@@ -1103,7 +1280,8 @@ def _fold_block(task, b, ref, others, staging, accs, compute, workspace, span=No
         cx = centre_block(x, compute, workspace=workspace, role="x", spare_row=True)
         xt = transpose_block(cx, workspace) if _row_major_left(task, compute) else None
     for i, o in enumerate(others):
-        _fold_other(o, s, e, task.d_others[i], cx, xt, accs[i], staging, compute, workspace)
+        _fold_other(o, s, e, task.d_others[i], cx, xt, accs[i], staging, compute, workspace,
+                    self_accs[i] if self_accs is not None else None)
     with TIMINGS.phase("release"):
         ref.release_rows(s, e)  # done with these rows: keep RSS flat over the pass
 
@@ -1114,14 +1292,19 @@ def _row_major_left(task: FoldTask, compute) -> bool:
     return compute == torch.bfloat16 and not task.device.startswith("cuda")
 
 
-def _fold_other(store, s, e, d, cx, xt, acc, staging, compute, workspace) -> None:
+def _fold_other(store, s, e, d, cx, xt, acc, staging, compute, workspace,
+                self_acc=None) -> None:
     """One other model's block, layer by layer: a centred (n, d) strip, its GEMM (Chan
     term included) into the accumulator's columns; the moments once at the end. Its
-    pages are released before the next model's are read."""
+    pages are released before the next model's are read. With `self_acc` (fused), the
+    same strip's self co-moment GEMM too, exactly as the self pass does it (_self_block:
+    each GEMM writes its own Chan row into the strip's spare row first)."""
     import torch
 
     from ooc_universal.kernels.comoments import (centre_block, comoment_moments_update_,
-                                                 comoment_strip_update_)
+                                                 comoment_strip_update_,
+                                                 self_comoment_strip_update_,
+                                                 self_moments_update_)
     mean_y, m2_y = (torch.empty(store.n_neurons, dtype=torch.float64, device=cx[0].device)
                     for _ in range(2))
     for c0 in range(0, store.n_neurons, d):
@@ -1131,23 +1314,35 @@ def _fold_other(store, s, e, d, cx, xt, acc, staging, compute, workspace) -> Non
             cy = centre_block(y, compute, workspace=workspace, role="y", spare_row=True)
         with TIMINGS.phase("cross_gemm"):
             comoment_strip_update_(acc, cx, cy, c0, xt=xt, workspace=workspace)
+        if self_acc is not None:
+            with TIMINGS.phase("self_comoments"):
+                self_comoment_strip_update_(self_acc, cy, c0 // d, workspace=workspace)
         mean_y[c0:c0 + d], m2_y[c0:c0 + d] = cy[0], cy[1]
+    if self_acc is not None:
+        with TIMINGS.phase("self_comoments"):
+            self_moments_update_(self_acc, e - s, mean_y, m2_y)
     with TIMINGS.phase("moments"):
         comoment_moments_update_(acc, e - s, cx[0], cx[1], mean_y, m2_y)
     with TIMINGS.phase("release"):
         store.release_rows(s, e)
 
 
-def _checkpoint(task, work, path, accs, next_block: int, n_done: int, snaps=None) -> None:
+def _checkpoint(task, work, path, accs, next_block: int, n_done: int, snaps=None,
+                fused=None) -> None:
+    """One atomic file: the accumulators, the snapshots and (fused) the self
+    co-moments with their snapshots' scales, so a resumed chain finds them at the same
+    block."""
     with TIMINGS.phase("checkpoint"):
         _check_finite(task, accs, next_block - 1)
-        work.save(path, {**pack_fold_state(_numpy(accs), [], next_block, n_done),
-                         **(snaps or {})})
+        selfs = fused.records() if fused is not None else []
+        work.save(path, {**pack_fold_state(_numpy(accs), selfs, next_block, n_done),
+                         **(snaps or {}), **(fused.snaps if fused is not None else {})})
 
 
 # --------------------------------------------------------------------------- snapshots
 
 _SNAP_KEY = re.compile(r"p\d+_snap\d+_(row_max|baseline)")
+_FUSED_IV_KEY = re.compile(r"self\d+_iv_snap_\d+_")
 
 
 def _snap_key(i: int, count: int, what: str) -> str:
@@ -1162,10 +1357,11 @@ def _iv_key(count: int) -> str:
 
 
 def _take_snapshots(task: FoldTask, accs: list, due: list, snap_inputs: tuple,
-                    snaps: dict) -> None:
+                    snaps: dict, fused=None) -> None:
     """Finalize the running accumulators (the chain's first `count` tokens: chain 0
     starts at token 0) for each count of `due`, pair by pair, into `snaps`: the row max
-    and the baseline of every draw, as the panel's finalize computes them."""
+    and the baseline of every draw, as the panel's finalize computes them. The rotated
+    scales come from the self files, or (`fused`) from the chain's own memory."""
     self_paths, rotation_paths, settings = snap_inputs
     for count in due:
         for i, (acc, d) in enumerate(zip(accs, task.d_others)):
@@ -1173,7 +1369,8 @@ def _take_snapshots(task: FoldTask, accs: list, due: list, snap_inputs: tuple,
                 raise OocError(f"reduce snapshot at {count} tokens found {int(acc['n'])} "
                                "folded; delete the reduce's .work folder and run the same "
                                "command again")
-            iv = _snapshot_scales(self_paths[i], count)
+            iv = fused.iv(i, count) if fused is not None \
+                else _snapshot_scales(self_paths[i], count)
             rec = _numpy([acc])[0]
             with TIMINGS.phase("snapshot"):
                 row_max, base = _row_max_and_baseline(rec, iv, rotation_paths[i], d, settings)
@@ -1192,19 +1389,20 @@ def _snapshot_scales(self_path, count: int) -> np.ndarray:
     return st[key]
 
 
-def _self_snapshot_scales(acc: dict, rotations_path: str, task: "SelfTask") -> np.ndarray:
+def _self_snapshot_scales(acc: dict, rotations_path: str, d: int, n_draws: int,
+                          device: str) -> np.ndarray:
     """iv (draws, L, d) of the self co-moments folded so far, as scales_task computes
     them from the finished ones."""
     from ooc_universal.kernels.rotation import rotated_scales_fast
-    n_layers, d = acc["s"].shape[0], task.d
+    n_layers = acc["s"].shape[0]
     rotations = Rotations(rotations_path, d, _rotation_dtype(rotations_path))
-    iv = np.empty((task.n_draws, n_layers, d))
+    iv = np.empty((n_draws, n_layers, d))
     with TIMINGS.phase("snapshot_scales"):
         for layer in range(n_layers):
             s_dev = acc["s"][layer]
-            for j in range(task.n_draws):
+            for j in range(n_draws):
                 iv[j, layer] = rotated_scales_fast(
-                    s_dev, _on_device(rotations.get(j, layer), task.device))
+                    s_dev, _on_device(rotations.get(j, layer), device))
     return iv
 
 
@@ -1221,9 +1419,15 @@ def _tensors(record: dict, device: str) -> dict:
             for k, v in record.items()}
 
 
-def _state_to_torch(state: dict, device: str) -> list:
-    accs, _ = unpack_fold_state(state)  # self co-moments of older work dirs: ignored
-    return [_tensors(a, device) for a in accs]
+def _state_to_torch(state: dict, device: str, with_selfs: bool = False):
+    """A checkpoint's accumulators as torch records; `with_selfs`: (accs, self
+    co-moment records) (a fused chain's; ignored otherwise, as those of older work
+    dirs)."""
+    accs, selfs = unpack_fold_state(state)
+    accs = [_tensors(a, device) for a in accs]
+    if not with_selfs:
+        return accs
+    return accs, [_tensors(r, device) for r in selfs]
 
 
 def _check_finite(task: FoldTask, accs: list, block: int) -> None:
@@ -1288,7 +1492,8 @@ def fold_self(task: SelfTask, rotations_path: str | None = None) -> str:
                     raise OocError(f"reduce self snapshot at {count} tokens found "
                                    f"{int(acc['n'])} folded; delete the reduce's .work "
                                    "folder and run the same command again")
-                snaps[_iv_key(count)] = _self_snapshot_scales(acc, rotations_path, task)
+                snaps[_iv_key(count)] = _self_snapshot_scales(acc, rotations_path, task.d,
+                                                              task.n_draws, task.device)
         n_done += 1
         seg += 1
         faults.point("reduce.self.block")

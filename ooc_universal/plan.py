@@ -153,6 +153,7 @@ class ReducePlan:
     # stream, one chain: the others' self co-moments are folded by the first panel's
     # fold of their group, from the same forward passes (no self pass of their own)
     self_fused: bool = False
+    snapshots: int = 0          # convergence snapshots below the total token count
     notes: list = field(default_factory=list)
 
     @property
@@ -568,6 +569,7 @@ def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> Re
     plan.peak_bytes = max(peaks.values())
     plan.required_bytes = with_margin(plan.peak_bytes)
     plan.bytes_read = _bytes_read(plan)
+    plan.snapshots = shape.get("snapshots", 0)  # their finalizes are in the FLOPs
     plan.flops_by_kind = _flops_by_kind(plan)
     plan.flops = sum(plan.flops_by_kind.values())
     plan.work_disk_bytes = _work_disk_bytes(plan)
@@ -617,7 +619,9 @@ def _bytes_read(plan: ReducePlan) -> int:
 def _flops_by_kind(plan: ReducePlan) -> dict:
     """Useful FLOPs: the cross GEMMs 2 n Na Nb, the self co-moments 2 n Nb d, the
     baseline's C_l R_l'^T 2 Na Nb d per draw, and its rotated scales R S R^T 2 Nb d^2 per
-    draw (once per draw and layer for the whole reduce)."""
+    draw (once per draw and layer for the whole reduce). Each convergence snapshot
+    (plan.snapshots) finalizes the running accumulators once more: its baseline and
+    rotated scales again ("snapshot")."""
     n, na, k = plan.n_tokens, plan.n_ref, plan.baseline_draws
     out = {"cross": 0.0, "self": 0.0, "baseline": 0.0, "scales": 0.0}
     for p in plan.pairs:
@@ -625,6 +629,8 @@ def _flops_by_kind(plan: ReducePlan) -> dict:
         out["self"] += 2.0 * n * p.n_other * p.d_other
         out["baseline"] += k * 2.0 * na * p.n_other * p.d_other
         out["scales"] += k * 2.0 * p.n_other * p.d_other ** 2
+    if getattr(plan, "snapshots", 0):
+        out["snapshot"] = plan.snapshots * (out["baseline"] + out["scales"])
     return out
 
 
@@ -697,6 +703,7 @@ class Rates:
     read_bytes_per_s: float = 2e9        # store pages read (page cache or disk)
     normals_per_s: float = 1e8           # numpy standard normals (the rotations)
     forward_flops_per_s: float = 2e10    # hooked forward passes (a stream; extract)
+    hash_bytes_per_s: float = 7e8        # sha256 on one thread (verifying what is read)
     measured: tuple = ()                 # which of the above were measured now
     per_cpu_s: dict = field(default_factory=dict)  # the same per CPU-second of the process
     threads: int = 0                     # threads the reduce's GEMMs run on (torch's)
@@ -711,8 +718,8 @@ DEFAULT_RATES = Rates()
 # phases of expected_seconds that run on one thread (numpy's normals); the GEMMs, the
 # centring and the tile max run on all of the reduce's threads; reads, checkpoints, the
 # output and forward passes are timed by their wall rates
-SINGLE_THREAD_PHASES = ("rotations",)
-CPU_PHASES = ("gemm", "baseline_gemm", "centre", "tile_max", "rotations")
+SINGLE_THREAD_PHASES = ("rotations", "verify")
+CPU_PHASES = ("gemm", "baseline_gemm", "centre", "tile_max", "rotations", "verify")
 
 
 def expected_seconds(plan: ReducePlan, rates: Rates | None = None,
@@ -748,12 +755,15 @@ def _phase_seconds(plan: ReducePlan, rates: Rates) -> dict:
     base_rate = rates.baseline_flops_per_s or rates.gemm_flops_per_s
     out = {"gemm": (kinds.get("cross", 0.0) / chains + kinds.get("self", 0.0))
            / rates.gemm_flops_per_s,
-           "baseline_gemm": (kinds.get("baseline", 0.0) + kinds.get("scales", 0.0))
-           / base_rate}
-    centred = n * (plan.n_ref * len(plan.groups) + nb_all * (len(plan.panels) + 1))
+           "baseline_gemm": (kinds.get("baseline", 0.0) + kinds.get("scales", 0.0)
+                             + kinds.get("snapshot", 0.0)) / base_rate}
+    # the others are centred once per panel, and once more by their own self pass unless
+    # the fold folds their self co-moments too (stream, one chain)
+    centred = n * (plan.n_ref * len(plan.groups)
+                   + nb_all * (len(plan.panels) + (0 if plan.self_fused else 1)))
     out["centre"] = centred / rates.centre_elements_per_s / chains
     out["read"] = plan.bytes_read / rates.read_bytes_per_s / chains
-    out["tile_max"] = plan.n_ref * nb_all / rates.tile_elements_per_s
+    out["tile_max"] = plan.n_ref * nb_all * (1 + plan.snapshots) / rates.tile_elements_per_s
     out["checkpoints"] = _checkpoint_bytes(plan) / rates.disk_bytes_per_s
     out["output"] = plan.output_bytes / rates.disk_bytes_per_s  # the pair files
     widths = {p.d_other: p.n_other // p.d_other for p in plan.pairs}
@@ -761,8 +771,19 @@ def _phase_seconds(plan: ReducePlan, rates: Rates) -> dict:
         rates.normals_per_s
     if plan.forward_flops:
         out["forward"] = plan.forward_flops / rates.forward_flops_per_s / chains
+    out["verify"] = verify_bytes(plan) / rates.hash_bytes_per_s / chains
     out["total"] = sum(out.values())
     return out
+
+
+def verify_bytes(plan: ReducePlan) -> int:
+    """Bytes the reduce hashes to verify what it reads and writes: each store block once
+    per process as it is first read (formats/store.py; a stream reads no store), and
+    each pair file twice when it is committed (its sha256, then its per-dataset digests
+    read back: formats/reduced.py)."""
+    stores = 0 if plan.source == "stream" else \
+        plan.n_tokens * 2 * (plan.n_ref + sum(p.n_other for p in plan.pairs))
+    return stores + 2 * plan.output_bytes
 
 
 def _checkpoint_bytes(plan: ReducePlan) -> int:
@@ -1000,7 +1021,7 @@ def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rate
     try:
         for key, (w, c) in _kernel_rates(plan).items():
             wall[key], cpu[key] = w, c
-        measured += ["centring", "tile max", "normals"]
+        measured += ["centring", "tile max", "normals", "sha256"]
     except Exception:  # noqa: BLE001 - a rate that cannot be measured keeps its default
         pass
     if work_dir is not None:
@@ -1073,6 +1094,8 @@ def _timed(fn, work: float) -> tuple[float, float]:
 def _kernel_rates(plan: ReducePlan) -> dict:
     """{rate name: (per wall second, per CPU-second)} of centring a block strip, the tile
     max over a co-moment tile and drawing normals, at the plan's shapes (capped)."""
+    import hashlib
+
     import numpy as np
     import torch
 
@@ -1090,9 +1113,11 @@ def _kernel_rates(plan: ReducePlan) -> dict:
     ones = np.ones(rows), np.ones(4 * d)
     tile_max(c[:8, :8], ones[0][:8], ones[1][:8])
     rng = np.random.default_rng(0)
+    blob = rng.bytes(16 << 20)
     return {"centre_elements_per_s": _timed(centre, x.numel()),
             "tile_elements_per_s": _timed(lambda: tile_max(c, *ones), c.size),
-            "normals_per_s": _timed(lambda: rng.standard_normal(2_000_000), 2e6)}
+            "normals_per_s": _timed(lambda: rng.standard_normal(2_000_000), 2e6),
+            "hash_bytes_per_s": _timed(lambda: hashlib.sha256(blob).digest(), len(blob))}
 
 
 def disk_rates(directory, disk_gbps: float = 0.0) -> tuple[float, float, str]:

@@ -213,7 +213,10 @@ def test_wall_estimate_is_cpu_work_over_the_cores_measured_now():
             "baseline_gemm": (kinds["baseline"] + kinds["scales"]) / 1e10 / 1.5,
             "centre": centred / 1e8 / 1.5, "tile_max": 512 * 512 / 2e8 / 1.5,
             "rotations": 4 * 128 * 128 / 1e7,  # one thread: CPU-seconds = wall seconds
-            "read": plan.bytes_read / 1e8, "output": plan.output_bytes / 5e7}
+            "read": plan.bytes_read / 1e8, "output": plan.output_bytes / 5e7,
+            # sha256 of every store block read once, and of the pair file twice (its
+            # checksum, its per-dataset digests), on one thread at the default rate
+            "verify": (2048 * 2 * (512 + 512) + 2 * plan.output_bytes) / 7e8}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-9), k
     assert got["total"] == pytest.approx(sum(v for k, v in got.items() if k != "total"))
@@ -227,3 +230,44 @@ def test_wall_estimate_is_cpu_work_over_the_cores_measured_now():
     # no cores measured (a given GEMM rate, a GPU): the wall rates as they are
     plain = expected_seconds(plan, Rates(gemm_flops_per_s=9e9, baseline_flops_per_s=9e9))
     assert plain["gemm"] == pytest.approx((kinds["cross"] + kinds["self"]) / 9e9)
+
+
+def test_convergence_snapshots_are_in_the_plans_flops_and_time():
+    """Each convergence snapshot finalizes once more: its baseline (2 Na Nb d per draw)
+    and rotated scales (2 Nb d^2 per draw) are FLOPs of the plan, costed at the
+    baseline's rate, and its tile max at the tile rate (by hand)."""
+    from ooc_universal.plan import PairShape, Rates, expected_seconds, make_plan
+    args = (2048, 512, [PairShape("b", 512, 128)])
+    kw = dict(memory="4GB", store_chunk_rows=64, block_tokens=1024, baseline_draws=2)
+    none, three = make_plan(*args, **kw), make_plan(*args, **kw, snapshots=3)
+    assert "snapshot" not in none.flops_by_kind
+    assert three.flops_by_kind["snapshot"] == pytest.approx(
+        3 * 2 * (2.0 * 512 * 512 * 128 + 2.0 * 512 * 128 ** 2))
+    assert three.flops == pytest.approx(none.flops + three.flops_by_kind["snapshot"])
+    rates = Rates(gemm_flops_per_s=1e10, baseline_flops_per_s=2e9, tile_elements_per_s=1e6)
+    a, b = expected_seconds(none, rates), expected_seconds(three, rates)
+    assert b["baseline_gemm"] - a["baseline_gemm"] == pytest.approx(
+        three.flops_by_kind["snapshot"] / 2e9)
+    assert b["tile_max"] == pytest.approx(4 * a["tile_max"])
+
+
+def test_verification_is_in_the_plan_and_a_stream_hashes_no_store():
+    """The plan's "verify" phase: the stores' bytes hashed once as they are read plus the
+    pair files hashed twice, at the sha256 rate (by hand); a streamed reduce reads no
+    store, so only its outputs count. At the paper's shape it is a small share."""
+    from ooc_universal.plan import (PairShape, Rates, StreamShape, expected_seconds,
+                                    make_plan, verify_bytes)
+    pairs = [PairShape("b", 1024, 256)]
+    store = make_plan(4096, 1024, pairs, memory="4GB", store_chunk_rows=64)
+    assert verify_bytes(store) == 4096 * 2 * (1024 + 1024) + 2 * store.output_bytes
+    rates = Rates(hash_bytes_per_s=1e8)
+    assert expected_seconds(store, rates)["verify"] == pytest.approx(
+        verify_bytes(store) / 1e8)
+    stream = make_plan(4096, 1024, pairs, memory="4GB", store_chunk_rows=64,
+                       stream=StreamShape(positions=4096, flops_ref=1e6, flops_others=(1e6,),
+                                          resident_bytes=1 << 20, transient_bytes=1 << 20))
+    assert stream.source == "stream" and verify_bytes(stream) == 2 * stream.output_bytes
+    paper = make_plan(5_000_000, 36864, [PairShape(f"o{i}", 36864, 3072) for i in range(4)],
+                      memory="16GB", store_chunk_rows=4096)
+    secs = expected_seconds(paper, Rates())
+    assert secs["verify"] < 0.01 * secs["total"]

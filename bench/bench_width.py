@@ -80,7 +80,7 @@ PRESETS = {
     "quick": dict(layers=4, d_model=256, heads=4, d_mlp=1024, tokens=4096, window=256,
                   budgets=("auto",), peak_seconds=0.5, extract_memory="2GB", mode="quick"),
     "tiny": dict(layers=2, d_model=32, heads=2, d_mlp=128, tokens=512, window=64,
-                 budgets=("auto",), rows=32, peak_seconds=0.1, extract_memory="1GB",
+                 budgets=("auto",), rows=32, peak_seconds=0.1, extract_memory="4GB",
                  mode="tiny"),
 }
 

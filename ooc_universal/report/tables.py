@@ -19,7 +19,8 @@ from ooc_universal.report.views import (AblationView, PersistenceView, Table1Vie
                                         zoo_units)
 
 EMPTY_SET_NOTE = ("A row with 0 neurons is an empty set (no universal neuron there): nothing "
-                  "was ablated, so its 0 is no effect; the figures leave it out.")
+                  "was ablated, so it has no effect to show: its cells are '–' (the JSON "
+                  "keeps the files' zeros) and the figures leave it out.")
 ABLATION_FIELDS = tuple(SUMMARY_COLUMNS)   # formats/ablation.py's summary columns
 PERSISTENCE_FIELDS = ("definition", "reference", "aggregation", "other", "threshold", "t1",
                       "t2", "scope", "layer", "n_t1", "n_t2", "n_both", "p_persist",
@@ -181,10 +182,12 @@ def ablation_table(view: AblationView) -> Table:
         float(r["threshold"]), checkpoint_number(r["checkpoint"]), row_label(r),
         set_rank(r["set"])))
     cells = [[tau_text(r["threshold"]), step_text(checkpoint_number(r["checkpoint"])),
-              row_label(r), r["set"], str(r["n_neurons"]), sig4(r["kl"]), sig4(r["kl_se"]),
-              ci_text(r.get("kl_ci_low"), r.get("kl_ci_high")), sig4(r["delta_loss"]),
-              sig4(r["delta_loss_se"]),
-              ci_text(r.get("delta_loss_ci_low"), r.get("delta_loss_ci_high"))]
+              row_label(r), r["set"], str(r["n_neurons"])]
+             + ([MISSING] * 6 if _empty(r) else
+                [sig4(r["kl"]), sig4(r["kl_se"]),
+                 ci_text(r.get("kl_ci_low"), r.get("kl_ci_high")), sig4(r["delta_loss"]),
+                 sig4(r["delta_loss_se"]),
+                 ci_text(r.get("delta_loss_ci_low"), r.get("delta_loss_ci_high"))])
              for r in rows]
     return Table(
         f"ablation{view.suffix}", f"Ablating all universal neurons of {view.reference} vs "
@@ -223,7 +226,12 @@ def ablation_layer_table(view: AblationView, tau: float, rows: list) -> Table:
 
 
 def _value(row, metric) -> str:
-    return MISSING if row is None else sig4(row[metric])
+    return MISSING if row is None or _empty(row) else sig4(row[metric])
+
+
+def _empty(row) -> bool:
+    """An ablated set of no neurons (nothing ablated: no effect to show)."""
+    return int(row["n_neurons"]) == 0
 
 
 # ---------------------------------------------------------------------------- cards

@@ -48,6 +48,15 @@ def planted_acts(n=1000, seed=0):
     return x.astype(np.float16), y.astype(np.float16)
 
 
+def planted_triple(n=1000, mix=0.5):
+    """planted_acts' (x, y) and a second other model y2 = noise + mix * y (3 layers x 8,
+    fp16), with the generator that drew its noise (seed 9) for further draws."""
+    x, y = planted_acts(n)
+    rng = np.random.default_rng(9)
+    y2 = (rng.standard_normal((n, 24)) + mix * y.astype(np.float64)).astype(np.float16)
+    return x, y, y2, rng
+
+
 def corr64(x, y):
     """Pearson rho in float64 from the definition; zero-variance rows/cols give 0."""
     x = np.asarray(x, np.float64)

@@ -15,7 +15,7 @@ import pytest
 
 from ooc_universal.errors import OocError
 from ooc_universal.steps.reduce import reduce
-from tests.reduce_helpers import planted_acts, reference_stats, write_store
+from tests.reduce_helpers import planted_acts, planted_triple, reference_stats, write_store
 
 D_OTHER = 8
 SEEDS = [3, 4]
@@ -24,9 +24,7 @@ SEEDS = [3, 4]
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    x, y = planted_acts(1000)
-    rng = np.random.default_rng(9)
-    y2 = (rng.standard_normal((1000, 24)) + 0.5 * y.astype(np.float64)).astype(np.float16)
+    x, y, y2, _ = planted_triple(1000, mix=0.5)
     write_store(run, "ref", x, 2, 16, block_tokens=64)
     write_store(run, "oth", y, 3, D_OTHER, block_tokens=64)
     write_store(run, "oth2", y2, 3, D_OTHER, block_tokens=64)

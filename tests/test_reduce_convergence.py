@@ -13,7 +13,7 @@ from ooc_universal.config import ComputeConfig, ReduceConfig, UniversalConfig
 from ooc_universal.formats.convergence import convergence_path, read_convergence
 from ooc_universal.rundir import read_sidecar
 from ooc_universal.steps.reduce import reduce
-from tests.reduce_helpers import corr64, planted_acts, rotation64, write_store
+from tests.reduce_helpers import corr64, planted_triple, rotation64, write_store
 
 D_OTHER = 8
 SEEDS = [3, 4]
@@ -25,9 +25,7 @@ THRESHOLDS = UniversalConfig().thresholds
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv")
-    x, y = planted_acts(1000)
-    rng = np.random.default_rng(9)
-    y2 = (rng.standard_normal((1000, 24)) + 0.8 * y.astype(np.float64)).astype(np.float16)
+    x, y, y2, rng = planted_triple(1000, mix=0.8)
     # a few strong matches so the universal fractions are not all 0
     x = x.astype(np.float64)
     x[:, 0] = y2[:, 2] + 0.3 * rng.standard_normal(1000)

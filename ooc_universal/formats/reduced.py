@@ -290,13 +290,12 @@ def open_reduced(path, verify: bool = True) -> ReducedStats:
 def verify_reduced(path) -> dict:
     """Check everything a reader of the per-neuron statistics uses (attributes and every
     (N,) / (K, Na) array; the whole file when no per-dataset digests were recorded);
-    returns the sidecar record. One OocError line when it fails."""
-    from ooc_universal.rundir import read_sidecar
+    returns the file's attributes (as read_attrs). One OocError line when it fails."""
     with open_reduced(path) as stats:
         for name in ARRAYS:
             if ARRAYS[name] in stats._f:
                 stats._array(name)
-    return read_sidecar(path)
+        return dict(stats.attrs)
 
 
 # Per-dataset digests in the sidecar: what readers check instead of the whole file

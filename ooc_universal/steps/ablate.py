@@ -60,7 +60,7 @@ from ooc_universal.devices import resolve_device
 from ooc_universal.errors import OocError
 from ooc_universal.formats.ablation import (AblationFile, AblationPart, part_path, read_part,
                                             write_ablation, write_part)
-from ooc_universal.formats.reduced import list_reduced, open_reduced, read_attrs
+from ooc_universal.formats.reduced import list_reduced, open_reduced
 from ooc_universal.formats.sets import (UniversalSet, as_sets, check_sets_provenance,
                                         read_sets)
 from ooc_universal.formats.tokens import load_token_set
@@ -869,8 +869,7 @@ def _reduce_index(run_dir) -> list[tuple[Path, dict]]:
     from ooc_universal.formats.reduced import verify_reduced
     out = []
     for path in list_reduced(run_dir):
-        verify_reduced(path)
-        out.append((path, read_attrs(path)))
+        out.append((path, verify_reduced(path)))
     return out
 
 

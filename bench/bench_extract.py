@@ -116,7 +116,11 @@ def child_extract(run_dir: str, model_dir: str, memory: str, threads: int,
 def run_child(*args) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], env=env,
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:  # the child's own last line says why (e.g. --memory too small)
+        lines = out.stderr.strip().splitlines() or ["(no output)"]
+        raise SystemExit(f"bench_extract: the {args[0]} child exited {out.returncode}: "
+                         f"{lines[-1]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -28,7 +28,8 @@ FORWARD = typing.get_args(ReduceConfig.model_fields["forward_precision"].annotat
 @click.option("--precision", type=click.Choice(PRECISIONS), default=REDUCE.precision,
               show_default=True,
               help="GEMM inputs; accumulation is fp32 (fp64 for fp64). bf16 is ~2x faster on "
-                   "CPUs with AVX-512 BF16, with correlation errors up to ~2e-3.")
+                   "CPUs with AVX-512 BF16, with correlation errors up to ~2e-3; its "
+                   "rotation baseline's GEMMs run in bf16 too.")
 @click.option("--baseline-draws", default=REDUCE.baseline_draws, show_default=True, type=int,
               help="Independent random rotations for the excess-correlation baseline "
                    "(draw j uses seed + j; computed from co-moments, no second pass).")

@@ -19,10 +19,14 @@ Two drivers share the chunk / combine / finalize below:
                             come precomputed (once per draw and layer for the whole
                             reduce, rotated_scales_fast), folded into the rotation
                             R' = diag(iv) R, and each strip is one GEMM C_strip R'^T in
-                            C's dtype (fp32 for fp32/bf16 runs) and a row max, times
-                            1/sqrt(m2_x). Measured against the float64 driver on the same
-                            C at d = 3072 (8,192 tokens, isotropic and low-rank layers):
-                            max |difference| 2.6e-7.
+                            the run's compute dtype and a row max, times 1/sqrt(m2_x).
+                            Measured against the float64 driver on the same C at
+                            d = 3072 (8,192 tokens, isotropic and low-rank layers): max
+                            |difference| 2.6e-7 in fp32. A bf16 run forms the strips'
+                            GEMMs (and R S) in bf16 too, at the bf16 GEMM rate: the
+                            strips are cast from the fp32 C, oneDNN accumulates in fp32
+                            and rounds the product to bf16 (2^-9 relative), the max and
+                            the scales' row sums stay float64.
 """
 from __future__ import annotations
 
@@ -177,14 +181,19 @@ def rotation_baseline(c, m2_x, self_comoment, seeds, d: int, *, row_strip: int =
 
 # ------------------------------------------------- the reduce's baseline (scaled rotations)
 
-def rotated_scales_fast(s_layer, r32, zero_tol: float = 0.0) -> np.ndarray:
+def rotated_scales_fast(s_layer, r32, zero_tol: float = 0.0, dtype=None) -> np.ndarray:
     """1/sqrt(diag(R S R^T)) (d,) float64 from a (d, d) float32 rotation: one GEMM
-    R S in the rotation's dtype, the row sums in float64. s_layer: (d, d) numpy or
-    torch (any device); r32: rotation_matrix(...).astype(float32) (or float64)."""
+    R S in `dtype` (default the rotation's; torch.bfloat16 in a bf16 run), the
+    products with R and the row sums in float64. s_layer: (d, d) numpy or torch (any
+    device); r32: rotation_matrix(...).astype(float32) (or float64)."""
     import torch
     r = torch.as_tensor(r32)
-    s = torch.as_tensor(s_layer).to(device=r.device, dtype=r.dtype)
-    var = torch.mm(r, s).mul_(r).sum(1, dtype=torch.float64)
+    dtype = dtype or r.dtype
+    s = torch.as_tensor(s_layer).to(device=r.device, dtype=dtype)
+    if dtype == r.dtype:
+        var = torch.mm(r, s).mul_(r).sum(1, dtype=torch.float64)
+    else:  # the GEMM in the low precision, its rounded product times the exact R
+        var = torch.mm(r.to(dtype), s).to(r.dtype).mul_(r).sum(1, dtype=torch.float64)
     return inv_sqrt(var, zero_tol)
 
 
@@ -213,25 +222,35 @@ def scaled_strip_max(c_strip, r_scaled, ix, out=None) -> np.ndarray:
 
 def rotation_baseline_scaled(c, m2_x, scaled_rotations, n_draws: int, d: int, *,
                              row_strip: int = ROW_STRIP, zero_tol: float = 0.0,
-                             zero_rows=None) -> np.ndarray:
+                             zero_rows=None, dtype=None) -> np.ndarray:
     """Baseline row maxima (n_draws, I) float64, as rotation_baseline, from scaled
     rotations: scaled_rotations(j, layer) -> R'_{j,l} = scaled_rotation(R, iv) (torch,
     C's dtype). c: (I, L * d) numpy array or torch tensor of co-moment sums; only a
-    (row_strip, d) product is formed at a time."""
+    (row_strip, d) product is formed at a time. `dtype` (torch; default C's): the
+    GEMMs' dtype; another one (bf16 in a bf16 run) casts each strip into one reused
+    buffer and each R' once, R'^T made contiguous (row-major operands)."""
     import torch
     c = torch.as_tensor(c)
+    dtype = dtype or c.dtype
     n_rows, n_cols = c.shape
     n_layers = _layer_count(c.shape, m2_x, d)
     ix = inv_sqrt(m2_x, zero_tol)
     acc = baseline_init(n_draws, n_rows)
-    out = torch.empty(min(row_strip, max(n_rows, 1)), d, dtype=c.dtype, device=c.device)
+    rows = min(row_strip, max(n_rows, 1))
+    out = torch.empty(rows, d, dtype=dtype, device=c.device)
+    cast = torch.empty(rows, d, dtype=dtype, device=c.device) if dtype != c.dtype else None
     for j in range(n_draws):
         for layer in range(n_layers):
             rp = scaled_rotations(j, layer)
+            if cast is not None:
+                rp = rp.to(dtype).T.contiguous().T
             cols = slice(layer * d, (layer + 1) * d)
             for a in range(0, n_rows, row_strip):
                 b = min(n_rows, a + row_strip)
-                part = scaled_strip_max(c[a:b, cols], rp, ix[a:b], out[:b - a])
+                strip = c[a:b, cols]
+                if cast is not None:
+                    strip = cast[:b - a].copy_(strip)
+                part = scaled_strip_max(strip, rp, ix[a:b], out[:b - a])
                 baseline_combine_(acc[j, a:b], part)
     return baseline_finalize(acc, zero_rows)
 

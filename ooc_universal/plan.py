@@ -537,7 +537,7 @@ def _too_small(memory, pairs, n_tokens, chunk, shape) -> str:
     block = min(chunk, cap)
     need = _required(1, [[i] for i in range(len(pairs))], pairs, block, shape)
     return (f"memory budget {memory} is too small for the reduce (needs at least "
-            f"{need / 1e9:.2f} GB: one reference row against the widest other model, "
+            f"{math.ceil(need / 1e7) / 100:.2f} GB: one reference row against the widest other model, "
             f"its self co-moments and the overhead); raise --memory")
 
 
@@ -695,8 +695,8 @@ GEMM_HALF_EFFICIENCY_ROWS = 256  # a GEMM of k inner rows runs at k / (k + 256) 
 class Rates:
     """The machine's rates the time model uses (measure_rates measures them)."""
     gemm_flops_per_s: float = 1e11       # the fold's strip update at the plan's shape
-    baseline_flops_per_s: float = 0.0    # the baseline's GEMMs (C's dtype: fp32 unless
-                                         # fp64); 0: the same as gemm_flops_per_s
+    baseline_flops_per_s: float = 0.0    # the baseline's GEMMs (the run's precision);
+                                         # 0: the same as gemm_flops_per_s
     centre_elements_per_s: float = 4e8   # fp16 -> centred compute dtype (two passes)
     tile_elements_per_s: float = 8e8     # normalise + row/col max over a co-moment tile
     disk_bytes_per_s: float = 1e9        # checkpoints written (fsynced) and read back
@@ -1009,8 +1009,7 @@ def measure_rates(plan: ReducePlan, work_dir=None, seconds: float = 1.0) -> Rate
     block strip, the tile max, drawing normals, and (given a directory) writing and
     fsyncing a checkpoint-sized file there."""
     gemm = measure_strip_update(plan, seconds)
-    base = measure_gemm(plan.device, "fp64" if plan.precision == "fp64" else "fp32",
-                        baseline_shape(plan), seconds)
+    base = measure_gemm(plan.device, plan.precision, baseline_shape(plan), seconds)
     wall = {"gemm_flops_per_s": gemm["wall"], "baseline_flops_per_s": base["wall"]}
     cpu = {"gemm_flops_per_s": gemm["cpu"], "baseline_flops_per_s": base["cpu"]}
     measured = ["strip update", "baseline gemm"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import threading
@@ -81,10 +82,14 @@ def existing_parent(path) -> Path:
     return path
 
 
-def human_bytes(n: float) -> str:
+def human_bytes(n: float, up: bool = False) -> str:
+    """'1.2 GB'; `up` rounds up, for a minimum ("raise --memory to at least ...") that
+    must not print as the value just refused."""
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+            if unit == "B":
+                return f"{math.ceil(n) if up else int(n)} B"
+            return f"{math.ceil(n * 10) / 10 if up else n:.1f} {unit}"
         n /= 1000.0
     return f"{n:.1f} PB"
 

@@ -505,6 +505,37 @@ def test_scaled_baseline_matches_the_float64_baseline(dtype, tol):
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
+def test_scaled_baseline_in_bf16_is_a_bf16_computation_within_its_bound():
+    """A bf16 reduce's baseline: the fp32 C and rotations, GEMMs (R S and C_strip R'^T)
+    in bf16. Against rotation_baseline (float64 throughout): within 2e-3 (the bf16
+    correlation bound), and not the fp32 result (so the bf16 GEMMs really ran). Layers
+    of 384 neurons with a weak shared factor, as real layers are wide and their
+    baseline correlations small (each product is rounded to bf16: 2^-9 relative)."""
+    rng = np.random.default_rng(4)
+    n, na, layers, d = 1024, 40, 2, 384
+    z = rng.standard_normal((n, 3))
+    x = (z @ rng.standard_normal((3, na)) * 0.3 + rng.standard_normal((n, na)))
+    y = (z @ rng.standard_normal((3, layers * d)) * 0.3
+         + rng.standard_normal((n, layers * d)))
+    x, y = (np.maximum(v, -0.17).astype(np.float16).astype(np.float64) for v in (x, y))
+    ref = ref_moments(x, y)
+    yc = y - y.mean(0)
+    layers = y.shape[1] // d
+    s = np.stack([yc[:, l * d:(l + 1) * d].T @ yc[:, l * d:(l + 1) * d] for l in range(layers)])
+    want = rot.rotation_baseline(ref["c"], ref["m2_x"], s, [7], d)
+    r32 = {l: rot.rotation_matrix(7, l, d).astype(np.float32) for l in range(layers)}
+    out = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        iv = {l: rot.rotated_scales_fast(s[l], r32[l], dtype=dtype) for l in range(layers)}
+        out[name] = rot.rotation_baseline_scaled(
+            ref["c"].astype(np.float32), ref["m2_x"],
+            lambda j, l: rot.scaled_rotation(torch.from_numpy(r32[l]), iv[l]),
+            1, d, row_strip=3, dtype=dtype)
+    np.testing.assert_allclose(out["fp32"], want, rtol=0, atol=1e-6)
+    err = np.abs(out["bf16"] - want).max()
+    assert 1e-6 < err <= 2e-3, err
+
+
 # ------------------------------------------------- centring: numba (CPU) vs torch (CUDA)
 
 def test_numba_fp16_decode_is_exact_for_every_bit_pattern():

@@ -335,7 +335,7 @@ def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
             f"(torch, weights, token set), {N_BUFFERS} store blocks take "
             f"{human_bytes(N_BUFFERS * chunk_bytes)} and one window {human_bytes(per)}; "
             "raise --memory to at least "
-            f"{human_bytes(fixed + per)}")
+            f"{human_bytes(fixed + per, up=True)}")
     cuda = str(device).startswith("cuda")
     cap = MAX_BATCH_TOKENS["cuda" if cuda else "cpu"]
     if not cuda:

@@ -837,7 +837,7 @@ def _add_self_tasks(graph, plan, job, work, pairs, rotations) -> tuple[list, lis
         scales.append(graph.add("scales", (i,), f"rotated scales ({meta['label']})",
                                 scales_task, str(work.path), i, selfs[i],
                                 rotations[meta["d_mlp"]], job.settings.baseline_draws,
-                                plan.device))
+                                plan.device, plan.precision))
     return selfs, scales
 
 
@@ -1174,7 +1174,8 @@ class _FusedSelf:
                                f"{int(acc['n'])} folded; delete the reduce's .work "
                                "folder and run the same command again")
             self.snaps[self.key(j, count)] = _self_snapshot_scales(
-                acc, rotation_paths[j], d, self.task.n_draws, self.task.device)
+                acc, rotation_paths[j], d, self.task.n_draws, self.task.device,
+                self.task.precision)
 
     def records(self) -> list:
         return _numpy(self.accs)
@@ -1192,7 +1193,7 @@ class _FusedSelf:
         self.accs = None
         for j, i in enumerate(self.task.self_indices):
             scales_task(str(work.path), i, self_paths[j], rotation_paths[j],
-                        self.task.n_draws, self.task.device)
+                        self.task.n_draws, self.task.device, self.task.precision)
 
 
 def fold_self_after(task: SelfTask, rotations_path, fold_path: str) -> str:
@@ -1390,7 +1391,7 @@ def _snapshot_scales(self_path, count: int) -> np.ndarray:
 
 
 def _self_snapshot_scales(acc: dict, rotations_path: str, d: int, n_draws: int,
-                          device: str) -> np.ndarray:
+                          device: str, precision: str = "fp32") -> np.ndarray:
     """iv (draws, L, d) of the self co-moments folded so far, as scales_task computes
     them from the finished ones."""
     from ooc_universal.kernels.rotation import rotated_scales_fast
@@ -1402,7 +1403,8 @@ def _self_snapshot_scales(acc: dict, rotations_path: str, d: int, n_draws: int,
             s_dev = acc["s"][layer]
             for j in range(n_draws):
                 iv[j, layer] = rotated_scales_fast(
-                    s_dev, _on_device(rotations.get(j, layer), device))
+                    s_dev, _on_device(rotations.get(j, layer), device),
+                    dtype=_baseline_dtype(precision))
     return iv
 
 
@@ -1492,8 +1494,8 @@ def fold_self(task: SelfTask, rotations_path: str | None = None) -> str:
                     raise OocError(f"reduce self snapshot at {count} tokens found "
                                    f"{int(acc['n'])} folded; delete the reduce's .work "
                                    "folder and run the same command again")
-                snaps[_iv_key(count)] = _self_snapshot_scales(acc, rotations_path, task.d,
-                                                              task.n_draws, task.device)
+                snaps[_iv_key(count)] = _self_snapshot_scales(
+                    acc, rotations_path, task.d, task.n_draws, task.device, task.precision)
         n_done += 1
         seg += 1
         faults.point("reduce.self.block")
@@ -1586,9 +1588,10 @@ class Rotations:
 
 
 def scales_task(work_dir: str, i: int, self_path: str, rotations_path: str, n_draws: int,
-                device: str) -> str:
+                device: str, precision: str = "fp32") -> str:
     """iv (K, L, d) = 1/sqrt(diag(R S R^T)) of other model i, once per draw and layer
-    for the whole reduce: one GEMM R S in the rotations' dtype per (draw, layer)."""
+    for the whole reduce: one GEMM R S per (draw, layer), in the rotations' dtype (bf16
+    in a bf16 run: _baseline_dtype)."""
     from ooc_universal.kernels.rotation import rotated_scales_fast
     work = WorkDir(work_dir)
     path = work.scales_path(i)
@@ -1607,10 +1610,19 @@ def scales_task(work_dir: str, i: int, self_path: str, rotations_path: str, n_dr
                 rotations = Rotations(rotations_path, d, _rotation_dtype(rotations_path))
             s_dev = _on_device(s_layer, device)
             for j in range(n_draws):
-                iv[j, layer] = rotated_scales_fast(s_dev, _on_device(rotations.get(j, layer),
-                                                                     device))
+                iv[j, layer] = rotated_scales_fast(
+                    s_dev, _on_device(rotations.get(j, layer), device),
+                    dtype=_baseline_dtype(precision))
         work.save(path, {"iv": iv}, "scales")
     return str(path)
+
+
+def _baseline_dtype(precision: str):
+    """The dtype of the baseline's GEMMs (C R'^T, R S): bf16 in a bf16 run, so that they
+    run at the bf16 rate like the fold (README "Precision"); None otherwise (the
+    rotations' own fp32/fp64)."""
+    import torch
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def _rotation_dtype(path) -> str:
@@ -1720,9 +1732,11 @@ def _pair_numpy(state: dict, i: int) -> dict:
     return {"n": int(state[f"acc{i}_n"]), **{k: state[f"acc{i}_{k}"] for k in ACC_KEYS}}
 
 
-def _baseline(c, m2_x, iv, rotation_path, d: int, n_draws: int) -> np.ndarray:
+def _baseline(c, m2_x, iv, rotation_path, d: int, n_draws: int,
+              precision: str = "fp32") -> np.ndarray:
     """The rotation baseline (n_draws, rows) f64 of co-moments c from the rotated
-    scales iv (K, L, d) and the rotations file (one scaled rotation at a time)."""
+    scales iv (K, L, d) and the rotations file (one scaled rotation at a time), its
+    GEMMs in _baseline_dtype(precision)."""
     import torch
 
     from ooc_universal.kernels.rotation import rotation_baseline_scaled, scaled_rotation
@@ -1732,7 +1746,8 @@ def _baseline(c, m2_x, iv, rotation_path, d: int, n_draws: int) -> np.ndarray:
     def rotations(j, layer):
         return scaled_rotation(reader.get(j, layer), iv[j, layer], out=scaled)
     return rotation_baseline_scaled(c, m2_x, rotations, n_draws, d,
-                                    row_strip=BASELINE_ROW_STRIP)
+                                    row_strip=BASELINE_ROW_STRIP,
+                                    dtype=_baseline_dtype(precision))
 
 
 def _row_max_and_baseline(acc: dict, iv, rotation_path, d: int, settings) -> tuple:
@@ -1744,7 +1759,8 @@ def _row_max_and_baseline(acc: dict, iv, rotation_path, d: int, settings) -> tup
     m2_x = np.asarray(acc["m2_x"], np.float64)
     m2_y = np.asarray(acc["m2_y"], np.float64)
     row_max = tile_max(acc["c"], m2_x, m2_y)[0]
-    base = _baseline(acc["c"], m2_x, iv, rotation_path, d, settings["baseline_draws"])
+    base = _baseline(acc["c"], m2_x, iv, rotation_path, d, settings["baseline_draws"],
+                     settings["precision"])
     zero = m2_x <= 0
     row_max = np.where(zero, 0.0, row_max).astype(out_dtype)
     base = base.astype(out_dtype)
@@ -1770,7 +1786,8 @@ def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
         res[f"p{i}_{k}"] = np.asarray(acc[k]) if k != "n" else np.int64(acc[k])
     iv = work.load(Path(scale_path), ("iv",))["iv"]  # (K, L, d)
     with TIMINGS.phase("baseline"):
-        base = _baseline(c, m2_x, iv, rotation_path, d, settings["baseline_draws"])
+        base = _baseline(c, m2_x, iv, rotation_path, d, settings["baseline_draws"],
+                         settings["precision"])
     res[f"p{i}_baseline"] = base.astype(out_dtype)
     if settings["keep_covariance"]:
         res[f"p{i}_c"] = c.astype(np.float32, copy=False)

@@ -536,8 +536,9 @@ def _too_small(memory, pairs, n_tokens, chunk, shape) -> str:
     cap = math.ceil(n_tokens / chunk) * chunk
     block = min(chunk, cap)
     need = _required(1, [[i] for i in range(len(pairs))], pairs, block, shape)
+    need_gb = math.ceil(need / 1e7) / 100  # rounded up: never the budget just refused
     return (f"memory budget {memory} is too small for the reduce (needs at least "
-            f"{math.ceil(need / 1e7) / 100:.2f} GB: one reference row against the widest other model, "
+            f"{need_gb:.2f} GB: one reference row against the widest other model, "
             f"its self co-moments and the overhead); raise --memory")
 
 

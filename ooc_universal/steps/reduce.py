@@ -1619,7 +1619,7 @@ def scales_task(work_dir: str, i: int, self_path: str, rotations_path: str, n_dr
 
 def _baseline_dtype(precision: str):
     """The dtype of the baseline's GEMMs (C R'^T, R S): bf16 in a bf16 run, so that they
-    run at the bf16 rate like the fold (README "Precision"); None otherwise (the
+    run at the bf16 rate like the fold (README "Conventions"); None otherwise (the
     rotations' own fp32/fp64)."""
     import torch
     return torch.bfloat16 if precision == "bf16" else None

@@ -579,10 +579,10 @@ def format_markdown(doc: dict, heading: str = "#") -> str:
         f"goals are printed, not asserted.", "",
         f"Command: `ooc-universal bench {' '.join(c['argv'])}`".rstrip(), "",
         *[f"{w}\n" for w in warnings_of(doc)],
-        format_table(doc["figures"]), "",
-        f"{heading}# Projection", "",
-        format_projection(doc["projection"]),
+        format_table(doc["figures"]),
     ]
+    if doc["projection"]["stages"]:  # a run of parts that measure a stage's rate
+        lines += ["", f"{heading}# Projection", "", format_projection(doc["projection"])]
     return "\n".join(lines) + "\n"
 
 
@@ -652,14 +652,25 @@ def load_results(path) -> dict:
     return doc
 
 
+def readme_markers(parts) -> tuple:
+    """The README markers a run of `parts` writes between: the whole suite's table for the
+    default parts, its own block (e.g. `<!-- bench-width:begin -->`) for any other set, so
+    that `--only width --update-readme` never overwrites the suite's table."""
+    if not parts or tuple(parts) == PARTS:
+        return BEGIN, END
+    name = "-".join(parts)
+    return f"<!-- bench-{name}:begin -->", f"<!-- bench-{name}:end -->"
+
+
 def update_readme(readme, doc: dict) -> Path:
-    """Replace the text between the bench markers of `readme` with this run's tables."""
+    """Replace the text between this run's bench markers of `readme` with its tables."""
     path = Path(readme)
     text = path.read_text()
-    i, j = text.find(BEGIN), text.find(END)
+    begin, end = readme_markers(tuple(doc.get("parts") or ()))
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise OocError(f"{path} has no '{BEGIN}' ... '{END}' block; add the two markers "
-                         "where the table should go")
+        raise OocError(f"{path} has no '{begin}' ... '{end}' block; add the two markers "
+                       "where the table should go")
     block = format_markdown(doc, heading="###")
-    path.write_text(text[:i + len(BEGIN)] + "\n" + block + text[j:])
+    path.write_text(text[:i + len(begin)] + "\n" + block + text[j:])
     return path

@@ -35,7 +35,9 @@ from ooc_universal.cli.options import (device_option, echo_json, json_option, pr
 @click.option("--machine", default=None,
               help="Name of the result files [a slug of device, cores and CPU model].")
 @click.option("--update-readme", is_flag=True,
-              help="Rewrite the table between the bench markers of README.md.")
+              help="Rewrite the table between the bench markers of README.md "
+                   "(<!-- bench:begin/end --> for the whole suite, <!-- bench-width:"
+                   "begin/end --> for --only width, likewise for other parts).")
 @click.option("--readme", default=None, type=click.Path(dir_okay=False, exists=True),
               help="README to update with --update-readme [the checkout's README.md].")
 @click.option("--from-json", "from_json", default=None,

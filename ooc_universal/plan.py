@@ -130,7 +130,7 @@ class ReducePlan:
     device: str
     precision: str
     memory_bytes: int
-    block_tokens: int           # token rows per GEMM (a multiple of the store chunk rows)
+    block_tokens: int           # token rows per GEMM (see _block_options)
     store_chunk_rows: int
     groups: list                # [[pair index, ...]] reduced together in one pass
     panels: list                # [(row start, row stop)] over reference neurons
@@ -154,6 +154,7 @@ class ReducePlan:
     # fold of their group, from the same forward passes (no self pass of their own)
     self_fused: bool = False
     snapshots: int = 0          # convergence snapshots below the total token count
+    snapshot_counts: tuple = ()  # their token counts, where known (they cut blocks)
     notes: list = field(default_factory=list)
 
     @property
@@ -162,6 +163,11 @@ class ReducePlan:
 
     def block_bounds(self, b: int) -> tuple[int, int]:
         return b * self.block_tokens, min(self.n_tokens, (b + 1) * self.block_tokens)
+
+    def spans(self) -> list:
+        """The (start, stop) token rows of every GEMM the fold runs: the blocks, each cut
+        at the snapshot counts inside it (steps/reduce.py _block_spans)."""
+        return token_spans(self.n_tokens, self.block_tokens, self.snapshot_counts)
 
     def chain_blocks(self, chain: int) -> range:
         """The contiguous range of blocks that chain `chain` folds."""
@@ -386,7 +392,7 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
               block_tokens: int | None = None, max_panels: int | None = None,
               baseline_draws: int = 1, keep_covariance: bool = False,
               blocks_per_segment: int | None = None,
-              stream: StreamShape | None = None, snapshots: int = 0) -> ReducePlan:
+              stream: StreamShape | None = None, snapshots=0) -> ReducePlan:
     """Choose groups, panels, block size and chains for `pairs` (list of PairShape).
 
     `stream`: the blocks come from forward passes (sources.py), not stores: no store
@@ -396,6 +402,9 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
     `n_workers` > 1 (a cluster) splits the tokens into that many chains per
     (group, panel), each on its own worker, merged at the end (Chan merge).
     `max_panels` forces that many panels (tests, and 'memory halved' in the bench).
+    `snapshots`: the convergence snapshots' token counts below the total (or just how
+    many): each cuts the block it falls in, so the block size that keeps the cut spans
+    long is preferred.
     """
     if n_tokens < 2:
         raise OocError(f"need at least 2 token positions to correlate, got {n_tokens}")
@@ -403,10 +412,13 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
         raise OocError(f"unknown precision {precision!r}; expected fp32, bf16 or fp64")
     memory_bytes = parse_bytes(memory)
     chunk = max(1, int(store_chunk_rows))
+    counts = () if isinstance(snapshots, int) else tuple(sorted(int(c) for c in snapshots))
+    n_snapshots = max(0, snapshots) if isinstance(snapshots, int) else len(counts)
     shape = dict(n_ref=n_ref, chunk=chunk, precision=precision, device=str(device),
                  draws=baseline_draws, chains=max(1, int(n_workers)),
                  keep_covariance=keep_covariance, stream=stream,
-                 snapshots=max(0, int(snapshots)))
+                 snapshots=n_snapshots,
+                 snapshot_counts=counts)
     best = None
     # a stream of one chain may fold the others' self co-moments in the first panel's
     # pass (one forward pass fewer per other model, their accumulators held meanwhile)
@@ -414,12 +426,12 @@ def make_plan(n_tokens: int, n_ref: int, pairs: list, *, memory="4GB", device="c
     for fused in fuse_options:
         cut_shape = {**shape, "self_fused": fused}
         for groups in _group_options(len(pairs)):
-            for block in _block_options(n_tokens, chunk, device, block_tokens):
+            for block in _block_options(n_tokens, chunk, device, block_tokens, counts):
                 cand = _fit(groups, pairs, block, memory_bytes, max_panels, cut_shape)
                 if cand is None:
                     continue
                 cand["self_fused"] = fused
-                key = _candidate_key(cand, pairs, n_tokens, device, stream)
+                key = _candidate_key(cand, pairs, n_tokens, device, stream, counts)
                 if best is None or key < best[0]:
                     best = (key, cand)
     if best is None:
@@ -434,17 +446,50 @@ def _group_options(n_pairs: int):
         yield [list(range(i, min(n_pairs, i + g))) for i in range(0, n_pairs, g)]
 
 
-def _block_options(n_tokens: int, chunk: int, device, block_tokens) -> list:
-    """Token rows per block: multiples of the store's chunk rows, largest first."""
+def _block_options(n_tokens: int, chunk: int, device, block_tokens, counts=()) -> list:
+    """Token rows per block, largest first: multiples of the store's chunk rows, and the
+    powers of two themselves (4,096 against 4,032 for 448-row chunks), which the
+    doubling snapshot counts (1,024, 2,048, ...) fall on, so that no block is cut into a
+    sliver (a GEMM of 64 inner rows costs its full output traffic for 2 % of the work).
+    A block needs no chunk alignment: a block's rows are read chunk by chunk."""
     if block_tokens is not None:
         blocks = [max(chunk, (int(block_tokens) // chunk) * chunk)]
     else:
         # big blocks keep the GEMM efficient; smaller ones leave room for accumulators
         top = 8192 if str(device).startswith("cuda") else 4096
-        blocks = sorted({max(chunk, (b // chunk) * chunk)
-                         for b in (top, top // 2, top // 4, top // 8)}, reverse=True)
+        sizes = (top, top // 2, top // 4, top // 8)
+        blocks = {max(chunk, (b // chunk) * chunk) for b in sizes}
+        blocks |= {b for b in sizes if b >= chunk}
     cap = math.ceil(n_tokens / chunk) * chunk
     return sorted({min(b, cap) for b in blocks}, reverse=True)
+
+
+def _cut_text(plan) -> str:
+    """', cut into 4 spans by 3 snapshot counts' when the snapshots cut blocks."""
+    counts = getattr(plan, "snapshot_counts", ())
+    n_spans = len(plan.spans()) if counts else plan.n_blocks
+    if n_spans == plan.n_blocks:
+        return ""
+    return f", {n_spans:,} GEMM spans: cut at {len(counts)} snapshot counts"
+
+
+def token_spans(n_tokens: int, block_tokens: int, counts=()) -> list:
+    """(start, stop) of every block of `block_tokens` rows, cut at the `counts` inside."""
+    out = []
+    for s in range(0, n_tokens, block_tokens):
+        e = min(n_tokens, s + block_tokens)
+        edges = [s, *sorted(c for c in counts if s < c < e), e]
+        out += list(zip(edges[:-1], edges[1:]))
+    return out
+
+
+def span_efficiency(n_tokens: int, block_tokens: int, counts=()) -> float:
+    """GEMM time of the cut spans over that of whole blocks, at k / (k + H) of peak for
+    k inner rows (GEMM_HALF_EFFICIENCY_ROWS): >= 1, 1 when no count cuts a block."""
+    h = GEMM_HALF_EFFICIENCY_ROWS
+    blocks = math.ceil(n_tokens / block_tokens)
+    return (n_tokens + h * len(token_spans(n_tokens, block_tokens, counts))) / \
+        (n_tokens + h * blocks)
 
 
 def _cut(rows: int, grp: list, pairs: list, block: int, shape: dict) -> _Cut:
@@ -493,7 +538,8 @@ def _max_rows(groups, pairs, block, memory_bytes, shape) -> int:
     return lo
 
 
-def _candidate_key(cand: dict, pairs: list, n_tokens: int, device, stream=None) -> tuple:
+def _candidate_key(cand: dict, pairs: list, n_tokens: int, device, stream=None,
+                   counts=()) -> tuple:
     """GPU: fewest bytes read (or forward passes), then fewest panels (it is IO-bound).
     CPU: least estimated time at default rates (a small block costs GEMM efficiency, a
     panel more centring and reads, or forward passes); ties to fewer panels, larger
@@ -505,16 +551,19 @@ def _candidate_key(cand: dict, pairs: list, n_tokens: int, device, stream=None) 
         reads = ref_passes + other_passes * len(pairs)
     if str(device).startswith("cuda"):
         return (reads, cand["n_panels"], -cand["block"])
-    secs = _rough_seconds(cand, pairs, n_tokens, stream)
+    secs = _rough_seconds(cand, pairs, n_tokens, stream, counts)
     return (round(secs, 6), cand["n_panels"], -cand["block"])
 
 
-def _rough_seconds(cand: dict, pairs: list, n_tokens: int, stream=None) -> float:
-    """Time of a candidate cut at DEFAULT_RATES, the GEMM slowed by a short block."""
+def _rough_seconds(cand: dict, pairs: list, n_tokens: int, stream=None,
+                   counts=()) -> float:
+    """Time of a candidate cut at DEFAULT_RATES, the GEMM slowed by short spans (each
+    block, and each piece of one that a snapshot count cuts, at k / (k + H) of peak)."""
     r = DEFAULT_RATES
-    eff = cand["block"] / (cand["block"] + GEMM_HALF_EFFICIENCY_ROWS)
+    spans = len(token_spans(n_tokens, cand["block"], counts))
     na, nb = cand["n_ref"], sum(p.n_other for p in pairs)
-    gemm = 2.0 * n_tokens * na * nb / (r.gemm_flops_per_s * eff)
+    gemm = 2.0 * (n_tokens + GEMM_HALF_EFFICIENCY_ROWS * spans) * na * nb / \
+        r.gemm_flops_per_s
     elements = n_tokens * (na * len(cand["groups"]) + nb * cand["n_panels"])
     if stream is not None:
         fwd = _forward_flops(stream, len(cand["groups"]), cand["n_panels"],
@@ -571,6 +620,7 @@ def _build(cand, pairs, n_tokens, memory_bytes, shape, blocks_per_segment) -> Re
     plan.required_bytes = with_margin(plan.peak_bytes)
     plan.bytes_read = _bytes_read(plan)
     plan.snapshots = shape.get("snapshots", 0)  # their finalizes are in the FLOPs
+    plan.snapshot_counts = tuple(shape.get("snapshot_counts", ()))
     plan.flops_by_kind = _flops_by_kind(plan)
     plan.flops = sum(plan.flops_by_kind.values())
     plan.work_disk_bytes = _work_disk_bytes(plan)
@@ -754,7 +804,9 @@ def _phase_seconds(plan: ReducePlan, rates: Rates) -> dict:
     chains = max(1, plan.n_chains)
     kinds = plan.flops_by_kind
     base_rate = rates.baseline_flops_per_s or rates.gemm_flops_per_s
-    out = {"gemm": (kinds.get("cross", 0.0) / chains + kinds.get("self", 0.0))
+    # the rate is measured at whole blocks; the spans snapshot counts cut run slower
+    cut = span_efficiency(n, plan.block_tokens, getattr(plan, "snapshot_counts", ()))
+    out = {"gemm": (kinds.get("cross", 0.0) / chains + kinds.get("self", 0.0)) * cut
            / rates.gemm_flops_per_s,
            "baseline_gemm": (kinds.get("baseline", 0.0) + kinds.get("scales", 0.0)
                              + kinds.get("snapshot", 0.0)) / base_rate}
@@ -812,8 +864,8 @@ def describe(plan: ReducePlan, rates: "Rates | float | None" = None) -> str:
         f"reduce plan: {plan.n_tokens:,} tokens x {plan.n_ref:,} reference neurons, "
         f"{len(plan.pairs)} pair(s), device {plan.device}, precision {plan.precision}"
         + (", blocks from forward passes (stream)" if plan.source == "stream" else ""),
-        f"  token block   {plan.block_tokens:,} rows ({plan.n_blocks:,} blocks; "
-        f"checkpoint every {plan.blocks_per_segment} blocks)",
+        f"  token block   {plan.block_tokens:,} rows ({plan.n_blocks:,} blocks"
+        f"{_cut_text(plan)}; checkpoint every {plan.blocks_per_segment} blocks)",
         f"  groups        {len(plan.groups)} pass(es): {plan.groups}",
         f"  panels        {len(plan.panels)} of ~{plan.panel_rows:,} rows",
         f"  chains        {plan.n_chains} per (group, panel); fold tasks {plan.n_fold_tasks}",

@@ -398,7 +398,15 @@ def _reduce_plan(cfg: RunConfig, n_neurons: int, d_mlp: int, device: str = "cpu"
                      device=device, precision=cfg.reduce.precision,
                      store_chunk_rows=STREAM_BLOCK_ROWS if stream else 64,
                      baseline_draws=cfg.reduce.baseline_draws,
-                     keep_covariance=cfg.reduce.keep_covariance, stream=stream)
+                     keep_covariance=cfg.reduce.keep_covariance, stream=stream,
+                     snapshots=_snapshot_counts(cfg))
+
+
+def _snapshot_counts(cfg: RunConfig) -> tuple:
+    """The reduce's convergence snapshot counts below the total (steps/reduce.py)."""
+    from ooc_universal.kernels.convergence import snapshot_counts
+    n, first = cfg.tokens.n_tokens, cfg.reduce.convergence_first
+    return tuple(snapshot_counts(n, first)[:-1]) if first and n >= 2 else ()
 
 
 def pair_outputs(cfg: RunConfig, run_dir, specs: dict, refs: list, checkpoint) -> list:
@@ -470,7 +478,8 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
     echo("  " + describe(plan, rates).replace("\n", "\n  "))
     gpu_plan = make_plan(cfg.tokens.n_tokens, n_neurons, pairs, memory=f"{gpu_mem_gb}GB",
                          device="cuda", precision="bf16", store_chunk_rows=64,
-                         baseline_draws=cfg.reduce.baseline_draws)
+                         baseline_draws=cfg.reduce.baseline_draws,
+                         snapshots=_snapshot_counts(cfg))
     t_gpu = max(gpu_plan.flops / (gpu_tflops * 1e12), gpu_plan.bytes_read / (disk_gbps * 1e9))
     out.update(reduce_flops=plan.flops * n_ck, reduce_peak_bytes=plan.peak_bytes,
                reduce_seconds_here=expected_seconds(plan, rates)["total"] * n_ck,

@@ -126,6 +126,12 @@ def test_inputs_are_checked(tmp_path):
     no_markers.write_text("# no markers\n")
     with pytest.raises(OocError, match="bench:begin"):
         suite.update_readme(no_markers, {})
+    # a run of other parts writes its own block, never the whole suite's table
+    assert suite.readme_markers(("width",)) == ("<!-- bench-width:begin -->",
+                                                "<!-- bench-width:end -->")
+    assert suite.readme_markers(suite.PARTS) == (suite.BEGIN, suite.END)
+    with pytest.raises(OocError, match="bench-width:begin"):
+        suite.update_readme(no_markers, {"parts": {"width": {}}})
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--only", "nope", "--out", str(tmp_path)])
     assert exc.value.code == 2

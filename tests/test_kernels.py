@@ -574,3 +574,18 @@ def test_numba_and_torch_centring_agree_with_float64(dtype, src):
     a, b = got["numba"][2].double(), got["torch"][2].double()
     ulp = {F32: 2 ** -20, BF16: 2 ** -5, F64: 2 ** -45}[dtype]
     assert (a - b).abs().max() <= ulp * (1 + b.abs().max())
+
+
+def test_huge_page_advice_only_on_large_untouched_cpu_tensors():
+    import os
+
+    import torch
+
+    from ooc_universal.kernels.comoments import advise_huge_pages, empty_comoments
+    assert advise_huge_pages(torch.empty(16, 16)) is False  # small: nothing asked
+    big = torch.empty(4096, 4097)  # 64 MiB and more
+    thp = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp:  # Linux with transparent huge pages: the advice is taken
+        assert advise_huge_pages(big) is True
+    acc = empty_comoments(4096, 4097)  # advised, then zeroed: the values are zeros
+    assert acc["c"].shape == (4096, 4097) and not acc["c"].any()

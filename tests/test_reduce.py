@@ -318,3 +318,40 @@ def test_distributed_cluster_same_answer(planted, tmp_path):
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_snapshot_counts_never_cut_a_block_into_a_sliver():
+    """With 448-row store chunks the chunk-aligned block is 4,032 rows; the doubling
+    snapshot counts (1,024, 2,048, 4,096) would cut it into spans of 64 and 128 rows.
+    The planner takes 4,096 instead, and its time model counts the cut spans."""
+    from ooc_universal.plan import (PairShape, Rates, expected_seconds, make_plan,
+                                    span_efficiency, token_spans)
+    assert token_spans(8192, 4032, (1024, 2048, 4096)) == [
+        (0, 1024), (1024, 2048), (2048, 4032), (4032, 4096), (4096, 8064), (8064, 8192)]
+    assert span_efficiency(8192, 4096, ()) == 1.0
+    assert span_efficiency(8192, 4032, (1024, 2048, 4096)) == \
+        pytest.approx((8192 + 256 * 6) / (8192 + 256 * 3))
+    pairs = [PairShape("b", 36864, 3072)]
+    for memory in ("16GB", "4GB"):
+        plan = make_plan(8192, 36864, pairs, memory=memory, store_chunk_rows=448,
+                         snapshots=(1024, 2048, 4096))
+        assert plan.block_tokens == 4096 and plan.snapshots == 3
+        assert min(e - s for s, e in plan.spans()) == 1024
+    plan = make_plan(8192, 36864, pairs, memory="16GB", store_chunk_rows=448,
+                     snapshots=(1024, 2048, 4096), block_tokens=4032)  # forced
+    assert len(plan.spans()) == 6
+    cut = expected_seconds(plan, Rates(gemm_flops_per_s=1e11))["gemm"]
+    whole = (plan.flops_by_kind["cross"] + plan.flops_by_kind["self"]) / 1e11
+    assert cut == pytest.approx(whole * span_efficiency(8192, 4032, (1024, 2048, 4096)))
+
+
+def test_blocks_across_store_chunks_match_float64(tmp_path):
+    """48-row chunks: the planner's 4,096-row blocks (not a multiple of 48) read across
+    chunk edges, cut at the snapshot counts; the answer is float64's."""
+    x, y, _, _ = planted_triple(5000, mix=0.5)
+    write_store(tmp_path, "ref", x, 2, 16, block_tokens=48)
+    write_store(tmp_path, "oth", y, 3, D_OTHER, block_tokens=48)
+    res = reduce(tmp_path, "ref", ["oth"], baseline_draws=2, seed=3, progress=False)
+    assert res["plan"].block_tokens == 4096 and res["plan"].block_tokens % 48
+    assert len(res["plan"].spans()) == 4  # [0,1024) [1024,2048) [2048,4096) [4096,5000)
+    _check(_read(res["outputs"][0]), reference_stats(x, y, D_OTHER, SEEDS), 1e-5)

@@ -593,7 +593,7 @@ def _plan(job: Job, pairs, n_workers: int, tuning: dict) -> ReducePlan:
         block_tokens=tuning["block_tokens"], max_panels=tuning["max_panels"],
         baseline_draws=s.baseline_draws, keep_covariance=s.keep_covariance,
         blocks_per_segment=tuning["checkpoint_blocks"], stream=stream,
-        snapshots=len(_snapshots(s, job.ref["n_tokens"])))
+        snapshots=_snapshots(s, job.ref["n_tokens"]))
 
 
 def _snapshots(settings, n_tokens: int, block_tokens: int | None = None) -> tuple:

@@ -130,3 +130,25 @@ def test_the_readme_tree_matches_the_package():
     assert named, "no tree found under '## Architecture'"
     assert named == actual, (f"named in README but missing: {sorted(named - actual)}; "
                              f"in the package but not in README: {sorted(actual - named)}")
+
+
+def test_the_checkout_kernels_folder_does_not_hide_hf_kernels(tmp_path):
+    """Run from the checkout's root, our `kernels/` folder is importable as a top-level
+    `kernels` and would shadow Hugging Face's package of that name, which transformers
+    >= 5.25 imports (`from kernels import CUDAProperties`). A stand-in HF package later on
+    the path must still be the `kernels` everyone gets once ooc_universal is imported."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = 'hf'\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path / "site")]))
+    code = ("import ooc_universal, kernels; "
+            "print(kernels.CUDAProperties); "
+            "from ooc_universal.kernels import comoments; print(comoments.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["hf", "ooc_universal.kernels.comoments"]

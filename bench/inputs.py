@@ -14,14 +14,15 @@ def random_gpt2_models(root: Path, labels, *, layers: int, d_model: int, heads: 
     import torch
     from transformers import GPT2LMHeadModel
 
-    from ooc_universal.zoo import ZooRecipe, gpt2_config
+    from ooc_universal.zoo import ZooRecipe, gpt2_config, quiet_transformers
     recipe = ZooRecipe(n_layer=layers, n_embd=d_model, n_head=heads, d_mlp=d_mlp,
                        context=window)
     paths = []
     for i, label in enumerate(labels):
         torch.manual_seed(seed + i)
         path = Path(root) / label
-        GPT2LMHeadModel(gpt2_config(recipe)).eval().save_pretrained(path)
+        with quiet_transformers():  # its "Writing model shards" bar ignores --no-progress
+            GPT2LMHeadModel(gpt2_config(recipe)).eval().save_pretrained(path)
         paths.append(path)
     return paths
 

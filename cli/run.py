@@ -33,7 +33,8 @@ _HELP = {
                      "activation stores, the reduce reads them), stream (forward passes "
                      "feed the reduce; no extract, no stores), auto (chosen once for the "
                      "study before any extract, from the plan's time and the disk budget; "
-                     "--dry-run shows both options and why).",
+                     "--dry-run shows both options and why; a study already reduced is not "
+                     "costed again).",
     "disk": "Disk budget of the run directory, e.g. 500GB (default: its free space less "
             "a margin). Stores that do not all fit are made one checkpoint at a time.",
     "disk_gbps": "Disk bandwidth in GB/s for the plan (default: measured).",

@@ -97,7 +97,9 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
 
         done_before = set() if force else released_checkpoints(cfg, run_dir, specs, refs)
         blocks = {"extract", "reduce"} & set(steps)
-        choice = study_source(cfg, run_dir, specs, done=done_before) if blocks else None
+        reduced = set() if force else reduced_checkpoints(cfg, run_dir, specs, refs)
+        choice = study_source(cfg, run_dir, specs, done=done_before,
+                              reduced=reduced) if blocks else None
         source = choice.source if choice else "store"
         if choice is not None and cfg.reduce.source == "auto":
             echo(choice.line)
@@ -240,17 +242,25 @@ class SourceChoice:
     text: str = ""
 
 
-def study_source(cfg: RunConfig, run_dir, specs: dict, *, done=(), rates=None,
+def study_source(cfg: RunConfig, run_dir, specs: dict, *, done=(), reduced=(), rates=None,
                  forward_rate=None, compare: bool = False) -> SourceChoice:
     """cfg.reduce.source resolved for the whole study, before any extract: "store" and
     "stream" as given; "auto" from study_source_options (the reduce's own plan functions:
     the same plans, rates and choose_source as `reduce --source auto`, summed over the
     study's checkpoints and references). `done`: checkpoints already reduced (released);
+    `reduced`: checkpoints whose pair files are complete (all of them: nothing is costed);
     `rates`/`forward_rate` (positions/s): measured already (the dry run); `compare`: cost
     both options even when the source is given (the dry run prints them)."""
     given = cfg.reduce.source
     if given != "auto" and not compare:
         return SourceChoice(given, f"block source: {given} (--source {given})")
+    if given == "auto" and not compare and set(cfg.checkpoint_list()) <= set(reduced):
+        # nothing left to extract or reduce: no rates to measure, no choice to make; the
+        # source that does no work is the one whose inputs are there (never write stores)
+        stored = all(_store_there(run_dir, s) for s in specs.values())
+        source = "store" if stored else "stream"
+        return SourceChoice(source, f"block source (--source auto): {source} (every pair "
+                            "file is complete: nothing to extract or reduce, no rates measured)")
     from ooc_universal.plan import choose_source, describe_options
     options, device, rates_line = study_source_options(cfg, run_dir, specs, done=done,
                                                        rates=rates, forward_rate=forward_rate)
@@ -416,20 +426,21 @@ def pair_outputs(cfg: RunConfig, run_dir, specs: dict, refs: list, checkpoint) -
             for r in refs for o in cfg.models if o != r]
 
 
+def reduced_checkpoints(cfg: RunConfig, run_dir, specs: dict, refs: list) -> set:
+    """Checkpoints whose pair files are all complete (final name and a sidecar)."""
+    from ooc_universal.rundir import read_sidecar
+    return {c for c in cfg.checkpoint_list()
+            if all(p.exists() and read_sidecar(p) is not None
+                   for p in pair_outputs(cfg, run_dir, specs, refs, c))}
+
+
 def released_checkpoints(cfg: RunConfig, run_dir, specs: dict, refs: list) -> set:
     """Checkpoints whose stores an earlier run released after their reduce completed
     (their pair files are still there): neither extracted nor reduced again."""
     from ooc_universal.disk import released
-    from ooc_universal.rundir import read_sidecar
     gone = released(run_dir)
-    out = set()
-    for c in cfg.checkpoint_list():
-        labels = [specs[m, c].label for m in cfg.models]
-        if all(lab in gone for lab in labels) and all(
-                p.exists() and read_sidecar(p) is not None
-                for p in pair_outputs(cfg, run_dir, specs, refs, c)):
-            out.add(c)
-    return out
+    return {c for c in reduced_checkpoints(cfg, run_dir, specs, refs)
+            if all(specs[m, c].label in gone for m in cfg.models)}
 
 
 # ----------------------------------------------------------------------------- dry run

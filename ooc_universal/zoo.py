@@ -295,7 +295,7 @@ def heldout_loss(model, windows: np.ndarray, device, batch: int = 64) -> float:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' own per-file progress bars while saving and loading."""
     from transformers.utils import logging as hf_logging
     was = hf_logging.is_progress_bar_enabled()
@@ -315,7 +315,7 @@ def save_checkpoint(model, recipe: ZooRecipe, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     dtype = torch.float16 if recipe.save_dtype == "float16" else torch.float32
-    with _quiet_transformers():
+    with quiet_transformers():
         copy.deepcopy(model).to("cpu", dtype).save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -324,7 +324,7 @@ def save_checkpoint(model, recipe: ZooRecipe, path: Path) -> None:
 def load_checkpoint(path, device="cpu"):
     import torch
     from transformers import GPT2LMHeadModel
-    with _quiet_transformers():
+    with quiet_transformers():
         return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
 
 

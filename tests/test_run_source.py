@@ -183,3 +183,27 @@ def test_auto_without_disk_for_stores_streams_and_says_why(study, tmp_path):
         assert np.array_equal(a["row_argmax"], b["row_argmax"])
     assert json.loads((rd / "universal" / "table1.json").read_text())["rows"] == \
         json.loads((store / "universal" / "table1.json").read_text())["rows"]
+
+
+def test_auto_on_a_finished_study_measures_nothing_and_writes_no_store(study, monkeypatch):
+    """Every pair file complete: `run --source auto` again costs nothing (no GEMM, forward
+    or disk rate measured: each would raise here) and picks the source that does no work,
+    so a streamed study is not given stores after the fact."""
+    root, config, out = study
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rate was measured for a study with nothing to reduce")
+
+    import ooc_universal.plan as plan_mod
+    import ooc_universal.run as run_mod
+    monkeypatch.setattr(plan_mod, "measure_rates", refuse)
+    monkeypatch.setattr(plan_mod, "disk_rates", refuse)
+    monkeypatch.setattr(run_mod, "_measure_forward_rate", refuse)
+    for which in ("store", "stream"):
+        rd = out[which][0]
+        before = {p: p.stat().st_mtime_ns for p in (rd / "reduce").glob("*__*.h5")}
+        text = _run(config, rd, "--source", "auto")
+        assert (f"block source (--source auto): {which} (every pair file is complete"
+                in text), text
+        assert {p: p.stat().st_mtime_ns for p in (rd / "reduce").glob("*__*.h5")} == before
+    assert not (out["stream"][0] / "stores").exists()

@@ -589,3 +589,30 @@ def test_huge_page_advice_only_on_large_untouched_cpu_tensors():
         assert advise_huge_pages(big) is True
     acc = empty_comoments(4096, 4097)  # advised, then zeroed: the values are zeros
     assert acc["c"].shape == (4096, 4097) and not acc["c"].any()
+
+
+def test_rotated_scales_one_pass_epilogue_matches_the_definition():
+    """rotated_scales_fast widens, multiplies and row-sums R S in one numba pass on the
+    CPU: against diag(R S R^T) in float64 numpy (fp32 and float64 rotations), and in
+    bf16 against the same bf16 product widened, times R and summed in float64 by numpy
+    (so only the epilogue is under test), with a zero-variance neuron giving 0."""
+    rng = np.random.default_rng(11)
+    d = 96
+    a = rng.standard_normal((d, 40))
+    s = a @ a.T
+    s[7, :] = s[:, 7] = 0.0
+    r64 = rot.rotation_matrix(3, 0, d)
+    r64[5] = 0.0  # a rotated neuron of zero variance
+    want = np.einsum("mi,ij,mj->m", r64, s, r64)
+    want_iv = np.where(want > 0, 1 / np.sqrt(np.where(want > 0, want, 1)), 0.0)
+    np.testing.assert_allclose(rot.rotated_scales_fast(s, r64), want_iv, rtol=1e-12)
+    r32 = r64.astype(np.float32)
+    np.testing.assert_allclose(rot.rotated_scales_fast(s, r32), want_iv, rtol=1e-5)
+    prod = torch.mm(torch.from_numpy(r32).to(torch.bfloat16),
+                    torch.from_numpy(s).to(torch.bfloat16)).float().numpy()
+    var = (prod * r32).astype(np.float64).sum(1)
+    got = rot.rotated_scales_fast(s, r32, dtype=torch.bfloat16)
+    assert got[5] == 0.0
+    ok = var > 0
+    np.testing.assert_allclose(got[ok], 1 / np.sqrt(var[ok]), rtol=1e-12)
+    assert 1e-6 < np.abs(got[ok] / want_iv[ok] - 1).max() < 2e-2  # it is a bf16 product

@@ -193,8 +193,8 @@ def rotated_scales_fast(s_layer, r32, zero_tol: float = 0.0, dtype=None) -> np.n
     s = torch.as_tensor(s_layer).to(device=r.device, dtype=dtype)
     # the GEMM in `dtype`; a low-precision product is widened exactly, times the exact R
     prod = torch.mm(r if dtype == r.dtype else r.to(dtype), s)
-    if r.device.type == "cpu" and prod.is_contiguous() and prod.dtype in (
-            torch.float32, torch.float64, torch.bfloat16) and r.dtype != torch.bfloat16:
+    if r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64) \
+            and prod.dtype in (r.dtype, torch.bfloat16):
         # widen, multiply and sum in one pass (torch's three passes over the (d, d)
         # product took about a third of the scales' CPU time at d = 3072)
         rn = r.contiguous().numpy()

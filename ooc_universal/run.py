@@ -95,9 +95,9 @@ def run(cfg: RunConfig, run_dir, *, force: bool = False, progress: bool = True,
             ts = res.token_set
             echo(f"  {ts.n_tokens:,} tokens -> {res.folder} (hash {ts.hash[:12]})")
 
-        done_before = set() if force else released_checkpoints(cfg, run_dir, specs, refs)
-        blocks = {"extract", "reduce"} & set(steps)
         reduced = set() if force else reduced_checkpoints(cfg, run_dir, specs, refs)
+        done_before = released_checkpoints(cfg, run_dir, specs, reduced)
+        blocks = {"extract", "reduce"} & set(steps)
         choice = study_source(cfg, run_dir, specs, done=done_before,
                               reduced=reduced) if blocks else None
         source = choice.source if choice else "store"
@@ -434,13 +434,12 @@ def reduced_checkpoints(cfg: RunConfig, run_dir, specs: dict, refs: list) -> set
                    for p in pair_outputs(cfg, run_dir, specs, refs, c))}
 
 
-def released_checkpoints(cfg: RunConfig, run_dir, specs: dict, refs: list) -> set:
-    """Checkpoints whose stores an earlier run released after their reduce completed
-    (their pair files are still there): neither extracted nor reduced again."""
+def released_checkpoints(cfg: RunConfig, run_dir, specs: dict, reduced: set) -> set:
+    """Of the `reduced` checkpoints (reduced_checkpoints), those whose stores an earlier
+    run released after their reduce completed: neither extracted nor reduced again."""
     from ooc_universal.disk import released
     gone = released(run_dir)
-    return {c for c in reduced_checkpoints(cfg, run_dir, specs, refs)
-            if all(specs[m, c].label in gone for m in cfg.models)}
+    return {c for c in reduced if all(specs[m, c].label in gone for m in cfg.models)}
 
 
 # ----------------------------------------------------------------------------- dry run

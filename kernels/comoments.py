@@ -46,6 +46,7 @@ _COMPUTE = {torch.float32: torch.float32, torch.bfloat16: torch.float32,
             torch.float64: torch.float64}  # compute dtype -> accumulator dtype
 _PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 _CHUNK_BYTES = 1 << 20  # CPU centring works on ~1 MiB row chunks (stays in L2)
+GPU_CHUNK_BYTES = 128 << 20  # and on a GPU on chunks of at most this (plan._fold_bytes)
 
 
 def _compute_dtype(compute_dtype) -> torch.dtype:
@@ -79,10 +80,13 @@ def _buffer(ws, key, rows: int, cols: int, dtype, device) -> torch.Tensor:
     return buf[:rows]
 
 
-def _chunk_rows(n: int, cols: int, device) -> int:
-    if device.type != "cpu":
-        return max(n, 1)  # one chunk: a GPU gains nothing from cache-sized pieces
-    return max(1, min(n, _CHUNK_BYTES // (4 * max(cols, 1))))
+def _chunk_rows(n: int, cols: int, device, itemsize: int = 4) -> int:
+    """Rows per centring chunk: cache-sized on a CPU; on a GPU large (cache size does
+    not matter there) but bounded, since its two scratch buffers (tmp, sq) of this many
+    rows are device memory the planner counts (GPU_CHUNK_BYTES each, per role)."""
+    if device.type == "cpu":   # cache-sized in fp32 terms, whatever the work dtype
+        return max(1, min(n, _CHUNK_BYTES // (4 * max(cols, 1))))
+    return max(1, min(n, GPU_CHUNK_BYTES // (itemsize * max(cols, 1))))
 
 
 _NUMBA_INPUTS = (torch.float16, torch.float32, torch.float64)
@@ -131,7 +135,7 @@ def _centre_numba(x, xg, compute, work) -> tuple:
 def _centre_torch(x, xg, compute, work, workspace) -> tuple:
     n, cols = x.shape
     dev = x.device
-    k = _chunk_rows(n, cols, dev)
+    k = _chunk_rows(n, cols, dev, torch.empty((), dtype=work).element_size())
     tmp = _buffer(workspace, "tmp", k, cols, work, dev)
     sq = _buffer(workspace, "sq", k, cols, work, dev)
 

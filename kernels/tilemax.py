@@ -186,7 +186,9 @@ def _tile_max_torch(c, m2_x, m2_y, zero_tol):
     strip = max(1, _TORCH_STRIP_BYTES // (8 * n_cols))
     for a in range(0, n_rows, strip):
         b = min(n_rows, a + strip)
-        rho = c[a:b].double().mul_(ix[a:b, None]).mul_(iy[None, :])
+        # a copy: .double() of a float64 c is c itself, and mul_ would scale the caller's
+        # co-moments in place (an accumulator that is still folding)
+        rho = c[a:b].to(torch.float64, copy=True).mul_(ix[a:b, None]).mul_(iy[None, :])
         arg = rho.argmax(1)  # first index of the maximum
         row_arg[a:b] = arg
         row_max[a:b] = rho.gather(1, arg[:, None])[:, 0]

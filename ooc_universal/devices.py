@@ -30,6 +30,15 @@ def device_name(device="auto") -> str:
     return str(resolve_device(device))
 
 
+def synchronize(device) -> None:
+    """Wait for `device`'s queued work (nothing on a CPU): GPU timings and host reads of
+    device results are taken after it. The device is named, so that cuda:N waits for
+    GPU N and not for the calling thread's current GPU."""
+    if str(device).startswith("cuda"):
+        import torch
+        torch.cuda.synchronize(device)
+
+
 # --------------------------------------------------------------- the process's memory
 
 def memory_limits() -> dict:

@@ -22,6 +22,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
+from ooc_universal.devices import synchronize
 from ooc_universal.errors import OocError
 
 # RSS of a CPU reduce process before its first block: 384 MB measured (python 3.11,
@@ -274,6 +275,13 @@ def _fold_bytes(cut: _Cut) -> int:
     mapped = _mapped_ref(cut) + cut.block * cut.nb_max * 2  # one other block at a time
     partials = THREADS_ALLOWANCE * (cut.rows + cut.d_max) * 24
     buffers = centred + product + gather + mapped + partials + cut.transient
+    if cut.device.startswith("cuda"):
+        # each upload lands in a fresh device copy beside its pinned buffer, and the
+        # torch centring's scratch (tmp, sq; for the x block and a y strip) is bounded
+        from ooc_universal.kernels.comoments import GPU_CHUNK_BYTES
+        work = 8 if cut.precision == "fp64" else 4
+        buffers += gather + 2 * sum(min(GPU_CHUNK_BYTES, (cut.block + 1) * cols * work)
+                                    for cols in (cut.rows, cut.d_max))
     # a convergence snapshot frees the block buffers, then finalizes from memory
     finalize = _finalize_extra(cut) + _snapshot_scales_bytes(cut) \
         if cut.chains == 1 or cut.snapshots else 0
@@ -326,7 +334,10 @@ def _finalize_extra(cut: _Cut) -> int:
     per_pair = max(THREADS_ALLOWANCE * nb * 16 + 2 * d * d * eb + strip * d * eb
                    + (cut.rows * nb * 4 if cut.keep_covariance and cut.ab == 8 else 0)
                    for nb, d in cut.others)
-    return per_pair + len(cut.others) * cut.rows * (64 + 16 * cut.draws)
+    # on a GPU the tile max works where C is, in f64 row strips (a strip, its product
+    # and the argmax/gather temporaries: about three of kernels/tilemax's strips)
+    device_strips = 3 * (64 << 20) if cut.device.startswith("cuda") else 0
+    return per_pair + device_strips + len(cut.others) * cut.rows * (64 + 16 * cut.draws)
 
 
 def _self_bytes(cut: _Cut) -> int:
@@ -1037,12 +1048,12 @@ def measure_gemm(device, precision, shape: tuple, seconds: float = 0.5) -> dict:
     a = torch.randn(m, k, device=device).to(dtype)  # row-major operands: the fastest
     b = torch.randn(k, n, device=device).to(dtype)  # layout (bf16 on a CPU: 2x a^T b)
     torch.matmul(a, b)
+    synchronize(device)   # the warm-up is not timed
     reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         torch.matmul(a, b)
         reps += 1
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         if time.perf_counter() - t0 > seconds and reps >= 2:
             break
     flops = reps * 2.0 * k * m * n
@@ -1122,23 +1133,26 @@ def measure_strip_update(plan: ReducePlan, seconds: float = 1.0) -> dict:
     def step():
         comoment_strip_update_(acc, cx, cy, 0, xt=xt, workspace=ws)
     step()
+    synchronize(dev)
     reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         step()
         reps += 1
-        if str(dev).startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(dev)
         if time.perf_counter() - t0 > seconds and reps >= 2:
             break
     flops = reps * 2.0 * k * rows * d
     return _rate_dict(flops, time.perf_counter() - t0, time.process_time() - c0)
 
 
-def _timed(fn, work: float) -> tuple[float, float]:
-    """(work per wall second, work per CPU-second of this process) of one call."""
+def _timed(fn, work: float, device="cpu") -> tuple[float, float]:
+    """(work per wall second, work per CPU-second of this process) of one call (on a GPU
+    from an idle queue to the end of its kernels: a launch alone is not the work)."""
     import time
+    synchronize(device)
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
+    synchronize(device)
     return (work / max(time.perf_counter() - t0, 1e-9),
             work / max(time.process_time() - c0, 1e-9))
 
@@ -1162,12 +1176,15 @@ def _kernel_rates(plan: ReducePlan) -> dict:
         centre_block(x, prec[plan.precision], workspace=ws, spare_row=True)
     centre()  # buffers, numba load
     c = np.random.default_rng(0).standard_normal((rows, 4 * d)).astype(np.float32)
+    if plan.device.startswith("cuda"):   # the finalize's tile max runs where C is
+        c = torch.from_numpy(c).to(plan.device)
     ones = np.ones(rows), np.ones(4 * d)
     tile_max(c[:8, :8], ones[0][:8], ones[1][:8])
     rng = np.random.default_rng(0)
     blob = rng.bytes(16 << 20)
-    return {"centre_elements_per_s": _timed(centre, x.numel()),
-            "tile_elements_per_s": _timed(lambda: tile_max(c, *ones), c.size),
+    return {"centre_elements_per_s": _timed(centre, x.numel(), plan.device),
+            "tile_elements_per_s": _timed(lambda: tile_max(c, *ones), rows * 4 * d,
+                                          plan.device),
             "normals_per_s": _timed(lambda: rng.standard_normal(2_000_000), 2e6),
             "hash_bytes_per_s": _timed(lambda: hashlib.sha256(blob).digest(), len(blob))}
 

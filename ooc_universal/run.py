@@ -444,12 +444,19 @@ def released_checkpoints(cfg: RunConfig, run_dir, specs: dict, reduced: set) -> 
 
 # ----------------------------------------------------------------------------- dry run
 
+# fp32 GEMMs on an H100-class GPU without TF32 (the forward passes' precision: extract,
+# stream, ablate): ~67 TFLOP/s nominal on an H100 SXM; an assumption, not a measurement
+GPU_FP32_TFLOPS = 50.0
+
+
 def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80.0,
-            disk_gbps: float = 2.0, run_dir=None, echo=print) -> dict:
+            disk_gbps: float = 2.0, run_dir=None, echo=print,
+            gpu_fp32_tflops: float = GPU_FP32_TFLOPS) -> dict:
     """The plan of the whole study, offline: disk, RAM, FLOPs and time, step by step.
 
     Times here use GEMM and forward rates measured now on this machine; GPU times use
-    `gpu_tflops` (dense bf16, an H100 SXM is ~990 nominal, ~400-600 sustained) and
+    `gpu_tflops` (dense bf16, an H100 SXM is ~990 nominal, ~400-600 sustained) for the
+    reduce's GEMMs, `gpu_fp32_tflops` for the forward passes (fp32: extract, stream, ablate) and
     `disk_gbps` for reading the stores. The reduce's CPU time comes from rates measured
     at the plan's own shapes (plan.measure_rates); the disk plan from `run_dir`'s free
     space (or cfg.compute.disk).
@@ -479,7 +486,7 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
     echo(f"[extract] {n_models * n_ck} stores of {human_bytes(store_bytes)} = "
          f"{human_bytes(out['disk_bytes'])} on disk (fp16); forward {fwd_flops:.3g} FLOP each; "
          f"here ~{_hms(t_fwd * n_models * n_ck)} at {fwd_rate:,.0f} tok/s; "
-         f"GPU ~{_hms(n_models * n_ck * max(fwd_flops / (gpu_tflops * 1e12 * 0.3), store_bytes / (disk_gbps * 1e9)))}"
+         f"GPU ~{_hms(n_models * n_ck * max(fwd_flops / (gpu_fp32_tflops * 1e12), store_bytes / (disk_gbps * 1e9)))}"
          " (disk-bound)")
     pairs = [PairShape(o, n_neurons, d_mlp) for o in cfg.models[1:]]
     plan = _reduce_plan(cfg, n_neurons, d_mlp)
@@ -498,9 +505,9 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
          f"; on a {gpu_mem_gb:.0f} GB GPU ~{_hms(t_gpu * n_ck)} "
          f"({len(gpu_plan.groups)} pass(es), {human_bytes(gpu_plan.bytes_read)} read at "
          f"{disk_gbps} GB/s, {gpu_tflops:.0f} TFLOP/s bf16)")
-    out.update(_source_dry_run(cfg, run_dir, rates, fwd_rate, shapes, gpu_tflops,
-                               gpu_mem_gb, echo))
-    out.update(_ablation_dry_run(cfg, shapes, fwd_rate, gpu_tflops, n_ck, echo))
+    out.update(_source_dry_run(cfg, run_dir, rates, fwd_rate, shapes,
+                               (gpu_tflops, gpu_fp32_tflops), gpu_mem_gb, echo))
+    out.update(_ablation_dry_run(cfg, shapes, fwd_rate, gpu_fp32_tflops, n_ck, echo))
     out.update(_disk_dry_run(cfg, run_dir, n_neurons, plan, echo,
                              stores=out.get("source") != "stream"))
     echo("[universal, persistence, report] seconds; read only the reduced statistics")
@@ -509,7 +516,7 @@ def dry_run(cfg: RunConfig, *, gpu_tflops: float = 400.0, gpu_mem_gb: float = 80
     return out
 
 
-def _source_dry_run(cfg: RunConfig, run_dir, rates, fwd_rate, shapes, gpu_tflops,
+def _source_dry_run(cfg: RunConfig, run_dir, rates, fwd_rate, shapes, gpu_rates,
                     gpu_mem_gb, echo) -> dict:
     """Both block sources of the study (study_source with compare: time, disk, memory),
     the one chosen (--source auto) or given, and why; and the streamed reduce on a GPU."""
@@ -527,13 +534,15 @@ def _source_dry_run(cfg: RunConfig, run_dir, rates, fwd_rate, shapes, gpu_tflops
            "source_options": {o.source: {"seconds": o.seconds, "disk_bytes": o.disk_bytes,
                                          "memory_bytes": o.memory_bytes}
                               for o in choice.options}}
-    out.update(_gpu_stream_dry_run(cfg, shapes, gpu_tflops, gpu_mem_gb, echo))
+    out.update(_gpu_stream_dry_run(cfg, shapes, *gpu_rates, gpu_mem_gb, echo))
     return out
 
 
-def _gpu_stream_dry_run(cfg: RunConfig, shapes, gpu_tflops, gpu_mem_gb, echo) -> dict:
-    """The streamed reduce of the whole study on one GPU of `gpu_mem_gb` at `gpu_tflops`
-    (GEMMs and forward passes alike): the plan's FLOPs over that rate (an estimate)."""
+def _gpu_stream_dry_run(cfg: RunConfig, shapes, gpu_tflops, fp32_tflops, gpu_mem_gb,
+                        echo) -> dict:
+    """The streamed reduce of the whole study on one GPU of `gpu_mem_gb`: the plan's
+    GEMM FLOPs at `gpu_tflops` (bf16) and its forward FLOPs at `fp32_tflops` (the
+    forward passes run in fp32, sources.forward_autocast), an estimate."""
     from ooc_universal.errors import OocError
     from ooc_universal.plan import stream_shape
     from ooc_universal.sources import stream_meta
@@ -544,17 +553,18 @@ def _gpu_stream_dry_run(cfg: RunConfig, shapes, gpu_tflops, gpu_mem_gb, echo) ->
     order = [cfg.reference_model, *(m for m in cfg.models if m != cfg.reference_model)]
     try:
         shape = stream_shape([stream_meta(specs[m, c0], _token_meta(cfg, None), "cuda")
-                              for m in order], param_bytes=2)
+                              for m in order], param_bytes=4)  # fp32 weights
         gpu_cfg = cfg.replace(memory=f"{gpu_mem_gb}GB", precision="bf16")
         plan = _reduce_plan(gpu_cfg, n_neurons, d_mlp, device="cuda", stream=shape)
     except OocError as exc:
         echo(f"  stream on a {gpu_mem_gb:.0f} GB GPU: does not fit ({exc})")
         return {}
-    secs = (plan.flops + plan.forward_flops) / (gpu_tflops * 1e12) * n_ck * n_refs
+    secs = (plan.flops / (gpu_tflops * 1e12) + plan.forward_flops / (fp32_tflops * 1e12)) \
+        * n_ck * n_refs
     echo(f"  stream on a {gpu_mem_gb:.0f} GB GPU: ~{_hms(secs)} of reduce for the study "
          f"({len(plan.groups)} pass(es), {len(plan.panels)} panel(s); {plan.flops:.3g} FLOP "
-         f"of GEMMs + {plan.forward_flops:.3g} of forwards per reference and checkpoint at "
-         f"{gpu_tflops:.0f} TFLOP/s bf16; no stores)")
+         f"of GEMMs at {gpu_tflops:.0f} TFLOP/s bf16 + {plan.forward_flops:.3g} of fp32 "
+         f"forwards at {fp32_tflops:.0f} TFLOP/s, per reference and checkpoint; no stores)")
     return {"reduce_seconds_gpu_stream": secs}
 
 
@@ -578,7 +588,8 @@ def _disk_dry_run(cfg: RunConfig, run_dir, n_neurons: int, plan, echo,
     return {"disk_mode": disk.mode, "disk_peak_bytes": disk.peak, "disk_budget_bytes": budget}
 
 
-def _ablation_dry_run(cfg: RunConfig, shapes, fwd_rate, gpu_tflops, n_ck, echo) -> dict:
+def _ablation_dry_run(cfg: RunConfig, shapes, fwd_rate, gpu_fp32_tflops, n_ck,
+                      echo) -> dict:
     """The ablation's plan here and on a GPU: sets restart from the residual cached before
     their first ablated layer (steps.ablate.ablation_plan)."""
     from ooc_universal.steps.ablate import (ablation_plan, describe_ablation_plan,
@@ -594,7 +605,8 @@ def _ablation_dry_run(cfg: RunConfig, shapes, fwd_rate, gpu_tflops, n_ck, echo) 
                          kl_elements_per_s=measure_kl_rate("cpu", vocab))
     # the float64 KL is memory-bound on a GPU: ~64 B moved per element at ~3.35 TB/s
     # (H100 HBM3), an estimate, not a measurement
-    gpu = ablation_plan(*args, gpu_tflops * 1e12, kl_elements_per_s=3.35e12 / 64)
+    # the ablated forward passes run in fp32 (steps.ablate loads the models in fp32)
+    gpu = ablation_plan(*args, gpu_fp32_tflops * 1e12, kl_elements_per_s=3.35e12 / 64)
     echo(f"[ablate]  {len(firsts)} sets per checkpoint x {cfg.tokens.n_eval_tokens:,} eval tokens "
          f"x {n_ck} checkpoint(s)")
     echo(f"  here:   {describe_ablation_plan(here)}")

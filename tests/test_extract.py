@@ -254,7 +254,24 @@ def test_memory_bounds_the_batch(run_dir, model_dir, monkeypatch):
     # on a CPU, also by the MLP's temporaries (tokens x d_mlp): here 2 windows' worth
     monkeypatch.setattr(extract_mod, "CPU_MLP_ELEMENTS", 2 * WINDOW * loaded.d_mlp + 5)
     assert plan_batch(loaded, ts, 10**12, chunk) == 2
+    # on a GPU: the forward's bytes against 90 % of the device's free memory, the
+    # host's pinned capture copy (fp16, all neurons) against --memory
+    free = {"bytes": 10**15}
+    monkeypatch.setattr(extract_mod, "_gpu_free_bytes", lambda device: free["bytes"])
     assert plan_batch(loaded, ts, 10**12, chunk, device="cuda") == ts.input_ids.shape[0]
+    free["bytes"] = int((3 * per + per // 2) / 0.9)
+    assert plan_batch(loaded, ts, 10**12, chunk, device="cuda") == 3
+    pinned = WINDOW * loaded.n_neurons * 2   # 32 KB here: hold the RSS still
+    monkeypatch.setattr(extract_mod, "current_rss_bytes", lambda: rss)
+    free["bytes"] = 10**15
+    assert plan_batch(loaded, ts, fixed + 2 * pinned + pinned // 2, chunk, device="cuda") == 2
+    free["bytes"] = int(per / 2)
+    with pytest.raises(OocError, match=r"cuda has .* free; extracting .* 1 window\(s\) .*"
+                                       r"free the GPU, lower --batch-size, or use --device cpu"):
+        plan_batch(loaded, ts, 10**12, chunk, device="cuda")
+    free["bytes"] = int(4 * per)
+    with pytest.raises(OocError, match=r"with 5 window\(s\)"):
+        plan_batch(loaded, ts, 10**12, chunk, device="cuda", batch_size=5)
     # the running top-k's memory is part of the fixed share
     k_bytes = extract_mod.topk_bytes(loaded.n_neurons, 20)
     assert plan_batch(loaded, ts, fixed + k_bytes + 3 * per + per // 2, chunk, topk=20) == 2

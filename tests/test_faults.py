@@ -40,7 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 CTX = multiprocessing.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "transformers", "h5py", "numpy", "dask",
+# the package first: it un-shadows HF's `kernels` before transformers asks for it
+# (ooc_universal/__init__.py); a forkserver preload that fails is skipped silently
+CTX.set_forkserver_preload(["ooc_universal", "torch", "transformers", "h5py", "numpy", "dask",
                             "dask.threaded", "transformers.models.gpt2.modeling_gpt2",
                             "ooc_universal.steps.extract", "ooc_universal.steps.reduce",
                             "ooc_universal.cli.main", "tests.test_faults"])

@@ -59,7 +59,9 @@ UNIVERSAL_FILES = ("sets.json", "table1.json", "table1.csv", "table1_draws.csv",
                    "neurons.csv", "neurons.parquet", "neuron_draws.parquet")
 
 CTX = multiprocessing.get_context("forkserver")
-CTX.set_forkserver_preload(["torch", "transformers", "h5py", "numpy", "dask",
+# the package first: it un-shadows HF's `kernels` before transformers asks for it
+# (ooc_universal/__init__.py); a forkserver preload that fails is skipped silently
+CTX.set_forkserver_preload(["ooc_universal", "torch", "transformers", "h5py", "numpy", "dask",
                             "ooc_universal.steps.universal", "ooc_universal.steps.reduce",
                             "ooc_universal.report", "tests.test_integrity"])
 

@@ -73,11 +73,25 @@ def assert_summary_close(got, ref, rtol):
 
 @pytest.fixture(params=[None, 256], ids=["one-chunk", "many-chunks"])
 def chunking(request, monkeypatch):
-    """Centre in one chunk (as on a GPU) or in many small row chunks (CPU path)."""
+    """Centre in one chunk (as on a GPU for blocks under GPU_CHUNK_BYTES) or in many
+    small row chunks (CPU path)."""
     if request.param is not None:
         monkeypatch.setattr(cm, "_CHUNK_BYTES", request.param)
     else:
-        monkeypatch.setattr(cm, "_chunk_rows", lambda n, cols, device: max(n, 1))
+        monkeypatch.setattr(cm, "_chunk_rows", lambda n, cols, device, itemsize=4: max(n, 1))
+
+
+def test_gpu_centring_chunks_are_bounded():
+    """On a GPU the centring's two scratch buffers per role hold at most GPU_CHUNK_BYTES
+    each (the planner counts 4 of them), however wide the block; small blocks are one
+    chunk."""
+    gpu = torch.device("cuda")   # a device name only: nothing is allocated
+    for n, cols, size in ((8192, 36864, 4), (8192, 36864, 8), (8192, 3072, 4), (1, 10**7, 4)):
+        k = cm._chunk_rows(n, cols, gpu, size)
+        assert 1 <= k <= n
+        assert k == 1 or k * cols * size <= cm.GPU_CHUNK_BYTES
+    assert cm._chunk_rows(100, 3072, gpu) == 100
+    assert cm._chunk_rows(8192, 36864, torch.device("cpu")) * 36864 * 4 <= cm._CHUNK_BYTES
 
 
 # ---------------------------------------------------------------- co-moments
@@ -354,15 +368,22 @@ def test_tile_max_numba_vs_numpy(rows, cols, dtype):
         assert got[2][4] == 0.0 and not np.signbit(got[2][4])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows,cols", SHAPES)
-def test_tile_max_torch_identical_to_numba(rows, cols, monkeypatch):
-    c, m2x, m2y = tile_case(rows, cols, np.float32, seed=7 + rows)
+def test_tile_max_torch_identical_to_numba(rows, cols, dtype, monkeypatch):
+    """Bit for bit the numba path, and the co-moments are left as they were (the GPU's
+    finalize and snapshots read an accumulator that is still folding; in fp64 a careless
+    .double() would be the accumulator itself)."""
+    c, m2x, m2y = tile_case(rows, cols, dtype, seed=7 + rows)
     want = tm.tile_max(c, m2x, m2y)
     monkeypatch.setattr(tm, "_TORCH_STRIP_BYTES", 8 * cols * 5)  # several row strips
-    got = tm.tile_max(t(c), t(m2x), t(m2y))
+    ct = t(c)
+    before = ct.clone()
+    got = tm.tile_max(ct, t(m2x), t(m2y))
     assert all(isinstance(g, torch.Tensor) for g in got)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.numpy(), w)
+    assert torch.equal(ct, before)
 
 
 def test_tile_max_same_for_any_thread_partition():

@@ -117,6 +117,53 @@ def test_table_matches_float64_prefixes(stores, cut):
                 int(((row - base[0]) > tau).sum())
 
 
+def test_the_gpu_finalize_path_matches_float64_prefixes(stores, monkeypatch):
+    """On a GPU the snapshots and the finalize keep C where it is: the torch tile max and
+    the baseline's GEMMs run beside it (rotations moved there) and only their results
+    reach the host. That path, taken here with C as a CPU tensor, gives the float64
+    prefixes and the same reduce file as the numba finalize."""
+    import torch
+
+    from ooc_universal.kernels import tilemax
+    from ooc_universal.steps import reduce as reduce_mod
+    root, x, others = stores
+    host_path = _run(root, "host-finalize", x, others)
+    _reduce(host_path)
+    run = _run(root, "device-finalize", x, others)
+    kept, torch_tiles = [], []
+    numpy_view = reduce_mod._for_finalize
+
+    def keep_c(record):      # what _for_finalize does with a CUDA tensor
+        kept.append(isinstance(record["c"], torch.Tensor))
+        return {**numpy_view(record), "c": record["c"]}
+    tile_torch = tilemax._tile_max_torch
+
+    def spy(c, *a):
+        torch_tiles.append(c.shape)
+        return tile_torch(c, *a)
+    monkeypatch.setattr(reduce_mod, "_for_finalize", keep_c)
+    monkeypatch.setattr(tilemax, "_tile_max_torch", spy)
+    _reduce(run)
+    # 4 snapshots below 1,000 tokens and the finalize, for each of the two pairs
+    assert kept and all(kept) and len(torch_tiles) == len(kept) == 2 * len(COUNTS)
+    for label, y in others.items():
+        df = read_convergence(convergence_path(run, "ref", label))
+        for tau in THRESHOLDS:
+            for _, got in df[df.threshold == tau].iterrows():
+                row, base = _expected(x, y, int(got.n_tokens))
+                _check_row(got, row, base, tau, 1e-9)
+        with h5py.File(run / "reduce" / f"ref__{label}.h5", "r") as f, \
+                h5py.File(host_path / "reduce" / f"ref__{label}.h5", "r") as g:
+            for k in ("row_max", "col_max", "baseline/row_max"):
+                assert np.abs(f[k][()] - g[k][()]).max() <= 1e-12, k
+            for k in ("row_argmax", "col_argmax"):
+                assert np.array_equal(f[k][()], g[k][()]), k
+        row, base = _expected(x, y, 1000)
+        with h5py.File(run / "reduce" / f"ref__{label}.h5", "r") as f:
+            assert np.abs(f["row_max"][()] - row).max() <= 1e-9
+            assert np.abs(f["baseline/row_max"][()] - base).max() <= 1e-9
+
+
 def test_interrupted_reduce_gives_the_same_table(stores, monkeypatch, capsys):
     root, x, others = stores
     whole = _run(root, "whole", x, others)

@@ -202,8 +202,10 @@ def test_fused_stream_killed_and_resumed(zoo, point, n):
 
 def test_forward_precision_choice():
     from ooc_universal.sources import forward_autocast
-    assert forward_autocast("cuda") == forward_autocast("cuda:1", "auto") == "bfloat16"
+    # fp32 by default everywhere: bf16 moved GPT-2 small's row max by 3.1e-3 (> 2e-3)
+    assert forward_autocast("cuda") == forward_autocast("cuda:1", "auto") == ""
     assert forward_autocast("cpu") == "" and forward_autocast("cuda", "fp32") == ""
+    assert forward_autocast("cuda", "bf16") == "bfloat16"
     assert forward_autocast("cpu", "bf16") == "bfloat16"
     with pytest.raises(OocError, match="unknown forward precision 'fp8'"):
         forward_autocast("cpu", "fp8")

@@ -882,16 +882,24 @@ def state_keys(path: Path) -> list[str]:
 def pack_fold_state(accs: list, selfs: list, next_block: int, n_done: int) -> dict:
     """A chain's accumulators (dicts of numpy arrays, see ACC_KEYS / SELF_KEYS, plus "n")
     as the flat arrays of its checkpoint."""
-    st = {"next_block": np.int64(next_block), "n_blocks_done": np.int64(n_done)}
+    return dict(fold_state_items(accs, selfs, next_block, n_done))
+
+
+def fold_state_items(accs: list, selfs: list, next_block: int, n_done: int,
+                     to_host=np.asarray):
+    """pack_fold_state's (key, array) pairs, one at a time (for WorkDir.save):
+    `to_host` makes each member a numpy array only when it is written, so accumulators
+    on a GPU reach host memory one member at a time."""
+    yield "next_block", np.int64(next_block)
+    yield "n_blocks_done", np.int64(n_done)
     for i, a in enumerate(accs):
-        st[f"acc{i}_n"] = np.int64(a["n"])
+        yield f"acc{i}_n", np.int64(a["n"])
         for k in ACC_KEYS:
-            st[f"acc{i}_{k}"] = np.asarray(a[k])
+            yield f"acc{i}_{k}", to_host(a[k])
     for i, s in enumerate(selfs):
-        st[f"self{i}_n"] = np.int64(s["n"])
+        yield f"self{i}_n", np.int64(s["n"])
         for k in SELF_KEYS:
-            st[f"self{i}_{k}"] = np.asarray(s[k])
-    return st
+            yield f"self{i}_{k}", to_host(s[k])
 
 
 def self_layer_key(layer: int) -> str:

@@ -314,13 +314,23 @@ def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
     Fixed: what the process holds now (interpreter, torch, weights, token set) +
     N_BUFFERS block buffers + the running top-k; the rest is divided by window_bytes.
     On a CPU the batch is also kept to about CPU_MLP_ELEMENTS / d_mlp tokens (cache).
+    On a GPU the forward's window_bytes are device memory, bounded by the device's free
+    memory (less 10 %), and the host holds a pinned copy of the capture buffer (fp16,
+    all neurons) per window within `memory_bytes`.
     """
     n_windows, window = token_set.input_ids.shape
     _touch_weights(loaded.model)
     fixed = (current_rss_bytes() + N_BUFFERS * chunk_bytes + SLACK_BYTES
              + topk_bytes(loaded.n_neurons, topk))
-    per = window_bytes(loaded, window)
-    fits = (memory_bytes - fixed) // per
+    per = window_bytes(loaded, window)    # per window: host memory, or on a GPU device memory
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        _check_gpu_fits(device, per, batch_size, loaded.spec.label)
+        gpu_fits = int(_gpu_free_bytes(device) * 0.9) // per
+        per = window * loaded.n_neurons * 2   # the host's pinned copy of the capture
+        fits = min(gpu_fits, (memory_bytes - fixed) // per)
+    else:
+        fits = (memory_bytes - fixed) // per
     if batch_size is not None:
         if batch_size > fits:
             raise OocError(
@@ -336,11 +346,28 @@ def plan_batch(loaded, token_set, memory_bytes: int, chunk_bytes: int,
             f"{human_bytes(N_BUFFERS * chunk_bytes)} and one window {human_bytes(per)}; "
             "raise --memory to at least "
             f"{human_bytes(fixed + per, up=True)}")
-    cuda = str(device).startswith("cuda")
     cap = MAX_BATCH_TOKENS["cuda" if cuda else "cpu"]
     if not cuda:
         cap = min(cap, max(window, CPU_MLP_ELEMENTS // max(1, int(loaded.d_mlp))))
     return int(max(1, min(fits, n_windows, cap // window)))
+
+
+def _check_gpu_fits(device, per_window: int, batch_size, label: str) -> None:
+    """One window (or the asked --batch-size) of the forward within 90 % of the GPU's
+    free memory; one line naming both otherwise."""
+    free = _gpu_free_bytes(device)
+    want = 1 if batch_size is None else int(batch_size)
+    if want * per_window > free * 0.9:
+        raise OocError(
+            f"{device} has {human_bytes(free)} free; extracting {label} with {want} "
+            f"window(s) per forward needs about {human_bytes(want * per_window / 0.9, up=True)}"
+            " of it; free the GPU, lower --batch-size, or use --device cpu")
+
+
+def _gpu_free_bytes(device) -> int:
+    """Free memory of the CUDA device now (its weights already loaded)."""
+    import torch
+    return int(torch.cuda.mem_get_info(torch.device(device))[0])
 
 
 # ---------------------------------------------------------------------------- the loop

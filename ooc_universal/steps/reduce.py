@@ -10,8 +10,8 @@ The blocks come from a block source (sources.py): the activation stores (--sourc
 store), or forward passes of the models over the run's token set (--source stream: no
 store is written or read; each pass over a model's blocks forwards it again, and the
 plan counts those passes), or whichever plan.choose_source expects to be faster within
-the free disk (--source auto). A stream's forward passes run in bf16 autocast on CUDA
-and fp32 on a CPU (sources.forward_autocast; reduce(forward_precision=) forces one). Outputs are the same either way (a streamed block equals
+the free disk (--source auto). A stream's forward passes run in fp32 (sources.forward_autocast;
+reduce(forward_precision="bf16") runs them in bf16 autocast). Outputs are the same either way (a streamed block equals
 the stored block), so the source is not among the settings an output records.
 
 The step validates its inputs, asks plan.make_plan how to cut the work within the
@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -84,7 +85,7 @@ from ooc_universal.devices import device_name
 from ooc_universal.errors import OocError, StaleInputError
 from ooc_universal.formats.reduced import (LAYOUT_VERSION, PairHeader, WorkDir, create_reduced,
                                            iter_self_layers, load_state, open_reduced,
-                                           pack_fold_state,
+                                           fold_state_items,
                                            pack_self_state, read_array_item,
                                            read_self_moments, reduced_path,
                                            remove_temporaries, save_array_stream,
@@ -212,9 +213,9 @@ def reduce(run_dir, reference: str, others: list, settings: ReduceConfig | None 
     whose recorded spec is used) over the run's token set and writes no store; "auto"
     chooses from the plan (plan.choose_source: expected time, disk) and says why in
     result["source_choice"]. settings.forward_precision (a stream's forward passes,
-    sources.forward_autocast; the keyword overrides it): "auto" runs them in bf16
-    autocast on CUDA and in fp32 on a CPU; "fp32" or "bf16" force one (bf16 is
-    recorded with the models, as forward_autocast in their metadata).
+    sources.forward_autocast; the keyword overrides it): "auto" and "fp32" run them
+    in fp32 on every device; "bf16" in bf16 autocast (recorded with the models, as
+    forward_autocast in their metadata).
 
     settings: what the numbers depend on (saved with every result); compute: device,
     memory budget and cluster. The rest only cut the work differently (planner
@@ -1063,7 +1064,9 @@ class Staging:
         import torch
         dev = host.to(self.device, non_blocking=True)
         entry[1] = torch.cuda.Event()
-        entry[1].record()
+        # the copy is queued on the target GPU's stream; the event must be on that one
+        # (record() alone takes the thread's current GPU: another one for cuda:N)
+        entry[1].record(torch.cuda.current_stream(self.device))
         return dev
 
     def _upload(self, store, start, stop, cols, role):
@@ -1176,9 +1179,6 @@ class _FusedSelf:
             self.snaps[self.key(j, count)] = _self_snapshot_scales(
                 acc, rotation_paths[j], d, self.task.n_draws, self.task.device,
                 self.task.precision)
-
-    def records(self) -> list:
-        return _numpy(self.accs)
 
     def commit(self, work: WorkDir, self_paths: list, scale_paths: list,
                rotation_paths: list) -> None:
@@ -1335,9 +1335,11 @@ def _checkpoint(task, work, path, accs, next_block: int, n_done: int, snaps=None
     block."""
     with TIMINGS.phase("checkpoint"):
         _check_finite(task, accs, next_block - 1)
-        selfs = fused.records() if fused is not None else []
-        work.save(path, {**pack_fold_state(_numpy(accs), selfs, next_block, n_done),
-                         **(snaps or {}), **(fused.snaps if fused is not None else {})})
+        selfs = fused.accs if fused is not None else []
+        # one member at a time: on a GPU the host never holds all accumulators at once
+        work.save(path, itertools.chain(
+            fold_state_items(accs, selfs, next_block, n_done, to_host=_host),
+            (snaps or {}).items(), (fused.snaps if fused is not None else {}).items()))
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -1372,7 +1374,7 @@ def _take_snapshots(task: FoldTask, accs: list, due: list, snap_inputs: tuple,
                                "command again")
             iv = fused.iv(i, count) if fused is not None \
                 else _snapshot_scales(self_paths[i], count)
-            rec = _numpy([acc])[0]
+            rec = _for_finalize(acc)
             with TIMINGS.phase("snapshot"):
                 row_max, base = _row_max_and_baseline(rec, iv, rotation_paths[i], d, settings)
             snaps[_snap_key(i, count, "row_max")] = row_max
@@ -1408,9 +1410,17 @@ def _self_snapshot_scales(acc: dict, rotations_path: str, d: int, n_draws: int,
     return iv
 
 
-def _numpy(records: list) -> list:
-    return [{k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-             for k, v in r.items()} for r in records]
+def _host(v):
+    """A tensor as a numpy array (a view on the CPU, a copy from a GPU); others as given."""
+    return v.detach().cpu().numpy() if hasattr(v, "detach") else v
+
+
+def _for_finalize(record: dict) -> dict:
+    """An accumulator as the finalize reads it: C where it is (on a GPU the tile max and
+    the baseline's GEMMs run there, and only their results reach the host; a CPU tensor
+    becomes a numpy view, for the numba tile max), the vectors as numpy."""
+    return {k: (v if k == "c" and getattr(v, "is_cuda", False) else _host(v))
+            for k, v in record.items()}
 
 
 def _tensors(record: dict, device: str) -> dict:
@@ -1713,7 +1723,7 @@ def _finalize_from_memory(task: FoldTask, work: WorkDir, accs: list, n_done: int
     convergence snapshots)."""
     scale_paths, rotation_paths, settings = finish
     res = {"n_blocks_done": np.int64(n_done), **(snaps or {})}
-    for i, (acc, d) in enumerate(zip(_numpy(accs), task.d_others)):
+    for i, (acc, d) in enumerate(zip(map(_for_finalize, accs), task.d_others)):
         res.update(_finalize_pair(work, i, task.rows, acc, scale_paths[i], rotation_paths[i],
                                   d, settings))
     _save_final(work, task.group, task.panel, res)
@@ -1741,10 +1751,11 @@ def _baseline(c, m2_x, iv, rotation_path, d: int, n_draws: int,
 
     from ooc_universal.kernels.rotation import rotation_baseline_scaled, scaled_rotation
     reader = Rotations(rotation_path, d, _rotation_dtype(rotation_path))
-    scaled = torch.empty_like(reader.tensor)
+    device = c.device if isinstance(c, torch.Tensor) else torch.device("cpu")
+    scaled = torch.empty_like(reader.tensor, device=device)  # where C's GEMMs run
 
     def rotations(j, layer):
-        return scaled_rotation(reader.get(j, layer), iv[j, layer], out=scaled)
+        return scaled_rotation(reader.get(j, layer).to(device), iv[j, layer], out=scaled)
     return rotation_baseline_scaled(c, m2_x, rotations, n_draws, d,
                                     row_strip=BASELINE_ROW_STRIP,
                                     dtype=_baseline_dtype(precision))
@@ -1758,7 +1769,7 @@ def _row_max_and_baseline(acc: dict, iv, rotation_path, d: int, settings) -> tup
     out_dtype = np.float64 if settings["precision"] == "fp64" else np.float32
     m2_x = np.asarray(acc["m2_x"], np.float64)
     m2_y = np.asarray(acc["m2_y"], np.float64)
-    row_max = tile_max(acc["c"], m2_x, m2_y)[0]
+    row_max = _host(tile_max(acc["c"], m2_x, m2_y)[0])
     base = _baseline(acc["c"], m2_x, iv, rotation_path, d, settings["baseline_draws"],
                      settings["precision"])
     zero = m2_x <= 0
@@ -1770,14 +1781,15 @@ def _row_max_and_baseline(acc: dict, iv, rotation_path, d: int, settings) -> tup
 
 def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
                    settings) -> dict:
-    """Row/col max and baseline of pair i of a panel from its accumulator (numpy)."""
+    """Row/col max and baseline of pair i of a panel from its accumulator (numpy; C may
+    be a CUDA tensor, _for_finalize)."""
     from ooc_universal.kernels.tilemax import tile_max
     out_dtype = np.float64 if settings["precision"] == "fp64" else np.float32
     c = acc["c"]
     m2_x = np.asarray(acc["m2_x"], np.float64)
     m2_y = np.asarray(acc["m2_y"], np.float64)
     with TIMINGS.phase("tile_max"):
-        row_max, row_arg, col_max, col_arg = tile_max(c, m2_x, m2_y)
+        row_max, row_arg, col_max, col_arg = map(_host, tile_max(c, m2_x, m2_y))
     res = {f"p{i}_row_max": np.asarray(row_max, out_dtype),
            f"p{i}_row_arg": np.asarray(row_arg, np.int64),
            f"p{i}_col_max": np.asarray(col_max, out_dtype),
@@ -1790,7 +1802,7 @@ def _finalize_pair(work, i, rows, acc: dict, scale_path, rotation_path, d,
                          settings["precision"])
     res[f"p{i}_baseline"] = base.astype(out_dtype)
     if settings["keep_covariance"]:
-        res[f"p{i}_c"] = c.astype(np.float32, copy=False)
+        res[f"p{i}_c"] = _host(c).astype(np.float32, copy=False)
     return res
 
 
